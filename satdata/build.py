@@ -1,0 +1,362 @@
+"""Build a store from a source: parallel decode, one geometry per sample, whole-chunk writes.
+
+The build runs in a hidden sibling directory ``.NAME.partial-PID`` and is renamed onto
+``--out`` only when every array and digest is written; any failure, Ctrl-C or SIGTERM
+removes it. Even a SIGKILL leaves nothing that opens as a store: the 'satkit' attribute
+that makes a directory a store is written last (see satdata.store).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from satdata import __version__
+from satdata.errors import SatkitError, SourceError
+from satdata.geometry import FIT_MODES, apply_boxes, apply_image, apply_map, keep_boxes, plan_fit, rasterize_boxes
+from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
+from satdata.sources._base import check_box
+from satdata.store import SPLITS, MapInfo, StoreInfo, StoreWriter, read_info
+
+MAX_BAD_RECORDED = 1000
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides what a build writes (recorded in the store's provenance)."""
+
+    source: str
+    root: str
+    out: str
+    size: tuple[int, int] = (32, 32)  # (H, W)
+    fit: str = "stretch"
+    splits: tuple[str, ...] | None = None  # None: every split the source has
+    workers: int = 0  # 0: decode in this process
+    overwrite: bool = False
+    skip_bad: bool = False
+    options: SourceOptions = field(default_factory=SourceOptions)
+    given_options: tuple[str, ...] = ()  # source options the user set explicitly
+    progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    path: str
+    info: StoreInfo
+    bad: list[tuple[str, str]]
+    seconds: float
+
+
+# --------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(source: Source, out_hw: tuple[int, int], fit_mode: str) -> None:
+    # Workers only decode and resize; they never touch zarr (its I/O loop is per process).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER.update(source=source, out_hw=out_hw, fit=fit_mode)
+
+
+def _process(record: Record) -> tuple[str, Any]:
+    """Decode one record and give it the store's geometry. Never raises for bad data."""
+    try:
+        return "ok", transform(_WORKER["source"], record, _WORKER["out_hw"], _WORKER["fit"])
+    except SourceError as e:
+        return "bad", (e.path or record.id, e.problem)
+    except Exception as e:  # a decoder crash on one odd file is reported, not fatal to --skip-bad
+        return "bad", (record.id, f"{type(e).__name__}: {e}")
+
+
+def transform(source: Source, record: Record, out_hw: tuple[int, int], fit_mode: str
+              ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """One sample in the store's frame: (image, {map: array}, boxes (k, 5) [cls, x1..y2])."""
+    d: Decoded = source.decode(record)
+    img = d.image
+    if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+        raise SourceError(record.id, f"decoded image has shape {img.shape} {img.dtype}, not (h, w, 3) uint8")
+    h, w = img.shape[:2]
+    fit = plan_fit((h, w), out_hw, fit_mode)
+    out_img = apply_image(img, fit)
+    maps: dict[str, np.ndarray] = {}
+    boxes_out = np.zeros((0, 5), dtype=np.float64)
+    if d.boxes is not None and len(d.boxes):
+        b = np.asarray(d.boxes, dtype=np.float64).reshape(-1, 5)
+        for row in b:
+            check_box(row[1:], (h, w), record.id)
+        xy = apply_boxes(b[:, 1:], fit)
+        keep = keep_boxes(xy)
+        boxes_out = np.concatenate([b[keep, :1], xy[keep]], axis=1)
+    for name, spec in source.maps.items():
+        if spec.from_boxes:
+            maps[name] = rasterize_boxes(boxes_out[:, 1:], out_hw)
+        else:
+            if name not in d.masks:
+                raise SourceError(record.id, f"source gave no {name!r} map")
+            m = d.masks[name]
+            if m.shape[:2] != (h, w):
+                raise SourceError(record.id, f"map {name!r} is {m.shape[1]}x{m.shape[0]}, image is {w}x{h}")
+            maps[name] = apply_map(m, fit, spec.encoding)
+    return out_img, maps, boxes_out
+
+
+# --------------------------------------------------------------------------- output dir
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing --out unless --overwrite, and never replace a non-store."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if out.is_dir() and (out / "zarr.json").is_file():
+        try:
+            import zarr
+
+            read_info(zarr.open_group(str(out), mode="r"), str(out))
+            return
+        except Exception:
+            pass
+    raise SatkitError(f"{out}: exists and is not a satkit store; refusing to replace it")
+
+
+def partial_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
+def commit(tmp: Path, out: Path) -> None:
+    """Move a finished build onto out; an existing store is swapped out, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    prev = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+# --------------------------------------------------------------------------- build
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def _label_row(label: Any, n_classes: int, kind: str) -> Any:
+    if kind == "single":
+        return int(label)
+    row = np.zeros(n_classes, dtype=np.uint8)
+    row[list(label)] = 1
+    return row
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Build a store as cfg says. Raises SatkitError (one line, names file or option)."""
+    t0 = time.time()
+    out = Path(cfg.out)
+    if cfg.fit not in FIT_MODES:
+        raise SatkitError(f"--fit: unknown mode {cfg.fit!r} (one of {', '.join(FIT_MODES)})")
+    if min(cfg.size) < 1:
+        raise SatkitError(f"--size: must be positive, got {cfg.size}")
+    check_out(out, cfg.overwrite)
+    bad = BadSamples(cfg.skip_bad)
+    source = make_source(cfg.source, cfg.root, cfg.options, bad, cfg.given_options)
+    available = source.available_splits()
+    splits = list(cfg.splits) if cfg.splits else available
+    for s in splits:
+        if s not in SPLITS:
+            raise SatkitError(f"--splits: unknown split {s!r} (one of {', '.join(SPLITS)})")
+        if s not in available:
+            raise SatkitError(
+                f"--splits: {cfg.source} under {cfg.root} has no split {s!r} (it has: {', '.join(available)})"
+            )
+    records = {}
+    for s in splits:
+        records[s] = source.records(s)
+        if not records[s]:
+            raise SourceError(cfg.root, f"split {s!r} is empty")
+
+    maps = {name: MapInfo(name=name, encoding=spec.encoding, kind=spec.kind,
+                          provenance={"source": cfg.source, "from": "boxes" if spec.from_boxes else "annotations"})
+            for name, spec in source.maps.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pool = None
+    try:
+        with sigterm_as_interrupt():
+            if cfg.workers > 0:
+                ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
+                pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(source, cfg.size, cfg.fit))
+            else:
+                _init_worker_inline(source, cfg.size, cfg.fit)
+            writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
+                                 image_size=cfg.size, label_kind=source.label_kind, maps=maps)
+            for s in splits:
+                _build_split(writer, source, s, records[s], pool, bad, cfg)
+            if pool is not None:
+                pool.close()
+                pool.join()
+                pool = None
+            provenance = {
+                "source": cfg.source,
+                "root": str(Path(cfg.root).resolve()) if cfg.root else None,
+                "size": list(cfg.size),
+                "fit": cfg.fit,
+                "splits": splits,
+                "options": cfg.options.non_default(),
+                "skip_bad": cfg.skip_bad,
+                "skipped": [list(b) for b in bad.items[:MAX_BAD_RECORDED]],
+                "skipped_count": len(bad.items),
+                "counts": dict(writer.counts),
+                "tool": f"satkit {__version__}",
+                "versions": _versions(),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - t0, 3),
+            }
+            info = writer.finish(provenance)
+            commit(tmp, out)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0)
+
+
+def _init_worker_inline(source: Source, out_hw: tuple[int, int], fit_mode: str) -> None:
+    _WORKER.update(source=source, out_hw=out_hw, fit=fit_mode)
+
+
+def _build_split(writer: StoreWriter, source: Source, split: str, records: list[Record],
+                 pool: Any, bad: BadSamples, cfg: BuildConfig) -> None:
+    n_classes = len(source.classes)
+    writer.create_split(split, len(records))
+    chunk = writer.chunk
+    imgs: list[np.ndarray] = []
+    labels: list[Any] = []
+    ids: list[str] = []
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in source.maps}
+    boxes: list[np.ndarray] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal written
+        if not imgs:
+            return
+        lab = np.asarray(labels, dtype=np.int64 if source.label_kind == "single" else np.uint8)
+        writer.write(split, written, np.stack(imgs), lab, list(ids),
+                     {m: np.stack(v) for m, v in maps.items()})
+        written += len(imgs)
+        imgs.clear(), labels.clear(), ids.clear()
+        for v in maps.values():
+            v.clear()
+
+    if pool is not None:
+        results = pool.imap(_process, records, chunksize=max(1, min(64, len(records) // (8 * cfg.workers) or 1)))
+    else:
+        results = map(_process, records)
+    with _progress(len(records), f"{split}", cfg.progress) as bar:
+        for rec, (status, payload) in zip(records, results):
+            bar.update(1)
+            if status == "bad":
+                path, problem = payload
+                bad(path, problem)  # raises unless --skip-bad
+                continue
+            img, m, bx = payload
+            idx = written + len(imgs)
+            if len(bx):
+                boxes.append(np.concatenate([np.full((len(bx), 1), idx, dtype=np.float64), bx], axis=1))
+            imgs.append(img)
+            labels.append(_label_row(rec.label, n_classes, source.label_kind))
+            ids.append(rec.id)
+            for name, arr in m.items():
+                maps[name].append(arr)
+            if len(imgs) == chunk:
+                flush()
+        flush()
+    if written == 0:
+        raise SourceError(cfg.root, f"split {split!r} is empty (every sample was bad)")
+    writer.close_split(split, written)
+    if any(spec.from_boxes for spec in source.maps.values()) or boxes:
+        writer.write_boxes(split, np.concatenate(boxes) if boxes else np.zeros((0, 6)))
+
+
+def _versions() -> dict[str, str]:
+    import zarr
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "zarr": zarr.__version__}
+
+
+def config_json(cfg: BuildConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["options"] = cfg.options.non_default()
+    return d
+
+
+def resolve_splits(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return parts or None
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'32' -> (32, 32); '48x64' -> (H=48, W=64)."""
+    try:
+        if "x" in text.lower():
+            h, w = text.lower().split("x", 1)
+            size = (int(h), int(w))
+        else:
+            size = (int(text), int(text))
+    except ValueError:
+        raise SatkitError(f"--size: expected N or HxW, got {text!r}") from None
+    if min(size) < 1 or max(size) > 4096:
+        raise SatkitError(f"--size: must be between 1 and 4096, got {text!r}")
+    return size
+
+
+__all__: Sequence[str] = ["BuildConfig", "BuildResult", "build", "transform", "parse_size", "resolve_splits"]

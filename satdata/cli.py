@@ -1,0 +1,240 @@
+"""`satdata`: build, inspect, verify and preview satkit stores.
+
+Each command only parses options and calls one library function; errors a user can fix
+are printed on one line with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from satdata import __version__
+from satdata.errors import SatkitError
+
+EPILOG_BUILD = """\b
+Sources (see `satdata sources`):
+  digits               scikit-learn's handwritten digits; needs no --root
+  voc-boxes            VOCdevkit/VOC20xx: Annotations, JPEGImages, ImageSets/Main
+  voc-masks            VOCdevkit/VOC20xx: SegmentationClass, ImageSets/Segmentation
+  coco-boxes/-masks    annotations/instances_<split>20xx.json + <split>20xx/ images
+  tiny-imagenet-boxes  tiny-imagenet-200/ (wnids.txt, train/*/*_boxes.txt, val/)
+  flowers17-masks      Oxford 17 Flowers: jpg/ and trimaps/
+  folder-masks         images/<class>/x.jpg beside masks/<class>/x.png
+  cifar10, cifar100    the python-pickle batches (no maps)
+
+\b
+Examples:
+  satdata build --source digits --out digits.zarr
+  satdata build --source voc-boxes --root VOCdevkit --out voc.zarr --workers 2
+  satdata build --manifest manifests/voc2012-boxes.json --root VOCdevkit --out voc.zarr
+"""
+
+
+def run_cli(fn: Callable[[], Any]) -> Any:
+    """Turn satkit's own errors into one-line messages and exit code 1."""
+    try:
+        return fn()
+    except SatkitError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="satdata")
+def main() -> None:
+    """Turn datasets' own annotations into saliency stores for SAT training.
+
+    A store is a Zarr v3 directory holding images, labels and saliency maps per split,
+    with provenance and digests (docs/store-format.md). Train on it with `sattrain run`.
+    """
+
+
+@main.command()
+@click.option("--source", "-s", help="Dataset format to read (see `satdata sources`).")
+@click.option("--root", "-r", type=click.Path(path_type=Path), help="The dataset's directory on disk.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Store to write (a new directory, e.g. voc.zarr).")
+@click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
+              help="Build the recipe of a manifest (manifests/*.json) and check the result against it.")
+@click.option("--size", default=None, help="Stored image size: N or HxW.  [default: 32, the paper's]")
+@click.option("--fit", type=click.Choice(["stretch", "crop", "pad"]), default=None,
+              help="How images (and their maps) reach --size: stretch keeps every pixel and box, "
+                   "crop cuts the centre, pad adds a black border.  [default: stretch]")
+@click.option("--splits", default=None, help="Comma-separated splits to build, e.g. train,val.  [default: all the source has]")
+@click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Processes that decode images in parallel (0: decode in this process).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is an existing store (only once the new one is complete).")
+@click.option("--skip-bad", is_flag=True, help="Skip bad samples (and list them) instead of stopping at the first.")
+@click.option("--label", type=click.Choice(["multi", "largest"]), default=None,
+              help="voc-*, coco-*: multi-hot labels over all classes present (multi), or the class of the largest object (largest).  [default: multi]")
+@click.option("--drop-difficult", is_flag=True, default=None, help="voc-boxes: ignore objects marked <difficult>1</difficult>.")
+@click.option("--unmasked", type=click.Choice(["skip", "whole"]), default=None,
+              help="flowers17-masks: images with no trimap are skipped, or get a whole-image map.  [default: skip]")
+@click.option("--year", default=None, help="voc-*: which VOC20xx under --root.  [default: the only one, or the newest]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def build(source: str | None, root: Path | None, out: Path, manifest: Path | None, size: str | None,
+          fit: str | None, splits: str | None, workers: int, overwrite: bool, skip_bad: bool,
+          label: str | None, drop_difficult: bool | None, unmasked: str | None, year: str | None,
+          quiet: bool) -> None:
+    """Build a store from a dataset on disk.
+
+    Images and maps are resized together to --size, written in whole chunks to a hidden
+    temporary directory, digested, and renamed onto --out only when complete: a failed or
+    interrupted build leaves no store behind and never touches an existing one.
+    """
+    def go() -> None:
+        from satdata.build import BuildConfig, build as do_build, parse_size, resolve_splits
+        from satdata.sources import SourceOptions
+
+        given = {k: v for k, v in dict(label=label, drop_difficult=drop_difficult,
+                                       unmasked=unmasked, year=year).items() if v is not None}
+        base: dict[str, Any] = {}
+        man = None
+        if manifest is not None:
+            from satdata.manifest import load_manifest
+
+            man = load_manifest(manifest)
+            base = man.recipe_config()
+        src = source or base.get("source")
+        if not src:
+            raise SatkitError("--source: required (or give --manifest)")
+        if manifest is not None and source and source != base.get("source"):
+            raise SatkitError(f"--source {source} contradicts the manifest's source {base.get('source')}")
+        opts_dict = {**base.get("options", {}), **given}
+        from satdata.sources import get_source_class
+
+        needs_root = getattr(get_source_class(src), "needs_root", True)
+        if needs_root and root is None:
+            raise SatkitError(f"--root: required for source {src!r} (the dataset's directory)")
+        try:
+            opts = SourceOptions(**opts_dict)
+        except TypeError as e:
+            raise SatkitError(f"{manifest}: bad recipe options ({e})") from None
+        cfg = BuildConfig(
+            source=src,
+            root=str(root) if root is not None else "",
+            out=str(out),
+            size=parse_size(size) if size else tuple(base.get("size", (32, 32))),
+            fit=fit or base.get("fit", "stretch"),
+            splits=resolve_splits(splits) or (tuple(base["splits"]) if base.get("splits") else None),
+            workers=workers,
+            overwrite=overwrite,
+            skip_bad=skip_bad,
+            options=opts,
+            given_options=tuple(opts_dict),
+            progress=not quiet,
+        )
+        if man is not None:
+            man.check_config(cfg)
+        res = do_build(cfg)
+        if man is not None:
+            from satdata.manifest import check_store
+            from satdata.store import open_store
+
+            problems = check_store(open_store(res.path), man)
+            if problems:
+                raise SatkitError(f"{out}: built, but does not match {manifest}: " + "; ".join(problems))
+        info = res.info
+        counts = ", ".join(f"{s} {n:,}" for s, n in info.splits.items())
+        click.echo(f"wrote {res.path}: {counts} ({len(info.classes)} classes, "
+                   f"{info.image_size[0]}x{info.image_size[1]}, maps: {', '.join(info.maps) or 'none'}) "
+                   f"in {res.seconds:.1f} s")
+        if res.bad:
+            click.echo(f"skipped {len(res.bad)} bad samples:", err=True)
+            for path, problem in res.bad[:50]:
+                click.echo(f"  {path}: {problem}", err=True)
+            if len(res.bad) > 50:
+                click.echo(f"  ... and {len(res.bad) - 50} more (satdata info --json lists them)", err=True)
+
+    run_cli(go)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Summarise a store: dataset, classes, splits, maps, provenance."""
+    def go() -> None:
+        from satdata.inspect import describe, format_info
+        from satdata.store import open_store
+
+        d = describe(open_store(store))
+        click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+    run_cli(go)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also check counts, classes and digests against this manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(store: str, manifest: Path | None, as_json: bool) -> None:
+    """Recompute every digest; name the array and samples that differ (exit 1 if any)."""
+    def go() -> None:
+        from satdata.store import open_store
+        from satdata.verify import Problem, verify_digests
+
+        st = open_store(store)
+        rep = verify_digests(st)
+        if manifest is not None:
+            from satdata.manifest import check_store, load_manifest
+
+            for p in check_store(st, load_manifest(manifest)):
+                rep.problems.append(Problem(str(manifest), p))
+        if as_json:
+            click.echo(json.dumps(rep.to_json(), indent=2))
+        elif rep.ok:
+            click.echo(f"{store}: OK ({len(rep.checked)} arrays match their digests"
+                       + (f", matches {manifest}" if manifest else "") + ")")
+        if not rep.ok:
+            if not as_json:
+                for p in rep.problems:
+                    click.echo(f"{store}: {p}", err=True)
+            raise SatkitError(f"{store}: verification failed ({len(rep.problems)} problems)")
+
+    run_cli(go)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), default="preview.png", show_default=True,
+              help="PNG file to write.")
+@click.option("--split", default=None, help="Split to show.  [default: the first]")
+@click.option("--map", "map_name", default=None, help="Which map to overlay.  [default: the first]")
+@click.option("-n", "count", type=click.IntRange(1, 400), default=32, show_default=True, help="How many samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which samples (a random pick, reproducible).")
+@click.option("--scale", type=click.IntRange(1, 16), default=None, help="Upscale factor per tile.  [default: to ~128 px]")
+def preview(store: str, out: Path, split: str | None, map_name: str | None, count: int, seed: int,
+            scale: int | None) -> None:
+    """Write a contact sheet: images, their map overlaid, and class names."""
+    def go() -> None:
+        from satdata.preview import contact_sheet
+        from satdata.store import open_store
+
+        path = contact_sheet(open_store(store), out, split=split, map_name=map_name, n=count,
+                             seed=seed, scale=scale)
+        click.echo(f"wrote {path}")
+
+    run_cli(go)
+
+
+@main.command()
+def sources() -> None:
+    """List the dataset formats `satdata build --source` reads."""
+    from satdata.sources import get_source_class, source_names
+
+    for name in source_names():
+        cls = get_source_class(name)
+        opts = ", ".join("--" + o.replace("_", "-") for o in cls.options)
+        click.echo(f"{name:<22} {cls.summary}" + (f"  [options: {opts}]" if opts else ""))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

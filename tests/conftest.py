@@ -1,0 +1,28 @@
+"""Shared fixtures: small stores built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from satdata.build import BuildConfig, build
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits store at 16x16 (fast on CPU): train 1,442 / test 355, maps ink and box.
+
+    Session-scoped and shared: tests must not modify it (copy it first).
+    """
+    out = tmp_path_factory.mktemp("stores") / "digits16.zarr"
+    build(BuildConfig(source="digits", root="", out=str(out), size=(16, 16), progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_store32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits store at the default 32x32."""
+    out = tmp_path_factory.mktemp("stores") / "digits32.zarr"
+    build(BuildConfig(source="digits", root="", out=str(out), progress=False))
+    return out
