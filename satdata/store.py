@@ -69,6 +69,13 @@ class MapInfo:
     kind: str  # what it shows: "boxes", "mask", "gradcampp", "gbp", ...
     channels: int = 1  # 1: (N, H, W); C > 1: (N, H, W, C)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # The array's name under <split>/saliency/ when it differs from the map's name: a map
+    # replaced in place is written under a fresh name, then the attributes switch to it.
+    array: str = ""
+
+    @property
+    def array_name(self) -> str:
+        return self.array or self.name
 
     def affine(self) -> tuple[float, float]:
         """(scale, offset) such that S = scale * q + offset for stored values q."""
@@ -145,7 +152,7 @@ def array_path(split: str, field_name: str, map_name: str | None = None) -> str:
 def split_arrays(info: StoreInfo, split: str) -> list[str]:
     """Every array a split must hold, in a stable order (boxes only where present)."""
     paths = [array_path(split, f) for f in ("images", "labels", "ids")]
-    paths += [array_path(split, "saliency", m) for m in sorted(info.maps)]
+    paths += [array_path(split, "saliency", info.maps[m].array_name) for m in sorted(info.maps)]
     if array_path(split, "boxes") in info.digests:
         paths.append(array_path(split, "boxes"))
     return paths
@@ -242,6 +249,8 @@ class Store:
         if field_name == "saliency" and map_name not in self.info.maps:
             known = ", ".join(sorted(self.info.maps)) or "none"
             raise StoreError(f"{self.path}: no saliency map {map_name!r} (maps in the store: {known})")
+        if field_name == "saliency":
+            map_name = self.info.maps[map_name].array_name  # type: ignore[index]
         p = array_path(split, field_name, map_name)
         try:
             return self.group[p]  # type: ignore[return-value]
@@ -303,7 +312,7 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
             ),
         }
         for m in info.maps.values():
-            expect[array_path(split, "saliency", m.name)] = (
+            expect[array_path(split, "saliency", m.array_name)] = (
                 map_shape(m, n, info.image_size),
                 str(map_dtype(m.encoding)),
             )
@@ -399,7 +408,7 @@ class StoreWriter:
         g.create_array(array_path(split, "ids"), shape=(n,), dtype=str, chunks=(max(c, 4096),))
         for m in self.maps.values():
             shape = map_shape(m, n, self.image_size)
-            g.create_array(array_path(split, "saliency", m.name), shape=shape,
+            g.create_array(array_path(split, "saliency", m.array_name), shape=shape,
                            dtype=map_dtype(m.encoding), chunks=(c,) + shape[1:],
                            compressors=map_compressors(), fill_value=0)
         self.counts[split] = 0
@@ -419,8 +428,8 @@ class StoreWriter:
         g[array_path(split, "images")][start:stop] = images
         g[array_path(split, "labels")][start:stop] = labels
         g[array_path(split, "ids")][start:stop] = np.asarray(ids, dtype=object).astype(str)
-        for name in self.maps:
-            g[array_path(split, "saliency", name)][start:stop] = maps[name]
+        for name, m in self.maps.items():
+            g[array_path(split, "saliency", m.array_name)][start:stop] = maps[name]
         self.counts[split] = max(self.counts[split], stop)
 
     def write_boxes(self, split: str, boxes: np.ndarray) -> None:
@@ -437,7 +446,7 @@ class StoreWriter:
         """Shrink a split's arrays to the n samples actually written."""
         g = self.group
         paths = [array_path(split, f) for f in ("images", "labels", "ids")]
-        paths += [array_path(split, "saliency", m) for m in self.maps]
+        paths += [array_path(split, "saliency", m.array_name) for m in self.maps.values()]
         for p in paths:
             arr = g[p]
             arr.resize((n,) + tuple(arr.shape[1:]))
@@ -468,6 +477,19 @@ class StoreWriter:
         return info
 
 
-def write_info(group: "zarr.Group", info: StoreInfo) -> None:
-    """Replace a store's 'satkit' attribute (used when a map is added to a finished store)."""
-    group.attrs[ATTR_KEY] = info.to_json()
+def write_info(path: str | Path, info: StoreInfo) -> None:
+    """Replace a local store's 'satkit' attribute atomically (write aside, then rename).
+
+    This is the commit step of every change to a finished store (e.g. adding a map):
+    arrays are written first under names the attributes do not mention yet, then this
+    one rename switches the store over, so a kill at any moment leaves either the old or
+    the new store, both complete and verifiable.
+    """
+    import os
+
+    meta_path = Path(path) / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("attributes", {})[ATTR_KEY] = info.to_json()
+    tmp = meta_path.with_name(f".zarr.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
