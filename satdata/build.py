@@ -242,7 +242,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                 pool = None
             provenance = {
                 "source": cfg.source,
-                "root": str(Path(cfg.root).resolve()) if cfg.root else None,
+                "root": str(Path(cfg.root).resolve()) if cfg.root and getattr(source, "needs_root", True) else None,
                 "size": list(cfg.size),
                 "fit": cfg.fit,
                 "splits": splits,
