@@ -138,8 +138,53 @@ def partial_path(out: Path) -> Path:
     return out.parent / f".{out.name}.partial-{os.getpid()}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove leftovers of builds into ``out`` whose process is gone (killed with SIGKILL)."""
+    removed = []
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
 def commit(tmp: Path, out: Path) -> None:
-    """Move a finished build onto out; an existing store is swapped out, then removed."""
+    """Move a finished build onto out. An existing store is swapped out in one atomic step
+    where the OS allows (so a kill at any moment leaves the old or the new store at out),
+    then removed."""
+    if out.exists() and _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old store
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -221,6 +266,7 @@ def build(cfg: BuildConfig) -> BuildResult:
                           provenance={"source": cfg.source, "from": "boxes" if spec.from_boxes else "annotations"})
             for name, spec in source.maps.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
     tmp = partial_path(out)
     if tmp.exists():
         shutil.rmtree(tmp)

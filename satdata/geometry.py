@@ -143,15 +143,16 @@ def rasterize_boxes(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     h, w = hw
     m = np.zeros((h, w), dtype=np.uint8)
     for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        if not (x2 > x1 and y2 > y1):
-            continue
+        if not (x2 > x1 and y2 > y1) or x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+            continue  # no area, or wholly outside the frame
+        x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
         c0, c1 = int(np.floor(x1 + 0.5)), int(np.floor(x2 + 0.5))
         r0, r1 = int(np.floor(y1 + 0.5)), int(np.floor(y2 + 0.5))
         if c1 <= c0:
-            c0 = min(int(np.floor((x1 + x2) / 2)), w - 1)
+            c0 = min(max(int(np.floor((x1 + x2) / 2)), 0), w - 1)
             c1 = c0 + 1
         if r1 <= r0:
-            r0 = min(int(np.floor((y1 + y2) / 2)), h - 1)
+            r0 = min(max(int(np.floor((y1 + y2) / 2)), 0), h - 1)
             r1 = r0 + 1
         m[max(0, r0):min(h, r1), max(0, c0):min(w, c1)] = 1
     return m

@@ -197,20 +197,39 @@ def _canonical_bytes(block: np.ndarray) -> bytes:
     return np.ascontiguousarray(block).tobytes()
 
 
-def digest_array(arr: "zarr.Array") -> dict[str, Any]:
-    """sha256 of the decoded contents, plus a short digest per chunk to locate damage.
+def chunk_key(arr: "zarr.Array", i: int) -> str:
+    """The store key of the i-th chunk along axis 0 (arrays are chunked along N only)."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
 
-    Digests cover decoded values (C order, stored dtype), not the compressed bytes, so
-    they do not depend on the codec; a damaged chunk either decodes to other values or
-    fails to decode, and both are caught.
+
+def read_chunk_file(arr: "zarr.Array", i: int) -> bytes | None:
+    """The stored (encoded) bytes of chunk i, or None where no chunk was written."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(arr.store.get(chunk_key(arr, i), prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def chunk_file_digest(data: bytes | None) -> str:
+    return "absent" if data is None else hashlib.sha256(data).hexdigest()[:CHUNK_DIGEST_HEX]
+
+
+def digest_array(arr: "zarr.Array") -> dict[str, Any]:
+    """Two digests: the meaning of the array, and the bytes of every chunk file.
+
+    ``sha256`` covers the decoded values (dtype, shape, C-order contents), so it does not
+    depend on the codec and identifies content across machines (manifests use it).
+    ``chunks`` holds a short sha256 of each chunk file as stored, so ``verify`` catches a
+    flipped byte anywhere in a file, including the padding zarr keeps beyond the last
+    sample of a boundary chunk, and names the chunk and its sample range.
     """
     whole = hashlib.sha256()
     whole.update(f"{arr.dtype}|{tuple(arr.shape)}|".encode())
     chunks = []
-    for a, b in iter_chunks(arr):
-        data = _canonical_bytes(np.asarray(arr[a:b]))
-        whole.update(data)
-        chunks.append(hashlib.sha256(data).hexdigest()[:CHUNK_DIGEST_HEX])
+    for i, (a, b) in enumerate(iter_chunks(arr)):
+        whole.update(_canonical_bytes(np.asarray(arr[a:b])))
+        chunks.append(chunk_file_digest(read_chunk_file(arr, i)))
     return {"sha256": whole.hexdigest(), "chunk_size": int(arr.chunks[0]), "chunks": chunks}
 
 
@@ -270,9 +289,16 @@ def _open_group(path: str, mode: str) -> "zarr.Group":
     if path.endswith(".zip"):
         if not p.is_file():
             raise StoreError(f"{path}: no such store")
+        import zipfile
+
         from zarr.storage import ZipStore
 
-        return zarr.open_group(ZipStore(path, mode="r"), mode="r")
+        try:
+            return zarr.open_group(ZipStore(path, mode="r"), mode="r")
+        except zipfile.BadZipFile as e:
+            raise StoreError(f"{path}: not a readable zip file ({e})") from None
+        except (FileNotFoundError, KeyError):
+            raise StoreError(f"{path}: not a satkit store (no zarr.json in the zip)") from None
     if "://" not in path:
         if not p.exists():
             raise StoreError(f"{path}: no such store")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from satdata.store import CHUNK_DIGEST_HEX, Store, _canonical_bytes, iter_chunks
+from satdata.store import Store, _canonical_bytes, chunk_file_digest, iter_chunks, read_chunk_file
 
 
 @dataclass
@@ -66,18 +66,20 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None) 
         found_chunk_problem = False
         for i, (a, b) in enumerate(iter_chunks(arr)):
             try:
-                data = _canonical_bytes(np.asarray(arr[a:b]))
+                got = chunk_file_digest(read_chunk_file(arr, i))
+                whole.update(_canonical_bytes(np.asarray(arr[a:b])))
             except Exception as e:  # a damaged chunk may not even decode
                 rep.problems.append(Problem(path, f"chunk {i} cannot be read ({type(e).__name__}: {e})", a, b))
                 found_chunk_problem = True
                 continue
-            whole.update(data)
-            got = hashlib.sha256(data).hexdigest()[:CHUNK_DIGEST_HEX]
             if i >= len(want):
                 rep.problems.append(Problem(path, f"chunk {i} is not in the recorded digests", a, b))
                 found_chunk_problem = True
             elif got != want[i]:
-                rep.problems.append(Problem(path, f"chunk {i} digest mismatch (recorded {want[i]}, found {got})", a, b))
+                what = "is missing" if got == "absent" else (
+                    "appeared where none was written" if want[i] == "absent" else
+                    f"digest mismatch (recorded {want[i]}, found {got})")
+                rep.problems.append(Problem(path, f"chunk {i} file {what}", a, b))
                 found_chunk_problem = True
         if not found_chunk_problem and len(want) != len(list(iter_chunks(arr))):
             rep.problems.append(Problem(path, f"has {len(list(iter_chunks(arr)))} chunks, recorded {len(want)}"))

@@ -1,0 +1,257 @@
+"""Manifests: strict loading, the shipped recipes, and checking stores against them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from click.testing import CliRunner
+
+from satdata.build import BuildConfig
+from satdata.cli import main
+from satdata.errors import SatkitError
+from satdata.manifest import check_store, draft_manifest, load_manifest, parse_manifest
+from satdata.sources import SourceOptions, get_source_class
+from satdata.store import open_store
+from satdata.verify import verify_digests
+
+MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+DIGITS = MANIFESTS / "digits.json"
+
+# The published counts each shipped manifest must pin (see each file's notes).
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "digits": {"source": "digits", "splits": {"train": 1442, "test": 355}, "classes": 10, "maps": {"ink", "box"}},
+    "tiny-imagenet-boxes": {"source": "tiny-imagenet-boxes", "splits": {"train": 100000, "val": 10000},
+                            "classes": 200, "maps": {"boxes"}},
+    "flowers17-masks": {"source": "flowers17-masks", "splits": {"train": None, "val": None, "test": None},
+                        "total": 848, "classes": 17, "maps": {"mask"}, "options": {"unmasked": "skip"}},
+    "cifar10": {"source": "cifar10", "splits": {"train": 50000, "test": 10000}, "classes": 10, "maps": set()},
+    "cifar100": {"source": "cifar100", "splits": {"train": 50000, "test": 10000}, "classes": 100, "maps": set()},
+    "voc2012-boxes": {"source": "voc-boxes", "splits": {"train": 5717, "val": 5823}, "classes": 20,
+                      "maps": {"boxes"}},
+    "voc2012-masks": {"source": "voc-masks", "splits": {"train": 1464, "val": 1449}, "classes": 20,
+                      "maps": {"mask", "boxes"}},
+}
+
+
+def digits_raw() -> dict[str, Any]:
+    return json.loads(DIGITS.read_text())
+
+
+# --------------------------------------------------------------------------- shipped files
+
+
+def test_every_shipped_manifest_loads_and_pins_the_published_counts() -> None:
+    files = sorted(MANIFESTS.glob("*.json"))
+    assert {f.stem for f in files} == set(PUBLISHED)
+    for f in files:
+        m = load_manifest(f)
+        want = PUBLISHED[f.stem]
+        assert m.name == f.stem
+        assert m.source == want["source"], f
+        assert m.split_counts == want["splits"], f
+        assert m.total == want.get("total", sum(v for v in want["splits"].values() if v is not None)), f
+        n_classes = len(m.classes) if m.classes is not None else m.num_classes
+        assert n_classes == want["classes"], f
+        assert set(m.maps) == want["maps"] == set(get_source_class(m.source).maps), f
+        assert m.image_size == (32, 32) and m.fit == "stretch", f
+        assert m.options == want.get("options", m.options), f
+        assert m.description and m.notes, f"{f}: say what it is and where the numbers come from"
+        cfg = m.recipe_config()
+        assert cfg["size"] == [32, 32] and cfg["fit"] == "stretch"
+        assert set(cfg["splits"]) == set(want["splits"])
+
+
+def test_flowers_recipe_says_which_unmasked_mode_its_counts_assume() -> None:
+    m = load_manifest(MANIFESTS / "flowers17-masks.json")
+    assert m.recipe_config()["options"] == {"unmasked": "skip"}
+    assert any("--unmasked" in n for n in m.notes)
+    base = BuildConfig(source="flowers17-masks", root="flowers", out="f.zarr",
+                       options=SourceOptions(unmasked="skip"))
+    m.check_config(base)
+    with pytest.raises(SatkitError, match="--unmasked whole contradicts .*unmasked=skip"):
+        m.check_config(BuildConfig(source="flowers17-masks", root="flowers", out="f.zarr",
+                                   options=SourceOptions(unmasked="whole")))
+
+
+def test_fresh_digits_build_matches_the_shipped_manifest(tmp_path: Path) -> None:
+    """The digits data and builder are deterministic: the shipped digests must reproduce."""
+    runner = CliRunner()
+    out = tmp_path / "digits.zarr"
+    res = runner.invoke(main, ["build", "--manifest", str(DIGITS), "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    st = open_store(out)
+    assert check_store(st, load_manifest(DIGITS)) == []
+    assert verify_digests(st).ok
+    res = runner.invoke(main, ["verify", str(out), "--manifest", str(DIGITS)])
+    assert res.exit_code == 0, res.output
+    assert f"matches {DIGITS}" in res.output
+
+    # a wrong count and a wrong digest are named, with expected and found values
+    raw = digits_raw()
+    raw["expect"]["splits"]["train"] = 1441
+    raw["expect"]["total"] = 1796
+    raw["expect"]["digests"]["test/saliency/ink"] = "0" * 64
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    problems = check_store(st, load_manifest(bad))
+    assert "split train: expected 1,441 samples, found 1,442" in problems
+    assert "total: expected 1,796 samples over all splits, found 1,797" in problems
+    assert any(p.startswith("test/saliency/ink: expected sha256 0000000000000000..., found ") for p in problems)
+    assert len(problems) == 3, problems
+    res = runner.invoke(main, ["verify", str(out), "--manifest", str(bad)])
+    assert res.exit_code == 1
+    assert "split train: expected 1,441 samples, found 1,442" in res.output
+    assert "test/saliency/ink: expected sha256" in res.output
+
+
+def test_build_refuses_overrides_that_contradict_the_recipe(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "x.zarr"
+    for extra, message in (
+        (["--size", "16"], "--size 16x16 contradicts"),
+        (["--fit", "crop"], "--fit crop contradicts"),
+        (["--splits", "train"], "--splits train contradicts"),
+    ):
+        res = runner.invoke(main, ["build", "--manifest", str(DIGITS), "--out", str(out), "-q", *extra])
+        assert res.exit_code == 1 and message in res.output and str(DIGITS) in res.output, res.output
+        assert not out.exists()
+    m = load_manifest(DIGITS)
+    with pytest.raises(SatkitError, match="--source voc-boxes contradicts"):
+        m.check_config(BuildConfig(source="voc-boxes", root="r", out="o"))
+    with pytest.raises(SatkitError, match="--label largest contradicts .*label=multi"):
+        m.check_config(BuildConfig(source="digits", root="", out="o", options=SourceOptions(label="largest")))
+    m.check_config(BuildConfig(source="digits", root="", out="o", workers=3, overwrite=True, skip_bad=True))
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def test_check_store_names_each_difference(digits_store: Path) -> None:
+    st = open_store(digits_store)  # 16x16
+    draft = draft_manifest(st, name="d16")
+    assert check_store(st, parse_manifest(draft, "draft")) == []
+    raw = copy.deepcopy(draft)
+    raw["recipe"]["size"] = raw["expect"]["image_size"] = [32, 32]
+    raw["expect"]["classes"][3] = "three"
+    raw["expect"]["label_kind"] = "multi"
+    raw["expect"]["digests"] = {"train/images": "f" * 64}
+    del raw["expect"]["splits"]["test"]
+    del raw["expect"]["total"]
+    raw["recipe"]["splits"] = ["train"]
+    # a manifest for a source with other maps (loading checks them against digits' own)
+    m = dataclasses.replace(parse_manifest(raw, "m.json"), maps=("ink",))
+    problems = check_store(st, m)
+    assert "image_size: expected 32x32, found 16x16" in problems
+    assert "classes: class 3 expected 'three', found '3'" in problems
+    assert "label_kind: expected multi, found single" in problems
+    assert "maps: expected ink, found box, ink" in problems
+    assert "split test: found 355 samples, but the manifest expects no such split" in problems
+    assert any(p.startswith("train/images: expected sha256 ffffffffffffffff..., found ") for p in problems)
+    assert len(problems) == 6, problems
+    raw = copy.deepcopy(draft)
+    del raw["expect"]["classes"]
+    raw["expect"]["num_classes"] = 12
+    raw["expect"]["splits"]["val"] = None
+    del raw["expect"]["total"]
+    raw["recipe"]["splits"].append("val")
+    problems = check_store(st, parse_manifest(raw, "m.json"))
+    assert problems == ["classes: expected 12 classes, found 10",
+                        "split val: expected a split, the store has no such split (it has: train, test)"]
+
+
+# --------------------------------------------------------------------------- strict loading
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def f(raw: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        d = raw
+        for p in parents:
+            d = d[p]
+        d[last] = value
+    return f
+
+
+def _del(path: str) -> Callable[[dict[str, Any]], None]:
+    def f(raw: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        d = raw
+        for p in parents:
+            d = d[p]
+        del d[last]
+    return f
+
+
+SHA = "a" * 64
+MALFORMED = [
+    (_set("colour", "red"), "colour: unknown key"),
+    (_set("recipe.sise", [32, 32]), "recipe.sise: unknown key"),
+    (_set("expect.count", 3), "expect.count: unknown key"),
+    (_del("manifest_version"), "manifest_version: missing"),
+    (_set("manifest_version", 2), "manifest_version: version 2 is newer"),
+    (_set("manifest_version", "1"), "manifest_version: expected an integer"),
+    (_set("name", ""), "name: must not be empty"),
+    (_del("recipe"), "recipe: missing"),
+    (_set("recipe.source", "mnist"), "recipe.source: unknown source 'mnist'"),
+    (_set("recipe.source", 7), "recipe.source: expected a string"),
+    (_set("recipe.options", {"unmasked": "skip"}), "recipe.options.unmasked: not an option of source 'digits'"),
+    (_set("recipe.options", {"colour": 1}), "recipe.options.colour: unknown key"),
+    (_set("recipe.options", []), "recipe.options: expected an object"),
+    (_set("recipe.size", [32]), "recipe.size: expected [H, W]"),
+    (_set("recipe.size", [16, 16]), "recipe.size: is 16x16 but expect.image_size is 32x32"),
+    (_set("recipe.fit", "squash"), "recipe.fit: unknown fit mode 'squash'"),
+    (_set("recipe.splits", ["train"]), "recipe.splits: builds train but expect.splits lists train, test"),
+    (_set("recipe.splits", ["train", "dev"]), "recipe.splits: unknown split 'dev'"),
+    (_set("expect.image_size", [32, 0]), "expect.image_size: expected [H, W]"),
+    (_del("expect.image_size"), "expect.image_size: missing"),
+    (_set("expect.splits", {"train": "1442", "test": 355}), "expect.splits.train: expected an integer, got a string"),
+    (_set("expect.splits", {"train": True, "test": 355}), "expect.splits.train: expected an integer, got a boolean"),
+    (_set("expect.splits", {"train": 1442, "dev": 355}), "expect.splits.dev: unknown split"),
+    (_set("expect.splits", {}), "expect.splits: expected a non-empty object"),
+    (_set("expect.total", 1800), "expect.total: is 1800 but the split counts add up to 1797"),
+    (_del("expect.classes"), "expect.classes: missing"),
+    (_set("expect.classes", ["0", "0"]), "expect.classes: lists '0' twice"),
+    (_set("expect.num_classes", 9), "expect.num_classes: is 9 but expect.classes lists 10"),
+    (_set("expect.label_kind", "hot"), "expect.label_kind: unknown label kind 'hot'"),
+    (lambda raw: (_set("expect.maps", ["ink"])(raw), _del("expect.digests")(raw)),
+     "expect.maps: lists ink but source 'digits' produces ink, box"),
+    (_set("expect.maps", "ink"), "expect.maps: expected a list of strings"),
+    (_set("expect.digests", {"train/images": "abc"}), "expect.digests.train/images: expected a sha256"),
+    (_set("expect.digests", {"val/images": SHA}), "expect.digests.val/images: names split 'val'"),
+    (_set("expect.digests", {"train/saliency/mask": SHA}), "expect.digests.train/saliency/mask: names map 'mask'"),
+    (_set("expect.digests", {"train/pixels": SHA}), "expect.digests.train/pixels: not an array path"),
+    (_set("notes", 5), "notes: expected a string or a list of strings"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", MALFORMED, ids=[m for _, m in MALFORMED])
+def test_malformed_manifests_are_rejected_naming_the_key(tmp_path: Path, mutate: Callable, message: str) -> None:
+    raw = digits_raw()
+    mutate(raw)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(SatkitError) as e:
+        load_manifest(path)
+    assert str(e.value).startswith(f"{path}: "), str(e.value)
+    assert message in str(e.value), str(e.value)
+
+
+def test_unreadable_manifest_files(tmp_path: Path, digits_store: Path) -> None:
+    with pytest.raises(SatkitError, match="no such manifest file"):
+        load_manifest(tmp_path / "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"manifest_version": 1,\n "name": }')
+    with pytest.raises(SatkitError, match=r"broken.json: not valid JSON \(line 2, column"):
+        load_manifest(broken)
+    top = tmp_path / "list.json"
+    top.write_text("[1, 2]")
+    with pytest.raises(SatkitError, match=r"list.json: \(top level\): expected an object, got a list"):
+        load_manifest(top)
+    res = CliRunner().invoke(main, ["verify", str(digits_store), "--manifest", str(broken)])
+    assert res.exit_code == 1 and "not valid JSON" in res.output
+    assert len(res.output.strip().splitlines()) == 1
