@@ -27,7 +27,7 @@ from satdata import __version__
 from satdata.errors import SatkitError, SourceError
 from satdata.geometry import FIT_MODES, apply_boxes, apply_image, apply_map, keep_boxes, plan_fit, rasterize_boxes
 from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
-from satdata.sources._base import check_box
+from satdata.sources._base import check_box, image_hw, set_reduced_decode
 from satdata.store import SPLITS, MapInfo, StoreInfo, StoreWriter, read_info
 
 MAX_BAD_RECORDED = 1000
@@ -49,6 +49,7 @@ class BuildConfig:
     options: SourceOptions = field(default_factory=SourceOptions)
     given_options: tuple[str, ...] = ()  # source options the user set explicitly
     progress: bool = True
+    reduced_decode: bool = True  # JPEG DCT-scaled decoding when the store is much smaller
 
 
 @dataclass
@@ -57,6 +58,7 @@ class BuildResult:
     info: StoreInfo
     bad: list[tuple[str, str]]
     seconds: float
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- workers
@@ -64,10 +66,13 @@ class BuildResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(source: Source, out_hw: tuple[int, int], fit_mode: str) -> None:
+def _init_worker(source: Source, out_hw: tuple[int, int], fit_mode: str, reduced_decode: bool = True) -> None:
     # Workers only decode and resize; they never touch zarr (its I/O loop is per process).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER.update(source=source, out_hw=out_hw, fit=fit_mode)
+    _init_worker_inline(source, out_hw, fit_mode, reduced_decode)
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the worker processes
 
 
 def _process(record: Record) -> tuple[str, Any]:
@@ -84,10 +89,10 @@ def transform(source: Source, record: Record, out_hw: tuple[int, int], fit_mode:
               ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """One sample in the store's frame: (image, {map: array}, boxes (k, 5) [cls, x1..y2])."""
     d: Decoded = source.decode(record)
-    img = d.image
+    h, w = image_hw(d.image)  # its size on disk, even when decoded at reduced scale
+    img = np.asarray(d.image)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise SourceError(record.id, f"decoded image has shape {img.shape} {img.dtype}, not (h, w, 3) uint8")
-    h, w = img.shape[:2]
     fit = plan_fit((h, w), out_hw, fit_mode)
     out_img = apply_image(img, fit)
     maps: dict[str, np.ndarray] = {}
@@ -275,9 +280,10 @@ def build(cfg: BuildConfig) -> BuildResult:
         with sigterm_as_interrupt():
             if cfg.workers > 0:
                 ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-                pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(source, cfg.size, cfg.fit))
+                pool = ctx.Pool(cfg.workers, initializer=_init_worker,
+                                initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
             else:
-                _init_worker_inline(source, cfg.size, cfg.fit)
+                _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
             writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
                                  image_size=cfg.size, label_kind=source.label_kind, maps=maps)
             for s in splits:
@@ -294,9 +300,11 @@ def build(cfg: BuildConfig) -> BuildResult:
                 "splits": splits,
                 "options": cfg.options.non_default(),
                 "skip_bad": cfg.skip_bad,
+                "reduced_decode": cfg.reduced_decode,
                 "skipped": [list(b) for b in bad.items[:MAX_BAD_RECORDED]],
                 "skipped_count": len(bad.items),
                 "counts": dict(writer.counts),
+                "notes": {s: dict(v) for s, v in getattr(source, "notes", {}).items()},
                 "tool": f"satkit {__version__}",
                 "versions": _versions(),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -310,18 +318,21 @@ def build(cfg: BuildConfig) -> BuildResult:
             pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0)
+    return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0,
+                       notes=dict(info.provenance.get("notes", {})))
 
 
-def _init_worker_inline(source: Source, out_hw: tuple[int, int], fit_mode: str) -> None:
+def _init_worker_inline(source: Source, out_hw: tuple[int, int], fit_mode: str,
+                        reduced_decode: bool = True) -> None:
     _WORKER.update(source=source, out_hw=out_hw, fit=fit_mode)
+    set_reduced_decode(out_hw if reduced_decode else None, fit_mode)
 
 
 def _build_split(writer: StoreWriter, source: Source, split: str, records: list[Record],
                  pool: Any, bad: BadSamples, cfg: BuildConfig) -> None:
     n_classes = len(source.classes)
     writer.create_split(split, len(records))
-    chunk = writer.chunk
+    chunk = writer.split_chunk[split]
     imgs: list[np.ndarray] = []
     labels: list[Any] = []
     ids: list[str] = []

@@ -414,13 +414,16 @@ class StoreWriter:
         self.maps = dict(maps)
         self.chunk = samples_per_chunk(self.image_size)
         self.counts: dict[str, int] = {}
+        self.split_chunk: dict[str, int] = {}
         self.has_boxes: set[str] = set()
 
     def create_split(self, split: str, n: int) -> None:
         """Create a split's arrays for up to n samples (shrunk by ``close_split``)."""
         h, w = self.image_size
-        c = self.chunk
         n = max(n, 1)
+        # A split smaller than one chunk gets a chunk of its own size: zarr stores boundary
+        # chunks whole, so a 300-sample split in 512-sample chunks would waste 40%.
+        c = self.split_chunk[split] = min(self.chunk, n)
         g = self.group
         g.create_array(array_path(split, "images"), shape=(n, h, w, 3), dtype="uint8",
                        chunks=(c, h, w, 3), compressors=image_compressors(), fill_value=0)

@@ -49,6 +49,7 @@ from satdata.sources._base import (
     Source,
     SourceOptions,
     check_mask_size,
+    image_hw,
     read_image,
     register_source,
     require_dir,
@@ -209,7 +210,7 @@ class Flowers17Masks(Source):
         img_path, trimap_path = record.data
         image = read_image(Path(img_path))
         if trimap_path is None:
-            mask = np.ones(image.shape[:2], dtype=np.uint8)
+            mask = np.ones(image_hw(image), dtype=np.uint8)
         else:
             mask = trimap_mask(Path(trimap_path))
             check_mask_size(mask, image, Path(trimap_path))

@@ -1,1 +1,431 @@
-"""Placeholder until this source lands."""
+"""PASCAL VOC (2007-2012): object boxes from the XML annotations, masks from SegmentationClass.
+
+Layout read (the official tars unpack to ``VOCdevkit/VOC20xx/``)::
+
+    VOCdevkit/VOC2012/
+      Annotations/<id>.xml                   one XML per image: <size>, <object>s
+      JPEGImages/<id>.jpg
+      ImageSets/Main/{train,val,test}.txt     one image id per line    (voc-boxes)
+      ImageSets/Segmentation/{train,val}.txt  one image id per line    (voc-masks)
+      SegmentationClass/<id>.png              palette PNG: 0 background, 1..20 the classes,
+                                              255 the "void" band around each object
+
+``--root`` may be the ``VOCdevkit`` folder (``--year`` picks a ``VOC20xx`` in it; by
+default the only one, or the newest), a ``VOC20xx`` folder itself, or the folder the tar
+was unpacked in (holding ``VOCdevkit``).
+
+Box coordinates. VOC gives ``xmin ymin xmax ymax`` as 1-based pixel indices, inclusive
+at both ends: a box over the whole image is ``(1, 1, W, H)``. satkit boxes are continuous
+coordinates with the image spanning ``[0, W) x [0, H)``, so pixel column ``i`` (1-based)
+covers ``[i - 1, i)`` and the box becomes ``x1 = xmin - 1, y1 = ymin - 1, x2 = xmax,
+y2 = ymax`` (the convention detectron2's VOC loader also uses). A box must have area and
+lie inside the image's ``<size>``; anything else is a bad sample.
+
+Labels are multi-hot over the 20 classes (``--label multi``, the default) or the class
+of the largest object (``--label largest``: the largest box for voc-boxes, the class with
+the most pixels for voc-masks; ties go to the first).
+
+voc-masks also draws a ``boxes`` map from the same images' XML annotations, so a model
+trained on masks and one trained on boxes see identical images and labels.
+
+With ``--drop-difficult`` (voc-boxes), how many objects were dropped per split is in
+``source.notes[split]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from satdata.errors import SatkitError, SourceError
+from satdata.sources._base import (
+    BadSamples,
+    Decoded,
+    MapSpec,
+    Record,
+    Source,
+    SourceOptions,
+    check_mask_size,
+    image_hw,
+    read_image,
+    read_png_indices,
+    register_source,
+    require_dir,
+)
+
+# The 20 VOC classes in the devkit's order (VOCinit.m); class index i is mask index i + 1.
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+_CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
+BACKGROUND_INDEX = 0
+VOID_INDEX = 255  # the unlabelled band around objects in SegmentationClass PNGs
+
+SPLIT_ORDER = ("train", "val", "test")
+LABEL_MODES = ("multi", "largest")
+_YEAR_DIR = re.compile(r"VOC(\d{4})")
+_IMAGE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class VocObject:
+    """One <object> of an annotation, its box already in continuous pixel coordinates."""
+
+    name: str
+    class_index: int
+    difficult: bool
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 with the image spanning [0, W) x [0, H)
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return (x2 - x1) * (y2 - y1)
+
+
+@dataclass(frozen=True)
+class VocAnnotation:
+    """What satkit reads from one VOC XML file."""
+
+    filename: str | None
+    width: int
+    height: int
+    objects: tuple[VocObject, ...]
+
+
+def _number(elem: ET.Element, tag: str, path: Path, where: str) -> float:
+    child = elem.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        raise SourceError(path, f"{where} lacks <{tag}>")
+    try:
+        return float(child.text.strip())
+    except ValueError:
+        raise SourceError(path, f"{where}: <{tag}> is {child.text.strip()!r}, not a number") from None
+
+
+def parse_voc_xml(path: Path) -> VocAnnotation:
+    """Parse one VOC annotation file, checking every object's class and box.
+
+    Raises SourceError naming the file (and the line, for malformed XML) on the first
+    problem: the whole annotation is then unusable, so the caller treats it as one bad
+    sample. Only an object's own ``<bndbox>`` is read (VOC2012's person-layout ``<part>``s
+    carry their own boxes, which are not objects).
+    """
+    try:
+        tree = ET.parse(path)
+    except FileNotFoundError:
+        raise SourceError(path, "annotation XML is missing") from None
+    except ET.ParseError as e:
+        line, col = e.position
+        raise SourceError(path, f"malformed XML at line {line}, column {col + 1}: {_parse_error_text(e)}") from None
+    except OSError as e:
+        raise SourceError(path, f"cannot read annotation XML ({e.strerror or e})") from None
+    root = tree.getroot()
+    if root.tag != "annotation":
+        raise SourceError(path, f"root element is <{root.tag}>, not <annotation>")
+    size = root.find("size")
+    if size is None:
+        raise SourceError(path, "lacks <size>")
+    width, height = _number(size, "width", path, "<size>"), _number(size, "height", path, "<size>")
+    if width < 1 or height < 1 or width != int(width) or height != int(height):
+        raise SourceError(path, f"<size> {width:g}x{height:g} is not a positive whole number of pixels")
+    w, h = int(width), int(height)
+    objects = []
+    for k, obj in enumerate(root.findall("object"), start=1):
+        name_el = obj.find("name")
+        name = (name_el.text or "").strip() if name_el is not None else ""
+        where = f"object {k} ({name})" if name else f"object {k}"
+        if not name:
+            raise SourceError(path, f"{where} lacks <name>")
+        if name not in _CLASS_INDEX:
+            raise SourceError(path, f"{where}: unknown class {name!r} (not one of the 20 VOC classes)")
+        diff_el = obj.find("difficult")
+        difficult = diff_el is not None and (diff_el.text or "0").strip() not in ("0", "")
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise SourceError(path, f"{where} lacks <bndbox>")
+        xmin, ymin, xmax, ymax = (_number(bnd, t, path, f"{where} <bndbox>") for t in ("xmin", "ymin", "xmax", "ymax"))
+        shown = f"(xmin {xmin:g}, ymin {ymin:g}, xmax {xmax:g}, ymax {ymax:g})"
+        # 1-based inclusive pixel indices -> continuous coordinates (module docstring).
+        x1, y1, x2, y2 = xmin - 1.0, ymin - 1.0, xmax, ymax
+        if not (x2 > x1 and y2 > y1):
+            raise SourceError(path, f"{where}: <bndbox> {shown} has zero or negative area")
+        if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+            raise SourceError(path, f"{where}: <bndbox> {shown} lies outside the {w}x{h} image of <size>")
+        objects.append(VocObject(name, _CLASS_INDEX[name], difficult, (x1, y1, x2, y2)))
+    fn = root.find("filename")
+    filename = fn.text.strip() if fn is not None and fn.text else None
+    return VocAnnotation(filename, w, h, tuple(objects))
+
+
+def _parse_error_text(e: ET.ParseError) -> str:
+    # "not well-formed (invalid token): line 3, column 4" -> "not well-formed (invalid token)"
+    return re.sub(r":\s*line \d+, column \d+$", "", str(e))
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Image ids of an ImageSets list (one per line); a malformed list is a SourceError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SourceError(path, "missing split list") from None
+    except UnicodeDecodeError:
+        raise SourceError(path, "split list is not text (UTF-8)") from None
+    except OSError as e:
+        raise SourceError(path, f"cannot read split list ({e.strerror or e})") from None
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s:
+            continue
+        if not _IMAGE_ID.fullmatch(s) or s in (".", ".."):
+            raise SourceError(path, f"line {n}: expected one image id, got {s[:60]!r}")
+        if s in first_line:
+            raise SourceError(path, f"line {n}: image id {s!r} is listed twice (first on line {first_line[s]})")
+        first_line[s] = n
+        ids.append(s)
+    return ids
+
+
+def find_voc_dir(root: Path, year: str | None) -> tuple[Path, str | None]:
+    """The VOC20xx folder under root (VOCdevkit, a VOC20xx folder, or the unpack folder).
+
+    Returns (folder, year or None when the folder is not named VOC20xx).
+    """
+    want = None
+    if year is not None:
+        m = re.fullmatch(r"(?:VOC)?(\d{4})", str(year).strip(), flags=re.IGNORECASE)
+        if not m:
+            raise SatkitError(f"--year: expected a year such as 2012, got {year!r}")
+        want = m.group(1)
+    require_dir(root, "VOC root folder")
+    if any((root / d).is_dir() for d in ("Annotations", "JPEGImages", "ImageSets")):
+        m = _YEAR_DIR.fullmatch(root.name)
+        have = m.group(1) if m else None
+        if want is not None and have is not None and want != have:
+            raise SatkitError(f"--year {want}: {root} is the VOC{have} folder")
+        return root, have or want
+    found: dict[str, Path] = {}
+    for base in (root, root / "VOCdevkit"):
+        if not base.is_dir():
+            continue
+        for child in sorted(base.iterdir()):
+            m = _YEAR_DIR.fullmatch(child.name)
+            if m and child.is_dir():
+                found.setdefault(m.group(1), child)
+    if not found:
+        raise SourceError(root, "no VOC20xx folder here (expected VOCdevkit/VOC2012/Annotations, ...)")
+    if want is None:
+        want = max(found)
+    elif want not in found:
+        raise SatkitError(f"--year {want}: {root} has no VOC{want} (it has: "
+                          + ", ".join(f"VOC{y}" for y in sorted(found)) + ")")
+    return found[want], want
+
+
+def _check_label_mode(opts: SourceOptions) -> str:
+    if opts.label not in LABEL_MODES:
+        raise SatkitError(f"--label: unknown mode {opts.label!r} (one of {', '.join(LABEL_MODES)})")
+    return opts.label
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _VocBase(Source):
+    """What voc-boxes and voc-masks share: the folder, the year, the lists, the XML."""
+
+    list_dir: str = ""  # ImageSets/<list_dir>
+
+    def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
+        super().__init__(root, opts, bad)
+        self.label_mode = _check_label_mode(opts)
+        self.label_kind = "single" if self.label_mode == "largest" else "multi"
+        self.voc_dir, self.year = find_voc_dir(self.root, opts.year)
+        self.classes = list(VOC_CLASSES)
+        self.ann_dir = require_dir(self.voc_dir / "Annotations", "Annotations folder")
+        self.img_dir = require_dir(self.voc_dir / "JPEGImages", "JPEGImages folder")
+        self.sets_dir = require_dir(self.voc_dir / "ImageSets" / self.list_dir, f"ImageSets/{self.list_dir} folder")
+        # Per split, counts worth keeping with the store (voc-boxes: objects dropped as difficult).
+        self.notes: dict[str, dict[str, Any]] = {}
+
+    @property
+    def dataset(self) -> str:
+        return f"voc{self.year}" if self.year else "voc"
+
+    def available_splits(self) -> list[str]:
+        splits = [s for s in SPLIT_ORDER if (self.sets_dir / f"{s}.txt").is_file()]
+        if not splits:
+            raise SourceError(self.sets_dir, "has none of train.txt, val.txt, test.txt")
+        return splits
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def _listed(self, split: str) -> list[str]:
+        return read_id_list(self.sets_dir / f"{split}.txt")
+
+    def _existing_images(self) -> set[str]:
+        # One directory listing instead of a stat per image (VOC2012 has 17k JPEGs).
+        return set(os.listdir(self.img_dir))
+
+    def _annotation(self, image_id: str, images: set[str]) -> tuple[VocAnnotation, Path, Path] | None:
+        """(annotation, xml, jpg) of an id, or None after reporting a problem to self.bad."""
+        xml = self.ann_dir / f"{image_id}.xml"
+        jpg = self.img_dir / f"{image_id}.jpg"
+        try:
+            ann = parse_voc_xml(xml)
+        except SourceError as e:
+            self.bad(e.path, e.problem)
+            return None
+        if f"{image_id}.jpg" not in images:
+            self.bad(jpg, "image file is missing (listed in ImageSets)")
+            return None
+        return ann, xml, jpg
+
+
+def _boxes_array(objects: list[VocObject] | tuple[VocObject, ...]) -> np.ndarray:
+    rows = [[o.class_index, *o.box] for o in objects]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+
+
+def _check_image_size(image: np.ndarray, hw: tuple[int, int], jpg: str, xml: str) -> None:
+    h, w = hw
+    ih, iw = image_hw(image)
+    if (ih, iw) != (h, w):
+        raise SourceError(jpg, f"image is {iw}x{ih} but {xml} gives <size> {w}x{h}")
+
+
+@register_source
+class VocBoxes(_VocBase):
+    """PASCAL VOC detection: one sample per image of ImageSets/Main, map = union of its boxes."""
+
+    name = "voc-boxes"
+    summary = "PASCAL VOC detection (Annotations, JPEGImages, ImageSets/Main); map: object boxes"
+    options = ("label", "drop_difficult", "year")
+    label_kind = "multi"
+    maps = {"boxes": MapSpec(kind="boxes", encoding="binary", from_boxes=True)}
+    list_dir = "Main"
+
+    def records(self, split: str) -> list[Record]:
+        """Parse the XML of every image listed for split (main process)."""
+        images = self._existing_images()
+        out: list[Record] = []
+        dropped = 0
+        for image_id in self._listed(split):
+            got = self._annotation(image_id, images)
+            if got is None:
+                continue
+            ann, xml, jpg = got
+            objects = list(ann.objects)
+            if self.opts.drop_difficult:
+                dropped += sum(o.difficult for o in objects)
+                objects = [o for o in objects if not o.difficult]
+                if not objects and ann.objects:
+                    self.bad(xml, "every object is <difficult> (none left with --drop-difficult)")
+                    continue
+            if not objects:
+                self.bad(xml, "has no <object>")
+                continue
+            if self.label_mode == "largest":
+                label: int | tuple[int, ...] = max(objects, key=lambda o: o.area).class_index
+            else:
+                label = tuple(sorted({o.class_index for o in objects}))
+            out.append(Record(id=self._rel(jpg), label=label,
+                              data=(str(jpg), str(xml), (ann.height, ann.width), _boxes_array(objects))))
+        if self.opts.drop_difficult:
+            self.notes[split] = {"difficult_objects_dropped": dropped}
+        return out
+
+    def decode(self, record: Record) -> Decoded:
+        jpg, xml, hw, boxes = record.data
+        image = read_image(Path(jpg))
+        _check_image_size(image, hw, jpg, xml)
+        return Decoded(image=image, masks={}, boxes=boxes)
+
+
+@register_source
+class VocMasks(_VocBase):
+    """PASCAL VOC segmentation: SegmentationClass masks, plus the same images' boxes."""
+
+    name = "voc-masks"
+    summary = ("PASCAL VOC segmentation (SegmentationClass, ImageSets/Segmentation); "
+               "maps: object mask, object boxes")
+    options = ("label", "year")
+    label_kind = "multi"
+    maps = {
+        "mask": MapSpec(kind="mask", encoding="binary"),
+        "boxes": MapSpec(kind="boxes", encoding="binary", from_boxes=True),
+    }
+    list_dir = "Segmentation"
+
+    def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
+        super().__init__(root, opts, bad)
+        self.seg_dir = require_dir(self.voc_dir / "SegmentationClass", "SegmentationClass folder")
+
+    def records(self, split: str) -> list[Record]:
+        """Parse each listed image's XML and read its mask once for the labels (main process)."""
+        images = self._existing_images()
+        out: list[Record] = []
+        for image_id in self._listed(split):
+            got = self._annotation(image_id, images)
+            if got is None:
+                continue
+            ann, xml, jpg = got
+            png = self.seg_dir / f"{image_id}.png"
+            try:
+                counts = _class_pixel_counts(png)
+            except SourceError as e:
+                self.bad(e.path, e.problem)
+                continue
+            if not counts.any():
+                self.bad(png, "mask has no object pixels (only background and void)")
+                continue
+            if not ann.objects:
+                self.bad(xml, "has no <object> (the boxes map would be empty)")
+                continue
+            if self.label_mode == "largest":
+                label: int | tuple[int, ...] = int(np.argmax(counts))
+            else:
+                label = tuple(int(i) for i in np.flatnonzero(counts))
+            out.append(Record(id=self._rel(jpg), label=label,
+                              data=(str(jpg), str(xml), str(png), (ann.height, ann.width),
+                                    _boxes_array(ann.objects))))
+        return out
+
+    def decode(self, record: Record) -> Decoded:
+        jpg, xml, png, hw, boxes = record.data
+        image = read_image(Path(jpg))
+        idx = read_png_indices(Path(png))
+        check_mask_size(idx, image, Path(png))
+        _check_image_size(image, hw, jpg, xml)
+        mask = ((idx >= 1) & (idx <= len(VOC_CLASSES))).astype(np.uint8)
+        return Decoded(image=image, masks={"mask": mask}, boxes=boxes)
+
+
+def _class_pixel_counts(png: Path) -> np.ndarray:
+    """Pixels per class (20,) of a SegmentationClass PNG; other than 0, 1..20, 255 is an error."""
+    idx = read_png_indices(png)
+    if idx.ndim != 2:
+        raise SourceError(png, f"mask has shape {idx.shape}, not a single-channel image")
+    hist = np.bincount(idx.ravel().astype(np.int64), minlength=256)
+    stray = [v for v in np.flatnonzero(hist) if not (v <= len(VOC_CLASSES) or v == VOID_INDEX)]
+    if stray:
+        shown = ", ".join(str(int(v)) for v in stray[:5]) + (", ..." if len(stray) > 5 else "")
+        raise SourceError(png, f"mask has values {shown}, which are neither a class (1-20), background (0) "
+                               "nor void (255): is it an RGB rendering instead of the palette PNG?")
+    return hist[1:len(VOC_CLASSES) + 1]

@@ -1,0 +1,318 @@
+"""Add (or replace) a named saliency map in a finished local store, atomically.
+
+The store's 'satkit' attribute is its commit record (satdata.store), so a change is:
+
+1. take an exclusive lock on the store directory (``flock``: released by the kernel even
+   when the process is killed), and remove what earlier killed runs left behind;
+2. write the new map, for every split, under a fresh array name ``NAME.<8 hex>`` in
+   ``<split>/saliency/``: no attribute mentions it yet, so readers do not see it;
+3. digest the new arrays and validate the would-be store;
+4. commit: one atomic replace of the root ``zarr.json`` (``satdata.store.write_info``),
+   whose MapInfo for NAME now points at the fresh arrays (``MapInfo.array``);
+5. only then remove the arrays of a map it replaced.
+
+A failure or Ctrl-C before the commit removes the fresh arrays; a SIGKILL at any moment
+leaves the store either exactly as it was or fully switched over, and ``satdata verify``
+passes on both. Leftovers of a killed run (fresh arrays never committed, the arrays of a
+replaced map whose removal was cut short, a ``.zarr.json.tmp-*`` file) are unreferenced
+and are removed by the next change to the store: ``<split>/saliency/`` belongs to
+satkit, and anything there that the attributes do not name is such a leftover.
+
+Only local directory stores can be changed in place (a .zip or URL store cannot be
+committed atomically this way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import zarr
+
+from satdata.errors import SatkitError, StoreError
+from satdata.store import (
+    ATTR_KEY,
+    SPLIT_ORDER,
+    MapInfo,
+    Store,
+    StoreInfo,
+    array_path,
+    digest_array,
+    map_compressors,
+    map_dtype,
+    map_shape,
+    open_store,
+    validate,
+    write_info,
+)
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# split -> consecutive blocks of stored values covering the split, in sample order
+Producer = Callable[[str], Iterable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class NewMap:
+    """What a new map is: its name, encoding, kind, channels and provenance."""
+
+    name: str
+    encoding: str
+    kind: str
+    channels: int = 1
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _noop(msg: str) -> None:
+    pass
+
+
+def check_map_name(name: str) -> str:
+    """A map name is 1-64 letters, digits, '_' or '-' (array names add '.<hex>')."""
+    if not NAME_RE.fullmatch(name or ""):
+        raise SatkitError(f"--name: {name!r} is not a valid map name (1-64 letters, digits, '_' or '-')")
+    return name
+
+
+def local_store_dir(path: str | Path) -> Path:
+    """The store's directory, or SatkitError if it is not a local directory store."""
+    s = str(path)
+    if "://" in s or s.endswith(".zip"):
+        raise SatkitError(f"{s}: maps can only be added to a local store directory "
+                          "(not a .zip or URL); unpack or copy it first")
+    p = Path(s)
+    if not p.exists():
+        raise StoreError(f"{s}: no such store")
+    if not p.is_dir():
+        raise SatkitError(f"{s}: maps can only be added to a local store directory, and this is a file")
+    return p
+
+
+@contextmanager
+def store_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the store directory (no file is created)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SatkitError(f"{path}: another satdata command is changing this store; "
+                              "try again when it has finished") from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:
+    """Remove what killed changes left: arrays under <split>/saliency/ that no map names,
+    a saliency group left empty in a store without maps, and ``.zarr.json.tmp-*`` files.
+
+    Call with the store lock held. Returns the removed paths (relative to the store).
+    """
+    removed: list[str] = []
+    referenced = {m.array_name for m in info.maps.values()}
+    for split in info.splits:
+        sal = path / split / "saliency"
+        if not sal.is_dir():
+            continue
+        for child in sorted(sal.iterdir()):
+            if child.name == "zarr.json" or child.name in referenced:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+            removed.append(f"{split}/saliency/{child.name}")
+        if not info.maps and [c.name for c in sal.iterdir()] in ([], ["zarr.json"]):
+            shutil.rmtree(sal)
+            removed.append(f"{split}/saliency")
+    for tmp in sorted(path.glob(".zarr.json.tmp-*")):
+        tmp.unlink()
+        removed.append(tmp.name)
+    return removed
+
+
+def resolve_splits(info: StoreInfo, name: str, new: NewMap | None, splits: Sequence[str] | None,
+                   overwrite: bool, where: str) -> list[str]:
+    """The splits to compute, after checking NAME, --overwrite and --splits.
+
+    Every map must cover every split (the store format requires it), so a subset of splits
+    is only possible when replacing a map of the same kind, encoding and channels: the
+    other splits keep the old map's values.
+    """
+    if name in info.maps and not overwrite:
+        raise SatkitError(f"{where}: already has a map {name!r} (pass --overwrite to replace it)")
+    order = sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99))
+    if not splits:
+        return order
+    for s in splits:
+        if s not in info.splits:
+            raise SatkitError(f"--splits: {where} has no split {s!r} (it has: {', '.join(order)})")
+    chosen = [s for s in order if s in splits]
+    if len(chosen) < len(order):
+        old = info.maps.get(name)
+        rest = ", ".join(s for s in order if s not in chosen)
+        if old is None:
+            raise SatkitError(f"--splits: a map must cover every split of {where}, and there is no map "
+                              f"{name!r} to keep for {rest}; leave --splits out")
+        if new is not None and (old.encoding, old.channels, old.kind) != (new.encoding, new.channels, new.kind):
+            raise SatkitError(f"--splits: the existing map {name!r} is {old.kind} ({old.encoding}, "
+                              f"{old.channels} channels), so its {rest} values cannot be kept for a "
+                              f"{new.kind} map; leave --splits out")
+    return chosen
+
+
+def check_can_add(path: str | Path, name: str, *, splits: Sequence[str] | None = None,
+                  overwrite: bool = False, new: NewMap | None = None) -> tuple[Store, list[str]]:
+    """Check, before any work, that NAME can be added: (open store, splits to compute)."""
+    p = local_store_dir(path)
+    check_map_name(name)
+    store = open_store(p)
+    return store, resolve_splits(store.info, name, new, splits, overwrite, str(path))
+
+
+def _fresh_array_name(name: str, info: StoreInfo) -> str:
+    taken = {m.array_name for m in info.maps.values()}
+    while True:
+        a = f"{name}.{secrets.token_hex(4)}"
+        if a not in taken:
+            return a
+
+
+def _write_split(arr: zarr.Array, blocks: Iterable[np.ndarray], n: int, tail: tuple[int, ...],
+                 dtype: np.dtype, where: str) -> None:
+    """Write consecutive blocks into arr in whole chunks (one writer per chunk)."""
+    chunk = arr.chunks[0]
+    pending: list[np.ndarray] = []
+    have = 0
+    written = 0
+    for block in blocks:
+        block = np.asarray(block)
+        if block.shape[1:] != tail or block.dtype != dtype:
+            raise SatkitError(f"{where}: a block of shape {block.shape} {block.dtype} does not fit "
+                              f"a map of shape (N,) + {tail} {dtype}")
+        if written + have + len(block) > n:
+            raise SatkitError(f"{where}: more than the split's {n} samples were produced")
+        pending.append(block)
+        have += len(block)
+        if have >= chunk:
+            buf = np.concatenate(pending)
+            k = (len(buf) // chunk) * chunk
+            arr[written:written + k] = buf[:k]
+            written += k
+            pending = [buf[k:]] if k < len(buf) else []
+            have = len(buf) - k
+    if have:
+        arr[written:written + have] = np.concatenate(pending)
+        written += have
+    if written != n:
+        raise SatkitError(f"{where}: {written} maps were produced for a split of {n} samples")
+
+
+def _committed(path: Path, name: str, array: str) -> bool:
+    """Whether the store's attributes on disk already name ``array`` for map ``name``."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+        return meta["attributes"][ATTR_KEY]["maps"][name]["array"] == array
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequence[str] | None = None,
+            overwrite: bool = False, log: Callable[[str], None] = _noop) -> StoreInfo:
+    """Add map ``new.name`` to the local store at ``path``; returns the committed StoreInfo.
+
+    ``produce(split)`` yields the stored values of the split's samples in order, in
+    blocks of any size: (n, H, W) for one channel, (n, H, W, C) otherwise, in the
+    encoding's dtype. ``new.provenance`` is read after every split is written, so a
+    producer may add to it. ``splits`` limits which splits are computed (see
+    ``resolve_splits``); ``overwrite`` allows replacing an existing map of that name.
+    See the module docstring for how the change is made atomic.
+    """
+    p = local_store_dir(path)
+    check_map_name(new.name)
+    dtype = map_dtype(new.encoding)
+    if new.channels < 1:
+        raise SatkitError(f"map {new.name!r}: channels must be positive, got {new.channels}")
+    where = str(path)
+    with store_lock(p):
+        store = open_store(p)
+        info = store.info
+        for item in cleanup_strays(p, info):
+            log(f"{where}: removed {item} (left by an interrupted change)")
+        compute = resolve_splits(info, new.name, new, splits, overwrite, where)
+        old = info.maps.get(new.name)
+        array = _fresh_array_name(new.name, info)
+        mi = MapInfo(name=new.name, encoding=new.encoding, kind=new.kind, channels=new.channels, array=array)
+        created: list[Path] = []
+        made_groups: list[Path] = []
+        try:
+            digests = dict(info.digests)
+            root = zarr.open_group(str(p), mode="r+")
+            for split in sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99)):
+                n = info.splits[split]
+                shape = map_shape(mi, n, info.image_size)
+                chunk = int(store.array(split, "images").chunks[0])
+                sal = p / split / "saliency"
+                if not sal.exists():
+                    made_groups.append(sal)
+                apath = array_path(split, "saliency", array)
+                created.append(p / apath)
+                arr = root.create_array(apath, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
+                                        compressors=map_compressors(), fill_value=0)
+                if split in compute:
+                    _write_split(arr, produce(split), n, shape[1:], dtype, f"{where}: {apath}")
+                else:
+                    src = store.array(split, "saliency", new.name)
+                    for a in range(0, n, chunk):
+                        arr[a:a + chunk] = src[a:a + chunk]
+                digests[apath] = digest_array(arr)
+                if old is not None:
+                    digests.pop(array_path(split, "saliency", old.array_name), None)
+            # Read only now, so a producer may add what it learnt (e.g. teacher accuracy).
+            provenance = dict(new.provenance)
+            provenance["splits_computed"] = list(compute)
+            kept = [s for s in info.splits if s not in compute]
+            if kept and old is not None:
+                provenance["splits_kept"] = kept
+                provenance["previous"] = old.provenance
+            mi = replace(mi, provenance=provenance)
+            new_info = replace(info, maps={**info.maps, new.name: mi}, digests=digests)
+            validate(zarr.open_group(str(p), mode="r"), new_info, where)
+            write_info(p, new_info)  # the commit
+        except BaseException:
+            if _committed(p, new.name, array):
+                # interrupted (e.g. SIGTERM) after the rename but before returning: the
+                # new map is the store's now, so keep it
+                raise
+            for c in created:
+                shutil.rmtree(c, ignore_errors=True)
+            for g in made_groups:
+                shutil.rmtree(g, ignore_errors=True)
+            raise
+        if old is not None:
+            for split in info.splits:
+                stale = p / array_path(split, "saliency", old.array_name)
+                try:
+                    shutil.rmtree(stale)
+                except OSError as e:
+                    log(f"{where}: could not remove the replaced {stale.relative_to(p)} ({e}); "
+                        "the next change to the store removes it")
+        return new_info
+
+
+__all__ = ["NewMap", "Producer", "add_map", "check_can_add", "check_map_name", "cleanup_strays",
+           "local_store_dir", "resolve_splits", "store_lock"]

@@ -1,0 +1,150 @@
+"""`satdata saliency`, `satdata compare`, `satdata export`: click commands (registered on satdata.cli.main).
+
+Each only parses options and calls one library function: satdata.saliency.generate_maps,
+satdata.compare.compare_maps, satdata.export.export_h5. Heavy imports (torch) happen
+inside the commands, so `satdata --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+# The names of satdata.saliency.METHODS (kept here so the CLI does not import torch to
+# build its help; tests/test_saliency.py checks the two agree).
+METHOD_NAMES = ("gradcampp", "gradcam", "gbp", "smoothgrad", "guided-gradcampp")
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    from satdata.cli import run_cli
+
+    return run_cli(fn)
+
+
+def _split_list(text: str | None) -> tuple[str, ...] | None:
+    if not text:
+        return None
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return parts or None
+
+
+EPILOG_SALIENCY = """\b
+Methods (SAT.md, "What S is"):
+  gradcampp         Grad-CAM++ at the last conv stage, min-max to [0, 1]   (unit, 1 channel)
+  gradcam           Grad-CAM, the same way                                 (unit, 1 channel)
+  gbp               sign of the guided-backprop gradient, +-1              (signed, 3 channels)
+  smoothgrad        SmoothGrad, 10 samples, sigma 0.15 of the range        (unit, 1 channel)
+  guided-gradcampp  Grad-CAM++ where the guided sign is +1, -1 elsewhere   (signed, 3 channels)
+
+\b
+Examples:
+  satdata saliency cifar10.zarr --teacher runs/resnet34-adv --method gradcampp --name gcpp_adv
+  satdata saliency tiny.zarr --arch resnet50 --weights resnet50.pth --method gbp --device cuda
+"""
+
+
+@click.command("saliency", epilog=EPILOG_SALIENCY)
+@click.argument("store")
+@click.option("--teacher", "-t", help="A sattrain run directory or checkpoint file.")
+@click.option("--arch", help="A torchvision classification architecture (with --weights), e.g. resnet50.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="Local weights file for --arch (read with weights_only=True; nothing is downloaded).")
+@click.option("--method", "-m", type=click.Choice(METHOD_NAMES), required=True, help="Saliency method.")
+@click.option("--name", "-n", default=None, help="Name of the new map.  [default: the method's name]")
+@click.option("--splits", default=None,
+              help="Comma-separated splits to compute; a subset only when replacing a map (--overwrite), "
+                   "whose other splits are kept.  [default: all]")
+@click.option("--target", type=click.Choice(["predicted", "label"]), default="predicted", show_default=True,
+              help="Class the map explains: the teacher's prediction, or the true label.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per batch on the device (SmoothGrad runs 10 such passes).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--layer", default=None,
+              help="Grad-CAM layer (a module name of the teacher).  [default: the last conv stage, or the "
+                   "last stage of at least 2x2]")
+@click.option("--seed", type=int, default=0, show_default=True, help="SmoothGrad's noise seed.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing map of that name (once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Path | None, method: str,
+                 name: str | None, splits: str | None, target: str, batch_size: int, device: str,
+                 layer: str | None, seed: int, overwrite: bool, quiet: bool) -> None:
+    """Add maps from a frozen teacher to a local store.
+
+    The maps are computed in batches on the device and written under a fresh name, then
+    committed with one atomic write of the store's attributes: a failure, Ctrl-C or kill
+    leaves the store exactly as it was, and `satdata verify` passes.
+    """
+    def go() -> None:
+        from satdata.saliency import SaliencyConfig, generate_maps
+
+        cfg = SaliencyConfig(store=store, method=method, name=name, teacher=teacher, arch=arch,
+                             weights=str(weights) if weights else None, splits=_split_list(splits),
+                             target=target, batch_size=batch_size, device=device, overwrite=overwrite,
+                             layer=layer, seed=seed, progress=not quiet)
+        res = generate_maps(cfg, log=lambda m: click.echo(m, err=True))
+        mi = res.info.maps[res.name]
+        computed = mi.provenance.get("splits_computed", [])
+        counts = ", ".join(f"{s} {res.info.splits[s]:,}" for s in computed)
+        acc = ", ".join(f"{s} {a:.3f}" for s, a in res.teacher_accuracy.items())
+        layer_txt = f", layer {res.cam_layer.name} {res.cam_layer.hw[0]}x{res.cam_layer.hw[1]}" if res.cam_layer else ""
+        click.echo(f"added map {res.name} to {res.path}: {res.method} ({mi.encoding}, {mi.channels} channel"
+                   f"{'s' if mi.channels > 1 else ''}{layer_txt}) for {counts} on {res.device} in {res.seconds:.1f} s"
+                   + (f"; teacher accuracy {acc}" if acc else ""))
+
+    _run(go)
+
+
+@click.command("compare")
+@click.argument("store")
+@click.option("--map", "map_a", required=True, help="The map to score (e.g. gradcampp).")
+@click.option("--against", "map_b", required=True, help="The map whose object is the reference (e.g. a mask or boxes).")
+@click.option("--split", "split", default=None, help="Comma-separated splits.  [default: every split]")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="IoU counts pixels where --map, in [0, 1], is at least this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold: float, as_json: bool) -> None:
+    """Score how well one map agrees with another, per class and overall.
+
+    Pointing game (is the map's maximum inside the other map's object), IoU of the map
+    thresholded with the object, and the share of the map's positive energy inside the
+    object. Images whose reference object is empty are left out and counted.
+    """
+    def go() -> None:
+        from satdata.compare import compare_maps
+        from satdata.store import open_store
+
+        c = compare_maps(open_store(store), map_a, map_b, splits=_split_list(split), threshold=threshold)
+        click.echo(json.dumps(c.to_json(), indent=2) if as_json else c.format())
+
+    _run(go)
+
+
+@click.command("export")
+@click.argument("store")
+@click.option("--to", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="HDF5 file to write (satkit's h5 layout; `satdata build --source h5` reads it).")
+@click.option("--splits", default=None, help="Comma-separated splits.  [default: all]")
+@click.option("--maps", default=None, help="Comma-separated maps.  [default: all]")
+@click.option("--overwrite", is_flag=True, help="Replace --to if it exists (once the new file is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export_cmd(store: str, out: Path, splits: str | None, maps: str | None, overwrite: bool, quiet: bool) -> None:
+    """Export a store to one HDF5 file: images, labels, ids, boxes and maps, bit for bit."""
+    def go() -> None:
+        from satdata.export import export_h5
+        from satdata.store import open_store
+
+        st = open_store(store)
+        split_list = _split_list(splits)
+        map_list = list(_split_list(maps) or ()) if maps is not None else None
+        path = export_h5(st, out, splits=split_list, maps=map_list, overwrite=overwrite, progress=not quiet)
+        counts = ", ".join(f"{s} {n:,}" for s, n in st.info.splits.items() if not split_list or s in split_list)
+        shown = map_list if map_list is not None else sorted(st.info.maps)
+        click.echo(f"wrote {path}: {counts} (maps: {', '.join(shown) or 'none'})")
+
+    _run(go)
+
+
+__all__ = ["METHOD_NAMES", "compare_cmd", "export_cmd", "saliency_cmd"]

@@ -1,0 +1,109 @@
+"""Export a store to one HDF5 file in satkit's h5 layout (see satdata.sources.h5).
+
+``satdata build --source h5`` reads the file back; at the same image size the round trip
+store -> h5 -> store keeps every array bit for bit (images, labels, ids, boxes, and maps
+of every encoding and channel count).
+
+The file is written beside its destination as ``.NAME.partial-PID`` and renamed onto it
+only when complete, so an interrupted export never leaves a half-written file under the
+requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from satdata.errors import SatkitError
+from satdata.store import SPLIT_ORDER, Store, iter_chunks
+
+H5_VERSION = 1  # the layout version satdata.sources.h5 documents
+# Maps and labels compress many times; gzip is in every HDF5 build, so any reader opens them.
+GZIP_LEVEL = 4
+
+
+def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = None,
+              maps: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write ``store`` (all splits and maps, or the ones named) to the h5 file ``out``."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    from satdata import __version__
+
+    out = Path(out)
+    info = store.info
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not out.is_file():
+            raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
+    order = sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99))
+    if splits:
+        for s in splits:
+            if s not in info.splits:
+                raise SatkitError(f"--splits: {store.path} has no split {s!r} (it has: {', '.join(order)})")
+        order = [s for s in order if s in splits]
+    names = sorted(info.maps)
+    if maps is not None:
+        for m in maps:
+            if m not in info.maps:
+                raise SatkitError(f"--maps: {store.path} has no map {m!r} (maps: {', '.join(names) or 'none'})")
+        names = [m for m in names if m in maps]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    jobs = [(s, f) for s in order for f in ["images", "labels", "ids"] + (["boxes"] if store.has_boxes(s) else [])]
+    jobs += [(s, f"saliency/{m}") for s in order for m in names]
+    try:
+        with h5py.File(tmp, "w") as f, tqdm(total=len(jobs), desc="export", unit="array", disable=not progress,
+                                            leave=False) as bar:
+            f.attrs["satkit_h5_version"] = H5_VERSION
+            f.attrs["dataset"] = info.dataset
+            f.attrs["classes"] = json.dumps(info.classes, ensure_ascii=False)
+            f.attrs["label_kind"] = info.label_kind
+            f.attrs["store_provenance"] = json.dumps(info.provenance, ensure_ascii=False, default=str)
+            f.attrs["exported_by"] = f"satkit {__version__}"
+            f.attrs["exported"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            for split, field_name in jobs:
+                g = f.require_group(split)
+                if field_name == "ids":
+                    ids = [str(x) for x in store.load(split, "ids").tolist()]
+                    g.create_dataset("ids", data=np.array(ids, dtype=object),
+                                     dtype=h5py.string_dtype("utf-8"))
+                elif field_name.startswith("saliency/"):
+                    name = field_name.split("/", 1)[1]
+                    m = info.maps[name]
+                    d = _copy(g, field_name, store.array(split, "saliency", name), compress=True)
+                    d.attrs["encoding"] = m.encoding
+                    d.attrs["kind"] = m.kind
+                    d.attrs["channels"] = int(m.channels)
+                    d.attrs["provenance"] = json.dumps(m.provenance, ensure_ascii=False, default=str)
+                else:
+                    _copy(g, field_name, store.array(split, field_name), compress=field_name != "images")
+                bar.update(1)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _copy(g: Any, name: str, arr: Any, compress: bool) -> Any:
+    """Copy a zarr array into a new h5 dataset chunk by chunk (chunked along N like the store)."""
+    shape = tuple(arr.shape)
+    kwargs: dict[str, Any] = {}
+    if shape[0] > 0:
+        kwargs["chunks"] = (min(shape[0], int(arr.chunks[0])),) + shape[1:]
+        if compress:
+            kwargs.update(compression="gzip", compression_opts=GZIP_LEVEL, shuffle=True)
+    d = g.create_dataset(name, shape=shape, dtype=arr.dtype, **kwargs)
+    for a, b in iter_chunks(arr):
+        d[a:b] = np.asarray(arr[a:b])
+    return d
+
+
+__all__ = ["export_h5"]
