@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from satdata.build import BuildConfig, _init_worker, _process, build  # noqa: E402
-from satdata.geometry import apply_image, plan_fit  # noqa: E402
 from satdata.sources import BadSamples, SourceOptions, make_source  # noqa: E402
 from satdata.sources.voc import VOC_CLASSES  # noqa: E402
 from tests.fixtures.voc import Obj, write_xml  # noqa: E402

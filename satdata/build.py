@@ -267,8 +267,9 @@ def build(cfg: BuildConfig) -> BuildResult:
         if not records[s]:
             raise SourceError(cfg.root, f"split {s!r} is empty")
 
-    maps = {name: MapInfo(name=name, encoding=spec.encoding, kind=spec.kind,
-                          provenance={"source": cfg.source, "from": "boxes" if spec.from_boxes else "annotations"})
+    maps = {name: MapInfo(name=name, encoding=spec.encoding, kind=spec.kind, channels=spec.channels,
+                          provenance={"source": cfg.source, "from": "boxes" if spec.from_boxes else "annotations",
+                                      **({"imported": spec.provenance} if spec.provenance else {})})
             for name, spec in source.maps.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)

@@ -245,5 +245,11 @@ def sources() -> None:
         click.echo(f"{name:<22} {cls.summary}" + (f"  [options: {opts}]" if opts else ""))
 
 
+from satdata.cli_maps import compare_cmd, export_cmd, saliency_cmd  # noqa: E402
+
+main.add_command(saliency_cmd, "saliency")
+main.add_command(compare_cmd, "compare")
+main.add_command(export_cmd, "export")
+
 if __name__ == "__main__":  # pragma: no cover
     main()

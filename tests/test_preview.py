@@ -63,7 +63,7 @@ def test_default_sheet_of_digits(digits_store: Path, tmp_path: Path) -> None:
     # 32 tiles of 16x16 shown at x8 (128 px) in 8 columns and 4 rows, plus captions and a title
     assert 8 * 128 <= sheet.shape[1] <= 8 * 128 + 8 * 16
     assert 4 * 128 < sheet.shape[0] < 4 * 128 + 4 * 60 + 80
-    again = contact_sheet(digits_store, tmp_path / "again.png")
+    contact_sheet(digits_store, tmp_path / "again.png")
     assert (tmp_path / "again.png").read_bytes() == out.read_bytes(), "the same seed gave another sheet"
     other = contact_sheet(digits_store, tmp_path / "other.png", seed=1)
     assert other.read_bytes() != out.read_bytes()

@@ -21,6 +21,7 @@ from satdata.sources import tiny_imagenet  # noqa: F401,E402
 from satdata.sources import flowers17  # noqa: F401,E402
 from satdata.sources import folder  # noqa: F401,E402
 from satdata.sources import cifar  # noqa: F401,E402
+from satdata.sources import h5  # noqa: F401,E402
 
 __all__ = [
     "BadSamples",

@@ -47,6 +47,8 @@ class MapSpec:
     kind: str  # "boxes", "mask", ...
     encoding: str = "binary"
     from_boxes: bool = False  # drawn by the builder from Decoded.boxes after geometry
+    channels: int = 1  # 1: (h, w) maps; C: (h, w, C)
+    provenance: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # e.g. of imported maps
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +54,21 @@ H5_VERSION = 1
 CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class H5MapSpec(MapSpec):
-    """A map of an h5 file: MapSpec plus its channel count and recorded provenance."""
-
-    channels: int = 1
-    provenance: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+# A map of an h5 file: a MapSpec with its channel count and recorded provenance.
+H5MapSpec = MapSpec
 
 
-_OPEN: dict[tuple[int, str], tuple[tuple[int, int, int], Any]] = {}
+_OPEN: dict[tuple[int, str], tuple[tuple[int, int, int], Any, dict[str, Any]]] = {}
 
 
-def _file(path: Path) -> Any:
-    """This process's read-only handle on path (h5py handles do not cross processes).
+def _dataset(path: Path, name: str) -> Any:
+    """This process's open h5py dataset ``name`` of the file at path.
 
-    The handle is reopened when the file at path is another one than when it was opened
-    (replaced or rewritten), so a later build never reads a stale file.
+    Handles are per process (h5py handles do not cross processes) and datasets stay
+    open, because HDF5's chunk cache lives in an open dataset: reopening one per sample
+    would decompress its chunk again for every sample. The file is reopened when the
+    file at path is another one than when it was opened (replaced or rewritten), so a
+    later build never reads a stale file.
     """
     import h5py
 
@@ -78,13 +76,16 @@ def _file(path: Path) -> Any:
     st = os.stat(path)
     sig = (st.st_ino, st.st_mtime_ns, st.st_size)
     cached = _OPEN.get(key)
-    if cached is not None and cached[0] == sig and cached[1].id.valid:
-        return cached[1]
-    if cached is not None and cached[1].id.valid:
-        cached[1].close()
-    f = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-    _OPEN[key] = (sig, f)
-    return f
+    if cached is None or cached[0] != sig or not cached[1].id.valid:
+        if cached is not None and cached[1].id.valid:
+            cached[1].close()
+        cached = (sig, h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES), {})
+        _OPEN[key] = cached
+    datasets = cached[2]
+    d = datasets.get(name)
+    if d is None:
+        d = datasets[name] = cached[1][name]
+    return d
 
 
 def _text(v: Any) -> str:
@@ -217,14 +218,16 @@ class H5Source(Source):
         return list(self._splits)
 
     def records(self, split: str) -> list[Record]:
-        f = _file(self.root)
-        g = f[split]
+        import h5py
+
         n = self._sizes[split]
-        labels = np.asarray(g["labels"][...])
-        ids = [_text(x) for x in g["ids"][...].tolist()] if "ids" in g else [f"{split}/{i}" for i in range(n)]
+        with h5py.File(self.root, "r") as f:
+            g = f[split]
+            labels = np.asarray(g["labels"][...])
+            ids = [_text(x) for x in g["ids"][...].tolist()] if "ids" in g else [f"{split}/{i}" for i in range(n)]
+            boxes = np.asarray(g["boxes"][...], dtype=np.float64) if "boxes" in g else None
         per_sample: dict[int, list[np.ndarray]] = {}
-        if "boxes" in g:
-            boxes = np.asarray(g["boxes"][...], dtype=np.float64)
+        if boxes is not None:
             for row in boxes:
                 i = int(row[0])
                 if row[0] != i or not 0 <= i < n:
@@ -252,12 +255,10 @@ class H5Source(Source):
 
     def decode(self, record: Record) -> Decoded:
         split, i, bx = record.data
-        f = _file(self.root)
-        g = f[split]
-        image = np.asarray(g["images"][i])
+        image = np.asarray(_dataset(self.root, f"{split}/images")[i])
         masks: dict[str, np.ndarray] = {}
         for name, spec in self.maps.items():
-            m = np.asarray(g["saliency"][name][i])
+            m = np.asarray(_dataset(self.root, f"{split}/saliency/{name}")[i])
             if spec.encoding == "binary" and m.size and m.max() > 1:
                 raise SourceError(f"{self.root}:{split}/saliency/{name}[{i}]", "binary map has values other than 0/1")
             if spec.encoding == "signed" and m.size and m.min() < -127:
