@@ -1,0 +1,248 @@
+"""Training methods by name: a batch in, the loss to minimise out (SAT.md).
+
+Each method is one function ``(model, batch, ctx) -> StepResult`` registered with
+``@register_method``; the trainer calls it inside autocast (for --amp), then does one
+backward pass. With ``eps0`` the SAT size, ``eps`` the PGD/TRADES ball, ``p_t`` the
+curriculum probability and ``g`` the SAT direction (see sattrain.perturb):
+
+============  =====================================================================
+standard      CE(f(x), y)
+noise         CE(f(clamp(x + U(-eps0, eps0))), y)                    the noise control
+sat           CE(f(clamp(x - eps0 * g)), y)                          only the perturbed batch
+pgd           CE(f(x_pgd), y)                                        PGD-AT (Madry et al.)
+trades        CE(f(x), y) + beta * KL(f(x_trades) || f(x))          TRADES (beta 6)
+pgd+sat       coin: CE(f(clamp(x + U(-eps, eps) - eps0 * g)), y)  or  CE(f(x_pgd), y)
+trades+sat    CE(f(x), y) + beta * KL(f(x_pick) || f(x)),  x_pick = clamp(x - eps0 * g)
+              or x_trades by a coin  (beta 1)
+pgd+noise     coin: CE(f(clamp(x + U(-eps0, eps0))), y)  or  CE(f(x_pgd), y)
+trades+noise  as trades+sat with x_pick = clamp(x + U(-eps0, eps0))  (beta 1)
+============  =====================================================================
+
+x_pgd: PGD with random start, ``steps`` steps of ``step_size`` in the eps-ball;
+x_trades: the TRADES KL maximisation (sattrain.attacks). The coin is fair and drawn per
+batch from a CPU generator, so it costs no device synchronisation; half the batches then
+need no attack. Adversarial examples are generated with the model in eval mode (batch
+norm uses and keeps its running statistics, as the TRADES reference does), and the
+model is back in train mode for the training forward pass.
+
+Multi-label stores train with BCE-with-logits instead of CE (and the multi-label KL of
+``attacks.trades_kl``); the perturbations are the same.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from satdata.errors import SatkitError
+from sattrain.data import Batch
+from sattrain.perturb import sat_perturb, uniform_delta, uniform_noise
+
+
+@dataclass
+class StepContext:
+    """What a method needs besides the model and the batch (one per epoch)."""
+
+    epoch: int
+    p: float  # curriculum probability p_t of this epoch
+    eps0: float  # SAT / noise size
+    eps: float  # PGD / TRADES ball
+    step_size: float
+    steps: int
+    beta: float | None
+    multilabel: bool
+    generator: torch.Generator | None  # on the batch's device: perturbations and attacks
+    coin: torch.Generator  # on the CPU: per-batch choices, without a device sync
+
+
+class StepResult(NamedTuple):
+    """The loss to minimise, the logits train accuracy is measured on, and whether an attack ran."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    attacked: bool
+
+
+MethodFn = Callable[[nn.Module, Batch, StepContext], StepResult]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    fn: MethodFn
+    needs_map: bool  # uses the saliency map S
+    uses_beta: bool  # has a TRADES KL term
+    attacks: bool  # runs a gradient attack on (some) batches
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, summary: str, *, needs_map: bool = False, uses_beta: bool = False,
+                    attacks: bool = False) -> Callable[[MethodFn], MethodFn]:
+    def deco(fn: MethodFn) -> MethodFn:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        _METHODS[name] = Method(name, summary, fn, needs_map, uses_beta, attacks)
+        return fn
+
+    return deco
+
+
+def method_names() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The registered method; SatkitError naming --method and listing the known ones."""
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise SatkitError(f"--method: unknown method {name!r} (known: {', '.join(_METHODS)})") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Cross-entropy (class indices) or BCE-with-logits (multi-hot floats), batch mean."""
+    logits = logits.float()
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, y)
+    return F.cross_entropy(logits, y)
+
+
+def flip_coin(ctx: StepContext) -> bool:
+    """A fair coin from the CPU generator: True picks the attack branch."""
+    return bool(torch.rand((), generator=ctx.coin) < 0.5)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for attack generation; restores the model's previous mode."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _require_map(batch: Batch, method: str) -> torch.Tensor:
+    if batch.S is None:
+        raise SatkitError(f"--method {method}: the batch has no saliency map (pass --map)")
+    return batch.S
+
+
+def _pgd_example(model: nn.Module, batch: Batch, ctx: StepContext) -> torch.Tensor:
+    from sattrain.attacks import pgd
+
+    with eval_mode(model):
+        return pgd(model, batch.x, batch.y, eps=ctx.eps, step_size=ctx.step_size, steps=ctx.steps,
+                   random_start=True, loss="bce" if ctx.multilabel else "ce", generator=ctx.generator)
+
+
+def _trades_example(model: nn.Module, batch: Batch, ctx: StepContext) -> torch.Tensor:
+    from sattrain.attacks import trades_adv
+
+    with eval_mode(model):
+        return trades_adv(model, batch.x, eps=ctx.eps, step_size=ctx.step_size, steps=ctx.steps,
+                          multilabel=ctx.multilabel, generator=ctx.generator)
+
+
+def _trades_loss(model: nn.Module, batch: Batch, x_pick: torch.Tensor, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE(f(x), y) + beta * KL(f(x_pick) || f(x)), f(x)): the TRADES objective and the clean logits."""
+    from sattrain.attacks import trades_kl
+
+    if ctx.beta is None:
+        raise SatkitError("--beta: the TRADES methods need a beta")
+    logits_clean = model(batch.x)
+    logits_pick = model(x_pick)
+    kl = trades_kl(logits_pick.float(), logits_clean.float(), multilabel=ctx.multilabel)
+    return task_loss(logits_clean, batch.y, ctx.multilabel) + ctx.beta * kl, logits_clean
+
+
+def _on(model: nn.Module, x: torch.Tensor, batch: Batch, ctx: StepContext, attacked: bool) -> StepResult:
+    logits = model(x)
+    return StepResult(task_loss(logits, batch.y, ctx.multilabel), logits.detach(), attacked)
+
+
+def _sat_batch(batch: Batch, ctx: StepContext, start: torch.Tensor | None = None, method: str = "sat") -> torch.Tensor:
+    S = _require_map(batch, method)
+    x0 = batch.x if start is None else start
+    return sat_perturb(x0, S, eps=ctx.eps0, p=ctx.p, generator=ctx.generator)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@register_method("standard", "cross-entropy on clean images (no perturbation)")
+def standard(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    return _on(model, batch.x, batch, ctx, False)
+
+
+@register_method("noise", "control: uniform noise U(-eps0, eps0) on every image")
+def noise(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    return _on(model, uniform_noise(batch.x, eps=ctx.eps0, generator=ctx.generator), batch, ctx, False)
+
+
+@register_method("sat", "SAT: x - eps0 * g, g from random signs to the saliency map by the curriculum p_t",
+                 needs_map=True)
+def sat(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    return _on(model, _sat_batch(batch, ctx), batch, ctx, False)
+
+
+@register_method("pgd", "PGD adversarial training (random start, --steps of --step-size in the --eps ball)",
+                 attacks=True)
+def pgd_at(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+
+
+@register_method("trades", "TRADES: CE(f(x)) + beta * KL(f(x_adv) || f(x)), beta 6", uses_beta=True, attacks=True)
+def trades(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    loss, logits = _trades_loss(model, batch, _trades_example(model, batch, ctx), ctx)
+    return StepResult(loss, logits.detach(), True)
+
+
+@register_method("pgd+sat", "a coin per batch: SAT from a uniform-noise start, or a PGD example",
+                 needs_map=True, attacks=True)
+def pgd_sat(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    if flip_coin(ctx):
+        return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+    _require_map(batch, "pgd+sat")
+    # The SAT branch starts from x + U(-eps, eps) (PGD's random start) and is clamped once, at the end.
+    start = batch.x + uniform_delta(batch.x, eps=ctx.eps, generator=ctx.generator)
+    return _on(model, _sat_batch(batch, ctx, start, "pgd+sat"), batch, ctx, False)
+
+
+@register_method("trades+sat", "a coin per batch: x - eps0 * g or the TRADES example, in the TRADES loss (beta 1)",
+                 needs_map=True, uses_beta=True, attacks=True)
+def trades_sat(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    attacked = flip_coin(ctx)
+    x_pick = _trades_example(model, batch, ctx) if attacked else _sat_batch(batch, ctx, method="trades+sat")
+    loss, logits = _trades_loss(model, batch, x_pick, ctx)
+    return StepResult(loss, logits.detach(), attacked)
+
+
+@register_method("pgd+noise", "control: a coin per batch: uniform noise U(-eps0, eps0), or a PGD example",
+                 attacks=True)
+def pgd_noise(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    if flip_coin(ctx):
+        return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+    return _on(model, uniform_noise(batch.x, eps=ctx.eps0, generator=ctx.generator), batch, ctx, False)
+
+
+@register_method("trades+noise", "control: a coin per batch: uniform noise or the TRADES example, TRADES loss (beta 1)",
+                 uses_beta=True, attacks=True)
+def trades_noise(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    attacked = flip_coin(ctx)
+    x_pick = (_trades_example(model, batch, ctx) if attacked
+              else uniform_noise(batch.x, eps=ctx.eps0, generator=ctx.generator))
+    loss, logits = _trades_loss(model, batch, x_pick, ctx)
+    return StepResult(loss, logits.detach(), attacked)

@@ -1,0 +1,125 @@
+"""The SAT perturbation (SAT.md), built for a whole batch on the batch's device.
+
+For epoch t (counted from 0), per element of the batch x (images in [0, 1])::
+
+    p_t     = 1 - alpha ** (t / 10)            # curriculum: p_0 = 0, p_10 = 1 - alpha
+    n       ~ Rademacher(+-1)                   # random sign, per pixel and channel
+    w       ~ Bernoulli(p_t)                    # independent per element
+    g       = (1 - w) * n + w * S               # S broadcast over channels if single-channel
+    x_tilde = clamp(x - eps * g, 0, 1)          # the saliency is SUBTRACTED; no eps-ball projection
+
+``alpha`` is exactly the base above (default 0.6, so p_10 = 0.4, p_50 ~ 0.92): the
+authors' plots label the curriculum axis alpha^10, so a paper value "alpha" may mean
+this alpha to the tenth power.
+
+Everything here is elementwise on the device: no ``.item()``, no CPU tensors, no
+data-dependent Python control flow, so a CUDA step never waits for the host (the tests
+run the functions on the ``meta`` device, where any of those would raise). Randomness
+comes from a ``torch.Generator`` on the batch's device, which the trainer seeds per epoch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from satdata.errors import SatkitError
+
+
+def curriculum_p(epoch: int, alpha: float) -> float:
+    """p_t = 1 - alpha ** (epoch / 10): the share of elements that follow the saliency map.
+
+    >>> curriculum_p(0, 0.6), round(curriculum_p(10, 0.6), 6)
+    (0.0, 0.4)
+    """
+    if epoch < 0:
+        raise SatkitError(f"curriculum: epoch must be >= 0, got {epoch}")
+    if not 0 < alpha <= 1:
+        raise SatkitError(f"--alpha: must be in (0, 1], got {alpha}")
+    return 1.0 - float(alpha) ** (epoch / 10.0)
+
+
+def _check_generator(x: torch.Tensor, generator: torch.Generator | None) -> None:
+    # A generator on another device would either fail inside torch or silently force a
+    # host round trip; say which one is wrong instead.
+    if generator is not None and generator.device.type != x.device.type:
+        raise SatkitError(
+            f"perturbation: generator is on {generator.device}, the batch on {x.device}; "
+            "seed a generator on the batch's device"
+        )
+
+
+def rademacher_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent +-1 signs (each with probability 1/2), shaped and typed like x."""
+    _check_generator(x, generator)
+    bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return bits.mul_(2).sub_(1)
+
+
+def broadcast_saliency(S: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """S as x's shape: (B, 1, H, W) is repeated over channels, (B, C, H, W) must match x.
+
+    Shapes are checked from metadata only (no device sync).
+    """
+    if S.dim() == 3:
+        S = S.unsqueeze(1)
+    if S.dim() != 4 or S.shape[0] != x.shape[0] or S.shape[2:] != x.shape[2:] or S.shape[1] not in (1, x.shape[1]):
+        raise SatkitError(
+            f"perturbation: saliency of shape {tuple(S.shape)} does not fit images of shape {tuple(x.shape)} "
+            "(expected (B, 1, H, W) or (B, C, H, W))"
+        )
+    if S.device != x.device:
+        raise SatkitError(f"perturbation: saliency is on {S.device}, the images on {x.device}")
+    return S.to(x.dtype).expand_as(x)
+
+
+def sat_direction(
+    x: torch.Tensor, S: torch.Tensor, *, p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """g = (1 - w) * n + w * S with n Rademacher and w Bernoulli(p), per element of x."""
+    if not 0.0 <= p <= 1.0:
+        raise SatkitError(f"perturbation: p must be in [0, 1], got {p}")
+    _check_generator(x, generator)
+    S = broadcast_saliency(S, x)
+    n = rademacher_like(x, generator)
+    # rand is in [0, 1): with p = 0 no element follows S, with p = 1 every element does.
+    w = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32) < p
+    return torch.where(w, S, n)
+
+
+def sat_perturb(
+    x: torch.Tensor,
+    S: torch.Tensor,
+    *,
+    eps: float,
+    p: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The SAT training batch x_tilde = clamp(x - eps * g, 0, 1) (see the module docstring).
+
+    ``x``: (B, C, H, W) float images in [0, 1] (for PGD-AT + SAT, the uniform-noise start
+    x + U(-eps, eps); only the result is clamped). ``S``: the saliency, (B, 1, H, W) or
+    (B, C, H, W), values in [-1, 1] (binary maps give +-1). ``p``: the curriculum
+    probability ``curriculum_p(epoch, alpha)``, a Python float.
+
+    >>> x = torch.full((1, 3, 2, 2), 0.5); S = torch.ones(1, 1, 2, 2)
+    >>> sat_perturb(x, S, eps=0.25, p=1.0)[0, 0, 0, 0].item()
+    0.25
+    """
+    if eps < 0:
+        raise SatkitError(f"--eps0: must be >= 0, got {eps}")
+    g = sat_direction(x, S, p=p, generator=generator)
+    return (x - eps * g).clamp_(0.0, 1.0).detach()
+
+
+def uniform_delta(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """U(-eps, eps) noise per element, shaped and typed like x (not added, not clamped)."""
+    if eps < 0:
+        raise SatkitError(f"noise: eps must be >= 0, got {eps}")
+    _check_generator(x, generator)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return u.mul_(2 * eps).sub_(eps)
+
+
+def uniform_noise(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The noise control: clamp(x + U(-eps, eps), 0, 1), per element."""
+    return (x + uniform_delta(x, eps=eps, generator=generator)).clamp_(0.0, 1.0).detach()

@@ -1,0 +1,544 @@
+"""``train(cfg) -> run_dir``: train a classifier on a store with one of the methods.
+
+A run directory holds::
+
+    config.json     resolved options, store (path, dataset, digest), data placement,
+                    device, package versions, git revision
+    metrics.jsonl   one line per epoch: epoch (from 0, the t of p_t), map, p_t, loss,
+                    train_acc, clean_acc and pgd_acc on a fixed held-out subset,
+                    attack_share, lr, seconds, images_per_s
+    checkpoint.pt   after every epoch (sattrain.checkpoint: model, optimizer, epochs done,
+                    model_spec, config, RNG states), loadable with weights_only=True
+    metrics.json    at the end: clean_acc, robust_acc {"pgd@1/255": ..., "pgd@8/255": ...}
+
+For multi-label stores every "acc" above is the mean average precision over classes
+(``"metric": "mAP"`` says so), and PGD maximises the BCE loss.
+
+Reproducibility: every random stream of epoch t (shuffle, augmentation, perturbation,
+attack, per-batch coin, map choice, evaluation) is seeded from (seed, t, stream name)
+alone, and the model and optimizer state are checkpointed after each epoch. So on the
+CPU a run killed at any point and continued with ``--resume`` ends with exactly the
+metrics of an uninterrupted run (tests/test_resume.py kills one with SIGKILL). On CUDA
+the same holds up to the non-determinism of cuDNN kernels.
+
+Host synchronisation: a training step does not wait for the device. The loss and
+accuracy are accumulated on the device and read (together with a non-finite-loss flag)
+every LOG_EVERY steps for the progress bar; a non-finite loss stops the run with an
+error naming the epoch and step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from satdata.errors import SatkitError
+from satdata.store import Store, open_store, store_digest
+from sattrain import __version__
+from sattrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from sattrain.config import TrainConfig, format_eps, resume_mismatches
+from sattrain.data import (
+    EvalSplit,
+    InMemorySplit,
+    MapCodec,
+    StreamingSplit,
+    choose_maps,
+    derive_seed,
+    load_split,
+    make_generator,
+    map_codec,
+    num_batches,
+    open_train_split,
+    prepare_batch,
+    sample_bytes,
+    select_indices,
+)
+from sattrain.methods import Method, StepContext, get_method
+from sattrain.models import create_model
+from sattrain.perturb import curriculum_p
+
+CONFIG_JSON = "config.json"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_JSON = "metrics.json"
+ROBUST_EPS = tuple(k / 255 for k in range(1, 9))  # the SAT.md sweep, 1/255 ... 8/255
+EVAL_BATCH = 256
+LOG_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
+# Fixed seed of the held-out subset: the same samples for every run, whatever its --seed,
+# so runs with different seeds and methods are compared on the same images.
+EVAL_SUBSET_SEED = 20200607
+
+
+class NonFiniteLoss(SatkitError):
+    """The training loss became NaN or infinite."""
+
+
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available, else cpu; a CUDA request without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SatkitError(f"--device {name}: CUDA is not available to this torch ({torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def git_revision() -> dict[str, Any] | None:
+    """The satkit source's git commit and whether it had uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions of what computed the run, and the device it ran on."""
+    import zarr
+
+    env: dict[str, Any] = {
+        "satkit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def default_run_dir(cfg: TrainConfig, dataset: str) -> Path:
+    """runs/<dataset>-<method>-<model>-s<seed>."""
+    return Path("runs") / f"{dataset}-{cfg.method.replace('+', '_')}-{cfg.model}-s{cfg.seed}"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over classes (with at least one positive) of the average precision.
+
+    AP of a class = mean, over its positives, of the precision at that positive's rank
+    when samples are sorted by decreasing score (the usual non-interpolated AP).
+    """
+    scores = scores.float()
+    targets = (targets > 0.5).float()
+    order = scores.argsort(dim=0, descending=True)
+    t = targets.gather(0, order)
+    ranks = torch.arange(1, t.shape[0] + 1, device=t.device, dtype=torch.float32)[:, None]
+    precision = t.cumsum(0) / ranks
+    positives = t.sum(0)
+    has = positives > 0
+    if not bool(has.any()):
+        return float("nan")
+    ap = (precision * t).sum(0)[has] / positives[has]
+    return float(ap.mean())
+
+
+def evaluate_heldout(
+    model: nn.Module,
+    data: EvalSplit,
+    *,
+    eps_list: tuple[float, ...],
+    steps: int,
+    step_size: float,
+    multilabel: bool,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Clean and PGD scores on the held-out subset: {"clean": s, "pgd@8/255": s, ...}.
+
+    Single-label: accuracy, where a sample is robust if it is classified correctly both
+    clean and under attack. Multi-label: mAP on the clean and on the attacked images.
+
+    Runs in eval mode and float32 (no autocast: the reported numbers should not depend
+    on --amp), and restores the model's mode.
+    """
+    from sattrain.attacks import pgd
+
+    was = model.training
+    model.eval()
+    keys = ["clean"] + [f"pgd@{format_eps(e)}" for e in eps_list]
+    logits: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    ys = []
+    try:
+        for x, y in data.batches(EVAL_BATCH, multilabel):
+            ys.append(y)
+            with torch.no_grad():
+                logits["clean"].append(model(x).float())
+            for e, k in zip(eps_list, keys[1:]):
+                x_adv = pgd(model, x, y, eps=e, step_size=step_size, steps=steps, random_start=True,
+                            loss="bce" if multilabel else "ce", generator=generator)
+                with torch.no_grad():
+                    logits[k].append(model(x_adv).float())
+    finally:
+        model.train(was)
+    y_all = torch.cat(ys)
+    if multilabel:
+        return {k: mean_average_precision(torch.cat(v), y_all) for k, v in logits.items()}
+    clean_ok = torch.cat(logits["clean"]).argmax(dim=1) == y_all
+    # A sample counts as robust only if it is also classified correctly when clean (the
+    # RobustBench convention, and what `sattrain eval` reports).
+    return {k: float(((torch.cat(v).argmax(dim=1) == y_all) & clean_ok).float().mean()) for k, v in logits.items()}
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(
+    model: nn.Module,
+    data: InMemorySplit | StreamingSplit,
+    method: Method,
+    ctx: StepContext,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    *,
+    batch_size: int,
+    codec: MapCodec | None,
+    map_name: str | None,
+    augment: bool,
+    shuffle_gen: torch.Generator,
+    aug_gen: torch.Generator,
+    autocast: Callable[[], ContextManager[Any]],
+    desc: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """One pass over the training split; returns loss, train score, attack share, samples."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    device = next(model.parameters()).device
+    total = num_batches(data.n, batch_size)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    all_logits: list[torch.Tensor] = []
+    all_y: list[torch.Tensor] = []
+    seen = 0
+    attacked = 0
+    steps = 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, unit="batch")
+
+    def check(step: int) -> None:
+        bad = int(first_bad)  # the one host sync per LOG_EVERY steps
+        if bad >= 0:
+            raise NonFiniteLoss(
+                f"epoch {ctx.epoch + 1} (t = {ctx.epoch}), step {bad + 1} of {total}: the training loss is not finite "
+                f"(nan or inf); try a lower --lr{', or drop --amp' if scaler is not None else ''}"
+            )
+        if progress:
+            post = {"loss": f"{float(loss_sum) / max(1, seen):.4f}"}
+            if not ctx.multilabel:
+                post["acc"] = f"{float(correct) / max(1, seen):.3f}"
+            bar.set_postfix(post)
+
+    try:
+        for step, raw in enumerate(data.batches(batch_size, shuffle_gen, map_name)):
+            batch = prepare_batch(raw, codec, multilabel=ctx.multilabel, augment=augment, generator=aug_gen)
+            with autocast():
+                res = method.fn(model, batch, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(res.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                res.loss.backward()
+                optimizer.step()
+            b = batch.x.shape[0]
+            loss_d = res.loss.detach().float()
+            first_bad = torch.where(~torch.isfinite(loss_d) & (first_bad < 0), step, first_bad)
+            loss_sum += loss_d * b
+            if ctx.multilabel:
+                all_logits.append(res.logits.float())
+                all_y.append(batch.y)
+            else:
+                correct += (res.logits.argmax(dim=1) == batch.y).sum()
+            seen += b
+            attacked += int(res.attacked)
+            steps += 1
+            bar.update(1)
+            if steps % LOG_EVERY == 0:
+                check(step)
+        check(steps - 1)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise SatkitError(f"epoch {ctx.epoch}: no training batch (fewer than 2 samples?)")
+    train_score = (mean_average_precision(torch.cat(all_logits), torch.cat(all_y)) if ctx.multilabel
+                   else float(correct) / seen)
+    return {"loss": float(loss_sum) / seen, "train_acc": train_score, "attack_share": attacked / steps,
+            "samples": seen, "steps": steps}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    assert cfg.lr is not None
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _read_metrics_lines(path: Path, keep_below: int) -> list[dict[str, Any]]:
+    """metrics.jsonl lines of epochs < keep_below (a killed run may have written one more)."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is redone
+        if int(rec.get("epoch", -1)) < keep_below:
+            out.append(rec)
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _pick_eval_split(store: Store, requested: str | None) -> str:
+    if requested is not None:
+        if requested not in store.info.splits:
+            raise SatkitError(f"--eval-split: {store.path} has no split {requested!r} "
+                              f"(splits: {', '.join(store.info.splits)})")
+        return requested
+    for s in ("val", "test"):
+        if s in store.info.splits:
+            return s
+    raise SatkitError(f"{store.path}: no val or test split for the held-out evaluation; "
+                      "pass --eval-split train to evaluate on (a subset of) training samples")
+
+
+def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, model: nn.Module,
+             optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device, log: Log) -> int:
+    """Epochs already done in run_dir (0 for a new run), with the model and optimizer restored.
+
+    A directory that holds a run needs --resume; resuming checks that the options (except
+    those in RESUMABLE_CHANGES) and the store's contents are the run's.
+    """
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if (ckpt_path.is_file() or (run_dir / CONFIG_JSON).is_file()) and not cfg.resume:
+        raise SatkitError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
+    if not cfg.resume:
+        return 0
+    if not ckpt_path.is_file():
+        log(f"note: {run_dir} has no checkpoint yet; starting from scratch")
+        return 0
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    diffs = resume_mismatches(ckpt.get("config", {}), cfg.to_json())
+    if diffs:
+        raise SatkitError(f"{run_dir}: --resume with options other than the run's: " + "; ".join(diffs))
+    saved_digest = ckpt.get("extra", {}).get("store_digest")
+    if saved_digest != digest:
+        raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's "
+                          f"({store_path} digest {digest[:12]}, the run's {str(saved_digest)[:12]})")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    done = int(ckpt["epoch"])
+    if done > cfg.epochs:
+        raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has already done {done} epochs")
+    log(f"resuming {run_dir} after epoch {done} of {cfg.epochs}")
+    return done
+
+
+def train(cfg: TrainConfig, log: Log | None = None) -> Path:
+    """Train per ``cfg``; returns the run directory (see the module docstring for its files).
+
+    Raises SatkitError (one line, naming the option or file) for bad options, a store the
+    method cannot use, an existing run without --resume, or a non-finite loss.
+    """
+    from tqdm.auto import tqdm
+
+    log = log or tqdm.write
+    cfg = cfg.resolved()
+    method = get_method(cfg.method)
+    if cfg.beta is not None and not method.uses_beta and cfg.beta != 0:
+        log(f"note: --beta is not used by --method {cfg.method}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    amp_active = cfg.amp and device.type == "cuda"
+    if cfg.amp and not amp_active:
+        log("note: --amp has no effect on the CPU (float32 is used; CPU autocast to bfloat16 "
+            "is rarely faster and would change the numbers)")
+
+    store = open_store(cfg.store)
+    info = store.info
+    if "train" not in info.splits:
+        raise SatkitError(f"{store.path}: no train split (splits: {', '.join(info.splits)})")
+    multilabel = info.label_kind == "multi"
+    maps = choose_maps(store, cfg.maps, cfg.method, method.needs_map)
+    codecs = {m: map_codec(store, m) for m in maps}
+    cfg = replace(cfg, maps=maps)  # the maps actually used are what the run records
+    eval_split = _pick_eval_split(store, cfg.eval_split)
+    digest = store_digest(info)
+    num_classes = len(info.classes)
+    model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
+                  "image_size": list(info.image_size), "classes": list(info.classes)}
+    # Build the model first: an unknown --model fails before any data is read.
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
+    model = create_model(cfg.model, num_classes).to(device)
+    optimizer = _make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda") if amp_active else None
+
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
+    start_epoch = _restore(run_dir, cfg, digest, store.path, model, optimizer, scaler, device, log)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data: the training split (or a seeded subset of it) and a fixed held-out subset.
+    train_idx = select_indices(info.splits["train"], cfg.train_samples, derive_seed(cfg.seed, "train-subset"))
+    n_eval = info.splits[eval_split]
+    eval_idx = select_indices(n_eval, cfg.eval_samples or None, EVAL_SUBSET_SEED)
+    if len(eval_idx) * sample_bytes(store, eval_split, ()) > cfg.memory_budget:
+        raise SatkitError(f"--eval-samples: {len(eval_idx):,} held-out samples exceed --memory-budget; ask for fewer")
+    train_data = open_train_split(store, "train", maps, train_idx, device, cfg.memory_budget, progress=cfg.progress)
+    eval_data = EvalSplit(load_split(store, eval_split, (), eval_idx, progress=cfg.progress), device)
+    log(f"{store.path}: train {train_data.n:,} samples ({train_data.placement}), "
+        f"held-out {eval_split} {eval_data.n:,}; {cfg.method} on {cfg.model}, {device}"
+        + (f", maps {', '.join(maps)}" if maps else ""))
+
+    _write_json(run_dir / CONFIG_JSON, {
+        "options": cfg.to_json(),
+        "resumed_after_epoch": start_epoch if start_epoch else None,
+        "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "label_kind": info.label_kind,
+                  "image_size": list(info.image_size), "classes": list(info.classes),
+                  "maps": {m: {"kind": c.kind, "encoding": c.encoding} for m, c in codecs.items()}},
+        "data": {"train_split": "train", "train_samples": train_data.n, "placement": train_data.placement,
+                 "eval_split": eval_split, "eval_samples": eval_data.n},
+        "method": {"name": method.name, "summary": method.summary, "needs_map": method.needs_map},
+        "model_spec": model_spec,
+        "amp_active": amp_active,
+        "environment": environment(device),
+        "git": git_revision(),
+        "command": sys.argv,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+
+    metrics_path = run_dir / METRICS_JSONL
+    history = _read_metrics_lines(metrics_path, start_epoch)
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    autocast: Callable[[], ContextManager[Any]] = (
+        (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp_active else nullcontext
+    )
+    uses_p = method.needs_map
+
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(derive_seed(cfg.seed, epoch, "global"))
+        map_name = maps[random.Random(derive_seed(cfg.seed, epoch, "map")).randrange(len(maps))] if maps else None
+        p = curriculum_p(epoch, cfg.alpha)
+        ctx = StepContext(epoch=epoch, p=p, eps0=cfg.eps0, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                          beta=cfg.beta, multilabel=multilabel,
+                          generator=make_generator(device, derive_seed(cfg.seed, epoch, "perturb")),
+                          coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")))
+        stats = train_one_epoch(
+            model, train_data, method, ctx, optimizer, scaler,
+            batch_size=cfg.batch_size, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
+            augment=cfg.augment, shuffle_gen=make_generator("cpu", derive_seed(cfg.seed, epoch, "shuffle")),
+            aug_gen=make_generator(device, derive_seed(cfg.seed, epoch, "augment")), autocast=autocast,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0
+        ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.step_size,
+                              multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, epoch, "eval")))
+        rec = {
+            "epoch": epoch,
+            "map": map_name,
+            "p_t": p if uses_p else None,
+            "loss": stats["loss"],
+            "train_acc": stats["train_acc"],
+            "clean_acc": ev["clean"],
+            "pgd_acc": ev[f"pgd@{format_eps(cfg.eps)}"],
+            "pgd_eps": format_eps(cfg.eps),
+            "metric": "mAP" if multilabel else "accuracy",
+            "attack_share": stats["attack_share"],
+            "lr": cfg.lr,
+            "samples": stats["samples"],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "images_per_s": round(stats["samples"] / train_seconds, 1),
+        }
+        history.append(rec)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        # metrics line first, checkpoint second: a kill in between redoes this epoch on resume.
+        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch + 1,
+            "model_spec": model_spec,
+            "config": cfg.to_json(),
+            "rng": _rng_state(device),
+            "extra": {"store_digest": digest, "method": cfg.method, "eval_split": eval_split},
+        })
+        name = "mAP" if multilabel else "acc"
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {name} {rec['train_acc']:.4f}, "
+            f"clean {name} {rec['clean_acc']:.4f}, pgd@{rec['pgd_eps']} {rec['pgd_acc']:.4f}"
+            + (f", p_t {p:.3f}" if uses_p else "") + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
+
+    final = evaluate_heldout(model, eval_data, eps_list=ROBUST_EPS, steps=cfg.eval_steps, step_size=cfg.step_size,
+                             multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, "final-eval")))
+    _write_json(run_dir / METRICS_JSON, {
+        "metric": "mAP" if multilabel else "accuracy",
+        "clean_acc": final["clean"],
+        "robust_acc": {k: v for k, v in final.items() if k != "clean"},
+        "attack": {"name": "pgd", "steps": cfg.eval_steps, "step_size": format_eps(cfg.step_size),
+                   "random_start": True, "loss": "bce" if multilabel else "ce"},
+        "eval_split": eval_split,
+        "eval_samples": eval_data.n,
+        "epochs": cfg.epochs,
+        "method": cfg.method,
+        "model": cfg.model,
+        "maps": list(maps),
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(sum(r["seconds"] for r in history), 3),
+    })
+    log(f"wrote {run_dir}: clean {final['clean']:.4f}, "
+        + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k in ("pgd@2/255", "pgd@8/255")))
+    return run_dir
