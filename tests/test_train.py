@@ -374,7 +374,7 @@ def test_config_defaults_are_pinned() -> None:
     """Changing a default changes what `sattrain run` computes: make it a reviewed act."""
     cfg = TrainConfig(store="s").resolved()
     assert (cfg.method, cfg.model, cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr) == \
-        ("standard", "small-cnn", 100, 128, "adam", 1e-3)
+        ("sat", "small-cnn", 100, 128, "adam", 1e-3)
     assert (cfg.eps0, cfg.alpha, cfg.eps, cfg.steps, cfg.step_size) == (8 / 255, 0.6, 8 / 255, 5, 2 / 255)
     assert (cfg.beta, cfg.augment, cfg.device, cfg.amp, cfg.seed, cfg.eval_samples, cfg.eval_steps) == \
         (None, True, "auto", False, 0, 512, 5)
