@@ -7,13 +7,13 @@ are printed on one line with a non-zero exit.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from satdata import __version__
+from satdata.clikit import run_cli
 from satdata.errors import SatkitError
 
 EPILOG_BUILD = """\b
@@ -33,17 +33,6 @@ Examples:
   satdata build --source voc-boxes --root VOCdevkit --out voc.zarr --workers 2
   satdata build --manifest manifests/voc2012-boxes.json --root VOCdevkit --out voc.zarr
 """
-
-
-def run_cli(fn: Callable[[], Any]) -> Any:
-    """Turn satkit's own errors into one-line messages and exit code 1."""
-    try:
-        return fn()
-    except SatkitError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
 
 import click
+
+from satdata.clikit import run_cli
 
 # The names of satdata.saliency.METHODS (kept here so the CLI does not import torch to
 # build its help; tests/test_saliency.py checks the two agree).
 METHOD_NAMES = ("gradcampp", "gradcam", "gbp", "smoothgrad", "guided-gradcampp")
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    from satdata.cli import run_cli
-
-    return run_cli(fn)
 
 
 def _split_list(text: str | None) -> tuple[str, ...] | None:
@@ -94,7 +89,7 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
                    f"{'s' if mi.channels > 1 else ''}{layer_txt}) for {counts} on {res.device} in {res.seconds:.1f} s"
                    + (f"; teacher accuracy {acc}" if acc else ""))
 
-    _run(go)
+    run_cli(go)
 
 
 @click.command("compare")
@@ -119,7 +114,7 @@ def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold
         c = compare_maps(open_store(store), map_a, map_b, splits=_split_list(split), threshold=threshold)
         click.echo(json.dumps(c.to_json(), indent=2) if as_json else c.format())
 
-    _run(go)
+    run_cli(go)
 
 
 @click.command("export")
@@ -144,7 +139,7 @@ def export_cmd(store: str, out: Path, splits: str | None, maps: str | None, over
         shown = map_list if map_list is not None else sorted(st.info.maps)
         click.echo(f"wrote {path}: {counts} (maps: {', '.join(shown) or 'none'})")
 
-    _run(go)
+    run_cli(go)
 
 
 __all__ = ["METHOD_NAMES", "compare_cmd", "export_cmd", "saliency_cmd"]

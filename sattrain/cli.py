@@ -6,28 +6,17 @@ for `run`); errors a user can fix are printed on one line with exit status 1.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from satdata.clikit import run_cli
 from satdata.errors import SatkitError
 from sattrain import __version__
 from sattrain.config import DEFAULT_MEMORY_BUDGET, TrainConfig, parse_eps, parse_size_bytes
 from sattrain.methods import get_method, method_names
 from sattrain.models import model_names, model_summary
-
-
-def run_cli(fn: Callable[[], Any]) -> Any:
-    """Turn satkit's own errors into one-line messages and exit code 1."""
-    try:
-        return fn()
-    except SatkitError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: the run directory keeps the last finished epoch; continue with --resume", err=True)
-        sys.exit(130)
 
 
 def _eps(option: str) -> Callable[[click.Context, click.Parameter, Any], float | None]:
@@ -164,7 +153,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
         )
         train(cfg, log=lambda msg: click.echo(msg, err=True))
 
-    run_cli(go)
+    run_cli(go, interrupted="interrupted: the run directory keeps the last finished epoch; continue with --resume")
 
 
 # `sattrain eval` and `sattrain report` live in their own module; add them where present.

@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
 
 import click
 
+from satdata.clikit import run_cli
 from satdata.errors import SatkitError
 
 EPILOG_EVAL = """\b
@@ -32,17 +31,6 @@ Attacks (--attacks, comma-separated; clean accuracy is always measured):
   distortions  contrast 0.1..1, low-pass and high-pass filtering
 Multi-label stores are scored by mAP instead of accuracy.
 """
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    """satkit's own errors become one-line click errors (exit 1)."""
-    try:
-        return fn()
-    except SatkitError as e:
-        raise click.ClickException(str(e)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
 
 
 def parse_eps_list(text: str, option: str = "--eps") -> list[float]:
@@ -121,7 +109,7 @@ def eval_cmd(
         else:
             click.echo(format_table(result))
 
-    _run(go)
+    run_cli(go)
 
 
 @click.command("report", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -136,5 +124,5 @@ def report_cmd(run_dirs: tuple[Path, ...], out: Path) -> None:
     """
     from sattrain.report import write_report
 
-    path = _run(lambda: write_report(list(run_dirs), out))
+    path = run_cli(lambda: write_report(list(run_dirs), out))
     click.echo(f"wrote {path}")

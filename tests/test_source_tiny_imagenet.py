@@ -180,7 +180,7 @@ BAD_CASES = {
         lambda r: f"{r / 'val' / 'val_annotations.txt'}:4: val_0.JPEG listed twice (first at line 1)"),
     "image without a line": (
         lambda r: _edit_line(_boxes_file(r, 2), 1, None),
-        lambda r: "has no box in n03444034_boxes.txt"),
+        lambda r: "has no line in n03444034_boxes.txt"),
 }
 
 

@@ -165,6 +165,37 @@ class TinyImageNetBoxes(Source):
     def _record(self, image: Path, label: int, box: tuple[float, float, float, float]) -> Record:
         return Record(id=self._rel(image), label=label, data=(str(image), label, box))
 
+    def _listing(self, img_dir: Path, listing: Path,
+                 lines: list[tuple[int, str, int, list[str] | None]]) -> list[Record]:
+        """Records of one annotation file from its lines: (lineno, file, label, box fields).
+
+        Box fields are None for a line the caller already reported as bad. Every file a
+        line names, good or bad, counts as mentioned (so it is reported once); images on
+        disk that no line mentions are bad samples too.
+        """
+        on_disk = {p.name for p in img_dir.iterdir() if not p.name.startswith(".")}
+        listed: dict[str, tuple[int, Record]] = {}
+        for lineno, fname, label, box_fields in lines:
+            if box_fields is None:
+                continue
+            where = f"{listing}:{lineno}"
+            if fname in listed:
+                self.bad(where, f"{fname} listed twice (first at line {listed[fname][0]})")
+                continue
+            box = parse_box(box_fields, where)
+            if isinstance(box, str):
+                self.bad(where, box)
+                continue
+            if fname not in on_disk:
+                self.bad(where, f"image {self._rel(img_dir / fname)} is listed but missing")
+                continue
+            listed[fname] = (lineno, self._record(img_dir / fname, label, box))
+        mentioned = {fname for _, fname, _, _ in lines}
+        for fname in sorted(on_disk - mentioned, key=_sort_key):
+            if fname.lower().endswith((".jpeg", ".jpg")):
+                self.bad(img_dir / fname, f"has no line in {listing.name}")
+        return [r for _, r in sorted(listed.values(), key=lambda v: _sort_key(v[1].id))]
+
     def _train_records(self) -> list[Record]:
         train = require_dir(self.base / "train", "train/ directory")
         out: list[Record] = []
@@ -174,65 +205,33 @@ class TinyImageNetBoxes(Source):
             if not boxes_file.is_file():
                 raise SourceError(boxes_file, f"missing: class {wnid} (listed in wnids.txt) has no boxes file")
             img_dir = require_dir(cls_dir / "images", f"images directory of class {wnid}")
-            on_disk = {p.name for p in img_dir.iterdir() if not p.name.startswith(".")}
-            listed: dict[str, tuple[int, Record]] = {}
-            mentioned: set[str] = set()  # named by any line, good or bad: reported once
+            lines: list[tuple[int, str, int, list[str] | None]] = []
             for lineno, fields in self._lines(boxes_file):
-                where = f"{boxes_file}:{lineno}"
-                mentioned.add(fields[0])
+                box_fields: list[str] | None = fields[1:]
                 if len(fields) != 5:
-                    self.bad(where, f"expected 5 tab-separated fields (file x0 y0 x1 y1), got {len(fields)}")
-                    continue
-                fname = fields[0]
-                if fname in listed:
-                    self.bad(where, f"{fname} listed twice (first at line {listed[fname][0]})")
-                    continue
-                box = parse_box(fields[1:], where)
-                if isinstance(box, str):
-                    self.bad(where, box)
-                    continue
-                if fname not in on_disk:
-                    self.bad(where, f"image {self._rel(img_dir / fname)} is listed but missing")
-                    continue
-                listed[fname] = (lineno, self._record(img_dir / fname, label, box))
-            for fname in sorted(on_disk - mentioned, key=_sort_key):
-                if fname.lower().endswith((".jpeg", ".jpg")):
-                    self.bad(img_dir / fname, f"has no box in {boxes_file.name}")
-            out.extend(r for _, r in sorted(listed.values(), key=lambda v: _sort_key(v[1].id)))
+                    self.bad(f"{boxes_file}:{lineno}",
+                             f"expected 5 tab-separated fields (file x0 y0 x1 y1), got {len(fields)}")
+                    box_fields = None
+                lines.append((lineno, fields[0], label, box_fields))
+            out.extend(self._listing(img_dir, boxes_file, lines))
         return out
 
     def _val_records(self) -> list[Record]:
         val = require_dir(self.base / "val", "val/ directory")
         ann = require_file(val / "val_annotations.txt", "val/val_annotations.txt")
         img_dir = require_dir(val / "images", "val/images directory")
-        on_disk = {p.name for p in img_dir.iterdir() if not p.name.startswith(".")}
-        listed: dict[str, tuple[int, Record]] = {}
-        mentioned: set[str] = set()
+        lines: list[tuple[int, str, int, list[str] | None]] = []
         for lineno, fields in self._lines(ann):
             where = f"{ann}:{lineno}"
-            mentioned.add(fields[0])
+            label, box_fields = -1, None
             if len(fields) != 6:
                 self.bad(where, f"expected 6 tab-separated fields (file wnid x0 y0 x1 y1), got {len(fields)}")
-                continue
-            fname, wnid = fields[0], fields[1]
-            if wnid not in self._index:
-                self.bad(where, f"unknown wnid {wnid!r} (not in wnids.txt)")
-                continue
-            if fname in listed:
-                self.bad(where, f"{fname} listed twice (first at line {listed[fname][0]})")
-                continue
-            box = parse_box(fields[2:], where)
-            if isinstance(box, str):
-                self.bad(where, box)
-                continue
-            if fname not in on_disk:
-                self.bad(where, f"image {self._rel(img_dir / fname)} is listed but missing")
-                continue
-            listed[fname] = (lineno, self._record(img_dir / fname, self._index[wnid], box))
-        for fname in sorted(on_disk - mentioned, key=_sort_key):
-            if fname.lower().endswith((".jpeg", ".jpg")):
-                self.bad(img_dir / fname, f"has no line in {ann.name}")
-        return [r for _, r in sorted(listed.values(), key=lambda v: _sort_key(v[1].id))]
+            elif fields[1] not in self._index:
+                self.bad(where, f"unknown wnid {fields[1]!r} (not in wnids.txt)")
+            else:
+                label, box_fields = self._index[fields[1]], fields[2:]
+            lines.append((lineno, fields[0], label, box_fields))
+        return self._listing(img_dir, ann, lines)
 
     @staticmethod
     def _lines(path: Path) -> list[tuple[int, list[str]]]:
