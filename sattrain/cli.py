@@ -119,7 +119,7 @@ def main() -> None:
               help="Continue the run in --out from its last checkpoint (same options; --epochs may grow).")
 @click.option("--train-samples", type=click.IntRange(min=2), default=None,
               help="Train on a random subset of this many samples (seeded), for quick runs.")
-@click.option("--eval-samples", type=click.IntRange(min=0), default=512, show_default=True,
+@click.option("--eval-samples", type=click.IntRange(min=0), default=256, show_default=True,
               help="Size of the fixed held-out subset evaluated each epoch and at the end (0: the whole split).")
 @click.option("--eval-split", default=None, help="Held-out split.  [default: val if present, else test]")
 @click.option("--eval-steps", type=click.IntRange(min=0), default=5, show_default=True,

@@ -114,7 +114,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     train_samples: int | None = None  # None: the whole train split
-    eval_samples: int = 512  # 0: the whole held-out split
+    eval_samples: int = 256  # 0: the whole held-out split
     eval_split: str | None = None  # None: val if the store has it, else test
     eval_steps: int = 5  # PGD steps of the held-out evaluation (SAT.md protocol)
     memory_budget: int = DEFAULT_MEMORY_BUDGET

@@ -377,7 +377,7 @@ def test_config_defaults_are_pinned() -> None:
         ("sat", "small-cnn", 100, 128, "adam", 1e-3)
     assert (cfg.eps0, cfg.alpha, cfg.eps, cfg.steps, cfg.step_size) == (8 / 255, 0.6, 8 / 255, 5, 2 / 255)
     assert (cfg.beta, cfg.augment, cfg.device, cfg.amp, cfg.seed, cfg.eval_samples, cfg.eval_steps) == \
-        (None, True, "auto", False, 0, 512, 5)
+        (None, True, "auto", False, 0, 256, 5)
     assert TrainConfig(store="s", method="trades").resolved().beta == 6.0
     assert TrainConfig(store="s", method="trades+sat").resolved().beta == 1.0
     assert TrainConfig(store="s", method="trades+noise").resolved().beta == 1.0
