@@ -1,0 +1,126 @@
+"""Helpers shared by the bench/ scripts: the machine they ran on, robust timing, JSON out.
+
+Every bench script prints one JSON object (and may write it to ``--json``); the
+``machine`` block below goes into each, so a number is never separated from the CPU,
+core count and library versions that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, load, accelerator and versions of the libraries the numbers depend on."""
+    import numpy as np
+    import torch
+    import zarr
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "zarr": zarr.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import h5py
+
+        info["h5py"] = h5py.__version__
+    except ImportError:
+        info["h5py"] = None
+    return info
+
+
+def timed(fn: Callable[[], Any], repeats: int, *, warmup: int = 0, sync: Callable[[], None] | None = None) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones.
+
+    ``sync`` (e.g. torch.cuda.synchronize) runs before each clock read, so queued device
+    work is counted in the call that queued it.
+    """
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def spread(xs: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value), min and max of ``xs``."""
+    xs = [float(x) for x in xs]
+    return {
+        "mean": statistics.fmean(xs),
+        "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
+
+
+def emit(result: dict[str, Any], path: Path | None) -> None:
+    """Print ``result`` as JSON; also write it to ``path`` when given (parents created)."""
+    text = json.dumps(result, indent=2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    print(text)
+
+
+def drop_page_cache(path: Path) -> bool:
+    """Ask the kernel to forget ``path``'s cached pages (posix_fadvise DONTNEED), file by file.
+
+    Only clean pages are dropped and nothing needs root; returns False where the call is
+    unavailable. Used so "load from disk" numbers are not just memory copies, as far as
+    an unprivileged process can arrange.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True

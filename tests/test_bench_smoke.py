@@ -1,0 +1,116 @@
+"""Smoke tests of the bench/ scripts: each runs end to end at tiny sizes and prints its JSON.
+
+They check that the scripts work and report what BENCHMARKS.md reads from them (keys,
+ratios consistent with the raw numbers, goals with flags); they never assert a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, tmp_path: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 0, f"bench/{script} failed:\n{r.stderr[-3000:]}"
+    return json.loads(r.stdout)
+
+
+def test_read_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "read.json"
+    res = run_bench("read.py", "--samples", "2048", "--repeats", "1", "--zarr-batches", "1", "--loader-workers", "0",
+                    "--batch-size", "64", "--memory-budget", "2M", "--data", str(tmp_path / "data"), "--json", str(out), tmp_path=tmp_path)
+    assert json.loads(out.read_text()) == res
+    assert res["benchmark"] == "read" and res["samples"] == 2048 and res["batch_size"] == 64
+    expected = {"numpy_in_memory", "satkit_in_memory", "satkit_in_memory_prepared", "satkit_streaming", "npy_memmap",
+                "h5py_chunked", "zarr_per_sample", "torch_dataloader_0_workers"}
+    assert set(res["batches"]) == expected
+    limit = res["batches"]["numpy_in_memory"]["batches_per_s"]
+    for name, v in res["batches"].items():
+        assert v["batches_per_s"] > 0, name
+        assert math.isclose(v["vs_limit"], v["batches_per_s"] / limit, rel_tol=1e-2, abs_tol=1e-3), name
+    assert res["batches"]["zarr_per_sample"]["extrapolated"] is True
+    # the streaming contender really streamed: the budget forces blocks smaller than the split
+    assert res["batches"]["satkit_streaming"]["block_samples"] < 2048
+    for key in ("satkit_open_and_load", "raw_np_load", "raw_np_fromfile"):
+        assert res["load_seconds_cold"][key] > 0 and res["load_seconds_warm"][key] > 0
+    goals = res["goals"]
+    assert set(goals) == {"in_memory_vs_limit", "load_vs_raw_cold", "load_vs_raw_warm"}
+    assert all(isinstance(g["goal_met"], bool) for g in goals.values())
+    assert res["goal_met"] == all(g["goal_met"] for g in goals.values())
+    assert res["bytes"]["raw"] == 2048 * (32 * 32 * 4 + 8)
+    assert res["machine"]["cpus"] >= 1 and res["machine"]["zarr"]
+
+
+def test_step_smoke(tmp_path: Path) -> None:
+    res = run_bench("step.py", "--methods", "standard,sat,pgd,pgd+sat", "--steps", "2", "--repeats", "1",
+                    "--batch-size", "8", "--image-size", "16", "--threads", "1", tmp_path=tmp_path)
+    assert res["benchmark"] == "step" and res["device"] == "cpu" and res["amp"] is False
+    assert set(res["results"]) == {"standard", "sat", "pgd", "pgd+sat", "sat_device", "sat_host_numpy"}
+    assert res["results"]["standard"]["vs_standard"] == 1.0
+    for name, v in res["results"].items():
+        assert v["ms_per_step"] > 0 and v["repeats"] == 1, name
+    assert res["results"]["pgd"]["attack_share"] == 1.0
+    assert res["results"]["sat"]["attack_share"] == 0.0
+    assert 0.0 <= res["results"]["pgd+sat"]["attack_share"] <= 1.0
+    assert set(res["goals"]) == {"sat_vs_standard", "pgd+sat_position", "sat_device_vs_host_numpy"}
+    assert res["perturbation_only"]["device_ms"] > 0 and res["perturbation_only"]["host_numpy_and_copy_ms"] > 0
+
+
+def test_step_rejects_unknown_method(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--methods", "standard,nope", "--steps", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and "nope" in r.stderr
+
+
+def test_evidence_smoke(tmp_path: Path) -> None:
+    out, md, png = tmp_path / "ev.json", tmp_path / "ev.md", tmp_path / "ev.png"
+    res = run_bench("evidence.py", "--epochs", "1", "--seeds", "0,1", "--configs", "standard,sat-ink,sat-gcpp-std",
+                    "--train-samples", "64", "--eval-samples", "32", "--eps", "2/255,8/255", "--workers", "1",
+                    "--work", str(tmp_path / "work"), "--json", str(out), "--markdown", str(md), "--plot", str(png),
+                    tmp_path=tmp_path)
+    assert json.loads(out.read_text()) == res
+    assert set(res["table"]) == {"standard", "sat-ink", "sat-gcpp-std"}
+    assert res["eps"] == ["2/255", "8/255"]
+    for name, row in res["table"].items():
+        assert row["clean"]["n"] == 2 and 0 <= row["clean"]["mean"] <= 1, name
+        for k in ("2/255", "8/255"):
+            assert row["pgd"][k]["mean"] <= row["clean"]["mean"] + 1e-9, name
+        assert row["train_seconds_per_epoch"]["mean"] > 0
+    assert res["table"]["standard"]["final_p_t"] is None
+    assert res["table"]["sat-ink"]["final_p_t"] == 0.0  # epoch 0 of the curriculum: pure noise
+    assert len(res["runs"]) == 6 and {r["seed"] for r in res["runs"]} == {0, 1}
+    # the teacher's Grad-CAM++ map was added by `satdata saliency` and scored against the ink
+    assert "gcpp_std" in res["teachers"] and "pointing" in res["teachers"]["gcpp_std"]["compare_vs_ink"]
+    claims = {(c["a"], c["b"]) for c in res["claims"]}
+    assert ("sat-ink", "standard") in claims
+    assert "| sat-ink" in md.read_text() and png.stat().st_size > 0
+    assert any(c.startswith("satdata saliency ") for c in res["commands"])
+    assert any(c.startswith("sattrain run ") and "--method standard" in c for c in res["commands"])  # the teacher
+    # finished runs are reused: a second invocation trains nothing
+    evals = sorted((tmp_path / "work" / "runs").glob("*/eval.json"))
+    assert len(evals) == 6
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    res2 = run_bench("evidence.py", "--epochs", "1", "--seeds", "0,1", "--configs", "standard,sat-ink,sat-gcpp-std",
+                     "--train-samples", "64", "--eval-samples", "32", "--eps", "2/255,8/255", "--workers", "1",
+                     "--work", str(tmp_path / "work"), "--json", str(out), "--markdown", str(md), "--plot", str(png),
+                     tmp_path=tmp_path)
+    assert res2["table"]["standard"]["clean"] == res["table"]["standard"]["clean"]
+    assert "teachers" not in res2["seconds"]
+    assert [p.stat().st_mtime_ns for p in evals] == stamps
+
+
+@pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py"])
+def test_help(script: str) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "usage" in r.stdout.lower()
