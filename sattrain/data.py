@@ -29,6 +29,7 @@ from __future__ import annotations
 import queue
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from satdata.errors import SatkitError
-from satdata.store import Store, iter_chunks
+from satdata.store import Store, iter_chunks, read_rows_into
 
 CROP_PADDING = 4
 # Reads go in slabs of whole chunks of about this many bytes: large enough that zarr reads
@@ -161,15 +162,19 @@ def crop_flip(
         col_base = torch.where(flips, (w - 1) - ar_w, ar_w)
     else:
         col_base = ar_w.expand(b, w)
+    hp, wp = h + 2 * padding, w + 2 * padding
     rows = (oy + ar_h)[:, :, None]  # (B, H, 1), indices into the padded image
     cols = (ox + col_base)[:, None, :]  # (B, 1, W)
     bidx = torch.arange(b, device=dev)[:, None, None]
+    # One flat row index per output pixel: a single index_select per tensor (several times
+    # faster than advanced indexing padded[bidx, rows, cols] for uint8 on the CPU).
+    flat = ((bidx * hp + rows) * wp + cols).reshape(-1)
 
     def apply(t: torch.Tensor) -> torch.Tensor:
         squeeze = t.dim() == 3
         t4 = t.unsqueeze(-1) if squeeze else t
         padded = F.pad(t4, (0, 0, padding, padding, padding, padding))
-        out = padded[bidx, rows, cols]  # (B, H, W, C)
+        out = padded.reshape(b * hp * wp, t4.shape[-1]).index_select(0, flat).reshape(b, h, w, t4.shape[-1])
         return out.squeeze(-1) if squeeze else out
 
     return apply(images), (apply(maps) if maps is not None else None)
@@ -206,8 +211,11 @@ def read_rows(arr: Any, indices: np.ndarray, bar: Any = None) -> np.ndarray:
     for a, b in _slabs(arr):
         lo, hi = np.searchsorted(indices, [a, b])
         if hi > lo:
-            slab = np.asarray(arr[a:b])
-            out[pos : pos + (hi - lo)] = slab[indices[lo:hi] - a]
+            if hi - lo == b - a:  # every row of the slab is wanted: read straight into out
+                read_rows_into(arr, a, b, out[pos : pos + (hi - lo)])
+            else:
+                slab = np.asarray(arr[a:b])
+                np.take(slab, indices[lo:hi] - a, axis=0, out=out[pos : pos + (hi - lo)])
             pos += hi - lo
         if bar is not None:
             bar.update((b - a) * row_bytes)
@@ -264,7 +272,17 @@ def load_split(store: Store, split: str, maps: Sequence[str], indices: np.ndarra
     zarrs = [store.array(split, f, m) for f, m in arrays]
     total = sum(int(np.prod(a.shape, dtype=np.int64)) * a.dtype.itemsize for a in zarrs)
     with _progress(total, f"load {split}", progress) as bar:
-        data = [read_rows(a, indices, bar) for a in zarrs]
+        # One thread per array: images are disk/memory bound, compressed maps are
+        # decompressed by codecs that release the GIL, so the two overlap.
+        lock = threading.Lock()
+
+        class _Bar:
+            def update(self, n: int) -> None:
+                with lock:
+                    bar.update(n)
+
+        with ThreadPoolExecutor(max_workers=len(zarrs), thread_name_prefix="sattrain-load") as pool:
+            data = list(pool.map(lambda a: read_rows(a, indices, _Bar()), zarrs))
     return HostSplit(split, indices, data[0], data[1], {m: d for m, d in zip(maps, data[2:])})
 
 
@@ -344,7 +362,10 @@ class InMemorySplit:
             idx = perm[start : start + batch_size]
             if idx.shape[0] < 2:
                 break
-            raw = RawBatch(self.images[idx], self.labels[idx], m[idx] if m is not None else None)
+            # index_select, not t[idx]: torch's advanced-indexing kernel is several times
+            # slower for uint8 rows on the CPU (bench/read.py).
+            raw = RawBatch(self.images.index_select(0, idx), self.labels.index_select(0, idx),
+                           m.index_select(0, idx) if m is not None else None)
             if self.storage != self.device:
                 raw = RawBatch(*(t.to(self.device, non_blocking=True) if t is not None else None for t in raw))
             yield raw
@@ -445,9 +466,10 @@ class StreamingSplit:
                 if isinstance(item, BaseException):
                     raise SatkitError(f"{self.store.path}: reading split {self.split} failed ({type(item).__name__}: {item})")
                 images, positions, maps = item
-                images = images.to(self.device, non_blocking=True)[perm.to(self.device)]
-                labels = self.labels[positions[perm]].to(self.device, non_blocking=True)
-                maps = maps.to(self.device, non_blocking=True)[perm.to(self.device)] if maps is not None else None
+                dperm = perm.to(self.device)
+                images = images.to(self.device, non_blocking=True).index_select(0, dperm)
+                labels = self.labels.index_select(0, positions.index_select(0, perm)).to(self.device, non_blocking=True)
+                maps = maps.to(self.device, non_blocking=True).index_select(0, dperm) if maps is not None else None
                 if carry is not None:
                     images = torch.cat([carry[0], images])
                     labels = torch.cat([carry[1], labels])
