@@ -73,7 +73,7 @@ def test_every_method_trains_and_writes_its_run(method: str, digits_store: Path,
             assert share == 0.0
 
     final = json.loads((out / "metrics.json").read_text())
-    assert list(final["robust_acc"]) == [f"pgd@{k}/255" for k in range(1, 9)]
+    assert list(final["robust_acc"]) == [f"pgd@{k}/255" for k in (1, 2, 4, 8)]
     assert all(0 <= v <= final["clean_acc"] <= 1 for v in final["robust_acc"].values())
     assert final["eval_split"] == "test" and final["eval_samples"] == 32 and final["metric"] == "accuracy"
 
