@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, emit, machine, spread  # noqa: E402
+from _common import RESULTS, emit, machine, spread  # noqa: E402
 
 PAPER_EPOCHS = 100
 DEFAULT_ALPHA = 0.6

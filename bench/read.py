@@ -34,7 +34,6 @@ satkit in memory >= 0.8x the numpy limit; loading within 2x of the raw read.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.store import SPLIT_ORDER, MapInfo, Store
+from satdata.store import MapInfo, Store
 
 BLOCK = 4096  # samples scored at a time (bounds float memory)
 
@@ -166,12 +166,7 @@ def compare_maps(store: Store, map_a: str, map_b: str, *, splits: Sequence[str] 
             raise SatkitError(f"{flag}: {store.path} has no map {name!r} (maps: {known})")
     if not 0.0 <= threshold <= 1.0:
         raise SatkitError(f"--threshold: must be in [0, 1], got {threshold}")
-    order = sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99))
-    if splits:
-        for s in splits:
-            if s not in info.splits:
-                raise SatkitError(f"--split: {store.path} has no split {s!r} (it has: {', '.join(order)})")
-        order = [s for s in order if s in splits]
+    order = store.select_splits(splits, "--split")
     a_info, b_info = info.maps[map_a], info.maps[map_b]
     out: dict[str, SplitComparison] = {}
     for split in order:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.store import SPLIT_ORDER, Store, iter_chunks
+from satdata.store import Store, iter_chunks
 
 H5_VERSION = 1  # the layout version satdata.sources.h5 documents
 # Maps and labels compress many times; gzip is in every HDF5 build, so any reader opens them.
@@ -42,12 +42,7 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
             raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
         if not out.is_file():
             raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
-    order = sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99))
-    if splits:
-        for s in splits:
-            if s not in info.splits:
-                raise SatkitError(f"--splits: {store.path} has no split {s!r} (it has: {', '.join(order)})")
-        order = [s for s in order if s in splits]
+    order = store.select_splits(splits)
     names = sorted(info.maps)
     if maps is not None:
         for m in maps:

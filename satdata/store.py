@@ -33,7 +33,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -335,6 +335,14 @@ class Store:
             read_rows_into(arr, 0, arr.shape[0], out)
             return out
         return np.asarray(arr[...])
+
+    def select_splits(self, splits: Sequence[str] | None, option: str = "--splits") -> list[str]:
+        """The store's splits in canonical order, or those of ``splits`` (each must exist)."""
+        order = sorted(self.info.splits, key=lambda s: SPLIT_ORDER.get(s, 99))
+        for s in splits or ():
+            if s not in self.info.splits:
+                raise StoreError(f"{option}: {self.path} has no split {s!r} (it has: {', '.join(order)})")
+        return [s for s in order if not splits or s in splits]
 
     def has_boxes(self, split: str) -> bool:
         return array_path(split, "boxes") in self.info.digests

@@ -19,7 +19,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 
@@ -219,6 +220,21 @@ def _draft(im: Any) -> None:
         im.draft("RGB", (2 * rw, 2 * rh))
 
 
+@contextmanager
+def pil_errors(path: Path, what: str) -> Iterator[None]:
+    """Turn PIL's errors while opening/decoding ``path`` into one-line SourceErrors."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        yield
+    except FileNotFoundError:
+        raise SourceError(path, f"{what} file is missing") from None
+    except UnidentifiedImageError:
+        raise SourceError(path, f"not a readable {what} (unknown or damaged format)") from None
+    except OSError as e:
+        raise SourceError(path, f"{what} is truncated or damaged ({e})") from None
+
+
 def read_image(path: Path) -> np.ndarray:
     """Decode an image file to (h, w, 3) uint8 RGB, or raise SourceError naming it.
 
@@ -226,9 +242,9 @@ def read_image(path: Path) -> np.ndarray:
     a build, a large JPEG may come back decoded at reduced scale as a ``SourceImage``;
     use ``image_hw`` for its size on disk.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
+    with pil_errors(path, "image"):
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
@@ -238,12 +254,6 @@ def read_image(path: Path) -> np.ndarray:
                 if im.mode != "RGB":
                     im = im.convert("RGB")
                 arr = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise SourceError(path, "image file is missing") from None
-    except UnidentifiedImageError:
-        raise SourceError(path, "not a readable image (unknown or damaged format)") from None
-    except OSError as e:
-        raise SourceError(path, f"image is truncated or damaged ({e})") from None
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise SourceError(path, f"image has no pixels (shape {arr.shape})")
     arr = np.ascontiguousarray(arr)
@@ -255,21 +265,15 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_png_indices(path: Path) -> np.ndarray:
     """Read a palette (or greyscale) PNG as its raw (h, w) indices, without colour mapping."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
+    with pil_errors(path, "mask"):
         with Image.open(path) as im:
             im.load()
             if im.mode in ("P", "L", "1", "I", "I;16"):
                 arr = np.asarray(im)
             else:
                 arr = np.asarray(im.convert("L"))
-    except FileNotFoundError:
-        raise SourceError(path, "mask file is missing") from None
-    except UnidentifiedImageError:
-        raise SourceError(path, "not a readable mask image") from None
-    except OSError as e:
-        raise SourceError(path, f"mask is truncated or damaged ({e})") from None
     return np.ascontiguousarray(arr)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from satdata.errors import SourceError
 from satdata.sources._base import (
+    pil_errors,
     BadSamples,
     Decoded,
     MapSpec,
@@ -51,9 +52,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 def read_object_mask(path: Path) -> np.ndarray:
     """(h, w) 0/1 uint8 from a mask PNG: 1 wherever the stored value is non-zero."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
+    with pil_errors(path, "mask"):
         with Image.open(path) as im:
             im.load()
             if im.mode in ("P", "L", "1", "I", "I;16", "I;16B", "F", "LA", "PA"):
@@ -62,12 +63,6 @@ def read_object_mask(path: Path) -> np.ndarray:
                     arr = arr[:, :, 0]
             else:
                 arr = np.asarray(im.convert("RGB")).max(axis=2)
-    except FileNotFoundError:
-        raise SourceError(path, "mask file is missing") from None
-    except UnidentifiedImageError:
-        raise SourceError(path, "not a readable mask image") from None
-    except OSError as e:
-        raise SourceError(path, f"mask is truncated or damaged ({e})") from None
     return (arr != 0).astype(np.uint8)
 
 
