@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -83,7 +84,7 @@ class BadSamples:
         self.items.append((str(path), problem))
 
 
-class Source:
+class Source(ABC):
     """Base class of the dataset readers."""
 
     name: ClassVar[str] = ""
@@ -101,14 +102,17 @@ class Source:
         # builder writes them into the store's provenance and prints them.
         self.notes: dict[str, dict[str, Any]] = {}
 
+    @abstractmethod
     def available_splits(self) -> list[str]:
-        raise NotImplementedError
+        """The store splits (train/val/test) this dataset on disk has."""
 
+    @abstractmethod
     def records(self, split: str) -> list[Record]:
-        raise NotImplementedError
+        """Parse a split's annotations (main process); bad samples go to ``self.bad``."""
 
+    @abstractmethod
     def decode(self, record: Record) -> Decoded:
-        raise NotImplementedError
+        """Read one sample's image and masks (worker process); raise SourceError naming the file."""
 
     @property
     def dataset(self) -> str:
