@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from satdata.errors import SatkitError
+from sattrain.device import resolve_device
 
 TARGET_RULES = ("predicted", "label")
 SMOOTHGRAD_SAMPLES = 10
@@ -542,18 +543,6 @@ class SaliencyResult:
     cam_layer: CamLayer | None
     seconds: float
     teacher_accuracy: dict[str, float]
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SatkitError(f"--device {device}: no CUDA device is available (use cpu or auto)")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise SatkitError(f"--device: {device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
 
 
 def _check_teacher(teacher: Any, info: Any, rule: str, where: str, log: Callable[[str], None]) -> None:

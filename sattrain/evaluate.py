@@ -49,7 +49,10 @@ from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain.attacks import cw_l2, pgd
 from sattrain.checkpoint import CHECKPOINT_NAME, load_model, resolve_checkpoint
+from sattrain.config import format_eps
+from sattrain.device import resolve_device
 from sattrain.distortions import DISTORTIONS, default_levels
+from sattrain.metrics import average_precision, mean_average_precision
 
 __all__ = [
     "evaluate",
@@ -124,27 +127,6 @@ class EvalConfig:
 # --------------------------------------------------------------------------- small helpers
 
 
-def format_eps(eps: float) -> str:
-    """'8/255' when eps is a whole number of grey levels, else a short decimal."""
-    k = eps * 255
-    if abs(k - round(k)) < 1e-6:
-        return f"{int(round(k))}/255"
-    return f"{eps:.6g}"
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else must be a valid, present device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SatkitError(f"--device: not a device: {device!r} (use auto, cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SatkitError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return dev
-
-
 def _default_out(target: str | Path) -> Path:
     """RUN_DIR/eval.json for a run dir or its checkpoint.pt; NAME.eval.json beside any other checkpoint."""
     p = Path(target)
@@ -159,38 +141,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- mAP
-
-
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Average precision of one class: sum over thresholds of (R_n - R_{n-1}) * P_n.
-
-    The same non-interpolated definition as scikit-learn's ``average_precision_score``
-    (ties in the scores share one threshold). NaN when the class has no positive sample.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets) > 0
-    n_pos = int(targets.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    s, t = scores[order], targets[order]
-    tps = np.cumsum(t)
-    fps = np.cumsum(~t)
-    # The last index of each run of equal scores is where a threshold takes effect.
-    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-    precision = tps[last] / (tps[last] + fps[last])
-    recall = tps[last] / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """mAP over the classes that have at least one positive sample (NaN if none has)."""
-    aps = [average_precision(scores[:, k], targets[:, k]) for k in range(targets.shape[1])]
-    aps = [a for a in aps if not math.isnan(a)]
-    return float(np.mean(aps)) if aps else float("nan")
 
 
 # --------------------------------------------------------------------------- AutoAttack

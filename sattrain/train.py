@@ -51,6 +51,8 @@ from satdata.store import Store, open_store, store_digest
 from sattrain import __version__
 from sattrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from sattrain.config import TrainConfig, format_eps, resume_mismatches
+from sattrain.device import resolve_device
+from sattrain.metrics import mean_average_precision
 from sattrain.data import (
     EvalSplit,
     InMemorySplit,
@@ -95,15 +97,6 @@ Log = Callable[[str], None]
 # --------------------------------------------------------------------------- environment
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available, else cpu; a CUDA request without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SatkitError(f"--device {name}: CUDA is not available to this torch ({torch.__version__}); use --device cpu")
-    return torch.device(name)
-
-
 def git_revision() -> dict[str, Any] | None:
     """The satkit source's git commit and whether it had uncommitted changes (None outside git)."""
     here = Path(__file__).resolve().parent
@@ -144,26 +137,6 @@ def default_run_dir(cfg: TrainConfig, dataset: str) -> Path:
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean over classes (with at least one positive) of the average precision.
-
-    AP of a class = mean, over its positives, of the precision at that positive's rank
-    when samples are sorted by decreasing score (the usual non-interpolated AP).
-    """
-    scores = scores.float()
-    targets = (targets > 0.5).float()
-    order = scores.argsort(dim=0, descending=True)
-    t = targets.gather(0, order)
-    ranks = torch.arange(1, t.shape[0] + 1, device=t.device, dtype=torch.float32)[:, None]
-    precision = t.cumsum(0) / ranks
-    positives = t.sum(0)
-    has = positives > 0
-    if not bool(has.any()):
-        return float("nan")
-    ap = (precision * t).sum(0)[has] / positives[has]
-    return float(ap.mean())
 
 
 def evaluate_heldout(
