@@ -47,6 +47,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: str | Path, obj: Any, *, allow_nan: bool = True) -> None:
+    """Write a run directory's JSON file aside, then rename it into place (no torn files)."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n")
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely (weights_only=True); raises SatkitError naming the file."""
     p = resolve_checkpoint(path)

@@ -29,9 +29,7 @@ warns (as torchvision's reference scripts do) that the numbers cover part of the
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
 import time
 import warnings
@@ -48,7 +46,7 @@ from sattrain import __version__ as SATTRAIN_VERSION
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain.attacks import cw_l2, pgd
-from sattrain.checkpoint import CHECKPOINT_NAME, load_model, resolve_checkpoint
+from sattrain.checkpoint import CHECKPOINT_NAME, load_model, resolve_checkpoint, write_json_atomic
 from sattrain.config import format_eps
 from sattrain.device import resolve_device
 from sattrain.distortions import DISTORTIONS, default_levels
@@ -135,12 +133,6 @@ def _default_out(target: str | Path) -> Path:
     if p.name == CHECKPOINT_NAME:
         return p.parent / EVAL_NAME
     return p.with_name(f"{p.stem}.{EVAL_NAME}")
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- AutoAttack
@@ -491,7 +483,7 @@ def evaluate(
     _check_result(full)
     if write:
         dest = Path(out) if out is not None else _default_out(target)
-        _write_json_atomic(dest, full)
+        write_json_atomic(dest, full, allow_nan=False)
         say(f"wrote {dest}")
     return full
 

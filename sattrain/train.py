@@ -30,7 +30,6 @@ error naming the epoch and step.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import random
 import subprocess
@@ -49,7 +48,7 @@ import torch.nn as nn
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain import __version__
-from sattrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from sattrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json_atomic
 from sattrain.config import TrainConfig, format_eps, resume_mismatches
 from sattrain.device import resolve_device
 from sattrain.metrics import mean_average_precision
@@ -308,12 +307,6 @@ def _read_metrics_lines(path: Path, keep_below: int) -> list[dict[str, Any]]:
     return out
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _pick_eval_split(store: Store, requested: str | None) -> str:
     if requested is not None:
         if requested not in store.info.splits:
@@ -417,7 +410,7 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
         f"held-out {eval_split} {eval_data.n:,}; {cfg.method} on {cfg.model}, {device}"
         + (f", maps {', '.join(maps)}" if maps else ""))
 
-    _write_json(run_dir / CONFIG_JSON, {
+    write_json_atomic(run_dir / CONFIG_JSON, {
         "options": cfg.to_json(),
         "resumed_after_epoch": start_epoch if start_epoch else None,
         "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "label_kind": info.label_kind,
@@ -500,7 +493,7 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
 
     final = evaluate_heldout(model, eval_data, eps_list=ROBUST_EPS, steps=cfg.eval_steps, step_size=cfg.step_size,
                              multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, "final-eval")))
-    _write_json(run_dir / METRICS_JSON, {
+    write_json_atomic(run_dir / METRICS_JSON, {
         "metric": "mAP" if multilabel else "accuracy",
         "clean_acc": final["clean"],
         "robust_acc": {k: v for k, v in final.items() if k != "clean"},
