@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -564,7 +564,7 @@ class StoreWriter:
             digests[p] = digest_array(self.group[p])
             if progress is not None:
                 progress(p)
-        info = StoreInfo(**{**info.__dict__, "digests": digests})
+        info = replace(info, digests=digests)
         validate(self.group, info, self.path)
         self.group.attrs[ATTR_KEY] = info.to_json()
         return info

@@ -64,7 +64,8 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None) 
         whole.update(f"{arr.dtype}|{tuple(arr.shape)}|".encode())
         want = rec.get("chunks", [])
         found_chunk_problem = False
-        for i, (a, b) in enumerate(iter_chunks(arr)):
+        chunks = list(iter_chunks(arr))
+        for i, (a, b) in enumerate(chunks):
             try:
                 got = chunk_file_digest(read_chunk_file(arr, i))
                 whole.update(_canonical_bytes(np.asarray(arr[a:b])))
@@ -81,8 +82,8 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None) 
                     f"digest mismatch (recorded {want[i]}, found {got})")
                 rep.problems.append(Problem(path, f"chunk {i} file {what}", a, b))
                 found_chunk_problem = True
-        if not found_chunk_problem and len(want) != len(list(iter_chunks(arr))):
-            rep.problems.append(Problem(path, f"has {len(list(iter_chunks(arr)))} chunks, recorded {len(want)}"))
+        if not found_chunk_problem and len(want) != len(chunks):
+            rep.problems.append(Problem(path, f"has {len(chunks)} chunks, recorded {len(want)}"))
         elif not found_chunk_problem and whole.hexdigest() != rec.get("sha256"):
             rep.problems.append(Problem(path, "sha256 mismatch (shape or dtype changed)"))
     return rep
