@@ -248,6 +248,12 @@ class _RectSource(Source):
     name = "rect-test"
     maps = {"mask": MapSpec(kind="mask"), "box": MapSpec(kind="boxes", from_boxes=True)}
 
+    def available_splits(self) -> list[str]:
+        return ["train"]
+
+    def records(self, split: str) -> list[Record]:
+        return []  # the test hands records to transform() directly
+
     def decode(self, record: Record) -> Decoded:
         hw, rect = record.data
         img, mask = scene_arrays(hw, rect)
