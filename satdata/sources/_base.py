@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -84,7 +83,7 @@ class BadSamples:
         self.items.append((str(path), problem))
 
 
-class Source(ABC):
+class Source:
     """Base class of the dataset readers."""
 
     name: ClassVar[str] = ""
@@ -102,17 +101,14 @@ class Source(ABC):
         # builder writes them into the store's provenance and prints them.
         self.notes: dict[str, dict[str, Any]] = {}
 
-    @abstractmethod
     def available_splits(self) -> list[str]:
-        """The store splits (train/val/test) this dataset on disk has."""
+        raise NotImplementedError
 
-    @abstractmethod
     def records(self, split: str) -> list[Record]:
-        """Parse a split's annotations (main process); bad samples go to ``self.bad``."""
+        raise NotImplementedError
 
-    @abstractmethod
     def decode(self, record: Record) -> Decoded:
-        """Read one sample's image and masks (worker process); raise SourceError naming the file."""
+        raise NotImplementedError
 
     @property
     def dataset(self) -> str:

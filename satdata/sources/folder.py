@@ -32,6 +32,7 @@ import numpy as np
 
 from satdata.errors import SourceError
 from satdata.sources._base import (
+    pil_errors,
     BadSamples,
     Decoded,
     MapSpec,
@@ -39,7 +40,6 @@ from satdata.sources._base import (
     Source,
     SourceOptions,
     check_mask_size,
-    pil_errors,
     read_image,
     register_source,
     require_dir,
