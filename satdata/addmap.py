@@ -5,7 +5,9 @@ The store's 'satkit' attribute is its commit record (satdata.store), so a change
 1. take an exclusive lock on the store directory (``flock``: released by the kernel even
    when the process is killed), and remove what earlier killed runs left behind;
 2. write the new map, for every split, under a fresh array name ``NAME.<8 hex>`` in
-   ``<split>/saliency/``: no attribute mentions it yet, so readers do not see it;
+   ``<split>/saliency/`` (and, for a map with targets, the class each sample's map was
+   computed for under the same name in ``<split>/map_targets/``): no attribute mentions
+   them yet, so readers do not see them;
 3. digest the new arrays and validate the would-be store;
 4. commit: one atomic replace of the root ``zarr.json`` (``satdata.store.write_info``),
    whose MapInfo for NAME now points at the fresh arrays (``MapInfo.array``);
@@ -16,7 +18,8 @@ leaves the store either exactly as it was or fully switched over, and ``satdata 
 passes on both. Leftovers of a killed run (fresh arrays never committed, the arrays of a
 replaced map whose removal was cut short, a ``.zarr.json.tmp-*`` file) are unreferenced
 and are removed by the next change to the store: ``<split>/saliency/`` belongs to
-satkit, and anything there that the attributes do not name is such a leftover.
+satkit, and anything there that the attributes do not name is such a leftover (the
+same holds for ``<split>/map_targets/``).
 
 Only local directory stores can be changed in place (a .zip or URL store cannot be
 committed atomically this way).
@@ -41,6 +44,9 @@ from satdata.errors import SatkitError, StoreError
 from satdata.store import (
     ATTR_KEY,
     SPLIT_ORDER,
+    TARGET_UNKNOWN,
+    TARGETS_DTYPE,
+    TARGETS_GROUP,
     MapInfo,
     Store,
     StoreInfo,
@@ -56,8 +62,9 @@ from satdata.store import (
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-# split -> consecutive blocks of stored values covering the split, in sample order
-Producer = Callable[[str], Iterable[np.ndarray]]
+# split -> consecutive blocks covering the split, in sample order: stored values, or for a
+# map with targets (NewMap.targets) (stored values, target classes) pairs
+Producer = Callable[[str], Iterable["np.ndarray | tuple[np.ndarray, np.ndarray]"]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class NewMap:
     kind: str
     channels: int = 1
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Whether the producer also yields each sample's target class (stored with the map
+    # under <split>/map_targets/, see satdata.store.MapInfo.targets).
+    targets: bool = False
 
 
 def _noop(msg: str) -> None:
@@ -123,22 +133,26 @@ def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:
     Call with the store lock held. Returns the removed paths (relative to the store).
     """
     removed: list[str] = []
-    referenced = {m.array_name for m in info.maps.values()}
+    referenced = {
+        "saliency": {m.array_name for m in info.maps.values()},
+        TARGETS_GROUP: {m.array_name for m in info.maps.values() if m.targets},
+    }
     for split in info.splits:
-        sal = path / split / "saliency"
-        if not sal.is_dir():
-            continue
-        for child in sorted(sal.iterdir()):
-            if child.name == "zarr.json" or child.name in referenced:
+        for group, names in referenced.items():
+            sal = path / split / group
+            if not sal.is_dir():
                 continue
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-            removed.append(f"{split}/saliency/{child.name}")
-        if not info.maps and [c.name for c in sal.iterdir()] in ([], ["zarr.json"]):
-            shutil.rmtree(sal)
-            removed.append(f"{split}/saliency")
+            for child in sorted(sal.iterdir()):
+                if child.name == "zarr.json" or child.name in names:
+                    continue
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+                removed.append(f"{split}/{group}/{child.name}")
+            if not names and [c.name for c in sal.iterdir()] in ([], ["zarr.json"]):
+                shutil.rmtree(sal)
+                removed.append(f"{split}/{group}")
     for tmp in sorted(path.glob(".zarr.json.tmp-*")):
         tmp.unlink()
         removed.append(tmp.name)
@@ -192,15 +206,43 @@ def _fresh_array_name(name: str, info: StoreInfo) -> str:
             return a
 
 
-def _write_split(arr: zarr.Array, blocks: Iterable[np.ndarray], n: int, tail: tuple[int, ...],
-                 dtype: np.dtype, where: str) -> None:
-    """Write consecutive blocks into arr in whole chunks (one writer per chunk)."""
+def _write_split(arr: zarr.Array, blocks: Iterable[Any], n: int, tail: tuple[int, ...],
+                 dtype: np.dtype, where: str, targets: zarr.Array | None = None) -> None:
+    """Write consecutive blocks into arr in whole chunks (one writer per chunk).
+
+    With ``targets`` (an int64 (n,) array), every block is a pair (stored values, target
+    classes) and the targets are written alongside, row for row.
+    """
     chunk = arr.chunks[0]
     pending: list[np.ndarray] = []
+    pending_t: list[np.ndarray] = []
     have = 0
     written = 0
-    for block in blocks:
-        block = np.asarray(block)
+
+    def flush(k: int) -> None:
+        nonlocal pending, pending_t, have, written
+        buf = np.concatenate(pending)
+        arr[written:written + k] = buf[:k]
+        rest = [buf[k:]] if k < len(buf) else []
+        if targets is not None:
+            tbuf = np.concatenate(pending_t)
+            targets[written:written + k] = tbuf[:k]
+            pending_t = [tbuf[k:]] if k < len(tbuf) else []
+        pending = rest
+        written += k
+        have -= k
+
+    for item in blocks:
+        if targets is not None:
+            if not (isinstance(item, tuple) and len(item) == 2):
+                raise SatkitError(f"{where}: a map with targets needs (values, targets) blocks, got {type(item).__name__}")
+            block, tblock = np.asarray(item[0]), np.asarray(item[1])
+            if tblock.shape != (len(block),) or tblock.dtype.kind not in "iu":
+                raise SatkitError(f"{where}: targets of shape {tblock.shape} {tblock.dtype} do not fit "
+                                  f"a block of {len(block)} maps (expected ({len(block)},) integers)")
+            pending_t.append(tblock.astype(TARGETS_DTYPE))
+        else:
+            block = np.asarray(item)
         if block.shape[1:] != tail or block.dtype != dtype:
             raise SatkitError(f"{where}: a block of shape {block.shape} {block.dtype} does not fit "
                               f"a map of shape (N,) + {tail} {dtype}")
@@ -209,15 +251,9 @@ def _write_split(arr: zarr.Array, blocks: Iterable[np.ndarray], n: int, tail: tu
         pending.append(block)
         have += len(block)
         if have >= chunk:
-            buf = np.concatenate(pending)
-            k = (len(buf) // chunk) * chunk
-            arr[written:written + k] = buf[:k]
-            written += k
-            pending = [buf[k:]] if k < len(buf) else []
-            have = len(buf) - k
+            flush((have // chunk) * chunk)
     if have:
-        arr[written:written + have] = np.concatenate(pending)
-        written += have
+        flush(have)
     if written != n:
         raise SatkitError(f"{where}: {written} maps were produced for a split of {n} samples")
 
@@ -237,8 +273,11 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
 
     ``produce(split)`` yields the stored values of the split's samples in order, in
     blocks of any size: (n, H, W) for one channel, (n, H, W, C) otherwise, in the
-    encoding's dtype. ``new.provenance`` is read after every split is written, so a
-    producer may add to it. ``splits`` limits which splits are computed (see
+    encoding's dtype; with ``new.targets`` each block is a pair (values, target classes
+    (n,) ints), and the targets are written with the map, committed in the same step
+    (``<split>/map_targets/``, see ``satdata.store.MapInfo.targets``). Splits kept from
+    a replaced map keep its targets, or get ``TARGET_UNKNOWN`` where it had none.
+    ``new.provenance`` is read after every split is written, so a producer may add to it. ``splits`` limits which splits are computed (see
     ``resolve_splits``); ``overwrite`` allows replacing an existing map of that name.
     See the module docstring for how the change is made atomic.
     """
@@ -256,7 +295,8 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
         compute = resolve_splits(info, new.name, new, splits, overwrite, where)
         old = info.maps.get(new.name)
         array = _fresh_array_name(new.name, info)
-        mi = MapInfo(name=new.name, encoding=new.encoding, kind=new.kind, channels=new.channels, array=array)
+        mi = MapInfo(name=new.name, encoding=new.encoding, kind=new.kind, channels=new.channels, array=array,
+                     targets=new.targets)
         created: list[Path] = []
         made_groups: list[Path] = []
         try:
@@ -273,15 +313,30 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
                 created.append(p / apath)
                 arr = root.create_array(apath, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
                                         compressors=map_compressors(), fill_value=0)
+                tarr = None
+                if new.targets:
+                    tgroup = p / split / TARGETS_GROUP
+                    if not tgroup.exists():
+                        made_groups.append(tgroup)
+                    tpath = array_path(split, TARGETS_GROUP, array)
+                    created.append(p / tpath)
+                    tarr = root.create_array(tpath, shape=(n,), dtype=TARGETS_DTYPE, chunks=(max(chunk, 4096),),
+                                             compressors=map_compressors(), fill_value=TARGET_UNKNOWN)
                 if split in compute:
-                    _write_split(arr, produce(split), n, shape[1:], dtype, f"{where}: {apath}")
+                    _write_split(arr, produce(split), n, shape[1:], dtype, f"{where}: {apath}", targets=tarr)
                 else:
                     src = store.array(split, "saliency", new.name)
                     for a in range(0, n, chunk):
                         arr[a:a + chunk] = src[a:a + chunk]
+                    if tarr is not None:
+                        old_t = store.map_targets(split, new.name)
+                        tarr[...] = old_t if old_t is not None else np.full(n, TARGET_UNKNOWN, TARGETS_DTYPE)
                 digests[apath] = digest_array(arr)
+                if tarr is not None:
+                    digests[array_path(split, TARGETS_GROUP, array)] = digest_array(tarr)
                 if old is not None:
                     digests.pop(array_path(split, "saliency", old.array_name), None)
+                    digests.pop(array_path(split, TARGETS_GROUP, old.array_name), None)
             # Read only now, so a producer may add what it learnt (e.g. teacher accuracy).
             provenance = dict(new.provenance)
             provenance["splits_computed"] = list(compute)
@@ -305,12 +360,15 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
             raise
         if old is not None:
             for split in info.splits:
-                stale = p / array_path(split, "saliency", old.array_name)
-                try:
-                    shutil.rmtree(stale)
-                except OSError as e:
-                    log(f"{where}: could not remove the replaced {stale.relative_to(p)} ({e}); "
-                        "the next change to the store removes it")
+                stales = [p / array_path(split, "saliency", old.array_name)]
+                if old.targets:
+                    stales.append(p / array_path(split, TARGETS_GROUP, old.array_name))
+                for stale in stales:
+                    try:
+                        shutil.rmtree(stale)
+                    except OSError as e:
+                        log(f"{where}: could not remove the replaced {stale.relative_to(p)} ({e}); "
+                            "the next change to the store removes it")
         return new_info
 
 

@@ -286,7 +286,8 @@ def build(cfg: BuildConfig) -> BuildResult:
             else:
                 _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
             writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
-                                 image_size=cfg.size, label_kind=source.label_kind, maps=maps)
+                                 image_size=cfg.size, label_kind=source.label_kind, maps=maps,
+                                 hflip=bool(source.hflip))
             for s in splits:
                 _build_split(writer, source, s, records[s], pool, bad, cfg)
             if pool is not None:

@@ -211,14 +211,24 @@ def verify(store: str, manifest: Path | None, as_json: bool) -> None:
 @click.option("--scale", type=click.IntRange(1, 16), default=None, help="Upscale factor per tile.  [default: to ~128 px]")
 def preview(store: str, out: Path, split: str | None, map_name: str | None, count: int, seed: int,
             scale: int | None) -> None:
-    """Write a contact sheet: images, their map overlaid, and class names."""
+    """Write a contact sheet: images, their map overlaid, and class names.
+
+    For a teacher map (one that records each sample's target class), each tile also says
+    "teacher: <class>"; where that is not the label it is red, the tile is framed in red,
+    and the count is printed.
+    """
     def go() -> None:
-        from satdata.preview import contact_sheet
+        from satdata.preview import make_sheet
         from satdata.store import open_store
 
-        path = contact_sheet(open_store(store), out, split=split, map_name=map_name, n=count,
-                             seed=seed, scale=scale)
-        click.echo(f"wrote {path}")
+        sheet = make_sheet(open_store(store), split=split, map_name=map_name, n=count, seed=seed, scale=scale)
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.image.save(path, format="PNG")
+        shown = sheet.with_teacher
+        extra = (f" (the teacher's class differs from the label on {sheet.wrong} of {shown} tiles)"
+                 if shown else "")
+        click.echo(f"wrote {path}{extra}")
 
     run_cli(go)
 

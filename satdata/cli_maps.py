@@ -16,7 +16,7 @@ from satdata.clikit import run_cli
 
 # The names of satdata.saliency.METHODS (kept here so the CLI does not import torch to
 # build its help; tests/test_saliency.py checks the two agree).
-METHOD_NAMES = ("gradcampp", "gradcam", "gbp", "smoothgrad", "guided-gradcampp")
+METHOD_NAMES = ("gradcampp", "gradcam", "gbp", "smoothgrad", "smoothgrad-abs", "guided-gradcampp")
 
 
 def _split_list(text: str | None) -> tuple[str, ...] | None:
@@ -31,13 +31,21 @@ Methods (SAT.md, "What S is"):
   gradcampp         Grad-CAM++ at the last conv stage, min-max to [0, 1]   (unit, 1 channel)
   gradcam           Grad-CAM, the same way                                 (unit, 1 channel)
   gbp               sign of the guided-backprop gradient, +-1              (signed, 3 channels)
-  smoothgrad        SmoothGrad, 10 samples, sigma 0.15 of the range        (unit, 1 channel)
+  smoothgrad        SmoothGrad as in SAT: 10 samples, sigma 0.15 of the
+                    range, signed mean gradient, min-max over all channels (unit, 3 channels)
+  smoothgrad-abs    not the paper's: mean |SmoothGrad| over channels       (unit, 1 channel)
   guided-gradcampp  Grad-CAM++ where the guided sign is +1, -1 elsewhere   (signed, 3 channels)
 
 \b
 Examples:
   satdata saliency cifar10.zarr --teacher runs/resnet34-adv --method gradcampp --name gcpp_adv
   satdata saliency tiny.zarr --arch resnet50 --weights resnet50.pth --method gbp --device cuda
+
+\b
+Before any map, the teacher is scored (eval mode) on the store's test split, else val, on
+a seeded subset of at most 1,000 samples; a warning follows when it is below halfway
+between chance and 1, (1 + 1/K) / 2 for K classes: such a teacher's maps are mostly noise.
+Each map is stored with the class it was computed for (`satdata preview` shows it).
 """
 
 
@@ -70,7 +78,8 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
 
     The maps are computed in batches on the device and written under a fresh name, then
     committed with one atomic write of the store's attributes: a failure, Ctrl-C or kill
-    leaves the store exactly as it was, and `satdata verify` passes.
+    leaves the store exactly as it was, and `satdata verify` passes. The teacher's
+    held-out accuracy is printed first (and recorded), with a warning when it is low.
     """
     def go() -> None:
         from satdata.saliency import SaliencyConfig, generate_maps
@@ -84,6 +93,8 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
         computed = mi.provenance.get("splits_computed", [])
         counts = ", ".join(f"{s} {res.info.splits[s]:,}" for s in computed)
         acc = ", ".join(f"{s} {a:.3f}" for s, a in res.teacher_accuracy.items())
+        if res.teacher_check is not None and res.teacher_check.low:
+            acc += " (LOW: see the warning above)"
         layer_txt = f", layer {res.cam_layer.name} {res.cam_layer.hw[0]}x{res.cam_layer.hw[1]}" if res.cam_layer else ""
         click.echo(f"added map {res.name} to {res.path}: {res.method} ({mi.encoding}, {mi.channels} channel"
                    f"{'s' if mi.channels > 1 else ''}{layer_txt}) for {counts} on {res.device} in {res.seconds:.1f} s"

@@ -60,6 +60,7 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
             f.attrs["dataset"] = info.dataset
             f.attrs["classes"] = json.dumps(info.classes, ensure_ascii=False)
             f.attrs["label_kind"] = info.label_kind
+            f.attrs["hflip"] = bool(info.hflip)
             f.attrs["store_provenance"] = json.dumps(info.provenance, ensure_ascii=False, default=str)
             f.attrs["exported_by"] = f"satkit {__version__}"
             f.attrs["exported"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -29,10 +29,11 @@ def describe(store: Store) -> dict[str, Any]:
         "num_classes": len(info.classes),
         "image_size": list(info.image_size),
         "label_kind": info.label_kind,
+        "hflip": info.hflip,
         "splits": splits,
         "maps": {
             m.name: {"kind": m.kind, "encoding": m.encoding, "channels": m.channels,
-                     "provenance": m.provenance}
+                     "targets": m.targets, "provenance": m.provenance}
             for m in info.maps.values()
         },
         "boxes": [s for s in info.splits if store.has_boxes(s)],
@@ -63,11 +64,14 @@ def format_info(d: dict[str, Any]) -> str:
         f"  labels      {d['label_kind']}-label, {d['num_classes']} classes: "
         + ", ".join(d["classes"][:12]) + (" ..." if d["num_classes"] > 12 else ""),
         "  splits      " + ", ".join(f"{s} {v['count']:,}" for s, v in d["splits"].items()),
+        "  hflip       " + ("yes (a horizontal flip keeps the class)" if d.get("hflip", True)
+                            else "no (a horizontal flip can change the class, so augmentation should not flip)"),
     ]
     if d["maps"]:
         lines.append("  maps")
         for name, m in d["maps"].items():
-            lines.append(f"    {name:<14} {m['kind']:<12} {m['encoding']:<7} channels={m['channels']}")
+            lines.append(f"    {name:<14} {m['kind']:<12} {m['encoding']:<7} channels={m['channels']}"
+                         + ("  (+ target class per sample)" if m.get("targets") else ""))
     else:
         lines.append("  maps        none (add one with `satdata saliency`)")
     if d["boxes"]:

@@ -38,7 +38,8 @@ manifest does not expect is an error naming the manifest file and the key
 (``manifests/x.json: recipe.size: ...``).
 
 Digest keys are array paths as in :mod:`satdata.store` (``train/images``,
-``train/labels``, ``train/ids``, ``train/boxes``, ``train/saliency/<map name>``) and the
+``train/labels``, ``train/ids``, ``train/boxes``, ``train/saliency/<map name>``,
+``train/map_targets/<map name>``) and the
 values are the whole-array sha256 a store records in its attributes (over the decoded
 values, so independent of the codec). :func:`check_store` compares expectations with what
 the store *records*; :func:`satdata.verify.verify_digests` checks that the data still
@@ -58,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from satdata.errors import SatkitError
 from satdata.geometry import FIT_MODES
-from satdata.store import LABEL_KINDS, SPLIT_ORDER, SPLITS, Store, array_path
+from satdata.store import LABEL_KINDS, SPLIT_ORDER, SPLITS, TARGETS_GROUP, Store, array_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from satdata.build import BuildConfig
@@ -377,11 +378,12 @@ def _check_digest_key(c: _Checker, key: str, split_counts: Mapping[str, Any], ma
         raise c.fail(what, f"names split {parts[0]!r}, which expect.splits does not list")
     if len(parts) == 2 and parts[1] in DIGEST_FIELDS:
         return
-    if len(parts) == 3 and parts[1] == "saliency":
+    if len(parts) == 3 and parts[1] in ("saliency", TARGETS_GROUP):
         if parts[2] not in maps:
             raise c.fail(what, f"names map {parts[2]!r}, which expect.maps does not list")
         return
-    raise c.fail(what, "not an array path: expected <split>/images|labels|ids|boxes or <split>/saliency/<map>")
+    raise c.fail(what, "not an array path: expected <split>/images|labels|ids|boxes, <split>/saliency/<map> "
+                       f"or <split>/{TARGETS_GROUP}/<map>")
 
 
 # --------------------------------------------------------------------------- checking
@@ -446,9 +448,9 @@ def _hw(hw: Any) -> str:
 def _store_path(info: Any, key: str) -> str | None:
     """A manifest digest key -> the store's array path (maps may live under another name)."""
     parts = key.split("/")
-    if len(parts) == 3 and parts[1] == "saliency":
+    if len(parts) == 3 and parts[1] in ("saliency", TARGETS_GROUP):
         m = info.maps.get(parts[2])
-        return array_path(parts[0], "saliency", m.array_name) if m is not None else None
+        return array_path(parts[0], parts[1], m.array_name) if m is not None else None
     return key
 
 
@@ -479,8 +481,8 @@ def draft_manifest(store: Store, *, name: str, description: str = "",
         out = {}
         for path, rec in info.digests.items():
             parts = path.split("/")
-            if len(parts) == 3 and parts[1] == "saliency":
-                path = f"{parts[0]}/saliency/{by_array.get(parts[2], parts[2])}"
+            if len(parts) == 3 and parts[1] in ("saliency", TARGETS_GROUP):
+                path = f"{parts[0]}/{parts[1]}/{by_array.get(parts[2], parts[2])}"
             out[path] = rec["sha256"]
         expect["digests"] = dict(sorted(out.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0].split("/")[0], 99), kv[0])))
     d: dict[str, Any] = {"manifest_version": MANIFEST_VERSION, "name": name}

@@ -14,18 +14,26 @@ trainer uses (multi-channel maps are averaged over channels):
     signed  red where S > 0, blue where S < 0, opacity growing with |S|
 
 A store without maps still previews (images and labels only).
+
+A map that records the class each sample's map was computed for (teacher maps added by
+``satdata saliency``; ``MapInfo.targets``) adds a caption line per tile: ``teacher: <class>``
+(the teacher's predicted class; ``map for: <class>`` for maps made with ``--target
+label``). Where the teacher's class is not among the sample's labels the line reads
+``teacher: <class> (wrong)`` in red and the tile gets a red frame, so a teacher that is
+wrong on half the samples is visible at once. Maps without targets preview as before.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.store import MapInfo, Store, open_store
+from satdata.store import TARGET_UNKNOWN, MapInfo, Store, open_store
 
 TARGET_TILE_PX = 128  # the default scale brings a tile's longer side near this
 MAX_SCALE = 16
@@ -41,12 +49,46 @@ POSITIVE = np.array([230, 30, 30], dtype=np.float32)
 NEGATIVE = np.array([30, 80, 255], dtype=np.float32)
 TINT_ALPHA = 0.4
 HEAT_ALPHA = 0.65
+WRONG = (210, 20, 20)  # a teacher's class that is not the label: caption and tile frame
+RIGHT = (20, 130, 40)
+FRAME_PX = 2
 
 LEGENDS = {
     "binary": "green = object (S=+1), yellow = its outline, untouched = background (S=-1)",
     "unit": "heat colour, more opaque where S (0..1) is higher",
     "signed": "red = S>0, blue = S<0, more opaque where |S| is larger",
 }
+
+
+@dataclass(frozen=True)
+class Tile:
+    """What one tile of a sheet says under its image."""
+
+    index: int  # the sample's index in the split
+    label: str  # its class name(s)
+    teacher: str | None = None  # "teacher: 5", "teacher: 5 (wrong)", "map for: 3"; None: no targets
+    wrong: bool = False  # the teacher's class is not among the sample's labels
+
+
+@dataclass
+class Sheet:
+    """A composed contact sheet and what each tile says (``make_sheet``)."""
+
+    image: Any  # PIL.Image.Image
+    tiles: list[Tile]
+    title: str
+    subtitle: str
+
+    @property
+    def wrong(self) -> int:
+        """How many tiles show a teacher's class that is not the label."""
+        return sum(t.wrong for t in self.tiles)
+
+    @property
+    def with_teacher(self) -> int:
+        """How many tiles show the teacher's predicted class (not "?", not a --target label map's)."""
+        return sum(t.teacher is not None and t.teacher.startswith("teacher: ") and t.teacher != "teacher: ?"
+                   for t in self.tiles)
 
 
 def contact_sheet(store: Store | str | Path, out: str | Path, *, split: str | None = None,
@@ -57,9 +99,58 @@ def contact_sheet(store: Store | str | Path, out: str | Path, *, split: str | No
     Defaults: the store's first split and first map (images only when it has no maps), a
     scale that makes tiles about 128 px. The same seed picks the same samples. Raises
     StoreError naming the store and listing what exists for an unknown split or map.
+    See ``make_sheet`` for the sheet and its captions.
 
     >>> contact_sheet(open_store("digits.zarr"), "sheet.png", map_name="ink")  # doctest: +SKIP
     PosixPath('sheet.png')
+    """
+    sheet = make_sheet(store, split=split, map_name=map_name, n=n, seed=seed, scale=scale)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.image.save(out, format="PNG")
+    return out
+
+
+def teacher_captions(targets: np.ndarray, labels: np.ndarray, classes: list[str], label_kind: str,
+                     minfo: MapInfo) -> list[tuple[str, bool]]:
+    """(caption, wrong) per sample for a map's recorded target classes.
+
+    The teacher's class names come from the map's provenance (``teacher.classes``) when
+    it records them, else from the store. A class is "wrong" when it is not among the
+    sample's labels, judged only when the teacher's classes are the store's (otherwise a
+    class index says nothing about the label). Maps made with ``--target label`` explain
+    the label, so they read ``map for: <class>`` and are never wrong; -1 reads ``?``.
+    """
+    prov = minfo.provenance or {}
+    names = (prov.get("teacher") or {}).get("classes") or list(classes)
+    names = [str(c) for c in names]
+    same_classes = names == list(classes)
+    predicted = prov.get("target", "predicted") == "predicted"
+    head = "teacher" if predicted else "map for"
+    out = []
+    for t, lab in zip(targets, labels):
+        t = int(t)
+        if t == TARGET_UNKNOWN or t < 0:
+            out.append((f"{head}: ?", False))
+            continue
+        name = names[t] if t < len(names) else f"class {t}"
+        if label_kind == "single":
+            truth = {int(lab)}
+        else:
+            truth = {int(i) for i in np.flatnonzero(np.asarray(lab))}
+        wrong = predicted and same_classes and t not in truth
+        out.append((f"{head}: {name}" + (" (wrong)" if wrong else ""), wrong))
+    return out
+
+
+def make_sheet(store: Store | str | Path, *, split: str | None = None, map_name: str | None = None,
+               n: int = 32, seed: int = 0, scale: int | None = None) -> Sheet:
+    """The contact sheet ``contact_sheet`` writes, with each tile's captions.
+
+    Tiles are ``n`` samples of ``split`` picked at random with ``seed`` and shown in
+    index order. When the map records target classes (``MapInfo.targets``), each tile
+    also says the teacher's class (``teacher_captions``); the subtitle counts the tiles
+    where it is not the label.
     """
     if not isinstance(store, Store):
         store = open_store(store)
@@ -84,6 +175,10 @@ def contact_sheet(store: Store | str | Path, out: str | Path, *, split: str | No
     images = np.asarray(images_arr.oindex[idx])
     labels = np.asarray(store.array(split, "labels").oindex[idx])
     maps = np.asarray(map_arr.oindex[idx]) if map_arr is not None else None
+    teacher: list[tuple[str, bool]] | None = None
+    if minfo is not None and minfo.targets:
+        targets = np.asarray(store.array(split, "map_targets", map_name).oindex[idx])
+        teacher = teacher_captions(targets, labels, info.classes, info.label_kind, minfo)
 
     h, w = info.image_size
     s = scale if scale is not None else max(1, min(MAX_SCALE, round(TARGET_TILE_PX / max(h, w))))
@@ -93,16 +188,18 @@ def contact_sheet(store: Store | str | Path, out: str | Path, *, split: str | No
         if maps is not None and minfo is not None:
             tile = overlay(tile, _upscale(maps[j], s), minfo)
         tiles.append(tile)
-    captions = [_class_text(labels[j], info.classes, info.label_kind) for j in range(k)]
+    records = [Tile(index=int(idx[j]), label=_class_text(labels[j], info.classes, info.label_kind),
+                    teacher=teacher[j][0] if teacher else None, wrong=teacher[j][1] if teacher else False)
+               for j in range(k)]
     title = (f"{info.dataset}  |  split {split} ({total:,} samples)  |  "
              + (f"map {map_name} ({minfo.kind}, {minfo.encoding})" if minfo is not None else "no map"))
     subtitle = (f"{k} random samples (seed {seed}) in index order, {h}x{w} shown at x{s}"
                 + (f"  |  {LEGENDS[minfo.encoding]}" if minfo is not None else ""))
-    sheet = _compose(tiles, captions, [f"#{int(i)}" for i in idx], title, subtitle)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
-    return out
+    if teacher is not None:
+        wrong = sum(t.wrong for t in records)
+        subtitle += f"  |  red = the teacher's class is not the label ({wrong} of {k})"
+    image = _compose(tiles, records, title, subtitle)
+    return Sheet(image=image, tiles=records, title=title, subtitle=subtitle)
 
 
 def overlay(tile: np.ndarray, q: np.ndarray, minfo: MapInfo) -> np.ndarray:
@@ -170,8 +267,7 @@ def _fit_text(draw: Any, text: str, font: Any, width: float) -> str:
     return text + "…"
 
 
-def _compose(tiles: list[np.ndarray], captions: list[str], indices: list[str],
-             title: str, subtitle: str) -> Any:
+def _compose(tiles: list[np.ndarray], records: list[Tile], title: str, subtitle: str) -> Any:
     from PIL import Image, ImageDraw
 
     th, tw = tiles[0].shape[:2]
@@ -183,7 +279,8 @@ def _compose(tiles: list[np.ndarray], captions: list[str], indices: list[str],
     title_h = int(math.ceil(probe.textbbox((0, 0), "Ag", font=title_font)[3])) + 4
     cols = min(len(tiles), MAX_COLUMNS)
     rows = math.ceil(len(tiles) / cols)
-    cell_h = th + 4 + line + line_small
+    has_teacher = any(r.teacher is not None for r in records)
+    cell_h = th + 4 + line + line_small + (line if has_teacher else 0)
     grid_w = cols * cell_w + (cols - 1) * PAD
     text_w = max(probe.textlength(title, font=title_font), probe.textlength(subtitle, font=small))
     width = int(max(grid_w, min(text_w, 3 * grid_w))) + 2 * PAD
@@ -197,11 +294,19 @@ def _compose(tiles: list[np.ndarray], captions: list[str], indices: list[str],
         r, c = divmod(j, cols)
         x0 = PAD + c * (cell_w + PAD)
         y0 = head + r * (cell_h + PAD)
-        sheet.paste(Image.fromarray(tile), (x0 + (cell_w - tw) // 2, y0))
+        rec = records[j]
+        tx = x0 + (cell_w - tw) // 2
+        sheet.paste(Image.fromarray(tile), (tx, y0))
+        if rec.wrong:  # a frame drawn over the tile's own border pixels, inside the cell
+            draw.rectangle((tx, y0, tx + tw - 1, y0 + th - 1), outline=WRONG, width=FRAME_PX)
         y = y0 + th + 4
-        draw.text((x0, y), _fit_text(draw, captions[j], font, cell_w), fill=TEXT, font=font)
-        draw.text((x0, y + line), indices[j], fill=DIM_TEXT, font=small)
+        draw.text((x0, y), _fit_text(draw, rec.label, font, cell_w), fill=TEXT, font=font)
+        if rec.teacher is not None:
+            y += line
+            draw.text((x0, y), _fit_text(draw, rec.teacher, font, cell_w),
+                      fill=WRONG if rec.wrong else RIGHT, font=font)
+        draw.text((x0, y + line), f"#{rec.index}", fill=DIM_TEXT, font=small)
     return sheet
 
 
-__all__ = ["contact_sheet", "overlay"]
+__all__ = ["Sheet", "Tile", "contact_sheet", "make_sheet", "overlay", "teacher_captions"]

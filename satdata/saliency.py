@@ -11,9 +11,14 @@ gradcampp          unit      1         Grad-CAM++ at the CAM layer, ReLU, biline
 gradcam            unit      1         the same with Grad-CAM weights
 gbp                signed    3         sign of the guided-backprop gradient: +1 where it is
                                        > 0, -1 elsewhere (zeros included), per channel
-smoothgrad         unit      1         mean over 10 noisy copies of the gradient of the
-                                       target logit, |.| averaged over channels, min-max
-                                       per image to [0, 1]
+smoothgrad         unit      3         the SAT authors' SmoothGrad: mean over 10 noisy
+                                       copies of the (signed) gradient of the target logit,
+                                       min-max per image over all 3 channels jointly to
+                                       [0, 1], channels kept
+smoothgrad-abs     unit      1         NOT the paper's map: the same mean gradient, |.|
+                                       averaged over channels, min-max per image (the usual
+                                       greyscale SmoothGrad picture; satkit's former
+                                       ``smoothgrad``)
 guided-gradcampp   signed    3         the Grad-CAM++ value where the guided-backprop sign
                                        is +1, -1 elsewhere
 =================  ========  ========  ===================================================
@@ -371,23 +376,34 @@ def guided_gradcampp(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
 
 def smoothgrad_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
                         n_samples: int = SMOOTHGRAD_SAMPLES, noise_level: float = SMOOTHGRAD_NOISE,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+                        generator: torch.Generator | None = None,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
     """SmoothGrad's averaged gradient (Smilkov et al. 2017): (B, 3, H, W).
 
     mean over k of d logit_target / dx evaluated at x + sigma * n_k, with n_k standard
-    normal noise of x's shape and sigma = noise_level * (max - min) of each image. The
+    normal noise of x's shape and sigma = noise_level * (max - min) of each image (over
+    its 3 channels, as the SAT authors' gradcam.SmoothGrad computes it per image). The
     noise is drawn as one (B, n_samples, 3, H, W) tensor from ``generator`` (the layout
-    Captum's NoiseTunnel uses), and the noisy inputs are not clipped to [0, 1]. One
-    forward and backward of batch B per sample keeps memory at one batch.
+    Captum's NoiseTunnel uses), or given as ``noise`` of that shape (standard normal;
+    tests pass the same draws to a reference implementation). The noisy inputs are not
+    clipped to [0, 1]. One forward and backward of batch B per sample keeps memory at
+    one batch.
     """
     _check_inputs(x, target)
+    b = x.shape[0]
+    if noise is not None:
+        if noise.ndim != 5 or noise.shape[0] != b or tuple(noise.shape[2:]) != tuple(x.shape[1:]):
+            raise ValueError(f"noise must be (B, n_samples, 3, H, W) = ({b}, n, {', '.join(map(str, x.shape[1:]))}), "
+                             f"got {tuple(noise.shape)}")
+        n_samples = noise.shape[1]
+        noise = noise.to(device=x.device, dtype=x.dtype)
     if n_samples < 1:
         raise ValueError("n_samples must be at least 1")
-    b = x.shape[0]
     flat = x.detach().flatten(1)
     sigma = (noise_level * (flat.amax(1) - flat.amin(1))).view(b, 1, 1, 1)
-    noise = torch.randn((b, n_samples) + tuple(x.shape[1:]), generator=generator,
-                        device=x.device, dtype=x.dtype)
+    if noise is None:
+        noise = torch.randn((b, n_samples) + tuple(x.shape[1:]), generator=generator,
+                            device=x.device, dtype=x.dtype)
     total = torch.zeros_like(x)
     with frozen(model), torch.enable_grad():
         for k in range(n_samples):
@@ -399,15 +415,34 @@ def smoothgrad_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
 
 def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
                n_samples: int = SMOOTHGRAD_SAMPLES, noise_level: float = SMOOTHGRAD_NOISE,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """SmoothGrad map: (B, H, W) in [0, 1].
+               generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The SAT authors' SmoothGrad map: (B, 3, H, W) in [0, 1].
 
-    The averaged gradient of ``smoothgrad_gradient``, reduced over the colour channels by
-    the mean of absolute values (|g_r| + |g_g| + |g_b|) / 3 (the usual greyscale
-    SmoothGrad picture, without its percentile clipping), then min-max per image.
+    The *signed* averaged gradient of ``smoothgrad_gradient`` (10 samples, sigma = 0.15
+    of each image's range), min-max scaled per image over all three channels jointly:
+    S = (g - min g) / (max g - min g), with min and max over (3, H, W), so a pixel with
+    zero gradient lands between 0 and 1 and each channel keeps its own value. This is
+    what the authors' ``gradcam.SmoothGrad.forward`` returns and their students train
+    on (no absolute value, no channel reduction, no percentile clipping). An image whose
+    averaged gradient is constant maps to all zeros (the authors' code divides by zero).
     """
     g = smoothgrad_gradient(model, x, target, n_samples=n_samples, noise_level=noise_level,
-                            generator=generator)
+                            generator=generator, noise=noise)
+    return minmax(g)
+
+
+def smoothgrad_abs(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *,
+                   n_samples: int = SMOOTHGRAD_SAMPLES, noise_level: float = SMOOTHGRAD_NOISE,
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """A greyscale SmoothGrad picture, *not* the paper's map: (B, H, W) in [0, 1].
+
+    The averaged gradient of ``smoothgrad_gradient``, reduced over the colour channels by
+    the mean of absolute values (|g_r| + |g_g| + |g_b|) / 3 (the usual SmoothGrad
+    visualisation, without its percentile clipping), then min-max per image. Kept as
+    ``smoothgrad-abs`` for comparison; it correlates poorly with the authors' map.
+    """
+    g = smoothgrad_gradient(model, x, target, n_samples=n_samples, noise_level=noise_level,
+                            generator=generator, noise=noise)
     return minmax(g.abs().mean(1))
 
 
@@ -444,8 +479,10 @@ METHODS: dict[str, Method] = {
         Method("gradcam", "unit", 1, "Grad-CAM at the last conv stage, upsampled, min-max to [0, 1]",
                uses_cam_layer=True),
         Method("gbp", "signed", 3, "sign of the guided-backprop gradient, +-1 per channel"),
-        Method("smoothgrad", "unit", 1, "SmoothGrad (10 samples, sigma 0.15 of the range), "
-               "mean |grad| over channels, min-max to [0, 1]", uses_noise=True),
+        Method("smoothgrad", "unit", 3, "SmoothGrad as in SAT (10 samples, sigma 0.15 of the range): "
+               "signed mean gradient, min-max to [0, 1] over all channels, 3 channels", uses_noise=True),
+        Method("smoothgrad-abs", "unit", 1, "not the paper's: SmoothGrad's mean |grad| over channels, "
+               "min-max to [0, 1]", uses_noise=True),
         Method("guided-gradcampp", "signed", 3, "Grad-CAM++ where the guided-backprop sign is +1, -1 elsewhere",
                uses_cam_layer=True),
     )
@@ -469,8 +506,12 @@ def method_parameters(method: Method, options: MethodOptions, cam_layer: CamLaye
         p.update(guided="ReLU backward: ReLU(grad) * [input > 0]", sign="+1 where > 0, -1 elsewhere")
     if method.uses_noise:
         p.update(n_samples=options.n_samples, noise_level=options.noise_level, seed=options.seed,
-                 sigma="noise_level * (max - min) per image", channel_reduce="mean |grad| over channels",
-                 scale="min-max per image")
+                 sigma="noise_level * (max - min) per image", gradient="mean over the noisy copies")
+        if method.name == "smoothgrad":
+            p.update(sign="signed (no absolute value)", channel_reduce="none (3 channels kept)",
+                     scale="min-max per image over all channels jointly")
+        else:
+            p.update(channel_reduce="mean |grad| over channels", scale="min-max per image")
     return p
 
 
@@ -488,6 +529,9 @@ def compute(method: Method | str, model: nn.Module, x: torch.Tensor, target: tor
     if m.name == "smoothgrad":
         return smoothgrad(model, x, target, n_samples=options.n_samples, noise_level=options.noise_level,
                           generator=generator)
+    if m.name == "smoothgrad-abs":
+        return smoothgrad_abs(model, x, target, n_samples=options.n_samples, noise_level=options.noise_level,
+                              generator=generator)
     if m.name == "guided-gradcampp":
         return guided_gradcampp(model, x, target, cam_layer)
     raise SatkitError(f"--method: {m.name!r} has no implementation")  # pragma: no cover
@@ -508,6 +552,132 @@ def to_stored(s: torch.Tensor, encoding: str) -> torch.Tensor:
     if encoding == "binary":
         return (s > 0).to(torch.uint8)
     raise SatkitError(f"unknown map encoding {encoding!r}")
+
+
+# --------------------------------------------------------------------------- teacher check
+
+HELDOUT_SPLITS = ("test", "val")  # the held-out split the teacher is scored on, in preference
+HELDOUT_MAX_SAMPLES = 1000  # a seeded subset keeps the check to a few seconds
+HELDOUT_SEED = 0
+
+
+def low_accuracy_threshold(num_classes: int) -> float:
+    """The accuracy below which a teacher's maps are not worth having: (1 + 1/K) / 2.
+
+    Halfway between chance (1/K) and perfect: a teacher below it is closer to guessing
+    than to knowing, and its gradients explain its guesses, not the classes (0.55 for 10
+    classes, 0.75 for 2, just above 0.5 for many). A teacher at 0.19 on digits makes
+    maps that are noise.
+    """
+    return (1.0 + 1.0 / max(1, num_classes)) / 2.0
+
+
+@dataclass(frozen=True)
+class TeacherCheck:
+    """The teacher's top-1 accuracy on a held-out split, as the maps will see it.
+
+    ``accuracy`` is measured in eval mode (BatchNorm with its running statistics), the
+    mode every map is computed in. ``batch_stats_accuracy`` is filled only for a low
+    teacher with BatchNorm layers: its accuracy with each batch's own statistics, which
+    tells a teacher whose running statistics lag its weights (far higher) from one that
+    has not learnt the task (as low).
+    """
+
+    split: str
+    n: int  # samples scored
+    of: int  # samples in the split
+    seed: int
+    accuracy: float
+    num_classes: int
+    threshold: float
+    batch_stats_accuracy: float | None = None
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.num_classes
+
+    @property
+    def low(self) -> bool:
+        return self.accuracy < self.threshold
+
+    def summary(self) -> str:
+        subset = (f"{self.n:,} of {self.n:,} samples" if self.n == self.of
+                  else f"a random {self.n:,} of {self.of:,} samples, seed {self.seed}")
+        return f"teacher accuracy on {self.split}: {self.accuracy:.3f} ({subset}, eval mode)"
+
+    def warning(self) -> str | None:
+        """A one-paragraph warning when the teacher is low, else None."""
+        if not self.low:
+            return None
+        msg = (f"warning: the teacher's accuracy on {self.split} is {self.accuracy:.3f}, below "
+               f"{self.threshold:.3f} (halfway between chance, {self.chance:.3f}, and 1), so its maps "
+               "will be mostly noise. Train the teacher longer")
+        if self.batch_stats_accuracy is not None and self.batch_stats_accuracy >= self.threshold:
+            msg += (f": with batch statistics it scores {self.batch_stats_accuracy:.3f}, so its BatchNorm "
+                    "running statistics lag its weights (maps use eval mode, i.e. the running statistics)")
+        elif self.batch_stats_accuracy is not None:
+            msg += f" (with batch statistics it scores {self.batch_stats_accuracy:.3f} too)"
+        return msg + "."
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"split": self.split, "samples": self.n, "of": self.of, "seed": self.seed,
+                             "accuracy": round(self.accuracy, 6), "mode": "eval",
+                             "chance": round(self.chance, 6), "threshold": round(self.threshold, 6),
+                             "low": self.low, "rule": "low when accuracy < (1 + 1/K) / 2"}
+        if self.batch_stats_accuracy is not None:
+            d["batch_stats_accuracy"] = round(self.batch_stats_accuracy, 6)
+        return d
+
+
+def _accuracy(model: nn.Module, images: Any, labels: Any, device: torch.device | str, batch_size: int) -> float:
+    """Top-1 accuracy of ``model`` as it is (no mode change) on uint8 (N, H, W, 3) images."""
+    correct = 0
+    with torch.no_grad():
+        for a in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[a:a + batch_size]).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+            y = torch.from_numpy(labels[a:a + batch_size]).to(device)
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / max(1, len(images))
+
+
+def check_teacher_accuracy(model: nn.Module, store: Any, *, device: torch.device | str = "cpu",
+                           batch_size: int = 256, max_samples: int = HELDOUT_MAX_SAMPLES,
+                           seed: int = HELDOUT_SEED) -> TeacherCheck:
+    """Score a teacher on the store's held-out split before it makes maps.
+
+    The split is ``test``, else ``val``, else (a store without held-out data) ``train``;
+    at most ``max_samples`` of it, picked with ``seed`` (sorted, so reads stay in order).
+    The accuracy is taken in eval mode, as the maps are; for a low teacher with BatchNorm
+    a copy of it is scored again with batch statistics to say why (see TeacherCheck).
+    The model is left exactly as it was. The store must be single-label, with the
+    teacher's classes in the store's order (the caller checks).
+    """
+    import numpy as np
+
+    info = store.info
+    split = next((s for s in HELDOUT_SPLITS if s in info.splits), next(iter(info.splits)))
+    total = info.splits[split]
+    k = min(total, max_samples)
+    if k < total:
+        idx = np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
+        images = np.asarray(store.array(split, "images").oindex[idx])
+        labels = np.asarray(store.array(split, "labels").oindex[idx])
+    else:
+        images, labels = store.load(split, "images"), store.load(split, "labels")
+    with frozen(model):
+        acc = _accuracy(model, images, labels, device, batch_size)
+    threshold = low_accuracy_threshold(len(info.classes))
+    batch_acc = None
+    if acc < threshold and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        import copy
+
+        probe = copy.deepcopy(model).eval()  # a copy: batch-statistics passes update running stats
+        for m in probe.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+        batch_acc = _accuracy(probe, images, labels, device, max(batch_size, 64))
+    return TeacherCheck(split=split, n=k, of=total, seed=seed, accuracy=acc, num_classes=len(info.classes),
+                        threshold=threshold, batch_stats_accuracy=batch_acc)
 
 
 # --------------------------------------------------------------------------- store driver
@@ -542,7 +712,19 @@ class SaliencyResult:
     device: str
     cam_layer: CamLayer | None
     seconds: float
-    teacher_accuracy: dict[str, float]
+    teacher_accuracy: dict[str, float]  # per computed split, over all its samples
+    teacher_check: TeacherCheck | None = None  # the held-out check made before any map
+
+
+def _comparable(teacher: Any, info: Any) -> str | None:
+    """Why the teacher's accuracy cannot be measured on this store, or None when it can."""
+    if info.label_kind != "single":
+        return "the store is multi-label"
+    if teacher.num_classes != len(info.classes):
+        return f"the teacher has {teacher.num_classes} classes, the store {len(info.classes)}"
+    if teacher.classes is not None and list(teacher.classes) != list(info.classes):
+        return "the teacher's classes are not the store's"
+    return None
 
 
 def _check_teacher(teacher: Any, info: Any, rule: str, where: str, log: Callable[[str], None]) -> None:
@@ -588,6 +770,11 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     The map's provenance records the teacher (file sha256, path, arch), the method and
     its parameters (e.g. the CAM layer actually used), the target rule, the device,
     the teacher's accuracy on each split's labels, versions and the creation time.
+
+    Before any map is computed, the teacher is scored on the store's held-out split
+    (``check_teacher_accuracy``): the result is logged, recorded as the provenance's
+    ``teacher_heldout``, and a low teacher gets a logged warning (the maps are still
+    made). Each map is stored with the class it was computed for (``NewMap.targets``).
     """
     import time
     from datetime import datetime, timezone
@@ -615,6 +802,16 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     _check_teacher(teacher, info, cfg.target, cfg.store, log)
     model = teacher.model
     options = MethodOptions(layer=cfg.layer, seed=cfg.seed)
+    check: TeacherCheck | None = None
+    why_not = _comparable(teacher, info)
+    if why_not is None:
+        check = check_teacher_accuracy(model, store, device=device, batch_size=cfg.batch_size)
+        log(check.summary())
+        warning = check.warning()
+        if warning:
+            log(warning)
+    else:
+        log(f"teacher accuracy: not measured ({why_not})")
 
     def batch_images(a: int, b: int, images: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images[a:b])).to(device)
@@ -644,16 +841,17 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "teacher_accuracy": accuracy,
+        "teacher_heldout": check.to_json() if check is not None else {"not_measured": why_not},
     }
     new = NewMap(name=name, encoding=method.encoding, kind=method.name, channels=method.channels,
-                 provenance=provenance)
+                 provenance=provenance, targets=True)
     from tqdm.auto import tqdm
 
     total = sum(info.splits[s] for s in compute_splits)
     bar = tqdm(total=total, desc=f"{method.name}", unit="img", disable=not cfg.progress, dynamic_ncols=True,
                leave=False)
 
-    def produce(split: str) -> Iterator[np.ndarray]:
+    def produce(split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         images = store.load(split, "images")
         labels_np = store.load(split, "labels")
         correct = 0
@@ -667,7 +865,7 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
             if labels.ndim == 1:
                 correct += int((logits.argmax(1) == labels).sum())
             s = compute(method, model, x, target, cam_layer=cam_layer, options=options, generator=generator)
-            yield to_stored(s, method.encoding).cpu().numpy()
+            yield to_stored(s, method.encoding).cpu().numpy(), target.cpu().numpy()
             bar.update(b - a)
         if labels_np.ndim == 1 and len(images):
             accuracy[split] = round(correct / len(images), 6)
@@ -680,12 +878,14 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     finally:
         bar.close()
     return SaliencyResult(path=cfg.store, name=name, method=method.name, info=committed, device=str(device),
-                          cam_layer=cam_layer, seconds=time.time() - t0, teacher_accuracy=dict(accuracy))
+                          cam_layer=cam_layer, seconds=time.time() - t0, teacher_accuracy=dict(accuracy),
+                          teacher_check=check)
 
 
 __all__ = [
     "METHODS", "Method", "MethodOptions", "CamLayer", "TARGET_RULES", "choose_target", "compute",
     "find_cam_layer", "frozen", "gbp", "get_method", "gradcam", "gradcampp", "guided_gradcampp",
-    "guided_gradient", "method_parameters", "minmax", "predict", "smoothgrad", "smoothgrad_gradient",
-    "to_stored", "SaliencyConfig", "SaliencyResult", "generate_maps", "resolve_device",
+    "guided_gradient", "method_parameters", "minmax", "predict", "smoothgrad", "smoothgrad_abs",
+    "smoothgrad_gradient", "to_stored", "SaliencyConfig", "SaliencyResult", "generate_maps", "resolve_device",
+    "TeacherCheck", "check_teacher_accuracy", "low_accuracy_threshold", "HELDOUT_MAX_SAMPLES",
 ]

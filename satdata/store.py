@@ -9,6 +9,8 @@ A store is a Zarr v3 group (a directory, or a ``.zip`` of one)::
         ids               string (N,)  the source's id of each sample (file name)
         boxes             float32 (M, 6) [sample, class, x1, y1, x2, y2], stored frame (optional)
         saliency/<name>   uint8 or int8 (N, H, W) or (N, H, W, C): one array per named map
+        map_targets/<name>  int64 (N,): the class each map was computed for (optional,
+                          teacher maps; MapInfo.targets says whether a map has one)
 
 Arrays are chunked along N only, by whole samples, so that reading a split is a few
 sequential whole-chunk reads (see ``samples_per_chunk``). Each map records an encoding,
@@ -72,6 +74,11 @@ class MapInfo:
     # The array's name under <split>/saliency/ when it differs from the map's name: a map
     # replaced in place is written under a fresh name, then the attributes switch to it.
     array: str = ""
+    # Whether <split>/map_targets/<array_name> holds, per sample, the class index the map
+    # was computed for (teacher maps: the teacher's prediction, or the label with
+    # `--target label`); -1 where it is not known. Maps without it (built from
+    # annotations, or added before satkit recorded targets) have False.
+    targets: bool = False
 
     @property
     def array_name(self) -> str:
@@ -96,6 +103,10 @@ class StoreInfo:
     maps: dict[str, MapInfo]
     provenance: dict[str, Any] = field(default_factory=dict)
     digests: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Whether a horizontal flip keeps an image's class (and its map's meaning): True for
+    # natural photographs, False for e.g. digits (a mirrored 2 is not a 2). Training's
+    # default augmentation reads it. Absent in stores written before it existed: True.
+    hflip: bool = True
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -120,6 +131,14 @@ class StoreInfo:
                 name: MapInfo(**{k: v for k, v in m.items() if k in MapInfo.__dataclass_fields__})
                 for name, m in d["maps"].items()
             }
+            for m in maps.values():
+                if not isinstance(m.targets, bool):
+                    raise StoreError(f"{where}: map {m.name!r} has targets={m.targets!r} in attribute "
+                                     "'satkit'; expected true or false")
+            hflip = d.get("hflip", True)
+            if not isinstance(hflip, bool):
+                raise StoreError(f"{where}: attribute 'satkit' has hflip={hflip!r}; expected true or false "
+                                 "(whether a horizontal flip keeps the class)")
             return cls(
                 format_version=version,
                 dataset=str(d["dataset"]),
@@ -130,6 +149,7 @@ class StoreInfo:
                 maps=maps,
                 provenance=dict(d.get("provenance", {})),
                 digests=dict(d.get("digests", {})),
+                hflip=hflip,
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise StoreError(f"{where}: attribute 'satkit' is malformed ({e!r})") from None
@@ -138,12 +158,21 @@ class StoreInfo:
 # --------------------------------------------------------------------------- names
 
 
+TARGETS_GROUP = "map_targets"  # <split>/map_targets/<map array name>: int64 (N,)
+TARGETS_DTYPE = "int64"
+TARGET_UNKNOWN = -1  # the target class of a sample whose map came without one
+
+
 def array_path(split: str, field_name: str, map_name: str | None = None) -> str:
-    """The path of an array inside the store: 'train/images', 'val/saliency/mask', ..."""
-    if field_name == "saliency":
+    """The path of an array inside the store: 'train/images', 'val/saliency/mask', ...
+
+    ``field_name`` "saliency" and "map_targets" take the map's *array* name
+    (``MapInfo.array_name``): 'train/saliency/cam.1a2b3c4d', 'train/map_targets/cam.1a2b3c4d'.
+    """
+    if field_name in ("saliency", TARGETS_GROUP):
         if not map_name:
-            raise ValueError("a saliency array needs a map name")
-        return f"{split}/saliency/{map_name}"
+            raise ValueError(f"a {field_name} array needs a map name")
+        return f"{split}/{field_name}/{map_name}"
     if field_name not in ("images", "labels", "ids", "boxes"):
         raise ValueError(f"unknown store field {field_name!r}")
     return f"{split}/{field_name}"
@@ -153,6 +182,8 @@ def split_arrays(info: StoreInfo, split: str) -> list[str]:
     """Every array a split must hold, in a stable order (boxes only where present)."""
     paths = [array_path(split, f) for f in ("images", "labels", "ids")]
     paths += [array_path(split, "saliency", info.maps[m].array_name) for m in sorted(info.maps)]
+    paths += [array_path(split, TARGETS_GROUP, info.maps[m].array_name) for m in sorted(info.maps)
+              if info.maps[m].targets]
     if array_path(split, "boxes") in info.digests:
         paths.append(array_path(split, "boxes"))
     return paths
@@ -316,10 +347,12 @@ class Store:
             raise StoreError(
                 f"{self.path}: no split {split!r} (the store has: {', '.join(self.info.splits)})"
             )
-        if field_name == "saliency" and map_name not in self.info.maps:
+        if field_name in ("saliency", TARGETS_GROUP) and map_name not in self.info.maps:
             known = ", ".join(sorted(self.info.maps)) or "none"
             raise StoreError(f"{self.path}: no saliency map {map_name!r} (maps in the store: {known})")
-        if field_name == "saliency":
+        if field_name == TARGETS_GROUP and not self.info.maps[map_name].targets:  # type: ignore[index]
+            raise StoreError(f"{self.path}: map {map_name!r} records no target classes")
+        if field_name in ("saliency", TARGETS_GROUP):
             map_name = self.info.maps[map_name].array_name  # type: ignore[index]
         p = array_path(split, field_name, map_name)
         try:
@@ -335,6 +368,19 @@ class Store:
             read_rows_into(arr, 0, arr.shape[0], out)
             return out
         return np.asarray(arr[...])
+
+    def map_targets(self, split: str, map_name: str) -> np.ndarray | None:
+        """The class index each sample's map was computed for, int64 (N,), or None.
+
+        None when the map records no targets (maps from annotations, teacher maps added
+        before satkit recorded them). A value of ``TARGET_UNKNOWN`` (-1) marks a sample
+        whose target was not recorded (a split kept from such an older map).
+        """
+        if map_name not in self.info.maps:
+            self.array(split, "saliency", map_name)  # raises, listing the maps
+        if not self.info.maps[map_name].targets:
+            return None
+        return self.load(split, TARGETS_GROUP, map_name)
 
     def select_splits(self, splits: Sequence[str] | None, option: str = "--splits") -> list[str]:
         """The store's splits in canonical order, or those of ``splits`` (each must exist)."""
@@ -406,6 +452,8 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
                 map_shape(m, n, info.image_size),
                 str(map_dtype(m.encoding)),
             )
+            if m.targets:
+                expect[array_path(split, TARGETS_GROUP, m.array_name)] = ((n,), TARGETS_DTYPE)
         for p, (shape, dtype) in expect.items():
             try:
                 arr = group[p]
@@ -464,6 +512,7 @@ class StoreWriter:
         image_size: tuple[int, int],
         label_kind: str,
         maps: dict[str, MapInfo],
+        hflip: bool = True,
     ) -> None:
         if label_kind not in LABEL_KINDS:
             raise ValueError(f"label_kind must be one of {LABEL_KINDS}")
@@ -476,6 +525,11 @@ class StoreWriter:
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.label_kind = label_kind
         self.maps = dict(maps)
+        if any(m.targets for m in self.maps.values()):
+            raise ValueError("StoreWriter writes no map targets; add teacher maps with satdata.addmap")
+        if not isinstance(hflip, bool):
+            raise ValueError(f"hflip must be a bool, got {hflip!r}")
+        self.hflip = hflip
         self.chunk = samples_per_chunk(self.image_size)
         self.counts: dict[str, int] = {}
         self.split_chunk: dict[str, int] = {}
@@ -557,6 +611,7 @@ class StoreWriter:
             maps=self.maps,
             provenance=provenance,
             digests={},
+            hflip=self.hflip,
         )
         paths = all_arrays(info) + [array_path(s, "boxes") for s in sorted(self.has_boxes)]
         digests = {}

@@ -91,6 +91,10 @@ class Source:
     options: ClassVar[tuple[str, ...]] = ()  # SourceOptions fields this source reads
     label_kind: str = "single"  # "single" or "multi"
     maps: dict[str, MapSpec] = {}
+    # Whether a horizontal flip keeps a sample's class: recorded in the store
+    # (StoreInfo.hflip) so that training's default augmentation fits the data. True for
+    # photographs of objects and scenes; a source of mirror-sensitive data says False.
+    hflip: bool = True
 
     def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
         self.root = Path(root)

@@ -10,6 +10,9 @@ white ink on black, upsampled to the store size by the builder; two maps come wi
 
 Splits are fixed and balanced: every fifth sample of each class (in scikit-learn's
 order) is ``test``, the rest ``train``. ``--root`` is not used.
+
+Digits are not mirror-symmetric (a flipped 2, 3, 4, 5, 6, 7 or 9 is not that digit), so
+the store records ``hflip: false`` and training does not flip them by default.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Digits(Source):
         "box": MapSpec(kind="boxes", encoding="binary", from_boxes=True),
     }
     needs_root = False
+    hflip = False  # a mirrored digit is not the same digit
 
     def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
         super().__init__(root, opts, bad)

@@ -10,6 +10,8 @@ version 1 (any HDF5 writer can produce it; h5py shown)::
              dataset             dataset name                     [default: the file's stem]
              label_kind          "single" or "multi"     [default: from the labels' shape]
              store_provenance    JSON: the exported store's provenance (ignored on import)
+             hflip               bool: whether a horizontal flip keeps the class
+                                 (the store's StoreInfo.hflip)            [default: true]
       <split>/                   train, val, test: whichever the file has
         images                   uint8 (N, H, W, 3), RGB
         labels                   integer (N,) class indices, or uint8 (N, K) multi-hot 0/1
@@ -142,6 +144,11 @@ class H5Source(Source):
             raise SourceError(path, "attribute 'classes' must be a JSON list of class names")
         self.classes = [str(c) for c in classes]
         self._dataset = _text(attrs["dataset"]) if "dataset" in attrs else path.stem
+        if "hflip" in attrs:
+            hflip = attrs["hflip"]
+            if not isinstance(hflip, (bool, np.bool_)):
+                raise SourceError(path, f"attribute 'hflip' must be a boolean, got {hflip!r}")
+            self.hflip = bool(hflip)
         self._splits = [s for s in SPLITS if s in f and isinstance(f[s], h5py.Group)]
         if not self._splits:
             raise SourceError(path, f"has no split group (one of {', '.join(SPLITS)})")
