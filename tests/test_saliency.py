@@ -107,10 +107,13 @@ def test_each_method_gives_its_encoding_shape_and_range_without_side_effects(wor
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert out.device == x.device and out.dtype == torch.float32
     q = S.to_stored(out, m.encoding)
-    if m.channels == 1:
-        assert out.shape == (8, 16, 16) and q.shape == (8, 16, 16) and q.dtype == torch.uint8
+    if m.encoding == "unit":
+        shape = (8, 16, 16) if m.channels == 1 else (8, m.channels, 16, 16)
+        stored = (8, 16, 16) if m.channels == 1 else (8, 16, 16, m.channels)
+        assert out.shape == shape and q.shape == stored and q.dtype == torch.uint8
         assert float(out.min()) >= 0 and float(out.max()) <= 1
-        # min-max per image: each image spans [0, 1] unless it is constant (then all 0)
+        # min-max per image (over all its channels): each image spans [0, 1] unless it is
+        # constant (then all 0)
         per_max = out.flatten(1).amax(1)
         assert torch.all((out.flatten(1).amin(1) == 0) & ((per_max == 1) | (per_max == 0)))
         assert int((per_max == 1).sum()) >= 6
@@ -192,7 +195,77 @@ def test_smoothgrad_matches_captum_noise_tunnel(world: dict) -> None:
         mine = S.smoothgrad_gradient(model, xi, ti, generator=torch.Generator().manual_seed(123))
         assert torch.allclose(mine, ref, atol=1e-8, rtol=1e-4)
         sg = S.smoothgrad(model, xi, ti, generator=torch.Generator().manual_seed(123))
-        assert torch.allclose(sg, S.minmax(ref.abs().mean(1)), atol=1e-5)
+        lo, hi = ref.min(), ref.max()  # the paper's: signed, min-max over all 3 channels
+        assert sg.shape == (1, 3, 16, 16) and torch.allclose(sg, (ref - lo) / (hi - lo), atol=1e-5)
+        sga = S.smoothgrad_abs(model, xi, ti, generator=torch.Generator().manual_seed(123))
+        assert torch.allclose(sga, S.minmax(ref.abs().mean(1)), atol=1e-5)
+
+
+def reference_smoothgrad(model: nn.Module, images: np.ndarray, targets: np.ndarray, noise: np.ndarray,
+                         stdev_spread: float = 0.15) -> np.ndarray:
+    """The SAT authors' SmoothGrad (gradcam.SmoothGrad.forward) from its equations, one
+    image at a time in numpy: only the gradient of the target logit comes from torch.
+
+    stdev = 0.15 * (max(x) - min(x)); g = mean_k d logit_t / dx at x + stdev * n_k;
+    S = (g - min g) / max(g - min g) over the whole (3, H, W) image.
+    """
+    out = np.zeros_like(images, dtype=np.float64)
+    for i in range(len(images)):
+        x = images[i].astype(np.float32)
+        stdev = stdev_spread * (np.max(x) - np.min(x))
+        total = np.zeros_like(x, dtype=np.float64)
+        for k in range(noise.shape[1]):
+            xn = torch.from_numpy((x + stdev * noise[i, k]).astype(np.float32))[None].requires_grad_(True)
+            logit = model(xn)[0, int(targets[i])]
+            (g,) = torch.autograd.grad(logit, xn)
+            total += g[0].numpy()
+        avg = total / noise.shape[1]
+        avg = avg - avg.min()
+        out[i] = avg / avg.max()
+    return out
+
+
+def test_smoothgrad_is_the_sat_authors_map(world: dict) -> None:
+    """The paper's SmoothGrad, per image against a reference written from its equations:
+    signed, 3 channels kept, min-max over the whole image; the old |.|-mean map is
+    another method and correlates poorly with it."""
+    model = load_teacher(world["ckpt"]).model
+    x = world["x"]
+    target = S.predict(model, x).argmax(1)
+    noise = torch.from_numpy(np.random.default_rng(7).standard_normal((8, 10, 3, 16, 16)).astype(np.float32))
+    mine = S.smoothgrad(model, x, target, noise=noise)
+    ref = reference_smoothgrad(model, x.numpy(), target.numpy(), noise.numpy())
+    assert mine.shape == (8, 3, 16, 16)
+    assert np.abs(mine.numpy() - ref).max() < 1e-4
+    corr = [np.corrcoef(mine[i].flatten().numpy(), ref[i].flatten())[0, 1] for i in range(8)]
+    assert min(corr) > 0.9999
+    # not the abs-mean picture: its (channel-broadcast) correlation with the paper's is low
+    old = S.smoothgrad_abs(model, x, target, noise=noise)
+    old_corr = [np.corrcoef(old[i].expand(3, -1, -1).flatten().numpy(), ref[i].flatten())[0, 1] for i in range(8)]
+    assert np.median(old_corr) < 0.8
+    # a channel is not a copy of another (the map keeps colour), and the noise matters
+    assert not torch.equal(mine[:, 0], mine[:, 1])
+    assert not torch.allclose(S.smoothgrad(model, x, target, noise=noise * 2), mine)
+    with pytest.raises(ValueError, match="noise must be"):
+        S.smoothgrad(model, x, target, noise=noise[:, :, :2])
+    # a generator and the same draws given as noise are the same map
+    gen_noise = torch.randn((8, 10, 3, 16, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(S.smoothgrad(model, x, target, generator=torch.Generator().manual_seed(5)),
+                       S.smoothgrad(model, x, target, noise=gen_noise))
+
+
+def test_smoothgrad_registry_and_parameters() -> None:
+    sg, sga = S.get_method("smoothgrad"), S.get_method("smoothgrad-abs")
+    assert (sg.encoding, sg.channels, sg.uses_noise, sg.uses_cam_layer) == ("unit", 3, True, False)
+    assert (sga.encoding, sga.channels, sga.uses_noise) == ("unit", 1, True)
+    assert "not the paper" in sga.summary
+    opts = S.MethodOptions(seed=4)
+    p = S.method_parameters(sg, opts, None)
+    assert p["n_samples"] == 10 and p["noise_level"] == 0.15 and p["seed"] == 4
+    assert p["sign"].startswith("signed") and p["channel_reduce"].startswith("none")
+    assert p["scale"] == "min-max per image over all channels jointly"
+    pa = S.method_parameters(sga, opts, None)
+    assert pa["channel_reduce"] == "mean |grad| over channels" and "sign" not in pa
 
 
 def test_cam_layer_is_picked_by_spatial_size() -> None:
@@ -277,17 +350,25 @@ def test_saliency_cli_adds_verifiable_maps_with_provenance(world: dict, tmp_path
     x = torch.from_numpy(st.load("test", "images")).permute(0, 3, 1, 2).float() / 255
     expect = S.to_stored(S.gradcampp(model, x, S.predict(model, x).argmax(1)), "unit").numpy()
     assert np.abs(st.load("test", "saliency", "cam").astype(int) - expect).max() <= 1
+    # each map is stored with the class it was computed for: the prediction, or the label
+    assert cam.targets and gbp.targets and not st.info.maps["ink"].targets
+    assert np.array_equal(st.map_targets("test", "cam"), S.predict(model, x).argmax(1).numpy())
+    assert np.array_equal(st.map_targets("train", "gbp"), st.load("train", "labels"))
+    assert st.map_targets("test", "ink") is None
+    assert f"test/map_targets/{cam.array_name}" in st.info.digests
 
     res = r.invoke(saliency_cmd, [str(store), "--teacher", str(world["ckpt"]), "--method", "gradcampp",
                                   "--name", "cam", "-q"])
     assert res.exit_code == 1 and "already has a map 'cam'" in res.output
-    old_array, old_test = cam.array, st.load("test", "saliency", "cam")
+    old_array, old_test, old_targets = cam.array, st.load("test", "saliency", "cam"), st.map_targets("test", "cam")
     res = r.invoke(saliency_cmd, [str(store), "--teacher", str(world["ckpt"]), "--method", "gradcampp",
                                   "--name", "cam", "--overwrite", "--splits", "train", "-q"])
     assert res.exit_code == 0, res.output
     st2 = open_store(store)
     assert st2.info.maps["cam"].array != old_array and not (store / "train" / "saliency" / old_array).exists()
     assert np.array_equal(st2.load("test", "saliency", "cam"), old_test)  # kept, now under the new array
+    assert np.array_equal(st2.map_targets("test", "cam"), old_targets)  # and its targets
+    assert not (store / "test" / "map_targets" / old_array).exists()
     assert verify_digests(st2).ok
     res = r.invoke(saliency_cmd, [str(store), "--teacher", str(world["ckpt"]), "--method", "gradcam",
                                   "--name", "new", "--splits", "train", "-q"])
@@ -314,3 +395,99 @@ def test_saliency_errors_are_one_line(world: dict, tmp_path: Path) -> None:
     assert sorted(p.name for p in (store / "train" / "saliency").iterdir()) == before
     res = r.invoke(saliency_cmd, [str(tmp_path / "s.zip"), "--teacher", str(world["ckpt"]), "--method", "gbp"])
     assert res.exit_code == 1 and "local store directory" in res.output
+
+
+def test_smoothgrad_cli_stores_the_papers_three_channel_map_that_training_reads(world: dict, tmp_path: Path) -> None:
+    from sattrain.data import map_codec, saliency_from_stored
+
+    store = small_store(world["src"], tmp_path / "s.zarr", {"train": 20, "test": 12})
+    r = CliRunner()
+    res = r.invoke(saliency_cmd, [str(store), "--teacher", str(world["ckpt"]), "--method", "smoothgrad",
+                                  "--name", "sg", "--seed", "3", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "smoothgrad (unit, 3 channels)" in res.output
+    res = r.invoke(saliency_cmd, [str(store), "--teacher", str(world["ckpt"]), "--method", "smoothgrad-abs",
+                                  "-q"])
+    assert res.exit_code == 0, res.output
+    st = open_store(store)
+    assert verify_digests(st).ok
+    sg = st.info.maps["sg"]
+    assert (sg.kind, sg.encoding, sg.channels) == ("smoothgrad", "unit", 3)
+    assert sg.provenance["parameters"]["seed"] == 3 and sg.provenance["parameters"]["noise_level"] == 0.15
+    assert sg.provenance["parameters"]["channel_reduce"].startswith("none")
+    assert st.info.maps["smoothgrad-abs"].channels == 1
+    q = st.load("test", "saliency", "sg")
+    assert q.shape == (12, 16, 16, 3) and q.dtype == np.uint8
+    # what generate_maps stored is the method on those images, with its seeded noise drawn
+    # split after split (one batch each here)
+    model = load_teacher(world["ckpt"]).model
+    gen = torch.Generator().manual_seed(3)
+    for split in ("train", "test"):
+        x = torch.from_numpy(st.load(split, "images")).permute(0, 3, 1, 2).float() / 255
+        want = S.to_stored(S.smoothgrad(model, x, S.predict(model, x).argmax(1), generator=gen), "unit").numpy()
+        assert np.abs(st.load(split, "saliency", "sg").astype(int) - want).max() <= 1
+    # the trainer's codec reads an (N, H, W, 3) unit map as one S per channel in [0, 1]
+    codec = map_codec(st, "sg")
+    s = saliency_from_stored(torch.from_numpy(q), codec)
+    assert s.shape == (12, 3, 16, 16) and float(s.min()) == 0.0 and float(s.max()) == 1.0
+    assert torch.allclose(s, torch.from_numpy(q).permute(0, 3, 1, 2).float() / 255)
+
+
+def lagging_teacher(ckpt: Path, out: Path) -> Path:
+    """The teacher with BatchNorm running statistics reset to their initial values: the
+    weights are trained, the statistics are not (a run stopped early)."""
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    sd = obj["model"]
+    for k in list(sd):
+        if k.endswith("running_mean"):
+            sd[k] = torch.zeros_like(sd[k])
+        elif k.endswith("running_var"):
+            sd[k] = torch.ones_like(sd[k])
+    save_checkpoint(out, obj)
+    return out
+
+
+def test_teacher_accuracy_is_checked_on_the_held_out_split_before_any_map(world: dict, tmp_path: Path) -> None:
+    store = small_store(world["src"], tmp_path / "s.zarr", {"train": 16, "test": 40})
+    st = open_store(store)
+    model = load_teacher(world["ckpt"]).model
+    x = torch.from_numpy(st.load("test", "images")).permute(0, 3, 1, 2).float() / 255
+    want = float((S.predict(model, x).argmax(1).numpy() == st.load("test", "labels")).mean())
+    r = CliRunner()
+    res = r.invoke(saliency_cmd, [str(store), "--teacher", str(world["ckpt"]), "--method", "gradcam", "-q"])
+    assert res.exit_code == 0, res.output
+    assert f"teacher accuracy on test: {want:.3f} (40 of 40 samples, eval mode)" in res.output
+    assert want >= 0.55 and "warning" not in res.output and "LOW" not in res.output
+    held = open_store(store).info.maps["gradcam"].provenance["teacher_heldout"]
+    assert held["split"] == "test" and held["samples"] == 40 and held["mode"] == "eval"
+    assert held["accuracy"] == pytest.approx(want) and held["low"] is False and held["threshold"] == 0.55
+
+    # BatchNorm statistics that lag the weights: low in eval mode (which the maps use),
+    # high with batch statistics; the warning says so and suggests training longer
+    lag = lagging_teacher(world["ckpt"], tmp_path / "lag.pt")
+    check = S.check_teacher_accuracy(load_teacher(lag).model, st)
+    assert check.low and check.accuracy < 0.4 and check.batch_stats_accuracy is not None
+    assert check.batch_stats_accuracy >= 0.55
+    res = r.invoke(saliency_cmd, [str(store), "--teacher", str(lag), "--method", "gradcam", "--name", "lag", "-q"])
+    assert res.exit_code == 0, res.output
+    assert f"teacher accuracy on test: {check.accuracy:.3f} (40 of 40 samples, eval mode)" in res.output
+    assert "warning: the teacher's accuracy on test is" in res.output and "Train the teacher longer" in res.output
+    assert "BatchNorm running statistics lag" in res.output and "(LOW: see the warning above)" in res.output
+    held = open_store(store).info.maps["lag"].provenance["teacher_heldout"]
+    assert held["low"] is True and held["batch_stats_accuracy"] == pytest.approx(check.batch_stats_accuracy)
+
+    # a seeded subset of at most max_samples, the same for the same seed
+    a = S.check_teacher_accuracy(model, st, max_samples=10, seed=1)
+    assert (a.split, a.n, a.of) == ("test", 10, 40) and "a random 10 of 40 samples, seed 1" in a.summary()
+    assert a == S.check_teacher_accuracy(model, st, max_samples=10, seed=1)
+    assert S.low_accuracy_threshold(10) == 0.55 and S.low_accuracy_threshold(2) == 0.75
+    # a store without test or val: scored on train
+    only_train = small_store(world["src"], tmp_path / "t.zarr", {"train": 12})
+    assert S.check_teacher_accuracy(model, open_store(only_train)).split == "train"
+    # a teacher of other classes is not scored (its class indices do not name the store's)
+    five = train_teacher(store, tmp_path / "five.pt", num_classes=5, steps=1)
+    res = r.invoke(saliency_cmd, [str(store), "--teacher", str(five), "--method", "gradcam", "--name", "five", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "teacher accuracy: not measured (the teacher has 5 classes, the store 10)" in res.output
+    assert open_store(store).info.maps["five"].provenance["teacher_heldout"] == {
+        "not_measured": "the teacher has 5 classes, the store 10"}
