@@ -12,7 +12,7 @@ from PIL import Image
 
 from satdata.cli import main
 from satdata.errors import SatkitError, StoreError
-from satdata.preview import OBJECT_TINT, OUTLINE, contact_sheet, overlay
+from satdata.preview import OBJECT_TINT, OUTLINE, WRONG, contact_sheet, make_sheet, overlay
 from satdata.store import MapInfo, StoreWriter, open_store
 
 
@@ -147,3 +147,80 @@ def test_preview_command(digits_store: Path, tmp_path: Path) -> None:
     res = runner.invoke(main, ["preview", str(digits_store), "--out", str(tmp_path / "q.png"), "--map", "nope"])
     assert res.exit_code == 1 and "no saliency map 'nope'" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def teacher_map_store(digits_store: Path, out: Path, wrong_every: int = 3) -> tuple[Path, dict[str, np.ndarray]]:
+    """A copy of the digits store with teacher-like maps that record their target class:
+    'gcpp' (predicted; every ``wrong_every``-th sample's class is off by one) and 'lab'
+    (made for the label)."""
+    import shutil
+
+    from satdata.addmap import NewMap, add_map
+
+    shutil.copytree(digits_store, out)
+    st = open_store(out)
+    targets = {}
+    for s in st.info.splits:
+        y = st.load(s, "labels")
+        t = y.copy()
+        t[::wrong_every] = (t[::wrong_every] + 1) % 10
+        targets[s] = t
+    teacher = {"kind": "sattrain", "classes": st.info.classes}
+    add_map(out, NewMap("gcpp", "unit", "gradcampp", targets=True,
+                        provenance={"target": "predicted", "teacher": teacher}),
+            lambda s: iter([(np.zeros((st.info.splits[s], 16, 16), np.uint8), targets[s])]))
+    add_map(out, NewMap("lab", "unit", "gradcampp", targets=True, provenance={"target": "label", "teacher": teacher}),
+            lambda s: iter([(np.zeros((st.info.splits[s], 16, 16), np.uint8), st.load(s, "labels"))]))
+    return out, targets
+
+
+def test_teacher_maps_caption_the_teachers_class_and_mark_mismatches(digits_store: Path, tmp_path: Path) -> None:
+    store, targets = teacher_map_store(digits_store, tmp_path / "t.zarr")
+    st = open_store(store)
+    labels = st.load("test", "labels")
+    sheet = make_sheet(st, split="test", map_name="gcpp", n=12, seed=3, scale=4)
+    idx = np.sort(np.random.default_rng(3).choice(355, size=12, replace=False))
+    assert [t.index for t in sheet.tiles] == idx.tolist()
+    for t in sheet.tiles:
+        y, p = int(labels[t.index]), int(targets["test"][t.index])
+        assert t.label == str(y)
+        assert t.wrong == (p != y)
+        assert t.teacher == (f"teacher: {p} (wrong)" if p != y else f"teacher: {p}")
+    n_wrong = int((targets["test"][idx] != labels[idx]).sum())
+    assert 0 < n_wrong < 12 and sheet.wrong == n_wrong
+    assert f"red = the teacher's class is not the label ({n_wrong} of 12)" in sheet.subtitle
+    # a wrong tile is framed in red; a sheet with all-correct tiles has no such frame
+    img = np.asarray(sheet.image)
+    assert (img == np.array(WRONG, np.uint8)).all(axis=-1).sum() >= n_wrong * 4 * (64 - 1) * 2
+
+    res = CliRunner().invoke(main, ["preview", str(store), "--map", "gcpp", "--split", "test", "-n", "12",
+                                    "--seed", "3", "--scale", "4", "--out", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == (f"wrote {tmp_path / 'p.png'} (the teacher's class differs from the label "
+                                  f"on {n_wrong} of 12 tiles)")
+    assert np.array_equal(sheet_array(tmp_path / "p.png"), img)
+
+    # a map made for the label says so and is never "wrong"; no count is printed
+    lab = make_sheet(st, split="test", map_name="lab", n=5, seed=1)
+    assert all(t.teacher == f"map for: {int(labels[t.index])}" and not t.wrong for t in lab.tiles)
+    res = CliRunner().invoke(main, ["preview", str(store), "--map", "lab", "--out", str(tmp_path / "l.png")])
+    assert res.exit_code == 0 and res.output.strip() == f"wrote {tmp_path / 'l.png'}"
+    # maps without targets (the store's own, or teacher maps from before) preview as before
+    ink = make_sheet(st, split="test", map_name="ink", n=5, seed=1)
+    assert all(t.teacher is None and not t.wrong for t in ink.tiles)
+    assert "teacher" not in ink.subtitle and not (np.asarray(ink.image) == np.array(WRONG, np.uint8)).all(-1).any()
+
+
+def test_teacher_captions_for_multi_label_and_unknown_targets() -> None:
+    from satdata.preview import teacher_captions
+
+    classes = ["cat", "dog", "pottedplant"]
+    labels = np.array([[1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]], np.uint8)
+    mi = MapInfo("cam", "unit", "gradcampp", provenance={"target": "predicted"}, targets=True)
+    got = teacher_captions(np.array([2, 0, 2, -1]), labels, classes, "multi", mi)
+    assert got == [("teacher: pottedplant", False), ("teacher: cat (wrong)", True),
+                   ("teacher: pottedplant", False), ("teacher: ?", False)]
+    # a teacher with other classes: its names are shown, right or wrong is not judged
+    other = MapInfo("cam", "unit", "gradcampp", targets=True,
+                    provenance={"target": "predicted", "teacher": {"classes": ["a", "b", "c", "d"]}})
+    assert teacher_captions(np.array([3]), labels[:1], classes, "multi", other) == [("teacher: d", False)]

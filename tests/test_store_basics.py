@@ -89,3 +89,112 @@ def test_fast_reads_equal_zarr_reads(digits_store: Path, tmp_path: Path) -> None
             read_rows_into(arr, start, stop, out)
             assert np.array_equal(out, ref[start:stop]), (arr.path, start, stop)
     assert np.array_equal(st.load("train", "images"), np.asarray(images[:]))
+
+
+def _set_attr(store: Path, **changes: object) -> None:
+    """Change (value) or remove (None) keys of a store's 'satkit' attribute in place."""
+    meta = json.loads((store / "zarr.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta["attributes"]["satkit"].pop(k, None)
+        else:
+            meta["attributes"]["satkit"][k] = v
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_hflip_says_whether_a_mirror_keeps_the_class(digits_store: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from satdata.cli import main
+    from satdata.store import MapInfo, StoreWriter
+
+    st = open_store(digits_store)
+    assert st.info.hflip is False  # digits declare it: a mirrored 2 is not a 2
+    assert json.loads((digits_store / "zarr.json").read_text())["attributes"]["satkit"]["hflip"] is False
+    res = CliRunner().invoke(main, ["info", str(digits_store)])
+    assert res.exit_code == 0 and "hflip       no (a horizontal flip can change the class" in res.output
+    res = CliRunner().invoke(main, ["info", str(digits_store), "--json"])
+    assert json.loads(res.output)["hflip"] is False
+
+    # other writers default to True; a store written before the key existed reads as True
+    w = StoreWriter(tmp_path / "w.zarr", dataset="x", classes=["a", "b"], image_size=(2, 2), label_kind="single",
+                    maps={"m": MapInfo("m", "binary", "mask")})
+    w.create_split("train", 2)
+    w.write("train", 0, np.zeros((2, 2, 2, 3), np.uint8), np.array([0, 1]), ["p", "q"],
+            {"m": np.zeros((2, 2, 2), np.uint8)})
+    w.close_split("train", 2)
+    assert w.finish({}).hflip is True and open_store(tmp_path / "w.zarr").info.hflip is True
+    old = tmp_path / "old.zarr"
+    shutil.copytree(digits_store, old)
+    _set_attr(old, hflip=None)
+    assert open_store(old).info.hflip is True
+    res = CliRunner().invoke(main, ["info", str(old)])
+    assert "hflip       yes" in res.output
+    for bad in ("no", 0, 1, [True]):
+        _set_attr(old, hflip=bad)
+        with pytest.raises(StoreError) as e:
+            open_store(old)
+        msg = str(e.value)
+        assert str(old) in msg and f"hflip={bad!r}" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="hflip must be a bool"):
+        StoreWriter(tmp_path / "v.zarr", dataset="x", classes=["a"], image_size=(2, 2), label_kind="single",
+                    maps={}, hflip="yes")  # type: ignore[arg-type]
+
+
+def test_map_targets_are_declared_validated_and_optional(digits_store: Path, tmp_path: Path) -> None:
+    from satdata.addmap import NewMap, add_map
+    from satdata.store import TARGETS_GROUP, array_path
+    from satdata.verify import verify_digests
+
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(digits_store, copy)
+    st = open_store(copy)
+    labels = {s: st.load(s, "labels") for s in st.info.splits}
+
+    def produce(split: str):  # noqa: ANN202
+        ink = st.load(split, "saliency", "ink")
+        for a in range(0, len(ink), 300):  # blocks that do not line up with chunks
+            yield ink[a:a + 300], (labels[split][a:a + 300] + 1) % 10
+
+    info = add_map(copy, NewMap("t", "binary", "mask", targets=True), produce)
+    mi = info.maps["t"]
+    assert mi.targets and array_path("train", TARGETS_GROUP, mi.array_name) == f"train/map_targets/{mi.array_name}"
+    st = open_store(copy)
+    for s in st.info.splits:
+        assert np.array_equal(st.map_targets(s, "t"), (labels[s] + 1) % 10)
+        assert st.map_targets(s, "t").dtype == np.int64
+    assert st.map_targets("train", "ink") is None
+    with pytest.raises(StoreError, match="map 'ink' records no target classes"):
+        st.array("train", "map_targets", "ink")
+    with pytest.raises(StoreError, match="no saliency map 'nope'"):
+        st.map_targets("train", "nope")
+    assert verify_digests(st).ok
+
+    # a map without targets does not get any: maps added the old way stay as they were
+    plain = add_map(copy, NewMap("p", "binary", "mask"), lambda s: iter([st.load(s, "saliency", "ink")]))
+    assert not plain.maps["p"].targets and not (copy / "train" / "map_targets" / "p").exists()
+    # a producer that forgets the targets of a map that has them is refused, nothing written
+    with pytest.raises(Exception, match="needs \\(values, targets\\) blocks"):
+        add_map(copy, NewMap("q", "binary", "mask", targets=True), lambda s: iter([st.load(s, "saliency", "ink")]))
+    assert "q" not in open_store(copy).info.maps
+    assert not any(p.name.startswith("q.") for p in (copy / "train" / "map_targets").iterdir())
+
+    # replacing part of a map that had no targets: the kept split's targets are unknown (-1)
+    def train_only(split: str):  # noqa: ANN202
+        assert split == "train"
+        yield st.load(split, "saliency", "ink"), labels[split]
+
+    add_map(copy, NewMap("p", "binary", "mask", targets=True), train_only, splits=["train"], overwrite=True)
+    st2 = open_store(copy)
+    assert np.array_equal(st2.map_targets("train", "p"), labels["train"])
+    assert (st2.map_targets("test", "p") == -1).all() and verify_digests(st2).ok
+
+    # the format promises the targets array: missing or misshapen, the store is refused
+    shutil.rmtree(copy / "test" / "map_targets" / mi.array_name)
+    with pytest.raises(StoreError, match=f"lacks array test/map_targets/{mi.array_name}"):
+        open_store(copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"]["satkit"]["maps"]["t"]["targets"] = "yes"
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="map 't' has targets='yes'"):
+        open_store(copy)
