@@ -255,3 +255,41 @@ def test_unreadable_manifest_files(tmp_path: Path, digits_store: Path) -> None:
     res = CliRunner().invoke(main, ["verify", str(digits_store), "--manifest", str(broken)])
     assert res.exit_code == 1 and "not valid JSON" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_map_targets_are_digest_keys_by_map_name(digits_store: Path, tmp_path: Path) -> None:
+    """A map with targets (teacher maps) is pinned by its map name, like its values, even
+    though both live under a fresh array name; a changed target is a named difference."""
+    import shutil
+
+    import numpy as np
+
+    from satdata.addmap import NewMap, add_map
+
+    store = tmp_path / "t.zarr"
+    shutil.copytree(digits_store, store)
+    st = open_store(store)
+    add_map(store, NewMap("t", "binary", "mask", targets=True),
+            lambda s: iter([(st.load(s, "saliency", "ink"), st.load(s, "labels"))]))
+    st = open_store(store)
+    draft = draft_manifest(st, name="t")
+    keys = set(draft["expect"]["digests"])
+    assert {"train/saliency/t", "train/map_targets/t", "test/map_targets/t"} <= keys
+    assert not any(st.info.maps["t"].array in k for k in keys)
+    m = dataclasses.replace(parse_manifest({**draft, "expect": {**draft["expect"], "maps": ["ink", "box"],
+                                                                "digests": {}}}, "m.json"),
+                            maps=("ink", "box", "t"), digests=draft["expect"]["digests"])
+    assert check_store(st, m) == []
+    add_map(store, NewMap("t", "binary", "mask", targets=True), overwrite=True,
+            produce=lambda s: iter([(st.load(s, "saliency", "ink"), np.zeros(st.info.splits[s], np.int64))]))
+    problems = check_store(open_store(store), m)
+    assert [p.split(":")[0] for p in problems] == ["train/map_targets/t", "test/map_targets/t"]
+    # the key is checked like a saliency key: it must name a map the manifest lists
+    base = draft_manifest(open_store(digits_store), name="d")
+    ok = copy.deepcopy(base)
+    ok["expect"]["digests"]["train/map_targets/ink"] = "a" * 64
+    assert parse_manifest(ok, "m.json").digests["train/map_targets/ink"] == "a" * 64
+    bad = copy.deepcopy(base)
+    bad["expect"]["digests"]["train/map_targets/zzz"] = "a" * 64
+    with pytest.raises(SatkitError, match="names map 'zzz', which expect.maps does not list"):
+        parse_manifest(bad, "m.json")
