@@ -198,3 +198,31 @@ def test_map_targets_are_declared_validated_and_optional(digits_store: Path, tmp
     (copy / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="map 't' has targets='yes'"):
         open_store(copy)
+
+
+def test_hflip_comes_from_the_source_and_survives_h5_export(digits_store: Path, tmp_path: Path) -> None:
+    import h5py
+
+    from satdata.build import BuildConfig, build
+    from satdata.errors import SourceError
+    from satdata.export import export_h5
+    from satdata.sources import get_source_class, source_names
+
+    assert get_source_class("digits").hflip is False
+    assert all(get_source_class(n).hflip is True for n in source_names() if n not in ("digits", "h5"))
+    h5 = export_h5(open_store(digits_store), tmp_path / "d.h5", progress=False)
+    # copies made now: the h5 source keeps the files it reads open in this process
+    absent, bad = shutil.copy(h5, tmp_path / "absent.h5"), shutil.copy(h5, tmp_path / "bad.h5")
+    with h5py.File(h5, "r") as f:
+        assert bool(f.attrs["hflip"]) is False
+    with h5py.File(absent, "r+") as f:
+        del f.attrs["hflip"]
+    with h5py.File(bad, "r+") as f:
+        f.attrs["hflip"] = "no"
+    back = build(BuildConfig(source="h5", root=str(h5), out=str(tmp_path / "back.zarr"), size=(16, 16),
+                             progress=False))
+    assert back.info.hflip is False and open_store(tmp_path / "back.zarr").info.hflip is False
+    assert build(BuildConfig(source="h5", root=str(absent), out=str(tmp_path / "b2.zarr"), size=(16, 16),
+                             progress=False)).info.hflip is True
+    with pytest.raises(SourceError, match="attribute 'hflip' must be a boolean"):
+        build(BuildConfig(source="h5", root=str(bad), out=str(tmp_path / "b3.zarr"), size=(16, 16), progress=False))
