@@ -4,9 +4,16 @@ A checkpoint is what ``torch.save`` writes for::
 
     {"format": "satkit-checkpoint", "version": 1,
      "model": state_dict, "optimizer": state_dict or None, "epoch": int (epochs done),
+     "scheduler": the learning-rate scheduler's state_dict or None,
+     "best": {"epoch", "pgd<N>_monitor", "clean_acc", "checkpoint"} or None (the run's
+             best epoch so far by the held-out monitor),
      "model_spec": {"name", "num_classes", "label_kind", "image_size", "classes"},
      "config": {...resolved options...}, "rng": {...generator states as uint8 tensors...},
      "extra": {...}}
+
+A run directory holds ``checkpoint.pt`` (the last epoch: what ``--resume`` continues and
+what ``sattrain eval RUN_DIR`` evaluates) and ``best.pt`` (the epoch with the highest
+held-out monitor score, same format, no optimizer state).
 
 and it is always read with ``torch.load(weights_only=True)``, so opening a checkpoint
 from someone else cannot run code. Writes go to a temporary file then ``os.replace``, so
@@ -25,6 +32,7 @@ import torch.nn as nn
 from satdata.errors import SatkitError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
 FORMAT = "satkit-checkpoint"
 VERSION = 1
 

@@ -14,9 +14,10 @@ import click
 from satdata.clikit import run_cli
 from satdata.errors import SatkitError
 from sattrain import __version__
-from sattrain.config import DEFAULT_MEMORY_BUDGET, TrainConfig, parse_eps, parse_size_bytes
+from sattrain.config import AUGMENTS, DEFAULT_MEMORY_BUDGET, RECIPES, SCHEDULES, TrainConfig, parse_eps, parse_size_bytes
 from sattrain.methods import get_method, method_names
 from sattrain.models import model_names, model_summary
+from sattrain.schedule import SCHEDULE_HELP
 
 
 def _eps(option: str) -> Callable[[click.Context, click.Parameter, Any], float | None]:
@@ -42,6 +43,10 @@ def _run_epilog() -> str:
     methods = "\n".join(f"  {m:<14}{get_method(m).summary}" + (" [needs a map]" if get_method(m).needs_map else "")
                         for m in method_names())
     models = "\n".join(f"  {m:<16}{model_summary(m)}" for m in model_names())
+    recipes = "\n".join(
+        f"  {r.name:<8}{r.optimizer} lr {r.lr:g}, momentum {r.momentum:g}, weight decay {r.weight_decay:g}, "
+        f"--schedule {r.schedule}, --attack-bn {r.attack_bn}" for r in RECIPES.values())
+    schedules = "\n".join(f"  {k:<11}{v}" for k, v in SCHEDULE_HELP.items())
     return f"""\b
 Methods (--method):
 {methods}
@@ -53,14 +58,27 @@ The SAT perturbation (SAT.md), per element, epoch t from 0:
 Models (--model):
 {models}
 \b
-The run directory (--out) gets config.json, metrics.jsonl (one line per epoch),
-checkpoint.pt (after every epoch) and metrics.json (clean and PGD accuracy at
-eps 1/255 ... 8/255 on the held-out subset). Multi-label stores train with BCE and
-report mAP.
+Recipes (--recipe; an explicit --optimizer, --lr, --momentum, --weight-decay,
+--schedule or --attack-bn overrides the recipe's value):
+{recipes}
+\b
+Learning-rate schedules (--schedule; epochs t from 0 of E, scaled to --epochs):
+{schedules}
+\b
+The run directory (--out) gets config.json (every option as resolved), metrics.jsonl
+(one line per epoch: loss, lr, held-out clean_acc and pgd5_monitor), checkpoint.pt
+(the last epoch, after every epoch; --resume continues it), best.pt (the epoch with the
+highest pgd5_monitor; ties keep the earlier epoch), summary.json and metrics.json.
+pgd5_monitor is cheap monitoring (PGD, 5 steps of 2/255, --eval-samples held-out
+samples), never the model's robustness: that is the end-of-run summary, AutoAttack and
+PGD at 1, 2, 4, 8/255 on --summary-samples held-out samples of checkpoint.pt (the
+console's last line states its headline), or `sattrain eval RUN_DIR` (or RUN_DIR/best.pt).
+Multi-label stores train with BCE and report mAP.
 \b
 Examples:
   sattrain run digits.zarr --method sat --map ink --epochs 20 --out runs/digits-sat
-  sattrain run digits.zarr --method standard --train-samples 512 --epochs 2 --device cpu
+  sattrain run digits.zarr --method standard --train-samples 512 --epochs 2 --summary-samples 0
+  sattrain run cifar10.zarr --method pgd --recipe madry --model resnet18 --epochs 200
   sattrain run cifar10.zarr --method pgd+sat --map gbp_adv --model resnet10 --amp
   sattrain run tin.zarr --method sat --map boxes --map mask --epochs 100   # map ensemble
   sattrain run cifar10.zarr --out runs/c10-sat --resume                   # continue a run
@@ -88,24 +106,46 @@ def main() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
               help="Epochs (the authors trained 100-200).")
 @click.option("--batch-size", "-b", type=click.IntRange(min=2), default=128, show_default=True, help="Batch size.")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
-              help="Adam (the authors') or SGD with momentum; no learning-rate schedule.")
-@click.option("--lr", type=float, default=None, help="Learning rate.  [default: 1e-3 for Adam, 0.1 for SGD]")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Weight decay.")
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default="paper", show_default=True,
+              help="Optimisation settings of a published setup (values below): paper = the SAT authors' (Adam lr 1e-3, "
+                   "constant lr, attacks in BN train mode); madry = PGD-AT (SGD 0.1, momentum 0.9, weight decay 5e-4, "
+                   "multistep); trades = the TRADES reference (SGD 0.1, momentum 0.9, weight decay 2e-4, x0.1 at "
+                   "75/90/100% of the epochs). The options below override single values.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None,
+              help="Adam or SGD with momentum.  [default: the recipe's: adam for paper, sgd for madry and trades]")
+@click.option("--lr", type=float, default=None,
+              help="(Peak) learning rate.  [default: the recipe's: 1e-3 for Adam (paper), 0.1 for SGD (madry, "
+                   "trades); with an --optimizer other than the recipe's: 1e-3 for Adam, 0.1 for SGD]")
+@click.option("--momentum", type=float, default=None,
+              help="SGD momentum, in [0, 1); Adam ignores it.  [default: the recipe's: 0.9]")
+@click.option("--weight-decay", type=float, default=None,
+              help="Weight decay (L2, added to the gradient).  [default: the recipe's: 0 for paper, 5e-4 for madry, "
+                   "2e-4 for trades]")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default=None,
+              help="Learning-rate schedule (see the list below; recorded per epoch as lr in metrics.jsonl).  "
+                   "[default: the recipe's: constant for paper, multistep for madry, trades for trades]")
+@click.option("--attack-bn", type=click.Choice(["train", "eval"]), default=None,
+              help="Batch norm while training-time attacks (PGD, TRADES) craft their examples: train = batch "
+                   "statistics, running statistics updated by the attack (the SAT authors' scripts); eval = running "
+                   "statistics, left unchanged (the TRADES reference). The training pass is always in train mode.  "
+                   "[default: the recipe's: train for paper, eval for madry and trades]")
 @click.option("--eps0", default="8/255", show_default=True, callback=_eps("--eps0"),
               help="SAT perturbation size (also the size of the uniform-noise controls).")
 @click.option("--alpha", type=float, default=0.6, show_default=True,
               help="SAT curriculum: p_t = 1 - alpha**(t/10), the share of pixels that follow the map "
                    "(0 at epoch 0, 0.4 at epoch 10 with 0.6). The authors' plots label this axis alpha^10.")
 @click.option("--eps", default="8/255", show_default=True, callback=_eps("--eps"),
-              help="PGD / TRADES ball in training, and the PGD of the per-epoch evaluation.")
+              help="PGD / TRADES ball in training, and the PGD of the per-epoch monitor.")
 @click.option("--steps", type=click.IntRange(min=0), default=5, show_default=True, help="PGD / TRADES steps in training.")
 @click.option("--step-size", default="2/255", show_default=True, callback=_eps("--step-size"),
-              help="PGD / TRADES step size (training and evaluation).")
+              help="PGD / TRADES step size (training and the per-epoch monitor).")
 @click.option("--beta", type=float, default=None,
               help="TRADES weight of the KL term.  [default: 6 for trades, 1 for trades+sat and trades+noise]")
-@click.option("--no-augment", is_flag=True, help="No random crop (pad 4) and flip (default: on, image and map together).")
+@click.option("--augment", type=click.Choice(list(AUGMENTS)), default="auto", show_default=True,
+              help="Training augmentation, image and map together: crop+flip = random crop (zero padding 4) and "
+                   "horizontal flip; crop = the crop alone; none. auto = crop+flip when the store says a mirror "
+                   "keeps the class, crop otherwise (digits); config.json records the value used.")
+@click.option("--no-augment", is_flag=True, help="Same as --augment none.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA if available), cpu, cuda or cuda:N.")
 @click.option("--amp", is_flag=True,
@@ -116,40 +156,51 @@ def main() -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Run directory.  [default: runs/<dataset>-<method>-<model>-s<seed>]")
 @click.option("--resume", is_flag=True,
-              help="Continue the run in --out from its last checkpoint (same options; --epochs may grow).")
+              help="Continue the run in --out from its last checkpoint.pt, schedule included (same options; --epochs may "
+                   "grow under --schedule constant only: the others are scaled to the epochs).")
 @click.option("--train-samples", type=click.IntRange(min=2), default=None,
               help="Train on a random subset of this many samples (seeded), for quick runs.")
 @click.option("--eval-samples", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Size of the fixed held-out subset evaluated each epoch and at the end (0: the whole split).")
-@click.option("--eval-split", default=None, help="Held-out split.  [default: val if present, else test]")
+              help="Size of the fixed held-out subset of the per-epoch monitor (0: the whole split).")
+@click.option("--eval-split", default=None,
+              help="Held-out split of the monitor and the summary.  [default: val if present, else test]")
 @click.option("--eval-steps", type=click.IntRange(min=0), default=5, show_default=True,
-              help="PGD steps of the held-out evaluation (random start, --step-size).")
+              help="PGD steps of the per-epoch monitor (random start, --step-size, at --eps): cheap monitoring "
+                   "that picks best.pt, recorded as pgd<N>_monitor, not a robustness number.")
+@click.option("--summary-samples", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Held-out samples of the end-of-run summary with the strong protocol (AutoAttack and PGD at "
+                   "1, 2, 4, 8/255; slow on a CPU); 0 skips it (measure later with `sattrain eval`).")
 @click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 1024**3}G", show_default=True, callback=_size,
               help="Host memory a training split may take; larger splits are streamed from the store in "
                    "shuffled blocks of whole chunks.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.  [default: torch's]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int, batch_size: int, optimizer: str,
-        lr: float | None, momentum: float, weight_decay: float, eps0: float, alpha: float, eps: float, steps: int,
-        step_size: float, beta: float | None, no_augment: bool, device: str, amp: bool, seed: int, out: Path | None,
-        resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None, eval_steps: int,
-        memory_budget: int, threads: int | None, quiet: bool) -> None:
+def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int, batch_size: int, recipe: str,
+        optimizer: str | None, lr: float | None, momentum: float | None, weight_decay: float | None,
+        schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int,
+        step_size: float, beta: float | None, augment: str, no_augment: bool, device: str, amp: bool, seed: int,
+        out: Path | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
+        eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool) -> None:
     """Train a model on STORE with one of the methods; write a run directory.
 
     Reads the training split once into (device) memory, builds each batch's perturbation
-    on the device, checkpoints after every epoch, and evaluates clean and PGD accuracy on
-    a fixed held-out subset.
+    on the device, checkpoints after every epoch (and best.pt at the best held-out monitor
+    score), monitors clean and cheap-PGD accuracy on a fixed held-out subset, and ends
+    with a strong-protocol evaluation (AutoAttack and PGD) of the final model.
     """
     def go() -> None:
         from sattrain.train import train
 
+        if no_augment and augment not in ("auto", "none"):
+            raise SatkitError(f"--no-augment contradicts --augment {augment}; give one of them")
         cfg = TrainConfig(
             store=store, out=str(out) if out is not None else None, method=method, maps=tuple(maps), model=model,
-            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
-            weight_decay=weight_decay, eps0=eps0, alpha=alpha, eps=eps, steps=steps, step_size=step_size, beta=beta,
-            augment=not no_augment, device=device, amp=amp, seed=seed, resume=resume, train_samples=train_samples,
-            eval_samples=eval_samples, eval_split=eval_split, eval_steps=eval_steps, memory_budget=memory_budget,
-            threads=threads, progress=not quiet,
+            epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
+            steps=steps, step_size=step_size, beta=beta, augment="none" if no_augment else augment, device=device,
+            amp=amp, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
+            eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
+            memory_budget=memory_budget, threads=threads, progress=not quiet,
         )
         train(cfg, log=lambda msg: click.echo(msg, err=True))
 

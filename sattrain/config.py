@@ -6,13 +6,22 @@ depends on another option, e.g. ``lr`` on ``optimizer`` or ``beta`` on ``method`
 in ``config.json`` and its checkpoints. Epsilons are in pixel units of [0, 1] images and
 may be written as fractions: ``parse_eps("8/255")``.
 
+A *recipe* (``--recipe``) is a named set of optimisation settings from the literature:
+the optimizer, learning rate, momentum, weight decay, learning-rate schedule and the batch
+norm mode of attack generation (``RECIPES``). Options given explicitly override the
+recipe's values; ``resolved()`` records both the recipe and every value it resolved to.
+
 >>> cfg = TrainConfig(store="digits.zarr", method="sat", maps=("ink",)).resolved()
->>> round(cfg.eps0 * 255), cfg.beta, cfg.lr
-(8, None, 0.001)
+>>> round(cfg.eps0 * 255), cfg.beta, cfg.lr, cfg.schedule, cfg.attack_bn
+(8, None, 0.001, 'constant', 'train')
+>>> cfg = TrainConfig(store="cifar10.zarr", method="pgd", recipe="madry").resolved()
+>>> cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.attack_bn
+('sgd', 0.1, 0.9, 0.0005, 'multistep', 'eval')
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
@@ -22,10 +31,56 @@ from satdata.errors import SatkitError
 
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+# Learning-rate schedules (sattrain.schedule has the formulas).
+SCHEDULES = ("constant", "multistep", "trades", "cosine", "onecycle")
+# Batch norm mode while training-time attacks (PGD, TRADES) craft their examples.
+ATTACK_BN = ("train", "eval")
+# --augment: "auto" is resolved against the store (crop+flip when its images may be
+# mirrored, StoreInfo.hflip; crop alone otherwise, e.g. digits).
+AUGMENTS = ("auto", "crop+flip", "crop", "none")
 
-# Default learning rate per optimizer: Adam 1e-3 is the SAT authors' setting; SGD 0.1 is
-# the usual CIFAR ResNet setting (momentum 0.9).
+# Default learning rate per optimizer, used when --optimizer differs from the recipe's:
+# Adam 1e-3 is the SAT authors' setting; SGD 0.1 is the usual CIFAR ResNet setting.
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimisation settings of one published training setup (see ``RECIPES``)."""
+
+    name: str
+    summary: str  # one line for --help
+    optimizer: str
+    lr: float
+    momentum: float  # SGD only (Adam ignores it)
+    weight_decay: float
+    schedule: str
+    attack_bn: str
+
+
+# paper: the SAT authors' scripts (student*.py, teacher*.py): Adam with torch's defaults
+#   (lr 1e-3, no weight decay), no schedule, and attacks crafted with the model left in
+#   train mode (batch statistics; running statistics updated by the attack's forwards).
+# madry: PGD adversarial training as Madry et al. and Rice et al. ("Overfitting in
+#   adversarially robust deep learning", 2020) run it on CIFAR-10: SGD 0.1, momentum 0.9,
+#   weight decay 5e-4, the piecewise schedule (x0.1 at 50% and 75% of the epochs).
+# trades: the TRADES reference (yaodongyu/TRADES, train_trades_cifar10.py): SGD 0.1,
+#   momentum 0.9, weight decay 2e-4, x0.1 at epochs 75, 90 and 100 of 100 (scaled to
+#   --epochs). Both literature recipes craft attacks in eval mode, as the TRADES
+#   reference does (its trades_loss calls model.eval() before the KL maximisation).
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("paper", "the SAT authors' scripts: Adam lr 1e-3, no weight decay, constant lr, attacks in BN train mode",
+               "adam", 1e-3, 0.9, 0.0, "constant", "train"),
+        Recipe("madry", "Madry / Rice et al. PGD-AT: SGD lr 0.1, momentum 0.9, weight decay 5e-4, "
+               "x0.1 at 50% and 75% of the epochs, attacks in BN eval mode",
+               "sgd", 0.1, 0.9, 5e-4, "multistep", "eval"),
+        Recipe("trades", "the TRADES reference: SGD lr 0.1, momentum 0.9, weight decay 2e-4, "
+               "x0.1 at 75%, 90% and 100% of the epochs, attacks in BN eval mode",
+               "sgd", 0.1, 0.9, 2e-4, "trades", "eval"),
+    )
+}
 
 # Default TRADES beta per method (SAT.md: beta = 6 for plain TRADES, beta = 1 when TRADES
 # is mixed with SAT or with noise). Methods without a KL term have no beta.
@@ -98,17 +153,23 @@ class TrainConfig:
     model: str = "small-cnn"
     epochs: int = 100
     batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float | None = None  # None: DEFAULT_LR[optimizer]
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
+    recipe: str = "paper"  # RECIPES: the defaults of the five options below and of attack_bn
+    optimizer: str | None = None  # None: the recipe's
+    lr: float | None = None  # None: the recipe's (DEFAULT_LR[optimizer] if optimizer is not the recipe's)
+    momentum: float | None = None  # SGD only; None: the recipe's
+    weight_decay: float | None = None  # None: the recipe's
+    schedule: str | None = None  # SCHEDULES; None: the recipe's
+    attack_bn: str | None = None  # ATTACK_BN; None: the recipe's (train for paper, eval for madry and trades)
     eps0: float = 8 / 255  # SAT perturbation size
     alpha: float = 0.6  # SAT curriculum: p_t = 1 - alpha ** (epoch / 10)
     eps: float = 8 / 255  # PGD / TRADES ball (and the PGD evaluation during training)
     steps: int = 5
     step_size: float = 2 / 255
     beta: float | None = None  # None: DEFAULT_BETA[method] for TRADES methods
-    augment: bool = True  # random crop (pad 4) + horizontal flip, image and map together
+    # AUGMENTS: random crop (pad 4), with or without a horizontal flip, image and map
+    # together. "auto" stays "auto" in resolved() (it needs the store; the trainer records
+    # what it resolved to). For older callers True means "auto" and False "none".
+    augment: str | bool = "auto"
     device: str = "auto"
     amp: bool = False
     seed: int = 0
@@ -116,15 +177,34 @@ class TrainConfig:
     train_samples: int | None = None  # None: the whole train split
     eval_samples: int = 256  # 0: the whole held-out split
     eval_split: str | None = None  # None: val if the store has it, else test
-    eval_steps: int = 5  # PGD steps of the held-out evaluation (SAT.md protocol)
+    eval_steps: int = 5  # PGD steps of the per-epoch held-out monitor (cheap, not the robustness)
+    summary_samples: int = 500  # end-of-run strong evaluation (sattrain.evaluate); 0: skipped
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True
 
     def resolved(self) -> "TrainConfig":
-        """Fill the option-dependent defaults and check every value; raises SatkitError."""
-        if self.optimizer not in OPTIMIZERS:
-            raise SatkitError(f"--optimizer: unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+        """Fill the option-dependent defaults and check every value; raises SatkitError.
+
+        Each refused value gives a one-line error naming the option. Comparisons are
+        written so that NaN fails them (``not x >= 0``), and infinities are refused where
+        a finite number is needed.
+        """
+        if self.recipe not in RECIPES:
+            raise SatkitError(f"--recipe: unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
+        recipe = RECIPES[self.recipe]
+        optimizer = self.optimizer if self.optimizer is not None else recipe.optimizer
+        if optimizer not in OPTIMIZERS:
+            raise SatkitError(f"--optimizer: unknown optimizer {optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+        schedule = self.schedule if self.schedule is not None else recipe.schedule
+        if schedule not in SCHEDULES:
+            raise SatkitError(f"--schedule: unknown schedule {schedule!r} (known: {', '.join(SCHEDULES)})")
+        attack_bn = self.attack_bn if self.attack_bn is not None else recipe.attack_bn
+        if attack_bn not in ATTACK_BN:
+            raise SatkitError(f"--attack-bn: unknown mode {attack_bn!r} (known: {', '.join(ATTACK_BN)})")
+        augment = ("auto" if self.augment else "none") if isinstance(self.augment, bool) else self.augment
+        if augment not in AUGMENTS:
+            raise SatkitError(f"--augment: unknown augmentation {augment!r} (known: {', '.join(AUGMENTS)})")
         if self.device not in DEVICES and not self.device.startswith("cuda:"):
             raise SatkitError(f"--device: unknown device {self.device!r} (known: auto, cpu, cuda, cuda:N)")
         checks = [
@@ -132,25 +212,38 @@ class TrainConfig:
             (self.batch_size >= 2, "--batch-size: must be >= 2 (batch norm needs two samples)"),
             (self.steps >= 0, "--steps: must be >= 0"),
             (self.eval_steps >= 0, "--eval-steps: must be >= 0"),
-            (0 < self.alpha <= 1, "--alpha: must be in (0, 1]"),
+            (0 < self.alpha <= 1, f"--alpha: must be in (0, 1], got {self.alpha}"),
             (self.eval_samples >= 0, "--eval-samples: must be >= 0 (0: the whole split)"),
+            (self.summary_samples >= 0, "--summary-samples: must be >= 0 (0: no end-of-run summary)"),
             (self.train_samples is None or self.train_samples >= 2, "--train-samples: must be >= 2"),
             (self.memory_budget > 0, "--memory-budget: must be > 0"),
             (self.threads is None or self.threads >= 1, "--threads: must be >= 1"),
-            (self.weight_decay >= 0, "--weight-decay: must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise SatkitError(msg)
         for name in ("eps0", "eps", "step_size"):
             parse_eps(getattr(self, name), "--" + name.replace("_", "-"))
-        lr = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-        if not lr > 0:
-            raise SatkitError(f"--lr: must be > 0, got {lr}")
+        if self.lr is not None:
+            lr = self.lr
+        elif optimizer == recipe.optimizer:
+            lr = recipe.lr
+        else:
+            lr = DEFAULT_LR[optimizer]
+        if not (lr > 0 and math.isfinite(lr)):
+            raise SatkitError(f"--lr: must be a finite number > 0, got {lr}")
+        momentum = self.momentum if self.momentum is not None else recipe.momentum
+        if not 0 <= momentum < 1:
+            raise SatkitError(f"--momentum: must be in [0, 1), got {momentum}")
+        weight_decay = self.weight_decay if self.weight_decay is not None else recipe.weight_decay
+        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+            raise SatkitError(f"--weight-decay: must be a finite number >= 0, got {weight_decay}")
         beta = self.beta if self.beta is not None else DEFAULT_BETA.get(self.method)
-        if beta is not None and beta < 0:
-            raise SatkitError(f"--beta: must be >= 0, got {beta}")
-        return replace(self, lr=float(lr), beta=beta, maps=tuple(self.maps))
+        if beta is not None and not (beta >= 0 and math.isfinite(beta)):
+            raise SatkitError(f"--beta: must be a finite number >= 0, got {beta}")
+        return replace(self, optimizer=optimizer, lr=float(lr), momentum=float(momentum),
+                       weight_decay=float(weight_decay), schedule=schedule, attack_bn=attack_bn, augment=augment,
+                       beta=None if beta is None else float(beta), maps=tuple(self.maps))
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists)."""
@@ -166,10 +259,14 @@ class TrainConfig:
         return cls(**kw)
 
 
-# Options that may change when a run is resumed: they do not change what is computed
-# (epochs only extends the schedule, which depends on the epoch number alone). The store
-# may move: a resumed run checks the store's content digest instead of its path.
-RESUMABLE_CHANGES = frozenset({"store", "out", "epochs", "resume", "device", "progress", "threads", "memory_budget"})
+# Options that may change when a run is resumed: they do not change what is computed.
+# epochs may grow only under the constant schedule (the trainer refuses it otherwise: the
+# other schedules are scaled to the number of epochs, so more epochs would change the
+# learning rates of epochs already done). summary_samples only sizes the end-of-run
+# evaluation. The store may move: a resumed run checks the store's content digest
+# instead of its path.
+RESUMABLE_CHANGES = frozenset({"store", "out", "epochs", "resume", "device", "progress", "threads", "memory_budget",
+                               "summary_samples"})
 
 
 def resume_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -181,3 +278,18 @@ def resume_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if saved.get(k) != now.get(k):
             out.append(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}")
     return out
+
+
+def resolve_augment(augment: str, hflip: bool) -> str:
+    """The augmentation a run uses: "auto" becomes "crop+flip" when the store's images may
+    be mirrored (``StoreInfo.hflip``) and "crop" when not (a mirrored digit is another
+    digit, or none); explicit values stay as given.
+
+    >>> resolve_augment("auto", True), resolve_augment("auto", False), resolve_augment("none", True)
+    ('crop+flip', 'crop', 'none')
+    """
+    if augment == "auto":
+        return "crop+flip" if hflip else "crop"
+    if augment not in AUGMENTS:
+        raise SatkitError(f"--augment: unknown augmentation {augment!r} (known: {', '.join(AUGMENTS)})")
+    return augment

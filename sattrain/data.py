@@ -14,8 +14,10 @@ Where it goes is decided from its size (``plan_placement``):
   shuffled within each block. Per-sample store reads never happen in the loop: random
   reads from zarr run about 1,000x slower than indexing memory (docs/design.md).
 
-Per batch, on the batch's device: the same random crop (zero padding 4) and horizontal
-flip for the image and its map (``crop_flip``), conversion to floats in [0, 1], and the
+Per batch, on the batch's device: the same random crop (zero padding 4) and, unless the
+run's ``--augment`` is ``crop`` (the default for stores whose images must not be
+mirrored, ``StoreInfo.hflip`` False, e.g. digits), the same horizontal flip for the image
+and its map (``crop_flip``), conversion to floats in [0, 1], and the
 saliency ``S = scale * q + offset`` from the map's encoding
 (``satdata.store.MapInfo.affine``). Single-channel maps stay (B, 1, H, W) and are
 broadcast over RGB by the perturbation.
@@ -323,18 +325,31 @@ def num_batches(n: int, batch_size: int) -> int:
     return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
 
+# prepare_batch's augmentations: --augment's resolved values (sattrain.config.AUGMENTS
+# less "auto", which the trainer resolves against the store first).
+BATCH_AUGMENTS = ("crop+flip", "crop", "none")
+
+
 def prepare_batch(
     raw: RawBatch,
     codec: MapCodec | None,
     *,
     multilabel: bool,
-    augment: bool,
+    augment: str | bool,
     generator: torch.Generator | None,
 ) -> Batch:
-    """Augment (image and map together), convert to floats, and derive S on the device."""
+    """Augment (image and map together), convert to floats, and derive S on the device.
+
+    ``augment``: "crop+flip" (random crop after zero padding and a random horizontal
+    flip), "crop" (the crop only: for images a mirror changes, such as digits) or "none".
+    ``True`` and ``False`` are accepted as "crop+flip" and "none" for older callers.
+    """
     images, maps = raw.images, raw.maps
-    if augment:
-        images, maps = crop_flip(images, maps, generator=generator)
+    mode = ("crop+flip" if augment else "none") if isinstance(augment, bool) else augment
+    if mode not in BATCH_AUGMENTS:
+        raise SatkitError(f"--augment: unknown augmentation {augment!r} (known: {', '.join(BATCH_AUGMENTS)})")
+    if mode != "none":
+        images, maps = crop_flip(images, maps, generator=generator, flip=mode == "crop+flip")
     x = images_to_float(images)
     y = raw.labels.to(torch.float32) if multilabel else raw.labels
     S = saliency_from_stored(maps, codec) if (maps is not None and codec is not None) else None

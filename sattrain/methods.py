@@ -21,9 +21,22 @@ trades+noise  as trades+sat with x_pick = clamp(x + U(-eps0, eps0))  (beta 1)
 x_pgd: PGD with random start, ``steps`` steps of ``step_size`` in the eps-ball;
 x_trades: the TRADES KL maximisation (sattrain.attacks). The coin is fair and drawn per
 batch from a CPU generator, so it costs no device synchronisation; half the batches then
-need no attack. Adversarial examples are generated with the model in eval mode (batch
-norm uses and keeps its running statistics, as the TRADES reference does), and the
-model is back in train mode for the training forward pass.
+need no attack.
+
+Batch norm while an attack crafts its example (``ctx.attack_bn``, ``--attack-bn``):
+
+- ``train``: the model stays in train mode, as in the SAT authors' scripts: batch norm
+  normalises with the statistics of the batch being attacked, and every forward pass of
+  the attack also updates the running statistics (so the running statistics the model
+  is evaluated with have seen the adversarial batches). Dropout, where a model has it,
+  stays active too.
+- ``eval``: the model is put in eval mode for the attack, as the TRADES reference does:
+  batch norm uses and keeps its running statistics; the attack changes no model state.
+
+Either way the training forward pass runs in train mode. The default is the recipe's
+(``sattrain.config.RECIPES``): ``train`` under ``--recipe paper`` (the default recipe,
+for every method, the baselines included), ``eval`` under ``--recipe madry`` and
+``--recipe trades``.
 
 Multi-label stores train with BCE-with-logits instead of CE (and the multi-label KL of
 ``attacks.trades_kl``); the perturbations are the same.
@@ -58,6 +71,7 @@ class StepContext:
     multilabel: bool
     generator: torch.Generator | None  # on the batch's device: perturbations and attacks
     coin: torch.Generator  # on the CPU: per-batch choices, without a device sync
+    attack_bn: str = "eval"  # batch norm mode while an attack crafts its example: "train" or "eval"
 
 
 class StepResult(NamedTuple):
@@ -134,6 +148,23 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was)
 
 
+@contextmanager
+def attack_mode(model: nn.Module, bn: str) -> Iterator[None]:
+    """The model's mode while an attack crafts its example: ``bn`` "eval" or "train".
+
+    "train" leaves the model as the trainer has it (train mode: batch statistics, running
+    statistics updated by each forward of the attack, as the SAT authors' scripts do);
+    "eval" switches to eval mode and back (running statistics used and left unchanged).
+    """
+    if bn == "train":
+        yield
+    elif bn == "eval":
+        with eval_mode(model):
+            yield
+    else:
+        raise SatkitError(f"--attack-bn: unknown mode {bn!r} (known: train, eval)")
+
+
 def _require_map(batch: Batch, method: str) -> torch.Tensor:
     if batch.S is None:
         raise SatkitError(f"--method {method}: the batch has no saliency map (pass --map)")
@@ -143,7 +174,7 @@ def _require_map(batch: Batch, method: str) -> torch.Tensor:
 def _pgd_example(model: nn.Module, batch: Batch, ctx: StepContext) -> torch.Tensor:
     from sattrain.attacks import pgd
 
-    with eval_mode(model):
+    with attack_mode(model, ctx.attack_bn):
         return pgd(model, batch.x, batch.y, eps=ctx.eps, step_size=ctx.step_size, steps=ctx.steps,
                    random_start=True, loss="bce" if ctx.multilabel else "ce", generator=ctx.generator)
 
@@ -151,7 +182,7 @@ def _pgd_example(model: nn.Module, batch: Batch, ctx: StepContext) -> torch.Tens
 def _trades_example(model: nn.Module, batch: Batch, ctx: StepContext) -> torch.Tensor:
     from sattrain.attacks import trades_adv
 
-    with eval_mode(model):
+    with attack_mode(model, ctx.attack_bn):
         return trades_adv(model, batch.x, eps=ctx.eps, step_size=ctx.step_size, steps=ctx.steps,
                           multilabel=ctx.multilabel, generator=ctx.generator)
 

@@ -2,21 +2,46 @@
 
 A run directory holds::
 
-    config.json     resolved options, store (path, dataset, digest), data placement,
-                    device, package versions, git revision
+    config.json     resolved options (recipe, optimizer, lr, schedule, attack_bn, augment
+                    as resolved), store (path, dataset, digest), data placement, device,
+                    package versions, git revision
     metrics.jsonl   one line per epoch: epoch (from 0, the t of p_t), map, p_t, loss,
-                    train_acc, clean_acc and pgd_acc on a fixed held-out subset,
-                    attack_share, lr, seconds, images_per_s
-    checkpoint.pt   after every epoch (sattrain.checkpoint: model, optimizer, epochs done,
-                    model_spec, config, RNG states), loadable with weights_only=True
-    metrics.json    at the end: clean_acc, robust_acc {"pgd@1/255": ..., "pgd@8/255": ...}
+                    train_acc, lr (the epoch's first step) and lr_last (its last step),
+                    clean_acc and pgd<N>_monitor on a fixed held-out subset with the
+                    monitor's parameters ("monitor"), attack_share, seconds, images_per_s
+    checkpoint.pt   the last epoch, after every epoch (sattrain.checkpoint: model,
+                    optimizer, scheduler, epochs done, best so far, model_spec, config, RNG
+                    states), loadable with weights_only=True; --resume continues it
+    best.pt         the epoch with the highest pgd<N>_monitor so far (same format, no
+                    optimizer state)
+    summary.json    the end-of-run evaluation with the strong protocol (sattrain.evaluate:
+                    AutoAttack and PGD at 1, 2, 4, 8/255 on --summary-samples held-out
+                    samples) of checkpoint.pt; absent with --summary-samples 0
+    metrics.json    at the end: "summary" (that evaluation's headline and numbers),
+                    "best" and "last" (monitor numbers of the best and the last epoch),
+                    "monitor" (what the monitor measures), run facts
+
+The monitor. After every epoch the model is scored on a fixed held-out subset
+(--eval-samples, 256) clean and under a cheap PGD (--eval-steps 5 steps of --step-size
+2/255 at --eps, one random start). That is for watching a run and choosing best.pt, and
+its key says so: ``pgd5_monitor`` (``pgd<N>_monitor`` with --eval-steps N). A few weak
+PGD steps overestimate robustness, so it is never reported as the model's robustness:
+that is the summary's job (or ``sattrain eval``).
+
+best.pt (robust overfitting, Rice et al. 2020: the held-out robust accuracy of
+adversarial training often peaks and then falls while the training loss keeps falling).
+An epoch replaces the best only with a strictly higher monitor score, so a tie keeps
+the earlier epoch (the one that got there with less training). Multi-label runs compare
+the monitor's mAP under attack. A NaN score never becomes the best.
 
 For multi-label stores every "acc" above is the mean average precision over classes
 (``"metric": "mAP"`` says so), and PGD maximises the BCE loss.
 
 Reproducibility: every random stream of epoch t (shuffle, augmentation, perturbation,
 attack, per-batch coin, map choice, evaluation) is seeded from (seed, t, stream name)
-alone, and the model and optimizer state are checkpointed after each epoch. So on the
+alone, and the model, optimizer and scheduler state are checkpointed after each epoch
+(and the best-so-far record with them: best.pt is rewritten from checkpoint.pt on resume
+if a kill fell between the two writes). So on the
 CPU a run killed at any point and continued with ``--resume`` ends with exactly the
 metrics of an uninterrupted run (tests/test_resume.py kills one with SIGKILL). On CUDA
 the same holds up to the non-determinism of cuDNN kernels.
@@ -29,12 +54,15 @@ error naming the epoch and step.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import platform
 import random
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -48,8 +76,8 @@ import torch.nn as nn
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain import __version__
-from sattrain.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json_atomic
-from sattrain.config import TrainConfig, format_eps, resume_mismatches
+from sattrain.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json_atomic
+from sattrain.config import TrainConfig, format_eps, resolve_augment, resume_mismatches
 from sattrain.device import resolve_device
 from sattrain.metrics import mean_average_precision
 from sattrain.data import (
@@ -71,14 +99,17 @@ from sattrain.data import (
 from sattrain.methods import Method, StepContext, get_method
 from sattrain.models import create_model
 from sattrain.perturb import curriculum_p
+from sattrain.schedule import make_scheduler, step_per_step
 
 CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
-# The end-of-run summary on the held-out subset: four points of the SAT.md sweep (the full
-# 1/255 ... 8/255 sweep, CW, AutoAttack and distortions are `sattrain eval`), so a short run
-# spends its time training rather than attacking.
-ROBUST_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+SUMMARY_JSON = "summary.json"
+# The end-of-run summary (sattrain.evaluate, strong protocol): AutoAttack and PGD at four
+# points of the SAT.md sweep; the full sweep, CW and distortions are `sattrain eval`.
+SUMMARY_ATTACKS = ("autoattack", "pgd")
+SUMMARY_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+SUMMARY_SEED = 0
 EVAL_BATCH = 256
 LOG_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
 # Fixed seed of the held-out subset: the same samples for every run, whatever its --seed,
@@ -198,14 +229,21 @@ def train_one_epoch(
     batch_size: int,
     codec: MapCodec | None,
     map_name: str | None,
-    augment: bool,
+    augment: str | bool,
     shuffle_gen: torch.Generator,
     aug_gen: torch.Generator,
     autocast: Callable[[], ContextManager[Any]],
     desc: str,
     progress: bool,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, Any]:
-    """One pass over the training split; returns loss, train score, attack share, samples."""
+    """One pass over the training split; returns loss, train score, attack share, samples,
+    steps, and the learning rate of the first and of the last step (lr, lr_last).
+
+    ``augment``: "crop+flip", "crop" or "none" (sattrain.data.prepare_batch).
+    ``scheduler``: a per-step learning-rate scheduler (one-cycle), stepped after every
+    optimizer step; per-epoch schedulers are the caller's to step.
+    """
     from tqdm.auto import tqdm
 
     model.train()
@@ -219,6 +257,7 @@ def train_one_epoch(
     seen = 0
     attacked = 0
     steps = 0
+    lr_first = lr_last = float(optimizer.param_groups[0]["lr"])
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, unit="batch")
 
     def check(step: int) -> None:
@@ -240,6 +279,7 @@ def train_one_epoch(
             with autocast():
                 res = method.fn(model, batch, ctx)
             optimizer.zero_grad(set_to_none=True)
+            lr_last = float(optimizer.param_groups[0]["lr"])  # a Python float: no device sync
             if scaler is not None:
                 scaler.scale(res.loss).backward()
                 scaler.step(optimizer)
@@ -247,6 +287,8 @@ def train_one_epoch(
             else:
                 res.loss.backward()
                 optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             b = batch.x.shape[0]
             loss_d = res.loss.detach().float()
             first_bad = torch.where(~torch.isfinite(loss_d) & (first_bad < 0), step, first_bad)
@@ -270,14 +312,15 @@ def train_one_epoch(
     train_score = (mean_average_precision(torch.cat(all_logits), torch.cat(all_y)) if ctx.multilabel
                    else float(correct) / seen)
     return {"loss": float(loss_sum) / seen, "train_acc": train_score, "attack_share": attacked / steps,
-            "samples": seen, "steps": steps}
+            "samples": seen, "steps": steps, "lr": lr_first, "lr_last": lr_last}
 
 
 # --------------------------------------------------------------------------- the run
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    assert cfg.lr is not None
+    """Adam or SGD with the resolved lr, weight decay (and momentum for SGD)."""
+    assert cfg.lr is not None and cfg.weight_decay is not None and cfg.momentum is not None
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -320,38 +363,137 @@ def _pick_eval_split(store: Store, requested: str | None) -> str:
                       "pass --eval-split train to evaluate on (a subset of) training samples")
 
 
+def _best_state(ckpt: dict[str, Any], best: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The best.pt dict for the epoch ``best`` records, whose model is ``ckpt["model"]``."""
+    return {
+        "model": ckpt["model"],
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "epoch": int(best["epoch"]) + 1,
+        "best": best,
+        "model_spec": ckpt["model_spec"],
+        "config": ckpt["config"],
+        "rng": {},
+        "extra": {**ckpt.get("extra", {}), "best_of": str(run_dir)},
+    }
+
+
+def _sync_best(run_dir: Path, ckpt: dict[str, Any], log: Log) -> None:
+    """Make best.pt hold what checkpoint.pt's best record says (called on resume).
+
+    best.pt is written just after checkpoint.pt in the epoch that set the record, so the
+    only inconsistency a kill can leave is a best.pt one record behind a checkpoint whose
+    own epoch is the best, and that checkpoint holds exactly the weights best.pt needs.
+    """
+    best = ckpt.get("best")
+    if not best:
+        return
+    path = run_dir / BEST_NAME
+    have = None
+    if path.is_file():
+        try:
+            have = load_checkpoint(path).get("best")
+        except SatkitError:
+            have = None  # a torn or foreign file: rewritten below if we can
+    if have == best:
+        return
+    if int(best["epoch"]) == int(ckpt["epoch"]) - 1:
+        save_checkpoint(path, _best_state(ckpt, best, run_dir))
+        log(f"note: rewrote {path} for epoch {int(best['epoch']) + 1} (the run stopped before it was written)")
+    else:
+        log(f"note: {path} does not hold the run's best epoch ({int(best['epoch']) + 1}), and its weights are "
+            "not in checkpoint.pt; best.pt will follow the next better epoch")
+
+
 def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, model: nn.Module,
-             optimizer: torch.optim.Optimizer, scaler: Any, device: torch.device, log: Log) -> int:
-    """Epochs already done in run_dir (0 for a new run), with the model and optimizer restored.
+             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
+             device: torch.device, log: Log) -> tuple[int, dict[str, Any] | None]:
+    """(epochs already done in run_dir, best record so far): (0, None) for a new run;
+    otherwise the model, optimizer, scheduler and scaler are restored and best.pt checked.
 
     A directory that holds a run needs --resume; resuming checks that the options (except
-    those in RESUMABLE_CHANGES) and the store's contents are the run's.
+    those in RESUMABLE_CHANGES) and the store's contents are the run's, and that --epochs
+    changes only under the constant schedule (the others are scaled to the epochs).
     """
     ckpt_path = run_dir / CHECKPOINT_NAME
     if (ckpt_path.is_file() or (run_dir / CONFIG_JSON).is_file()) and not cfg.resume:
         raise SatkitError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
     if not cfg.resume:
-        return 0
+        return 0, None
     if not ckpt_path.is_file():
         log(f"note: {run_dir} has no checkpoint yet; starting from scratch")
-        return 0
+        return 0, None
     ckpt = load_checkpoint(ckpt_path, map_location=device)
-    diffs = resume_mismatches(ckpt.get("config", {}), cfg.to_json())
+    saved = ckpt.get("config", {})
+    diffs = resume_mismatches(saved, cfg.to_json())
     if diffs:
         raise SatkitError(f"{run_dir}: --resume with options other than the run's: " + "; ".join(diffs))
+    saved_epochs = int(saved.get("epochs", cfg.epochs))
+    if cfg.schedule != "constant" and saved_epochs != cfg.epochs:
+        raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has a {cfg.schedule} schedule over "
+                          f"{saved_epochs} epochs, and changing the epochs would change the learning rates of epochs "
+                          f"already done; resume with --epochs {saved_epochs} or start a new run")
     saved_digest = ckpt.get("extra", {}).get("store_digest")
     if saved_digest != digest:
         raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's "
                           f"({store_path} digest {digest[:12]}, the run's {str(saved_digest)[:12]})")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     done = int(ckpt["epoch"])
     if done > cfg.epochs:
         raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has already done {done} epochs")
+    _sync_best(run_dir, ckpt, log)
     log(f"resuming {run_dir} after epoch {done} of {cfg.epochs}")
-    return done
+    return done, ckpt.get("best")
+
+
+def _check_summary_possible(cfg: TrainConfig, multilabel: bool) -> None:
+    """Refuse, before any training, an end-of-run summary that could not run."""
+    if cfg.summary_samples and not multilabel and importlib.util.find_spec("torchattacks") is None:
+        raise SatkitError("--summary-samples: the end-of-run summary runs AutoAttack, which needs the optional "
+                          "torchattacks package: pip install 'satkit[autoattack]' (or pass --summary-samples 0 "
+                          "and evaluate later with `sattrain eval`)")
+
+
+def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device: torch.device, multilabel: bool,
+                log: Log) -> dict[str, Any]:
+    """Evaluate the run's checkpoint.pt with the strong protocol (sattrain.evaluate) into
+    summary.json; returns metrics.json's "summary" entry.
+
+    AutoAttack and PGD at 1, 2, 4 and 8/255 on ``samples`` samples of ``split`` (a
+    seeded subset, seed 0, so every run of a store is summarised on the same images).
+    Multi-label models get PGD alone (AutoAttack is defined for single-label classifiers).
+    """
+    from sattrain import evaluate as ev_mod
+
+    attacks = ("pgd",) if multilabel else SUMMARY_ATTACKS
+    partial = getattr(ev_mod, "PartialEvaluationWarning", None)
+    with warnings.catch_warnings():
+        # a subset is the point here, and the summary line states its size
+        if partial is not None:
+            warnings.simplefilter("ignore", partial)
+        result = ev_mod.evaluate(run_dir, store, split=split, samples=samples, seed=SUMMARY_SEED, device=str(device),
+                                 attacks=attacks, eps=SUMMARY_EPS, out=run_dir / SUMMARY_JSON,
+                                 progress=lambda line: log(f"summary: {line}"))
+    return {
+        "protocol": result.get("protocol"),
+        "samples": int(result["samples"]),
+        "split": split,
+        "complete": bool(result.get("complete", True)),
+        "clean": result.get("clean"),
+        "robust": dict(result.get("robust") or {}),
+        "headline": result.get("headline"),
+        "file": SUMMARY_JSON,
+    }
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and v is not None else str(v)
 
 
 def train(cfg: TrainConfig, log: Log | None = None) -> Path:
@@ -382,24 +524,31 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
     multilabel = info.label_kind == "multi"
     maps = choose_maps(store, cfg.maps, cfg.method, method.needs_map)
     codecs = {m: map_codec(store, m) for m in maps}
-    cfg = replace(cfg, maps=maps)  # the maps actually used are what the run records
+    # What the run actually uses is what it records: the maps, and --augment auto resolved
+    # against the store (no flip for images a mirror changes, e.g. digits).
+    cfg = replace(cfg, maps=maps, augment=resolve_augment(str(cfg.augment), bool(getattr(info, "hflip", True))))
     eval_split = _pick_eval_split(store, cfg.eval_split)
+    _check_summary_possible(cfg, multilabel)
     digest = store_digest(info)
     num_classes = len(info.classes)
     model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
                   "image_size": list(info.image_size), "classes": list(info.classes)}
+    train_idx = select_indices(info.splits["train"], cfg.train_samples, derive_seed(cfg.seed, "train-subset"))
+    steps_per_epoch = num_batches(len(train_idx), cfg.batch_size)
     # Build the model first: an unknown --model fails before any data is read.
     torch.manual_seed(derive_seed(cfg.seed, "init"))
     model = create_model(cfg.model, num_classes).to(device)
     optimizer = _make_optimizer(cfg, model)
+    assert cfg.schedule is not None
+    scheduler = make_scheduler(cfg.schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    per_step = step_per_step(cfg.schedule)
     scaler = torch.amp.GradScaler("cuda") if amp_active else None
 
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
-    start_epoch = _restore(run_dir, cfg, digest, store.path, model, optimizer, scaler, device, log)
+    start_epoch, best = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler, scaler, device, log)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: the training split (or a seeded subset of it) and a fixed held-out subset.
-    train_idx = select_indices(info.splits["train"], cfg.train_samples, derive_seed(cfg.seed, "train-subset"))
     n_eval = info.splits[eval_split]
     eval_idx = select_indices(n_eval, cfg.eval_samples or None, EVAL_SUBSET_SEED)
     if len(eval_idx) * sample_bytes(store, eval_split, ()) > cfg.memory_budget:
@@ -408,16 +557,19 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
     eval_data = EvalSplit(load_split(store, eval_split, (), eval_idx, progress=cfg.progress), device)
     log(f"{store.path}: train {train_data.n:,} samples ({train_data.placement}), "
         f"held-out {eval_split} {eval_data.n:,}; {cfg.method} on {cfg.model}, {device}"
-        + (f", maps {', '.join(maps)}" if maps else ""))
+        + (f", maps {', '.join(maps)}" if maps else "")
+        + f"; recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule} schedule, "
+          f"attacks in BN {cfg.attack_bn} mode, augment {cfg.augment}")
 
     write_json_atomic(run_dir / CONFIG_JSON, {
         "options": cfg.to_json(),
         "resumed_after_epoch": start_epoch if start_epoch else None,
         "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "label_kind": info.label_kind,
                   "image_size": list(info.image_size), "classes": list(info.classes),
+                  "hflip": bool(getattr(info, "hflip", True)),
                   "maps": {m: {"kind": c.kind, "encoding": c.encoding} for m, c in codecs.items()}},
         "data": {"train_split": "train", "train_samples": train_data.n, "placement": train_data.placement,
-                 "eval_split": eval_split, "eval_samples": eval_data.n},
+                 "eval_split": eval_split, "eval_samples": eval_data.n, "steps_per_epoch": steps_per_epoch},
         "method": {"name": method.name, "summary": method.summary, "needs_map": method.needs_map},
         "model_spec": model_spec,
         "amp_active": amp_active,
@@ -434,6 +586,13 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
         (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp_active else nullcontext
     )
     uses_p = method.needs_map
+    score = "mAP" if multilabel else "acc"
+    monitor_key = f"pgd{cfg.eval_steps}_monitor"
+    monitor_label = f"pgd{cfg.eval_steps}@{format_eps(cfg.eps)}"
+    monitor = {"key": monitor_key, "attack": "pgd", "eps": format_eps(cfg.eps), "steps": cfg.eval_steps,
+               "step_size": format_eps(cfg.step_size), "random_start": True, "restarts": 1,
+               "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
+               "subset_seed": EVAL_SUBSET_SEED}
 
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -443,14 +602,17 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
         ctx = StepContext(epoch=epoch, p=p, eps0=cfg.eps0, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                           beta=cfg.beta, multilabel=multilabel,
                           generator=make_generator(device, derive_seed(cfg.seed, epoch, "perturb")),
-                          coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")))
+                          coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")),
+                          attack_bn=str(cfg.attack_bn))
         stats = train_one_epoch(
             model, train_data, method, ctx, optimizer, scaler,
             batch_size=cfg.batch_size, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
-            augment=cfg.augment, shuffle_gen=make_generator("cpu", derive_seed(cfg.seed, epoch, "shuffle")),
+            augment=str(cfg.augment), shuffle_gen=make_generator("cpu", derive_seed(cfg.seed, epoch, "shuffle")),
             aug_gen=make_generator(device, derive_seed(cfg.seed, epoch, "augment")), autocast=autocast,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress, scheduler=scheduler if per_step else None,
         )
+        if not per_step:
+            scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - t0
@@ -462,52 +624,95 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
             "p_t": p if uses_p else None,
             "loss": stats["loss"],
             "train_acc": stats["train_acc"],
+            "lr": stats["lr"],
+            "lr_last": stats["lr_last"],
             "clean_acc": ev["clean"],
-            "pgd_acc": ev[f"pgd@{format_eps(cfg.eps)}"],
-            "pgd_eps": format_eps(cfg.eps),
+            monitor_key: ev[f"pgd@{format_eps(cfg.eps)}"],
+            "monitor": monitor,
             "metric": "mAP" if multilabel else "accuracy",
             "attack_share": stats["attack_share"],
-            "lr": cfg.lr,
             "samples": stats["samples"],
             "seconds": round(time.perf_counter() - t0, 3),
             "images_per_s": round(stats["samples"] / train_seconds, 1),
         }
+        value = rec[monitor_key]
+        new_best = math.isfinite(value) and (best is None or value > best[monitor_key])
+        if new_best:  # strictly better: a tie keeps the earlier epoch
+            best = {"epoch": epoch, monitor_key: value, "clean_acc": rec["clean_acc"], "checkpoint": BEST_NAME}
         history.append(rec)
         with metrics_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        # metrics line first, checkpoint second: a kill in between redoes this epoch on resume.
-        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+        # metrics line, then checkpoint.pt, then best.pt: a kill before checkpoint.pt redoes
+        # this epoch on resume; a kill between the two is repaired on resume (_sync_best).
+        ckpt = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch + 1,
+            "best": best,
             "model_spec": model_spec,
             "config": cfg.to_json(),
             "rng": _rng_state(device),
             "extra": {"store_digest": digest, "method": cfg.method, "eval_split": eval_split},
-        })
-        name = "mAP" if multilabel else "acc"
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {name} {rec['train_acc']:.4f}, "
-            f"clean {name} {rec['clean_acc']:.4f}, pgd@{rec['pgd_eps']} {rec['pgd_acc']:.4f}"
-            + (f", p_t {p:.3f}" if uses_p else "") + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
+        }
+        save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
+        if new_best:
+            assert best is not None
+            save_checkpoint(run_dir / BEST_NAME, _best_state(ckpt, best, run_dir))
+        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
+            f"lr {rec['lr']:.4g}" + (f"..{rec['lr_last']:.4g}" if rec["lr_last"] != rec["lr"] else "")
+            + (f", p_t {p:.3f}" if uses_p else "")
+            + f"; held-out clean {score} {rec['clean_acc']:.4f}, monitor {monitor_label} {value:.4f}"
+            + (" (best)" if new_best else "")
+            + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
 
-    final = evaluate_heldout(model, eval_data, eps_list=ROBUST_EPS, steps=cfg.eval_steps, step_size=cfg.step_size,
-                             multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, "final-eval")))
-    write_json_atomic(run_dir / METRICS_JSON, {
+    last = history[-1] if history else {}
+    final: dict[str, Any] = {
         "metric": "mAP" if multilabel else "accuracy",
-        "clean_acc": final["clean"],
-        "robust_acc": {k: v for k, v in final.items() if k != "clean"},
-        "attack": {"name": "pgd", "steps": cfg.eval_steps, "step_size": format_eps(cfg.step_size),
-                   "random_start": True, "loss": "bce" if multilabel else "ce"},
-        "eval_split": eval_split,
-        "eval_samples": eval_data.n,
+        "summary": None,
+        "best": best,
+        "last": {"epoch": last.get("epoch"), monitor_key: last.get(monitor_key), "clean_acc": last.get("clean_acc"),
+                 "checkpoint": CHECKPOINT_NAME},
+        "monitor": {**monitor, "note": "cheap per-epoch monitoring for watching the run and choosing best.pt, "
+                                       "not the model's robustness (that is the summary, or sattrain eval)"},
         "epochs": cfg.epochs,
         "method": cfg.method,
         "model": cfg.model,
         "maps": list(maps),
-        "final_loss": history[-1]["loss"] if history else None,
+        "recipe": cfg.recipe,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "schedule": cfg.schedule,
+        "attack_bn": cfg.attack_bn,
+        "augment": cfg.augment,
+        "final_loss": last.get("loss"),
         "train_seconds": round(sum(r["seconds"] for r in history), 3),
-    })
-    log(f"wrote {run_dir}: clean {final['clean']:.4f}, "
-        + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k in ("pgd@2/255", "pgd@8/255")))
+    }
+    if best is not None:
+        log(f"best epoch {best['epoch'] + 1}: monitor {monitor_label} {best[monitor_key]:.4f}, "
+            f"held-out clean {score} {best['clean_acc']:.4f} -> {run_dir / BEST_NAME}")
+    if not cfg.summary_samples:
+        final["summary_skipped"] = "--summary-samples 0"
+        write_json_atomic(run_dir / METRICS_JSON, final)
+        log(f"wrote {run_dir}; robustness not measured (--summary-samples 0): the monitor is not a robustness "
+            f"number; measure it with `sattrain eval {run_dir}`")
+        return run_dir
+
+    # metrics.json first without the summary: a run stopped during the evaluation keeps
+    # its training record, and --resume (nothing left to train) redoes only the summary.
+    final["summary_pending"] = True
+    write_json_atomic(run_dir / METRICS_JSON, final)
+    log(f"summary: evaluating {run_dir / CHECKPOINT_NAME} with the strong protocol on "
+        f"{cfg.summary_samples} {eval_split} samples ({', '.join(('pgd',) if multilabel else SUMMARY_ATTACKS)})")
+    summary = run_summary(run_dir, store, split=eval_split, samples=cfg.summary_samples, device=device,
+                          multilabel=multilabel, log=log)
+    del final["summary_pending"]
+    final["summary"] = summary
+    write_json_atomic(run_dir / METRICS_JSON, final)
+    head = summary.get("headline") or {}
+    log(f"summary: clean {score} {_fmt(summary['clean'])}, "
+        + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["robust"].items()) + f" ({run_dir / SUMMARY_JSON})")
+    log(f"robust ({head.get('name')}, {summary['samples']} samples"
+        + ("" if summary["complete"] else ", incomplete") + f"): {_fmt(head.get('value'))}")
     return run_dir

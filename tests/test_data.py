@@ -17,6 +17,7 @@ from sattrain import data as D
 from sattrain.data import (
     EvalSplit,
     InMemorySplit,
+    RawBatch,
     StreamingSplit,
     choose_maps,
     crop_flip,
@@ -268,6 +269,50 @@ def test_crop_flip_matches_a_reference() -> None:
     _, b = crop_flip(images, m3, generator=torch.Generator().manual_seed(3), padding=2)
     assert a is not None and b is not None and torch.equal(a.to(torch.int8), b[..., 0])
     assert torch.equal(a.bool(), out[..., 0] > 0)
+
+
+def _explain(out: torch.Tensor, images: torch.Tensor, padding: int) -> list[tuple[int, int, bool]]:
+    """Per sample, the one (oy, ox, flipped) crop of the zero-padded image that gives ``out``."""
+    h, w = images.shape[1:3]
+    found = []
+    for i in range(images.shape[0]):
+        padded = torch.nn.functional.pad(images[i, :, :, 0], (padding,) * 4)
+        hits = [(oy, ox, flipped)
+                for oy in range(2 * padding + 1) for ox in range(2 * padding + 1)
+                for flipped, cand in ((False, padded[oy : oy + h, ox : ox + w]),
+                                      (True, padded[oy : oy + h, ox : ox + w].flip(1)))
+                if torch.equal(out[i, :, :, 0], cand)]
+        assert len(hits) == 1
+        found.append(hits[0])
+    return found
+
+
+def test_crop_without_flip_never_mirrors() -> None:
+    """flip=False (--augment crop, for digits): random crops, and not one mirrored sample."""
+    images = torch.arange(64 * 6 * 5, dtype=torch.int64).view(64, 6, 5, 1) + 1
+    out, _ = crop_flip(images, None, generator=torch.Generator().manual_seed(3), padding=2, flip=False)
+    found = _explain(out, images, 2)
+    assert not any(f for _, _, f in found) and len({(oy, ox) for oy, ox, _ in found}) > 10
+    flipped, _ = crop_flip(images, None, generator=torch.Generator().manual_seed(3), padding=2, flip=True)
+    assert sum(f for _, _, f in _explain(flipped, images, 2)) > 16  # the same call with flips does mirror
+
+
+def test_prepare_batch_augment_modes() -> None:
+    images = (torch.arange(32 * 6 * 5, dtype=torch.int64).view(32, 6, 5, 1) % 250 + 1).to(torch.uint8)
+    raw = RawBatch(images, torch.zeros(32, dtype=torch.int64), None)
+
+    def flips(mode: str | bool) -> int | None:
+        b = prepare_batch(raw, None, multilabel=False, augment=mode, generator=torch.Generator().manual_seed(5))
+        out = (b.x.permute(0, 2, 3, 1) * 255).round().to(torch.int64)
+        if torch.equal(out, images.to(torch.int64)):
+            return None  # untouched
+        return sum(f for _, _, f in _explain(out, images.to(torch.int64), 4))
+
+    assert flips("none") is None and flips(False) is None
+    assert flips("crop") == 0
+    assert flips("crop+flip") > 4 and flips(True) == flips("crop+flip")  # True: the old spelling of crop+flip
+    with pytest.raises(SatkitError, match="--augment: unknown augmentation 'auto'"):
+        prepare_batch(raw, None, multilabel=False, augment="auto", generator=None)  # the trainer resolves auto
 
 
 def test_crop_flip_refuses_mismatched_maps() -> None:

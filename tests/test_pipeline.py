@@ -32,8 +32,9 @@ def test_teacher_maps_sat_eval_report(digits_store: Path, tmp_path: Path) -> Non
     store = tmp_path / "digits.zarr"
     shutil.copytree(digits_store, store)
     runner = CliRunner()
+    # no end-of-run summary: the pipeline evaluates with `sattrain eval` below
     common = ["--epochs", "2", "--batch-size", "64", "--train-samples", "512", "--eval-samples", "128",
-              "--eval-steps", "2", "--device", "cpu", "-q"]
+              "--eval-steps", "2", "--summary-samples", "0", "--device", "cpu", "-q"]
 
     teacher = tmp_path / "teacher"
     _ok(runner.invoke(sattrain_cli, ["run", str(store), "--method", "standard", "--out", str(teacher), *common]))

@@ -26,8 +26,10 @@ from sattrain.methods import StepContext, flip_coin, get_method, method_names
 from sattrain.perturb import curriculum_p, sat_perturb, uniform_delta, uniform_noise
 from sattrain.train import mean_average_precision, train
 
+# --summary-samples 0: AutoAttack on a CPU is slow; the summary has its own tests below.
 QUICK = ["--model", "small-cnn", "--batch-size", "64", "--train-samples", "128", "--eval-samples", "32",
-         "--steps", "2", "--eval-steps", "1", "-q"]
+         "--steps", "2", "--eval-steps", "1", "--summary-samples", "0", "-q"]
+MONITOR = "pgd1_monitor"  # --eval-steps 1
 EPS = 8 / 255
 
 
@@ -52,16 +54,21 @@ def test_every_method_trains_and_writes_its_run(method: str, digits_store: Path,
     out = tmp_path / "run"
     res = run(str(digits_store), "--method", method, "--epochs", "2", "--out", str(out), "--seed", "3", *QUICK)
     assert res.exit_code == 0, res.output
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
+                                               "metrics.json"}
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1]
     uses_map = get_method(method).needs_map
     for r in lines:
-        for k in ("loss", "train_acc", "clean_acc", "pgd_acc", "seconds", "images_per_s"):
+        for k in ("loss", "train_acc", "clean_acc", MONITOR, "lr", "lr_last", "seconds", "images_per_s"):
             assert math.isfinite(r[k]), (k, r)
-        assert 0 <= r["train_acc"] <= 1 and 0 <= r["pgd_acc"] <= r["clean_acc"] <= 1  # robust: also clean-correct
-        assert r["samples"] == 128 and r["metric"] == "accuracy" and r["pgd_eps"] == "8/255"
+        assert "pgd_acc" not in r  # the monitor is named as such, never as the robust accuracy
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r[MONITOR] <= r["clean_acc"] <= 1  # robust: also clean-correct
+        assert r["samples"] == 128 and r["metric"] == "accuracy" and r["lr"] == r["lr_last"] == 1e-3
+        assert r["monitor"] == {"key": MONITOR, "attack": "pgd", "eps": "8/255", "steps": 1, "step_size": "2/255",
+                                "random_start": True, "restarts": 1, "loss": "ce", "split": "test", "samples": 32,
+                                "subset_seed": 20200607}
         assert r["p_t"] == (curriculum_p(r["epoch"], 0.6) if uses_map else None)
         assert r["map"] == ("ink" if uses_map else None)
         share = r["attack_share"]
@@ -73,15 +80,23 @@ def test_every_method_trains_and_writes_its_run(method: str, digits_store: Path,
             assert share == 0.0
 
     final = json.loads((out / "metrics.json").read_text())
-    assert list(final["robust_acc"]) == [f"pgd@{k}/255" for k in (1, 2, 4, 8)]
-    assert all(0 <= v <= final["clean_acc"] <= 1 for v in final["robust_acc"].values())
-    assert final["eval_split"] == "test" and final["eval_samples"] == 32 and final["metric"] == "accuracy"
+    assert "robust_acc" not in final and "clean_acc" not in final
+    assert final["summary"] is None and final["summary_skipped"] == "--summary-samples 0"
+    assert final["monitor"]["split"] == "test" and final["monitor"]["samples"] == 32 and final["metric"] == "accuracy"
+    assert final["last"] == {"epoch": 1, MONITOR: lines[1][MONITOR], "clean_acc": lines[1]["clean_acc"],
+                             "checkpoint": "checkpoint.pt"}
+    best = max(lines, key=lambda r: (r[MONITOR], -r["epoch"]))  # ties: the earlier epoch
+    assert final["best"] == {"epoch": best["epoch"], MONITOR: best[MONITOR], "clean_acc": best["clean_acc"],
+                             "checkpoint": "best.pt"}
 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["store"]["digest"] == store_digest(open_store(digits_store).info)
     assert cfg["options"]["method"] == method and cfg["options"]["maps"] == (["ink"] if uses_map else [])
     assert cfg["options"]["beta"] == DEFAULT_BETA.get(method)
     assert cfg["options"]["eps0"] == pytest.approx(8 / 255) and cfg["options"]["lr"] == 1e-3
+    assert (cfg["options"]["recipe"], cfg["options"]["schedule"], cfg["options"]["attack_bn"]) == \
+        ("paper", "constant", "train")
+    assert cfg["options"]["augment"] == "crop"  # digits: a mirrored digit is not the digit
     assert cfg["environment"]["torch"] == torch.__version__
     assert "git" in cfg and cfg["data"]["placement"] == "device"
 
@@ -108,10 +123,10 @@ def test_map_ensemble_picks_one_map_per_epoch(digits_store: Path, tmp_path: Path
 def test_sat_learns_digits(digits_store: Path, tmp_path: Path) -> None:
     """Not only runs: SAT training reaches a useful clean accuracy on digits in a few epochs."""
     cfg = TrainConfig(store=str(digits_store), out=str(tmp_path / "r"), method="sat", epochs=4, batch_size=64,
-                      train_samples=768, eval_samples=128, eval_steps=1, progress=False)
+                      train_samples=768, eval_samples=128, eval_steps=1, summary_samples=0, progress=False)
     out = train(cfg, log=lambda m: None)
     final = json.loads((out / "metrics.json").read_text())
-    assert final["clean_acc"] > 0.6, final
+    assert final["last"]["clean_acc"] > 0.6, final
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss"] < lines[0]["loss"]
 
@@ -214,7 +229,9 @@ def test_coin_is_fair_and_seeded() -> None:
     assert [flip_coin(ctx2) for _ in range(2000)] == flips
 
 
-def test_attacks_run_in_eval_mode_and_training_in_train_mode() -> None:
+@pytest.mark.parametrize("bn", ["eval", "train"])
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_attacks_run_in_the_attack_bn_mode_and_training_in_train_mode(method: str, bn: str) -> None:
     modes: list[bool] = []
 
     class Spy(Linear):
@@ -224,8 +241,61 @@ def test_attacks_run_in_eval_mode_and_training_in_train_mode() -> None:
 
     model = Spy()
     model.train()
-    get_method("pgd").fn(model, make_batch(), make_ctx())
-    assert modes[:-1] == [False] * (len(modes) - 1) and modes[-1] is True and model.training
+    ctx = make_ctx(beta=6.0 if method == "trades" else None)
+    ctx.attack_bn = bn
+    get_method(method).fn(model, make_batch(), ctx)
+    # pgd: 3 attack forwards, then the training forward; trades: f(x) and 3 attack forwards, then f(x), f(x_adv)
+    n_train = 1 if method == "pgd" else 2
+    assert modes[-n_train:] == [True] * n_train and model.training
+    assert modes[:-n_train] == [bn == "train"] * (len(modes) - n_train) and len(modes) > n_train
+
+
+class BNNet(nn.Module):
+    """A conv, batch norm and a linear head: running statistics to watch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("bn", ["eval", "train"])
+def test_attack_bn_train_updates_running_stats_eval_keeps_them(bn: str) -> None:
+    """--attack-bn train (the authors' scripts): the attack's forwards use batch statistics
+    and update the running ones; eval (the TRADES reference): the attack changes no state."""
+    from sattrain.methods import _pgd_example, _trades_example
+
+    for craft in (_pgd_example, _trades_example):
+        model = BNNet()
+        model.train()
+        before = {k: v.clone() for k, v in model.bn.state_dict().items()}
+        ctx = make_ctx()
+        ctx.attack_bn = bn
+        x_adv = craft(model, make_batch(), ctx)
+        after = model.bn.state_dict()
+        assert model.training and x_adv.shape == (8, 3, 4, 4)
+        if bn == "train":
+            assert not torch.equal(after["running_mean"], before["running_mean"])
+            assert not torch.equal(after["running_var"], before["running_var"])
+            assert int(after["num_batches_tracked"]) == 3 + (1 if craft is _trades_example else 0)  # one per forward
+        else:
+            for k, v in before.items():
+                assert torch.equal(after[k], v), k
+
+
+def test_attack_bn_default_follows_the_recipe() -> None:
+    assert TrainConfig(store="s", method="pgd").resolved().attack_bn == "train"  # paper, the default recipe
+    assert TrainConfig(store="s", method="pgd+sat").resolved().attack_bn == "train"
+    assert TrainConfig(store="s", method="pgd", recipe="madry").resolved().attack_bn == "eval"
+    assert TrainConfig(store="s", method="trades", recipe="trades").resolved().attack_bn == "eval"
+    assert TrainConfig(store="s", method="pgd", recipe="madry", attack_bn="train").resolved().attack_bn == "train"
+    with pytest.raises(SatkitError, match="^--attack-bn: unknown mode 'batch'"):
+        TrainConfig(store="s", attack_bn="batch").resolved()
 
 
 def test_multilabel_uses_bce() -> None:
@@ -285,10 +355,13 @@ def test_multilabel_store_trains_and_reports_map(method: str, multilabel_store: 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["metric"] == "mAP" and 0 < r["clean_acc"] <= 1 and 0 < r["train_acc"] <= 1 for r in lines)
     final = json.loads((out / "metrics.json").read_text())
-    assert final["metric"] == "mAP" and final["eval_split"] == "val" and final["attack"]["loss"] == "bce"
-    assert all(0 < v <= 1 for v in final["robust_acc"].values())
+    assert final["metric"] == "mAP" and final["monitor"]["split"] == "val" and final["monitor"]["loss"] == "bce"
+    assert 0 < final["last"][MONITOR] <= 1 and 0 < final["best"][MONITOR] <= 1
+    assert final["best"][MONITOR] == max(r[MONITOR] for r in lines)  # best.pt by the monitor's mAP
     spec = load_checkpoint(out)["model_spec"]
     assert spec["label_kind"] == "multi" and spec["num_classes"] == 3
+    # a store that does not say otherwise may be mirrored: auto is crop+flip
+    assert json.loads((out / "config.json").read_text())["options"]["augment"] == "crop+flip"
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -365,9 +438,16 @@ def test_existing_run_needs_resume_with_the_same_options(digits_store: Path, tmp
 def test_help_teaches(digits_store: Path) -> None:
     res = CliRunner().invoke(main, ["run", "--help"])
     assert res.exit_code == 0
-    for text in ("trades+sat", "p_t = 1 - alpha**(t/10)", "small-cnn", "Examples:", "[default: 1e-3 for Adam",
-                 "--train-samples", "--memory-budget", "--amp"):
-        assert text in res.output, text
+    for text in ("trades+sat", "p_t = 1 - alpha**(t/10)", "small-cnn", "Examples:", "--train-samples",
+                 "--memory-budget", "--amp", "--recipe [paper|madry|trades]",
+                 "--schedule [constant|multistep|trades|cosine|onecycle]", "--attack-bn [train|eval]",
+                 "--augment [auto|crop+flip|crop|none]", "--summary-samples", "pgd5_monitor", "best.pt",
+                 # the recipes' values, one line each
+                 "madry   sgd lr 0.1, momentum 0.9, weight decay 0.0005, --schedule multistep, --attack-bn eval",
+                 "trades  sgd lr 0.1, momentum 0.9, weight decay 0.0002, --schedule trades, --attack-bn eval",
+                 "paper   adam lr 0.001, momentum 0.9, weight decay 0, --schedule constant, --attack-bn train",
+                 "x0.1 at 50% and 75% of the epochs", "OneCycleLR"):
+        assert text in " ".join(res.output.split()) or text in res.output, text
 
 
 def test_config_defaults_are_pinned() -> None:
@@ -375,9 +455,12 @@ def test_config_defaults_are_pinned() -> None:
     cfg = TrainConfig(store="s").resolved()
     assert (cfg.method, cfg.model, cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr) == \
         ("sat", "small-cnn", 100, 128, "adam", 1e-3)
+    assert (cfg.recipe, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.attack_bn) == \
+        ("paper", 0.9, 0.0, "constant", "train")
     assert (cfg.eps0, cfg.alpha, cfg.eps, cfg.steps, cfg.step_size) == (8 / 255, 0.6, 8 / 255, 5, 2 / 255)
     assert (cfg.beta, cfg.augment, cfg.device, cfg.amp, cfg.seed, cfg.eval_samples, cfg.eval_steps) == \
-        (None, True, "auto", False, 0, 256, 5)
+        (None, "auto", "auto", False, 0, 256, 5)
+    assert cfg.summary_samples == 500
     assert TrainConfig(store="s", method="trades").resolved().beta == 6.0
     assert TrainConfig(store="s", method="trades+sat").resolved().beta == 1.0
     assert TrainConfig(store="s", method="trades+noise").resolved().beta == 1.0
@@ -396,3 +479,45 @@ def test_streaming_run_and_amp_note_on_cpu(digits_store: Path, tmp_path: Path) -
     assert cfg["data"]["placement"] == "stream" and cfg["amp_active"] is False
     rec = json.loads((out / "metrics.jsonl").read_text())
     assert rec["samples"] == 300 and math.isfinite(rec["loss"])
+
+
+# --------------------------------------------------------------------------- best.pt
+
+
+def test_best_pt_holds_the_weights_of_the_recorded_epoch(digits_store: Path, tmp_path: Path) -> None:
+    """best.pt is the epoch with the highest monitor (ties: the earlier epoch). Under the
+    constant schedule a shorter run is a prefix of a longer one, so the checkpoint of a
+    run stopped at the best epoch must be best.pt, weight for weight."""
+    args = ["--method", "pgd", "--batch-size", "32", "--train-samples", "128", "--eval-samples", "64", "--steps", "1",
+            "--eval-steps", "1", "--optimizer", "sgd", "--lr", "0.2", "--summary-samples", "0", "--device", "cpu",
+            "--seed", "2", "-q"]  # seed 2: on the CPU the best is epoch 4 of 5, after a tie at epochs 1 and 2
+    long = tmp_path / "long"
+    res = run(str(digits_store), *args, "--epochs", "5", "--out", str(long))
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(x) for x in (long / "metrics.jsonl").read_text().splitlines()]
+    top = max(r[MONITOR] for r in recs)
+    e = min(r["epoch"] for r in recs if r[MONITOR] == top)
+    final = json.loads((long / "metrics.json").read_text())
+    assert final["best"] == {"epoch": e, MONITOR: top, "clean_acc": recs[e]["clean_acc"], "checkpoint": "best.pt"}
+    best = load_checkpoint(long / "best.pt")
+    assert best["epoch"] == e + 1 and best["best"] == final["best"] and best["optimizer"] is None
+    assert load_checkpoint(long)["best"] == final["best"]
+    # the console marks each new best; a tie does not move it
+    marked = [int(line.split("/")[0].split()[-1]) - 1 for line in res.output.splitlines()
+              if line.startswith("epoch ") and "(best)" in line]
+    running, expect = -1.0, []
+    for r in recs:
+        if r[MONITOR] > running:
+            running = r[MONITOR]
+            expect.append(r["epoch"])
+    assert marked == expect and marked[-1] == e
+    assert f"best epoch {e + 1}: monitor pgd1@8/255 {top:.4f}" in res.output
+
+    short = tmp_path / "short"
+    assert run(str(digits_store), *args, "--epochs", str(e + 1), "--out", str(short)).exit_code == 0
+    at_e = load_checkpoint(short)
+    assert at_e["epoch"] == e + 1
+    for k, v in at_e["model"].items():
+        assert torch.equal(best["model"][k], v), k
+    model, _ = load_model(long / "best.pt")  # what `sattrain eval RUN_DIR/best.pt` loads
+    assert not model.training
