@@ -1,5 +1,5 @@
-"""sattrain.evaluate and sattrain.distortions: eval.json from a real checkpoint, the
-distortion definitions, mAP, and the eval CLI."""
+"""sattrain.evaluate: eval.json from a real checkpoint, mAP, and the eval CLI (the
+distortion definitions are tested in test_distortions.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from satdata.errors import SatkitError
 from satdata.store import StoreWriter, open_store
 from sattrain.checkpoint import save_checkpoint
 from sattrain.cli_eval import eval_cmd, parse_attacks, parse_eps_list
-from sattrain.distortions import contrast, default_levels, frequency_radius, high_pass, low_pass, max_radius
 from sattrain.evaluate import (
     PartialEvaluationWarning,
     average_precision,
@@ -230,55 +229,6 @@ def test_average_precision_matches_scikit_learn() -> None:
     scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3]])
     targets = np.array([[1, 0], [0, 0], [1, 0]])  # second class has no positives: left out
     assert mean_average_precision(scores, targets) == pytest.approx(1.0)
-
-
-# --------------------------------------------------------------------------- distortions
-
-
-def test_contrast_definition() -> None:
-    torch.manual_seed(0)
-    x = torch.rand(4, 3, 8, 8)
-    assert torch.allclose(contrast(x, 1.0), x, atol=1e-7)
-    half = contrast(x, 0.5)
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
-    assert torch.allclose(half, (x - m) * 0.5 + m, atol=1e-7)
-    assert torch.allclose(half.mean(dim=(1, 2, 3)), m.flatten(), atol=1e-6)  # mean kept
-    flat = contrast(x, 0.0)
-    assert torch.allclose(flat, m.expand_as(x), atol=1e-7)
-
-
-@pytest.mark.parametrize("h, w", [(8, 8), (16, 12), (7, 9)])
-def test_filters_identities_and_complements(h: int, w: int) -> None:
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, h, w) * 0.6 + 0.2  # away from the box so clamping stays idle
-    assert torch.allclose(low_pass(x, max_radius(h, w)), x, atol=1e-5)
-    assert torch.allclose(high_pass(x, 0.0), x, atol=1e-5)
-    # low-pass at radius 0 leaves the channel mean (the DC term) only
-    assert torch.allclose(low_pass(x, 0.0), x.mean(dim=(2, 3), keepdim=True).expand_as(x), atol=1e-5)
-    # unclamped, low-pass(r) + high-pass(r) = x + mean: the DC term is in both
-    r = 2.0
-    lp, hp = low_pass(x, r), high_pass(x, r)
-    if 0 < lp.min() and lp.max() < 1 and 0 < hp.min() and hp.max() < 1:
-        assert torch.allclose(lp + hp, x + x.mean(dim=(2, 3), keepdim=True), atol=1e-5)
-    if h % 2 or w % 2:
-        return  # a checkerboard is periodic on the DFT grid only for even sizes
-    # a pure high-frequency pattern is removed by low-pass and kept by high-pass
-    checker = (torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2
-    img = (0.5 + 0.2 * (2 * checker - 1).float()).expand(1, 3, h, w)
-    assert low_pass(img, 1.0).std() < 1e-4
-    assert torch.allclose(high_pass(img, 1.0), img, atol=1e-5)
-
-
-def test_frequency_radius_and_default_levels() -> None:
-    rho = frequency_radius(4, 6)
-    assert rho.shape == (4, 4)
-    assert rho[0, 0] == 0 and rho[1, 0] == 1 and rho[0, 3] == 3 and rho[2, 0] == 2  # u = -2 at row 2
-    lv = default_levels((32, 32))
-    assert [e["level"] for e in lv["contrast"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    assert [e["radius"] for e in lv["lowpass"]] == [2.0, 4.0, 8.0, 12.0, 16.0]
-    assert lv["highpass"][0]["radius"] == 0.0
-    with pytest.raises(SatkitError):
-        contrast(torch.rand(3, 4, 4), 0.5)
 
 
 # --------------------------------------------------------------------------- CLI
