@@ -19,7 +19,7 @@ METHODS = {  # method -> (encoding, channels)
     "gradcampp": ("unit", 1),
     "gradcam": ("unit", 1),
     "gbp": ("signed", 3),
-    "smoothgrad": ("unit", 1),
+    "smoothgrad": ("unit", 3),  # the SAT authors' SmoothGrad: per colour channel (satdata 1613b2f)
     "guided-gradcampp": ("signed", 3),
 }
 
