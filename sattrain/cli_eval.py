@@ -112,17 +112,41 @@ def eval_cmd(
     run_cli(go)
 
 
-@click.command("report", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+EPILOG_REPORT = """\b
+Examples:
+  sattrain report runs/std runs/sat-boxes --out report
+  sattrain report runs/sat-s0 runs/sat-s1 runs/sat-s2 runs/std --out report   # seeds averaged
+  sattrain report runs/sat-s* --out report --no-aggregate                      # one row per run
+
+\b
+Layout of report.md:
+  one table per protocol (strong: AutoAttack headline; paper: the SAT authors' PGD-5),
+  every row labelled with its protocol and source (split, samples/split size, file);
+  runs that differ only in --seed are one configuration (mean +- std over seeds, n),
+  never averaged across different sources; a sanity column (ok / FAILED (checks));
+  plots: accuracy per epoch (the held-out monitor, not a robustness measure), robust
+  accuracy against eps (one panel per protocol), distortions; the protocols; per-run
+  numbers; training (monitor) table.
+"""
+
+
+@click.command("report", epilog=EPILOG_REPORT,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Directory for report.md and the PNG plots (created if missing).")
-def report_cmd(run_dirs: tuple[Path, ...], out: Path) -> None:
-    """Compare runs: a markdown table and plots (accuracy per epoch, robustness against eps).
+@click.option("--aggregate/--no-aggregate", default=None,
+              help="One row per configuration (runs differing only in --seed; mean +- std over seeds), or one "
+                   "row per run.  [default: aggregate when some configuration has more than one seed]")
+def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None) -> None:
+    """Compare runs: markdown tables per protocol and plots (accuracy per epoch, robustness against eps).
 
-    Reads each RUN_DIR's config.json, metrics.jsonl, metrics.json and eval.json (when
-    `sattrain eval` has run) and writes OUT/report.md with PNGs beside it.
+    Reads each RUN_DIR's config.json, metrics.jsonl, metrics.json (its end-of-run summary),
+    eval.json and eval-paper.json (when `sattrain eval` has run) and writes OUT/report.md
+    with PNGs beside it. Old run directories (eval.json version 1, pgd_acc) are read too:
+    their numbers are labelled paper protocol or monitor.
     """
     from sattrain.report import write_report
 
-    path = run_cli(lambda: write_report(list(run_dirs), out))
+    path = run_cli(lambda: write_report(list(run_dirs), out, aggregate=aggregate))
     click.echo(f"wrote {path}")

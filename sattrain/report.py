@@ -2,22 +2,38 @@
 
 Reads from each run directory (the files ``sattrain run`` and ``sattrain eval`` write):
 
-    config.json     {"options": {"method", "model", "maps", "epochs", ...}, ...}
-    metrics.jsonl   one JSON object per epoch: epoch, loss, train_acc, clean_acc, pgd_acc,
-                    pgd_eps, metric, seconds, ...
-    metrics.json    clean_acc, robust_acc {"pgd@1/255": ..., ...}, metric, train_seconds, ...
-    eval.json       (optional) the fuller evaluation of ``sattrain eval``
+    config.json       {"options": {"method", "model", "maps", "seed", ...}, "store": {...}}
+    metrics.jsonl     one JSON object per epoch: epoch, loss, train_acc, clean_acc and the
+                      held-out monitor ``pgd<N>_monitor`` (old runs: ``pgd_acc``), seconds, ...
+    metrics.json      "summary" (the end-of-run strong evaluation on a subset, its full
+                      record in summary.json), "best", "last", "monitor"; old runs:
+                      clean_acc and robust_acc {"pgd@1/255": ...} on a held-out subset
+    eval.json         ``sattrain eval`` (strong protocol by default; version 1 files, which
+                      have no "protocol" key, were the paper protocol)
+    eval-paper.json   ``sattrain eval --protocol paper``
 
 and writes into ``out``:
 
-    report.md                 one table row per run, then the plots and the protocol
-    accuracy_per_epoch.png    train / held-out clean / held-out PGD accuracy per epoch
-    robust_vs_eps.png         robust accuracy against eps, one curve per run
-    distortions.png           contrast, low-pass, high-pass sweeps (when an eval.json has them)
+    report.md                 one table per protocol, then the plots, the protocols and the
+                              per-run details
+    accuracy_per_epoch.png    train / held-out clean / held-out monitor per epoch
+    robust_vs_eps.png         PGD robust accuracy against eps, one panel per protocol
+    distortions.png           contrast, low-pass, high-pass sweeps (when an eval has them)
 
-When a run has an eval.json its numbers (the full test split, the paper's protocol) are
-the ones in the table and the eps plot; otherwise the end-of-training numbers of
-metrics.json (a held-out subset) are used, and the table says which.
+Why it is laid out this way (the issue "Robustness numbers a reviewer would trust"):
+
+- Every robustness number carries its protocol (``strong``: AutoAttack headline and a
+  strong PGD; ``paper``: the SAT authors' PGD-5, which overstates robustness) and its
+  source (split and samples: ``test 355/355`` vs ``test subset 256/355``). Numbers of two
+  protocols are never in the same table or plot panel.
+- Runs that differ only in their seed (config.json options minus :data:`NON_SEMANTIC`) are
+  one configuration; a table row gives mean ± sample standard deviation over the seeds
+  and n. Runs of one configuration whose sources differ (protocol, split, samples or
+  attack settings) are never averaged together: each source gets its own row and a note.
+- The per-epoch held-out number is a cheap monitor (a few PGD steps on a small subset,
+  used to choose best.pt). It appears only in the training table and the per-epoch plot,
+  titled as monitoring, never as robustness.
+- A failed gradient-masking sanity check marks the row (``⚠``) and names the checks.
 
 Plots are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas), never through
 pyplot's global state, so writing a report from a long-lived process leaks nothing.
@@ -28,19 +44,114 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from satdata.errors import SatkitError
 
-__all__ = ["write_report", "RunSummary", "load_run"]
+__all__ = [
+    "write_report",
+    "RunSummary",
+    "Measurement",
+    "Configuration",
+    "load_run",
+    "group_runs",
+    "config_key",
+    "mean_std",
+    "NON_SEMANTIC",
+    "PROTOCOL_LABELS",
+]
 
 REPORT_NAME = "report.md"
 PLOT_EPOCHS = "accuracy_per_epoch.png"
 PLOT_EPS = "robust_vs_eps.png"
 PLOT_DISTORTIONS = "distortions.png"
+EVAL_JSON = "eval.json"
+PAPER_EVAL_JSON = "eval-paper.json"
+SUMMARY_JSON = "summary.json"
+PROTOCOLS = ("strong", "paper")
+PROTOCOL_LABELS = {"strong": "strong protocol", "paper": "paper protocol"}
+# Descriptions for files that do not carry their own (eval.json version 1, old metrics.json).
+_PAPER_DESCRIPTION = ("the SAT authors' evaluation: PGD 5 steps of 2/255, 1 random start; overstates robustness, "
+                      "quote it only to compare with the paper")
+# config.json options that do not change what a run computes (where it writes, how it
+# shows progress, on which device, how large the end-of-run summary is) and the seed:
+# runs differing only in these are seeds of one configuration. The store path is replaced
+# by the store's content digest (or dataset), so a store that moved still matches.
+NON_SEMANTIC = frozenset({"seed", "out", "resume", "device", "progress", "threads", "memory_budget",
+                          "summary_samples", "store"})
 _EPS_KEY = re.compile(r"^pgd@(\d+(?:\.\d+)?)/255$")
+_MONITOR_KEY = re.compile(r"^pgd(\d+)_monitor$")
+_SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_]?\d+$")
+_FILE_RANK = {EVAL_JSON: 0, PAPER_EVAL_JSON: 0, SUMMARY_JSON: 1, "metrics.json": 2}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One robustness evaluation of one run, normalised across file formats.
+
+    ``pgd`` maps eps in /255 units to the robust value; all values are fractions in [0, 1]
+    (or None: not measured). ``settings`` describes the attacks; together with protocol,
+    file, split and samples it forms :attr:`key`: two measurements are averaged over
+    seeds only when their keys are equal.
+    """
+
+    protocol: str
+    file: str
+    split: str | None
+    samples: int | None
+    split_size: int | None
+    complete: bool | None
+    metric: str
+    clean: float | None
+    pgd: dict[float, float | None]
+    settings: str
+    description: str
+    pgd_settings: str | None = None
+    headline_name: str | None = None
+    headline: float | None = None
+    cw: float | None = None
+    cw_median_l2: float | None = None
+    cw_settings: str | None = None
+    autoattack_settings: str | None = None
+    distortions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    sanity_passed: bool | None = None
+    sanity_failed: tuple[str, ...] = ()
+    sanity_details: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def protocol_label(self) -> str:
+        return PROTOCOL_LABELS.get(self.protocol, f"{self.protocol} protocol")
+
+    @property
+    def source(self) -> str:
+        """Where the numbers come from: split and samples, e.g. ``test subset 256/355``."""
+        split = self.split or "?"
+        if self.samples is None:
+            where = f"{split}, samples unknown"
+        elif self.split_size is None:
+            where = f"{split} subset of {self.samples}" if not self.complete else f"{split} {self.samples}"
+        elif self.complete or self.samples >= self.split_size:
+            where = f"{split} {self.samples}/{self.split_size}"
+        else:
+            where = f"{split} subset {self.samples}/{self.split_size}"
+        return f"{where} ({self.file})"
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What must agree for two seeds' numbers to be averaged."""
+        return (self.protocol, self.file, self.split, self.samples, self.split_size, self.settings,
+                self.headline_name, self.metric)
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Preference among measurements of one protocol: a full split, then more samples, then eval files."""
+        return (0 if self.complete else 1, -(self.samples or 0), _FILE_RANK.get(self.file, 3))
 
 
 @dataclass
@@ -52,11 +163,16 @@ class RunSummary:
     config: dict[str, Any] = field(default_factory=dict)
     epochs: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] | None = None
-    eval: dict[str, Any] | None = None
+    measurements: dict[str, Measurement] = field(default_factory=dict)  # by protocol
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(self.config.get("options", {}))
+        opts = self.config.get("options", {})
+        return dict(opts) if isinstance(opts, dict) else {}
+
+    @property
+    def seed(self) -> Any:
+        return self.options.get("seed")
 
     @property
     def method(self) -> str:
@@ -70,13 +186,15 @@ class RunSummary:
     def maps(self) -> str:
         maps = self.options.get("maps") or (self.metrics or {}).get("maps") or []
         if not maps:
-            used = sorted({str(e["map"]) for e in self.epochs if e.get("map")})
-            maps = used
-        return ", ".join(maps) if maps else "-"
+            maps = sorted({str(e["map"]) for e in self.epochs if e.get("map")})
+        return ", ".join(str(m) for m in maps) if maps else "-"
 
     @property
     def metric(self) -> str:
-        for src in (self.eval, self.metrics, self.epochs[-1] if self.epochs else None):
+        for m in self.measurements.values():
+            if m.metric:
+                return m.metric
+        for src in (self.metrics, self.epochs[-1] if self.epochs else None):
             if src and src.get("metric"):
                 return str(src["metric"])
         return "accuracy"
@@ -91,45 +209,80 @@ class RunSummary:
 
     @property
     def seconds_per_epoch(self) -> float | None:
-        secs = [float(e["seconds"]) for e in self.epochs if e.get("seconds") is not None]
+        secs = [float(e["seconds"]) for e in self.epochs if _finite(e.get("seconds"))]
         return sum(secs) / len(secs) if secs else None
 
     @property
-    def source(self) -> str:
-        if self.eval is not None:
-            e = self.eval
-            part = "" if e.get("complete", True) else f" (subset {e.get('samples')}/{e.get('split_size')})"
-            return f"eval.json: {e.get('split')}{part}"
-        if self.metrics is not None:
-            m = self.metrics
-            return f"metrics.json: {m.get('eval_split', '?')} subset of {m.get('eval_samples', '?')}"
-        return "-"
-
-    @property
-    def clean(self) -> float | None:
-        if self.eval is not None:
-            return self.eval.get("clean")
-        if self.metrics is not None:
-            return self.metrics.get("clean_acc")
+    def monitor_key(self) -> str | None:
+        """The per-epoch held-out monitor's key: ``pgd<N>_monitor``, or ``pgd_acc`` in old runs."""
+        for e in self.epochs:
+            for k in e:
+                if _MONITOR_KEY.match(k):
+                    return k
+        if any("pgd_acc" in e for e in self.epochs):
+            return "pgd_acc"
         return None
 
-    def robust_by_eps(self) -> dict[float, float]:
-        """PGD robust accuracy keyed by eps (in /255 units), from eval.json or metrics.json."""
-        out: dict[float, float] = {}
-        if self.eval is not None and "pgd" in self.eval:
-            for row in self.eval["pgd"]["results"]:
-                if row.get("value") is not None:
-                    out[round(float(row["eps"]) * 255, 6)] = float(row["value"])
-            return out
-        robust = (self.eval or {}).get("robust") or (self.metrics or {}).get("robust_acc") or {}
-        for key, value in robust.items():
-            m = _EPS_KEY.match(key)
-            if m and value is not None:
-                out[float(m.group(1))] = float(value)
-        return out
+    @property
+    def monitor_label(self) -> str:
+        """``PGD-5 @ 8/255, val 256``: what the monitor measured (old runs: PGD-5, the only setting then)."""
+        key = self.monitor_key
+        info = next((e["monitor"] for e in self.epochs if isinstance(e.get("monitor"), dict)), None)
+        info = info or (self.metrics or {}).get("monitor") or {}
+        m = _MONITOR_KEY.match(key or "")
+        steps = info.get("steps") or (int(m.group(1)) if m else 5)
+        eps = info.get("eps") or next((str(e["pgd_eps"]) for e in self.epochs if e.get("pgd_eps")), None)
+        text = f"PGD-{steps}" + (f" @ {eps}" if eps else "")
+        if info.get("split") or info.get("samples"):
+            text += f", {info.get('split', '?')} {info.get('samples', '?')}"
+        return text
+
+    @property
+    def best_epoch(self) -> int | None:
+        best = (self.metrics or {}).get("best")
+        if isinstance(best, dict) and best.get("epoch") is not None:
+            return int(best["epoch"]) + 1
+        return None
+
+    def series(self, key: str) -> dict[int, float]:
+        """Per-epoch values of ``key`` (1-based epoch -> value), non-finite values left out."""
+        return {int(e["epoch"]) + 1: float(e[key]) for e in self.epochs
+                if "epoch" in e and _finite(e.get(key))}
+
+
+@dataclass
+class Configuration:
+    """Runs that differ only in their seed (and non-semantic options): one table row."""
+
+    name: str
+    runs: list[RunSummary]
+    options: dict[str, Any]
+
+    @property
+    def seeds(self) -> str:
+        return ", ".join(str(r.seed) if r.seed is not None else "?" for r in self.runs)
+
+
+@dataclass
+class Row:
+    """One table row: a configuration's runs that share one measurement source."""
+
+    name: str
+    config: Configuration
+    runs: list[RunSummary]
+    measurements: list[Measurement]
+    note: int | None = None  # footnote number, when the configuration's sources differ
+
+    @property
+    def first(self) -> Measurement:
+        return self.measurements[0]
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -161,20 +314,178 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _value(d: dict[str, Any], key: str) -> float | None:
+    """A score or None; anything else is a malformed file (TypeError, caught by the caller)."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{key!r} is {v!r}, not a number")
+    return float(v)
+
+
+def _eps_label(e: float) -> str:
+    return f"{e:g}/255"
+
+
+def _pgd_settings(p: dict[str, Any]) -> str:
+    if p.get("step_label"):
+        step = str(p["step_label"])
+    elif p.get("step_fraction"):
+        step = f"eps/{1 / float(p['step_fraction']):g}"
+    elif p.get("step_size") is not None:
+        step = _eps_label(round(float(p["step_size"]) * 255, 4))
+    else:
+        step = "?"
+    restarts = int(p.get("restarts", 1))
+    return f"PGD {p['steps']} steps of {step}, {restarts} random start{'s' if restarts != 1 else ''}, " \
+           f"{p.get('loss', 'ce')} loss"
+
+
+def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
+    """An eval.json / eval-paper.json / summary.json dict (version 1 or 2) as a Measurement."""
+    version = data.get("version", 1)
+    protocol = str(data.get("protocol") or "paper")  # version 1 predates protocols: it was the paper's
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    pgd: dict[float, float | None] = {}
+    settings = []
+    pgd_settings = None
+    if "pgd" in data:
+        p = data["pgd"]
+        for row in p["results"]:
+            pgd[round(float(row["eps"]) * 255, 6)] = _value(row, "value")
+        pgd_settings = _pgd_settings(p)
+        settings.append(pgd_settings)
+    else:
+        for key, v in (data.get("robust") or {}).items():
+            m = _EPS_KEY.match(key)
+            if m:
+                pgd[float(m.group(1))] = None if v is None else float(v)
+    aa_settings = None
+    if "autoattack" in data:
+        a = data["autoattack"]
+        _value(a, "value")
+        pkg = " ".join(str(x) for x in (a.get("package"), a.get("version")) if x)
+        attacks = ", ".join(a.get("attacks") or [])
+        aa_settings = (f"AutoAttack {a.get('norm', 'Linf')} {a['eps_label']}"
+                       + (f" ({pkg}{'; ' + attacks if attacks else ''})" if pkg or attacks else ""))
+        settings.append(f"AutoAttack {a['eps_label']} {a.get('version', '')}".strip())
+    cw = cw_med = None
+    cw_settings = None
+    if "cw" in data:
+        c = data["cw"]
+        cw, cw_med = _value(c, "value"), _value(c, "median_l2")
+        c0 = c.get("initial_c", c.get("c"))
+        cw_settings = (f"CW-L2 {c['steps']} Adam steps x {c.get('search_steps', 1)} binary-search step(s), "
+                       f"initial c {c0:g}, lr {c.get('lr', 0):g}")
+    headline = data.get("headline")
+    h_name = h_value = None
+    if isinstance(headline, dict):
+        h_name, h_value = str(headline.get("name")), _value(headline, "value")
+    elif pgd:  # version 1 and old summaries: the paper's headline, PGD at the largest eps
+        top = max(pgd)
+        h_name, h_value = f"pgd@{_eps_label(top)}", pgd[top]
+    sanity = data.get("sanity")
+    passed: bool | None = None
+    failed: tuple[str, ...] = ()
+    details: tuple[str, ...] = ()
+    if isinstance(sanity, dict):
+        checks = [c for c in sanity.get("checks", []) if isinstance(c, dict)]
+        failed = tuple(str(c.get("name")) for c in checks if not c.get("passed"))
+        details = tuple(f"{c.get('name')}: {c.get('detail', '')}" for c in checks if not c.get("passed"))
+        passed = bool(sanity.get("passed", not failed)) and not failed
+    dist = data.get("distortions") or {}
+    if not isinstance(dist, dict):
+        raise TypeError("'distortions' is not an object")
+    for name, rows in dist.items():
+        for row in rows:
+            _value(row, "value")
+    samples = data.get("samples")
+    return Measurement(
+        protocol=protocol, file=file, split=data.get("split"),
+        samples=None if samples is None else int(samples),
+        split_size=None if data.get("split_size") is None else int(data["split_size"]),
+        complete=data.get("complete"), metric=str(data.get("metric") or "accuracy"),
+        clean=_value(data, "clean"), pgd=pgd, settings="; ".join(settings),
+        description=str(data.get("protocol_description") or ""), pgd_settings=pgd_settings,
+        headline_name=h_name, headline=h_value, cw=cw, cw_median_l2=cw_med, cw_settings=cw_settings,
+        autoattack_settings=aa_settings, distortions=dist, sanity_passed=passed, sanity_failed=failed,
+        sanity_details=details,
+        note="eval.json version 1 (written before protocols were named; it was the paper protocol)"
+        if version == 1 and "protocol" not in data and file != "metrics.json" else "",
+    )
+
+
+def _parse_eval(path: Path, data: dict[str, Any], file: str) -> Measurement:
+    try:
+        return _measurement_from_eval(data, file)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise SatkitError(f"{path}: not a sattrain evaluation ({what})") from None
+
+
+def _summary_measurement(run_dir: Path, metrics: dict[str, Any]) -> Measurement | None:
+    """The end-of-run strong summary: summary.json when present, else metrics.json's "summary" entry."""
+    summary = metrics.get("summary")
+    if not isinstance(summary, dict):
+        return None
+    full = _read_json(run_dir / SUMMARY_JSON)
+    if full is not None:
+        return _parse_eval(run_dir / SUMMARY_JSON, full, SUMMARY_JSON)
+    data = {**summary, "version": 2, "protocol": summary.get("protocol") or "strong", "split_size": None}
+    data.setdefault("metric", metrics.get("metric"))
+    return _parse_eval(run_dir / "metrics.json", data, SUMMARY_JSON)
+
+
+def _old_metrics_measurement(path: Path, metrics: dict[str, Any]) -> Measurement | None:
+    """Old metrics.json (``robust_acc``): the paper's PGD-5 on a held-out subset at the end of training."""
+    robust = metrics.get("robust_acc")
+    if not isinstance(robust, dict) or not robust:
+        return None
+    att = metrics.get("attack") or {}
+    settings = f"PGD {att.get('steps', 5)} steps of {att.get('step_size', '2/255')}, 1 random start, " \
+               f"{att.get('loss', 'ce')} loss"
+    data = {"protocol": "paper", "split": metrics.get("eval_split"), "samples": metrics.get("eval_samples"),
+            "split_size": None, "complete": False, "metric": metrics.get("metric"), "clean": metrics.get("clean_acc"),
+            "robust": robust}
+    m = _parse_eval(path, data, "metrics.json")
+    return replace(m, settings=settings, pgd_settings=settings,
+                   note="old metrics.json: end-of-training PGD on a held-out subset (paper protocol)")
+
+
 def load_run(path: str | Path, label: str | None = None) -> RunSummary:
-    """Read one run directory; raises SatkitError if it holds none of the run files."""
+    """Read one run directory; raises SatkitError if it holds none of the run files.
+
+    Collects at most one :class:`Measurement` per protocol: eval.json (strong, or paper
+    for version 1), eval-paper.json, the end-of-run summary (strong, a subset) and old
+    metrics.json robust numbers (paper, a subset); of several for one protocol the full
+    split, then the most samples, then an eval file wins.
+    """
     p = Path(path)
     if not p.is_dir():
         raise SatkitError(f"{p}: not a run directory")
-    run = RunSummary(
-        path=p,
-        label=label or p.name,
-        config=_read_json(p / "config.json") or {},
-        epochs=_read_jsonl(p / "metrics.jsonl"),
-        metrics=_read_json(p / "metrics.json"),
-        eval=_read_json(p / "eval.json"),
-    )
-    if not run.config and not run.epochs and run.metrics is None and run.eval is None:
+    config = _read_json(p / "config.json") or {}
+    epochs = _read_jsonl(p / "metrics.jsonl")
+    metrics = _read_json(p / "metrics.json")
+    found: list[Measurement] = []
+    for name in (EVAL_JSON, PAPER_EVAL_JSON):
+        data = _read_json(p / name)
+        if data is not None:
+            m = _parse_eval(p / name, data, name)
+            if name == PAPER_EVAL_JSON and m.protocol != "paper":
+                raise SatkitError(f"{p / name}: protocol is {m.protocol!r}, but this file name is for the paper protocol")
+            found.append(m)
+    if metrics is not None:
+        for m in (_summary_measurement(p, metrics), _old_metrics_measurement(p / "metrics.json", metrics)):
+            if m is not None:
+                found.append(m)
+    by_protocol: dict[str, Measurement] = {}
+    for m in sorted(found, key=lambda m: m.rank):
+        by_protocol.setdefault(m.protocol, m)
+    run = RunSummary(path=p, label=label or p.name, config=config, epochs=epochs, metrics=metrics,
+                     measurements={k: by_protocol[k] for k in PROTOCOLS if k in by_protocol})
+    if not config and not epochs and metrics is None and not found:
         raise SatkitError(f"{p}: no config.json, metrics.jsonl, metrics.json or eval.json: not a sattrain run directory")
     return run
 
@@ -189,68 +500,231 @@ def _labels(paths: list[Path]) -> list[str]:
         depth += 1
 
 
-# --------------------------------------------------------------------------- formatting
+# --------------------------------------------------------------------------- configurations
+
+
+def config_key(run: RunSummary) -> str:
+    """The run's configuration as canonical JSON: options minus :data:`NON_SEMANTIC`, plus the store's identity.
+
+    A run without options (no config.json) is a configuration of its own.
+    """
+    opts = run.options
+    if not opts:
+        return json.dumps({"run": str(run.path.resolve())})
+    semantic = {k: v for k, v in opts.items() if k not in NON_SEMANTIC}
+    store = run.config.get("store") if isinstance(run.config.get("store"), dict) else {}
+    semantic["store"] = store.get("digest") or store.get("dataset") or opts.get("store")
+    return json.dumps(semantic, sort_keys=True, default=str)
+
+
+def _config_name(runs: list[RunSummary]) -> str:
+    if len(runs) == 1:
+        return runs[0].label
+    stripped = {_SEED_SUFFIX.sub("", r.label) for r in runs}
+    if len(stripped) == 1 and next(iter(stripped)):
+        return next(iter(stripped))
+    return f"{runs[0].label} +{len(runs) - 1}"
+
+
+def group_runs(runs: list[RunSummary], aggregate: bool = True) -> list[Configuration]:
+    """Configurations in order of first appearance; without ``aggregate``, one per run."""
+    groups: dict[str, list[RunSummary]] = {}
+    for i, r in enumerate(runs):
+        groups.setdefault(config_key(r) if aggregate else str(i), []).append(r)
+    configs = []
+    names: set[str] = set()
+    for key, members in groups.items():
+        name = _config_name(members)
+        base, k = name, 2
+        while name in names:
+            name, k = f"{base} #{k}", k + 1
+        names.add(name)
+        opts = json.loads(key) if aggregate else json.loads(config_key(members[0]))
+        configs.append(Configuration(name=name, runs=members, options=opts))
+    return configs
+
+
+def _differing_options(configs: list[Configuration]) -> dict[str, str]:
+    """Per configuration name, the options whose values differ between configurations (``lr=0.1, method=sat``)."""
+    keys = sorted({k for c in configs for k in c.options if k != "run"})
+    varying = [k for k in keys if len({json.dumps(c.options.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+    out = {}
+    for c in configs:
+        if "run" in c.options:  # no config.json: nothing known to compare
+            out[c.name] = "unknown (no config.json)"
+            continue
+        parts = [f"{k}={_short(c.options.get(k))}" for k in varying]
+        out[c.name] = ", ".join(parts) if parts else "-"
+    return out
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return "[" + ",".join(_short(x) for x in v) + "]"
+    if isinstance(v, str) and len(v) > 16:
+        return v[:12] + "..."
+    return str(v)
+
+
+def _rows(configs: list[Configuration], protocol: str, notes: list[str]) -> list[Row]:
+    """Table rows of one protocol: per configuration, one row per distinct measurement source.
+
+    Sources that differ within a configuration (split, samples, attack settings) are never
+    averaged: each gets a row, and a footnote (appended to ``notes``) says why.
+    """
+    rows = []
+    for c in configs:
+        parts: dict[tuple[Any, ...], list[RunSummary]] = {}
+        for r in c.runs:
+            m = r.measurements.get(protocol)
+            if m is not None:
+                parts.setdefault(m.key, []).append(r)
+        note = None
+        if len(parts) > 1:
+            notes.append(f"`{c.name}`: its seeds were evaluated on different sources ("
+                         + "; ".join(f"{', '.join(f'`{r.label}`' for r in rs)}: {rs[0].measurements[protocol].source}"
+                                     for rs in parts.values())
+                         + "), shown as separate rows, not averaged.")
+            note = len(notes)
+        for members in parts.values():
+            rows.append(Row(name=c.name, config=c, runs=members,
+                            measurements=[r.measurements[protocol] for r in members], note=note))
+    return rows
+
+
+# --------------------------------------------------------------------------- statistics and formatting
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float | None, int] | None:
+    """(mean, sample standard deviation (n - 1; None for one value), n) of the finite values; None if none."""
+    vals = [float(v) for v in values if _finite(v)]
+    if not vals:
+        return None
+    mean = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return mean, None, 1
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    return mean, math.sqrt(var), len(vals)
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+    return "-" if not _finite(v) else f"{100 * float(v):.2f}"  # type: ignore[arg-type]
 
 
-def _eps_label(e: float) -> str:
-    return f"{e:g}/255"
+def _cell(values: Sequence[float | None], scale: float = 100.0, digits: int = 2) -> str:
+    """``mean ± std`` (one value: the value); ``(n=k)`` when only k of the runs have the number."""
+    st = mean_std(values)
+    if st is None:
+        return "-"
+    mean, std, n = st
+    text = f"{scale * mean:.{digits}f}" + ("" if std is None else f" ± {scale * std:.{digits}f}")
+    return text + (f" (n={n})" if n < len(values) else "")
 
 
-def _table(runs: list[RunSummary]) -> list[str]:
-    eps_all = sorted({e for r in runs for e in r.robust_by_eps()})
-    has_cw = any(r.eval and "cw" in r.eval for r in runs)
-    aa_labels = sorted({r.eval["autoattack"]["eps_label"] for r in runs if r.eval and "autoattack" in r.eval})
-    head = ["run", "method", "model", "map", "epochs", "metric", "clean"]
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _sanity_cell(row: Row) -> str:
+    known = [m for m in row.measurements if m.sanity_passed is not None]
+    if not known:
+        return "not run"
+    failed: dict[str, list[str]] = {}
+    for r, m in zip(row.runs, row.measurements):
+        for name in m.sanity_failed:
+            failed.setdefault(name, []).append(f"seed {r.seed}" if r.seed is not None else r.label)
+    if not failed and all(m.sanity_passed for m in known):
+        return "ok" + ("" if len(known) == len(row.measurements) else f" ({len(known)} of {len(row.measurements)} checked)")
+    if not failed:
+        return "FAILED"
+    if len(row.runs) == 1:
+        return f"FAILED ({', '.join(failed)})"
+    return "FAILED (" + "; ".join(f"{n}: {', '.join(who)}" for n, who in failed.items()) + ")"
+
+
+def _headline_name(name: str | None) -> str:
+    if not name:
+        return "-"
+    return name.replace("autoattack@", "AutoAttack ").replace("pgd@", "PGD ")
+
+
+def _table(rows: list[Row], per_run: bool) -> list[str]:
+    """A markdown table of one protocol's rows (configurations, or runs with ``per_run``)."""
+    eps_all = sorted({e for row in rows for m in row.measurements for e in m.pgd})
+    has_cw = any(m.cw is not None for row in rows for m in row.measurements)
+    head = ["run" if per_run else "configuration", "method", "model", "map", "epochs", "seed" if per_run else "n",
+            "metric", "protocol", "source", "clean", "headline"]
     head += [f"PGD {_eps_label(e)}" for e in eps_all]
     if has_cw:
         head += ["CW-L2", "CW median L2"]
-    head += [f"AA {lab}" for lab in aa_labels]
-    head += ["s/epoch", "numbers from"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 6 + ["---:"] * (len(head) - 7) + ["---"]) + "|"]
-    for r in runs:
-        rob = r.robust_by_eps()
-        cells = [f"`{r.label}`", r.method, r.model, r.maps, str(r.n_epochs or "-"), r.metric, _pct(r.clean)]
-        cells += [_pct(rob.get(e)) for e in eps_all]
+    head += ["sanity"]
+    align = ["---"] * 9 + ["---:"] * (2 + len(eps_all) + (2 if has_cw else 0)) + ["---"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    for row in rows:
+        r0, m0, ms = row.runs[0], row.first, row.measurements
+        failed = any(m.sanity_failed or m.sanity_passed is False for m in ms)
+        name = ("⚠ " if failed else "") + f"`{row.name}`" + (f" [{row.note}]" if row.note else "")
+        head_names = {m.headline_name for m in ms}
+        headline = (f"{_cell([m.headline for m in ms])} ({_headline_name(m0.headline_name)})"
+                    if len(head_names) == 1 and m0.headline_name else "-")
+        cells = [name, r0.method, r0.model, r0.maps, str(r0.n_epochs or "-"),
+                 str(r0.seed if r0.seed is not None else "-") if per_run else str(len(row.runs)),
+                 m0.metric, m0.protocol_label, m0.source, _cell([m.clean for m in ms]), headline]
+        cells += [_cell([m.pgd.get(e) for m in ms]) for e in eps_all]
         if has_cw:
-            cw = (r.eval or {}).get("cw")
-            cells += [_pct(cw["value"]) if cw else "-",
-                      f"{cw['median_l2']:.3f}" if cw and cw.get("median_l2") is not None else "-"]
-        for lab in aa_labels:
-            aa = (r.eval or {}).get("autoattack")
-            cells.append(_pct(aa["value"]) if aa and aa.get("eps_label") == lab else "-")
-        spe = r.seconds_per_epoch
-        cells += ["-" if spe is None else f"{spe:.1f}", r.source]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            cells += [_cell([m.cw for m in ms]), _cell([m.cw_median_l2 for m in ms], scale=1.0, digits=3)]
+        cells.append(_sanity_cell(row))
+        lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
     return lines
 
 
-def _protocol(runs: list[RunSummary]) -> list[str]:
-    lines = []
+def _training_table(runs: list[RunSummary]) -> list[str]:
+    """Per run: epochs, speed and the held-out monitor (labelled as monitoring, never as robustness)."""
+    lines = ["| run | seed | epochs | s/epoch | monitor (not robustness) | last clean (monitor) | "
+             "last monitor | best epoch (by monitor) |",
+             "|---|---|---:|---:|---|---:|---:|---:|"]
     for r in runs:
-        if r.eval is not None:
-            e = r.eval
-            parts = [f"split `{e.get('split')}`, {e.get('samples')} of {e.get('split_size')} samples"]
-            if "pgd" in e:
-                p = e["pgd"]
-                parts.append(f"PGD {p['steps']} steps of {p['step_size'] * 255:g}/255, random start, "
-                             f"{p['restarts']} restart(s), {p['loss']} loss")
-            if "cw" in e:
-                c = e["cw"]
-                parts.append(f"CW-L2 {c['steps']} Adam steps, c={c['c']:g}, lr={c['lr']:g}")
-            if "autoattack" in e:
-                a = e["autoattack"]
-                parts.append(f"AutoAttack {a['version']} {a['norm']} {a['eps_label']} ({a.get('package', '?')})")
-            lines.append(f"- `{r.label}`: " + "; ".join(parts) + ".")
-        elif r.metrics is not None:
-            m = r.metrics
-            att = m.get("attack", {})
-            how = f", PGD {att['steps']} steps of {att['step_size']}" if "steps" in att and "step_size" in att else ""
-            lines.append(f"- `{r.label}`: end-of-training evaluation on {m.get('eval_samples', '?')} samples of "
-                         f"`{m.get('eval_split', '?')}`{how} (run `sattrain eval` for the full test split).")
+        key = r.monitor_key
+        clean = r.series("clean_acc")
+        mon = r.series(key) if key else {}
+        last_clean = clean[max(clean)] if clean else None
+        last_mon = mon[max(mon)] if mon else None
+        spe = r.seconds_per_epoch
+        cells = [f"`{r.label}`", "-" if r.seed is None else str(r.seed), str(r.n_epochs or "-"),
+                 "-" if spe is None else f"{spe:.1f}", f"{r.monitor_label} (`{key}`)" if key else "-",
+                 _pct(last_clean), _pct(last_mon), "-" if r.best_epoch is None else str(r.best_epoch)]
+        lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
+    return lines
+
+
+def _protocol_section(runs: list[RunSummary], protocols: list[str]) -> list[str]:
+    """What each protocol measured: its description, then per source and attack settings the runs
+    evaluated that way (one bullet for the seeds of a study, not one per run), then sanity failures."""
+    lines: list[str] = []
+    for proto in protocols:
+        with_p = [r for r in runs if proto in r.measurements]
+        descriptions = list(dict.fromkeys(r.measurements[proto].description for r in with_p
+                                          if r.measurements[proto].description))
+        if not descriptions and proto == "paper":
+            descriptions = [_PAPER_DESCRIPTION]
+        lines += [f"### {PROTOCOL_LABELS[proto].capitalize()}", ""]
+        lines += [f"{d[0].upper()}{d[1:]}." for d in descriptions] + ([""] if descriptions else [])
+        groups: dict[str, list[str]] = {}
+        for r in with_p:
+            m = r.measurements[proto]
+            parts = [m.source] + [s for s in (m.autoattack_settings, m.pgd_settings, m.cw_settings, m.note) if s]
+            groups.setdefault("; ".join(parts), []).append(f"`{r.label}`")
+        lines += [f"- {', '.join(who)} ({PROTOCOL_LABELS[proto]}): {text}." for text, who in groups.items()]
+        for r in with_p:
+            for d in r.measurements[proto].sanity_details:
+                lines.append(f"- `{r.label}`: sanity check FAILED: {d}")
+        lines.append("")
+    lines += ["### Held-out monitor", "",
+              "The per-epoch held-out number (`pgd<N>_monitor`; `pgd_acc` in old runs) is a few weak PGD steps on a "
+              "small held-out subset, for watching a run and choosing best.pt. It overstates robustness and is not "
+              "a robustness measure: it appears only in the training table and the per-epoch plot.", ""]
     return lines
 
 
@@ -266,111 +740,189 @@ def _new_figure(ncols: int, width_per: float = 4.6, height: float = 3.8) -> Any:
 
 
 def _style(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
-    ax.set_title(title, fontsize=11)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_ylim(-2, 102)
     ax.grid(True, alpha=0.3)
 
 
-def _colors(n: int) -> list[Any]:
+def _colors(configs: list[Configuration]) -> dict[str, Any]:
+    """One colour per configuration, the same in every plot."""
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    cmap = colormaps["tab10" if len(configs) <= 10 else "tab20"]
+    return {c.name: cmap(i % cmap.N) for i, c in enumerate(configs)}
 
 
 def _legend(fig: Any, axes: Any) -> None:
-    handles, labels = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:
-        h, lab = ax.get_legend_handles_labels()
-        for hh, ll in zip(h, lab):
-            if ll not in labels:
-                handles.append(hh)
-                labels.append(ll)
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=9, frameon=False)
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=8, frameon=False)
 
 
-def _plot_epochs(runs: list[RunSummary], dest: Path) -> bool:
+def _metric_name(runs: Iterable[RunSummary]) -> str:
+    return "mAP" if all(r.metric == "mAP" for r in runs) else "accuracy"
+
+
+def _curve(ax: Any, points: dict[float, list[float | None]], color: Any, label: str, **kw: Any) -> bool:
+    """Mean (and ± std error bars when there are several values) of each x; False when nothing to draw."""
+    xs, ys, es = [], [], []
+    for x in sorted(points):
+        st = mean_std(points[x])
+        if st is not None:
+            xs.append(x)
+            ys.append(100 * st[0])
+            es.append(100 * (st[1] or 0.0))
+    if not xs:
+        return False
+    if any(es):
+        ax.errorbar(xs, ys, yerr=es, color=color, marker="o", ms=4, lw=1.6, capsize=3, label=label, **kw)
+    else:
+        ax.plot(xs, ys, color=color, marker="o", ms=4, lw=1.6, label=label, **kw)
+    return True
+
+
+def _plot_epochs(configs: list[Configuration], dest: Path) -> bool:
+    """Train / held-out clean / held-out monitor per epoch; a configuration's mean with a ± std band."""
     from matplotlib.ticker import MaxNLocator
 
-    with_epochs = [r for r in runs if r.epochs]
-    if not with_epochs:
+    runs = [r for c in configs for r in c.runs if r.epochs]
+    if not runs:
         return False
-    fig, axes = _new_figure(3)
-    colors = _colors(len(runs))
-    pgd_eps = sorted({str(e.get("pgd_eps")) for r in with_epochs for e in r.epochs if e.get("pgd_eps")})
-    metric = "mAP" if all(r.metric == "mAP" for r in with_epochs) else "accuracy"
-    unit = f"{metric} (%)"
-    titles = [("train_acc", "train (perturbed batches)"), ("clean_acc", "held-out clean"),
-              ("pgd_acc", "held-out PGD" + (f" @ {', '.join(pgd_eps)}" if pgd_eps else ""))]
-    for ax, (key, title) in zip(axes, titles):
-        for r, c in zip(runs, colors):
-            pts = [(int(e["epoch"]) + 1, 100 * float(e[key])) for e in r.epochs if e.get(key) is not None and "epoch" in e]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=c, marker="o" if len(xs) <= 30 else None, ms=3, lw=1.6, label=r.label)
-        _style(ax, title, "epoch", unit)
+    steps = sorted({r.monitor_label.split(" ")[0] for r in runs if r.monitor_key})
+    fig, axes = _new_figure(3, height=4.2)
+    colors = _colors(configs)
+    metric = _metric_name(runs)
+    panels = [("train_acc", "train (perturbed batches)"), ("clean_acc", "held-out clean (monitor subset)"),
+              (None, f"held-out monitor ({'/'.join(steps) or 'PGD'}, not a robustness measure)")]
+    for ax, (key, title) in zip(axes, panels):
+        for c in configs:
+            members = [r for r in c.runs if r.epochs]
+            series = [r.series(key or r.monitor_key or "") for r in members]
+            common = set.intersection(*(set(s) for s in series)) if series else set()
+            if not common:
+                continue
+            xs = sorted(common)
+            stats = [mean_std([s[x] for s in series]) for x in xs]
+            ys = [100 * st[0] for st in stats if st]
+            lab = c.name + (f" (n={len(members)})" if len(members) > 1 else "")
+            ax.plot(xs, ys, color=colors[c.name], marker="o" if len(xs) <= 30 else None, ms=3, lw=1.6, label=lab)
+            if len(members) > 1:
+                sd = [100 * (st[1] or 0.0) for st in stats if st]
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=colors[c.name], alpha=0.2, lw=0)
+        _style(ax, title, "epoch", f"{metric} (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(fig, axes)
-    fig.suptitle(f"{metric} per epoch", fontsize=12)
+    fig.suptitle(f"{metric} per epoch (mean ± std over seeds where n > 1)", fontsize=12)
     fig.savefig(dest)
     return True
 
 
-def _plot_eps(runs: list[RunSummary], dest: Path) -> bool:
-    curves = [(r, r.robust_by_eps()) for r in runs]
-    if not any(c for _, c in curves):
+def _plot_eps(configs: list[Configuration], protocols: list[str], dest: Path) -> bool:
+    """PGD robust accuracy against eps: one panel per protocol (never mixed), error bars over seeds."""
+    from matplotlib.lines import Line2D
+
+    panels = []
+    for proto in protocols:
+        rows = [row for row in _rows(configs, proto, []) if any(m.pgd for m in row.measurements)]
+        if rows:
+            panels.append((proto, rows))
+    if not panels:
         return False
-    fig, axes = _new_figure(1, width_per=6.4, height=4.6)
-    ax = axes[0]
-    for (r, rob), c in zip(curves, _colors(len(runs))):
-        if not rob:
-            continue
-        pts = sorted(rob.items())
-        if r.clean is not None:
-            pts = [(0.0, r.clean)] + pts
-        xs = [e for e, _ in pts]
-        ys = [100 * v for _, v in pts]
-        ax.plot(xs, ys, color=c, marker="o", ms=4, lw=1.8, label=r.label)
-    metric = "mAP" if all(r.metric == "mAP" for r in runs) else "accuracy"
-    _style(ax, f"PGD robust {metric} (eps 0 = clean)", "eps (Linf, x/255)", f"{metric} (%)")
-    ax.legend(fontsize=9, loc="best")
+    fig, axes = _new_figure(len(panels), width_per=6.0, height=5.0)
+    colors = _colors(configs)
+    for ax, (proto, rows) in zip(axes, panels):
+        metric = _metric_name(r for row in rows for r in row.runs)
+        drew_aa = False
+        for i, row in enumerate(rows):
+            ms = row.measurements
+            points: dict[float, list[float | None]] = {0.0: [m.clean for m in ms]}
+            for e in sorted({e for m in ms for e in m.pgd}):
+                points[e] = [m.pgd.get(e) for m in ms]
+            n = f"n={len(ms)}, " if len(ms) > 1 else ""
+            same = [r for r in rows if r.name == row.name]
+            style = {"ls": "--"} if len(same) > 1 and same.index(row) > 0 else {}
+            _curve(ax, points, colors[row.name], f"{row.name} ({n}{row.first.source})", **style)
+            name = row.first.headline_name or ""
+            if name.startswith("autoattack@"):
+                m = _EPS_KEY.match(name.replace("autoattack@", "pgd@"))
+                st = mean_std([m_.headline for m_ in ms])
+                if m and st is not None:
+                    ax.errorbar([float(m.group(1))], [100 * st[0]], yerr=[100 * (st[1] or 0.0)], color=colors[row.name],
+                                marker="*", ms=11, ls="none", capsize=3)
+                    drew_aa = True
+        _style(ax, f"PGD robust {metric} ({PROTOCOL_LABELS[proto]})", "eps (Linf, x/255; 0 = clean)", f"{metric} (%)")
+        handles, labels = ax.get_legend_handles_labels()
+        if drew_aa:
+            handles.append(Line2D([], [], color="0.3", marker="*", ms=10, ls="none"))
+            labels.append("AutoAttack (headline)")
+        ax.legend(handles, labels, fontsize=7, loc="upper right")
+    fig.suptitle("Robust accuracy against eps: one panel per protocol, mean ± std over seeds", fontsize=11)
     fig.savefig(dest)
     return True
 
 
-def _plot_distortions(runs: list[RunSummary], dest: Path) -> bool:
-    with_d = [(r, c) for r, c in zip(runs, _colors(len(runs))) if r.eval and r.eval.get("distortions")]
-    if not with_d:
-        return False
-    panels = [("contrast", "level", "contrast factor c (1 = original)", "contrast"),
-              ("lowpass", "radius", "cut-off radius (cycles/image; larger keeps more)", "low-pass filtering"),
-              ("highpass", "radius", "cut-off radius (cycles/image; 0 = original)", "high-pass filtering")]
-    fig, axes = _new_figure(3)
-    metric = "mAP" if all(r.metric == "mAP" for r, _ in with_d) else "accuracy"
-    for ax, (name, key, xlabel, title) in zip(axes, panels):
-        for r, c in with_d:
-            rows = r.eval["distortions"].get(name, [])
-            pts = sorted((float(row[key]), 100 * float(row["value"])) for row in rows if row.get("value") is not None)
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, color=c, marker="o", ms=4, lw=1.6, label=r.label)
+def _plot_distortions(configs: list[Configuration], dest: Path) -> tuple[bool, list[str]]:
+    """Contrast vs c, low-pass vs sigma, high-pass vs sigma; returns (drawn, runs with old FFT-radius sweeps)."""
+    panels = [("contrast", "level", "contrast c (1 = original; 0 = flat grey)", "contrast"),
+              ("lowpass", "sigma", "Gaussian sigma, px (larger = more blur)", "low-pass (Gaussian blur)"),
+              ("highpass", "sigma", "Gaussian sigma, px (sweep 2.82 ... 0.5;\nsmaller keeps only finer detail)",
+               "high-pass (grey minus blur)")]
+    fig, axes = _new_figure(3, height=4.4)
+    colors = _colors(configs)
+    old: list[str] = []
+    drawn = False
+    used: list[RunSummary] = []
+    for c in configs:
+        for proto in PROTOCOLS:  # the strong protocol's sweep when a configuration has one, else the paper's
+            rows = [row for row in _rows([c], proto, []) if any(m.distortions for m in row.measurements)]
+            if rows:
+                break
+        for row in rows:
+            ms = [m for m in row.measurements if m.distortions]
+            for r, m in zip(row.runs, row.measurements):
+                if m.distortions and any("radius" in x and "sigma" not in x
+                                         for k in ("lowpass", "highpass") for x in m.distortions.get(k, [])):
+                    old.append(r.label)
+            used += row.runs
+            n = f"n={len(ms)}, " if len(ms) > 1 else ""
+            label = f"{row.name} ({n}{ms[0].protocol_label}, {ms[0].source})"
+            for ax, (name, key, _xl, _t) in zip(axes, panels):
+                points: dict[float, list[float | None]] = {}
+                for m in ms:
+                    for x in m.distortions.get(name, []):
+                        if key in x and _finite(x.get(key)):
+                            points.setdefault(float(x[key]), []).append(x.get("value"))
+                drawn |= _curve(ax, points, colors[row.name], label)
+    if not drawn:
+        return False, old
+    metric = _metric_name(used)
+    for ax, (_n, _k, xlabel, title) in zip(axes, panels):
         _style(ax, title, xlabel, f"{metric} (%)")
+    axes[2].invert_xaxis()  # the sweep's order, 2.82 first
     _legend(fig, axes)
-    fig.suptitle(f"{metric} under distortions", fontsize=12)
+    fig.suptitle(f"{metric} under distortions (mean ± std over seeds)", fontsize=12)
     fig.savefig(dest)
-    return True
+    return True, old
 
 
 # --------------------------------------------------------------------------- report
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: bool | None = None) -> Path:
     """Read the runs, write ``out/report.md`` and its PNGs; return the report's path.
 
-    >>> write_report(["runs/std", "runs/sat"], "reports/cifar10")     # doctest: +SKIP
+    ``aggregate``: one row per configuration (mean ± std over seeds) when True, one per run
+    when False; None (the default) aggregates when some configuration has several seeds.
+
+    >>> write_report(["runs/sat-s0", "runs/sat-s1", "runs/std"], "reports/cifar10")   # doctest: +SKIP
     PosixPath('reports/cifar10/report.md')
     """
     if not run_dirs:
@@ -383,22 +935,71 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
         raise SatkitError(f"--out: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    lines = ["# satkit report", "", f"{len(runs)} run(s). Numbers are percentages.", ""]
-    lines += _table(runs)
-    lines.append("")
-    plots = [
-        (PLOT_EPOCHS, _plot_epochs, "Accuracy per epoch"),
-        (PLOT_EPS, _plot_eps, "Robust accuracy against eps"),
-        (PLOT_DISTORTIONS, _plot_distortions, "Common distortions"),
+    by_config = group_runs(runs, aggregate=True)
+    if aggregate is None:
+        aggregate = any(len(c.runs) > 1 for c in by_config)
+    configs = by_config if aggregate else group_runs(runs, aggregate=False)
+    per_run = group_runs(runs, aggregate=False)
+    protocols = [p for p in PROTOCOLS if any(p in r.measurements for r in runs)]
+
+    lines = ["# satkit report", "",
+             f"{len(runs)} run(s)" + (f" in {len(configs)} configuration(s)" if aggregate else "")
+             + ". Numbers are percentages"
+             + ("; a configuration's cell is the mean ± sample standard deviation (n - 1) over its seeds, "
+                "n the number of seeds" if aggregate else "")
+             + ". Every number is labelled with its protocol and its source (split, samples evaluated / "
+               "split size, file): numbers of different protocols or sources are never averaged together. "
+               "⚠ marks a failed gradient-masking sanity check: distrust that row's robust numbers.", ""]
+    for proto in protocols:
+        notes: list[str] = []
+        rows = _rows(configs, proto, notes)
+        lines += [f"## {PROTOCOL_LABELS[proto].capitalize()}", ""]
+        if proto == "paper":
+            lines += ["The SAT authors' PGD-5 evaluation: it overstates robustness; compare it only with the paper.", ""]
+        lines += _table(rows, per_run=not aggregate) + [""]
+        lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)] + ([""] if notes else [])
+    unmeasured = [r for r in runs if not r.measurements]
+    if unmeasured:
+        lines += ["No robustness measurement (no eval.json, eval-paper.json or end-of-run summary; the held-out "
+                  "monitor is not one): " + ", ".join(f"`{r.label}`" for r in unmeasured)
+                  + ". Measure with `sattrain eval RUN_DIR --store STORE`.", ""]
+
+    old_radius: list[str] = []
+    plot_specs: list[tuple[str, str, Any]] = [
+        (PLOT_EPOCHS, "Accuracy per epoch (held-out monitor, not a robustness measure)",
+         lambda d: _plot_epochs(configs, d)),
+        (PLOT_EPS, "Robust accuracy against eps, per protocol", lambda d: _plot_eps(configs, protocols, d)),
+        (PLOT_DISTORTIONS, "Common distortions", None),
     ]
-    for name, fn, title in plots:
-        if fn(runs, out / name):
+    for name, title, fn in plot_specs:
+        if fn is None:
+            drawn, old_radius = _plot_distortions(configs, out / name)
+        else:
+            drawn = fn(out / name)
+        if drawn:
             lines += [f"## {title}", "", f"![{title}]({name})", ""]
+            if name == PLOT_DISTORTIONS and old_radius:
+                lines += ["Low- and high-pass sweeps of old evaluations (FFT cut-off radii, not Gaussian sigmas) are "
+                          "not plotted: " + ", ".join(f"`{x}`" for x in old_radius) + ".", ""]
         elif (out / name).exists():
             (out / name).unlink()  # a stale plot from an earlier report of other runs
-    protocol = _protocol(runs)
-    if protocol:
-        lines += ["## Evaluation protocol", ""] + protocol + [""]
+
+    if protocols:
+        lines += ["## Evaluation protocols", ""] + _protocol_section(runs, protocols)
+    if aggregate:
+        diff = _differing_options(configs)
+        lines += ["## Configurations", "",
+                  "Runs whose config.json options agree except for " + ", ".join(f"`{k}`" for k in sorted(NON_SEMANTIC))
+                  + " (the store compared by content digest) form one configuration.", ""]
+        lines += [f"- `{c.name}`: {len(c.runs)} run(s), seed(s) {c.seeds}: "
+                  + ", ".join(f"`{r.label}`" for r in c.runs) + f"; differs in: {diff[c.name]}" for c in configs]
+        lines.append("")
+        if protocols:
+            lines += ["## Per-run numbers", ""]
+            for proto in protocols:
+                lines += [f"### {PROTOCOL_LABELS[proto].capitalize()}, per run", ""]
+                lines += _table(_rows(per_run, proto, []), per_run=True) + [""]
+    lines += ["## Training (held-out monitor, not a robustness measure)", ""] + _training_table(runs) + [""]
     lines += ["## Runs", ""] + [f"- `{r.label}`: `{r.path}`" for r in runs] + [""]
     dest = out / REPORT_NAME
     dest.write_text("\n".join(lines))
