@@ -17,7 +17,8 @@ A run directory holds::
     summary.json    the end-of-run evaluation with the strong protocol (sattrain.evaluate:
                     AutoAttack and PGD at 1, 2, 4, 8/255 on --summary-samples held-out
                     samples) of checkpoint.pt; absent with --summary-samples 0
-    metrics.json    at the end: "summary" (that evaluation's headline and numbers),
+    metrics.json    at the end: "summary" (that evaluation's protocol, samples, split,
+                    clean, robust {"autoattack@8/255", "pgd@1/255", ...} and headline),
                     "best" and "last" (monitor numbers of the best and the last epoch),
                     "monitor" (what the monitor measures), run facts
 
@@ -54,7 +55,6 @@ error naming the epoch and step.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import platform
@@ -452,14 +452,6 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
     return done, ckpt.get("best")
 
 
-def _check_summary_possible(cfg: TrainConfig, multilabel: bool) -> None:
-    """Refuse, before any training, an end-of-run summary that could not run."""
-    if cfg.summary_samples and not multilabel and importlib.util.find_spec("torchattacks") is None:
-        raise SatkitError("--summary-samples: the end-of-run summary runs AutoAttack, which needs the optional "
-                          "torchattacks package: pip install 'satkit[autoattack]' (or pass --summary-samples 0 "
-                          "and evaluate later with `sattrain eval`)")
-
-
 def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device: torch.device, multilabel: bool,
                 log: Log) -> dict[str, Any]:
     """Evaluate the run's checkpoint.pt with the strong protocol (sattrain.evaluate) into
@@ -484,6 +476,7 @@ def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device
         "protocol": result.get("protocol"),
         "samples": int(result["samples"]),
         "split": split,
+        **({"split_size": int(result["split_size"])} if result.get("split_size") is not None else {}),
         "complete": bool(result.get("complete", True)),
         "clean": result.get("clean"),
         "robust": dict(result.get("robust") or {}),
@@ -493,7 +486,8 @@ def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, (int, float)) and v is not None else str(v)
+    """A score with four decimals; anything else (None: not measured) as text."""
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def train(cfg: TrainConfig, log: Log | None = None) -> Path:
@@ -528,7 +522,6 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
     # against the store (no flip for images a mirror changes, e.g. digits).
     cfg = replace(cfg, maps=maps, augment=resolve_augment(str(cfg.augment), bool(getattr(info, "hflip", True))))
     eval_split = _pick_eval_split(store, cfg.eval_split)
-    _check_summary_possible(cfg, multilabel)
     digest = store_digest(info)
     num_classes = len(info.classes)
     model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
@@ -705,14 +698,23 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
     write_json_atomic(run_dir / METRICS_JSON, final)
     log(f"summary: evaluating {run_dir / CHECKPOINT_NAME} with the strong protocol on "
         f"{cfg.summary_samples} {eval_split} samples ({', '.join(('pgd',) if multilabel else SUMMARY_ATTACKS)})")
-    summary = run_summary(run_dir, store, split=eval_split, samples=cfg.summary_samples, device=device,
-                          multilabel=multilabel, log=log)
+    try:
+        summary = run_summary(run_dir, store, split=eval_split, samples=cfg.summary_samples, device=device,
+                              multilabel=multilabel, log=log)
+    except SatkitError as e:
+        # e.g. a missing optional attack package: the training is done and saved; say so
+        del final["summary_pending"]
+        final["summary_error"] = str(e)
+        write_json_atomic(run_dir / METRICS_JSON, final)
+        raise SatkitError(f"the end-of-run summary failed ({e}); the training is complete in {run_dir} "
+                          "(checkpoint.pt, best.pt, metrics.json): redo only the summary with --resume, or "
+                          "pass --resume --summary-samples 0 and evaluate with `sattrain eval`") from None
     del final["summary_pending"]
     final["summary"] = summary
     write_json_atomic(run_dir / METRICS_JSON, final)
     head = summary.get("headline") or {}
     log(f"summary: clean {score} {_fmt(summary['clean'])}, "
         + ", ".join(f"{k} {_fmt(v)}" for k, v in summary["robust"].items()) + f" ({run_dir / SUMMARY_JSON})")
-    log(f"robust ({head.get('name')}, {summary['samples']} samples"
-        + ("" if summary["complete"] else ", incomplete") + f"): {_fmt(head.get('value'))}")
+    of = f" of {summary['split_size']}" if not summary["complete"] and "split_size" in summary else ""
+    log(f"robust ({head.get('name')}, {summary['samples']}{of} samples): {_fmt(head.get('value'))}")
     return run_dir

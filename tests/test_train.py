@@ -521,3 +521,79 @@ def test_best_pt_holds_the_weights_of_the_recorded_epoch(digits_store: Path, tmp
         assert torch.equal(best["model"][k], v), k
     model, _ = load_model(long / "best.pt")  # what `sattrain eval RUN_DIR/best.pt` loads
     assert not model.training
+
+
+# --------------------------------------------------------------------------- the end-of-run summary
+
+
+def test_summary_calls_the_strong_evaluation_and_states_its_headline(digits_store: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plumbing, with sattrain.evaluate.evaluate replaced by a recorder: what the run
+    asks for, what metrics.json keeps, and the console's last line."""
+    import sattrain.evaluate as ev_mod
+
+    calls: list[tuple[tuple, dict]] = []
+
+    def fake(*args: object, **kw: object) -> dict:
+        calls.append((args, kw))
+        Path(str(kw["out"])).write_text("{}")
+        if kw.get("progress"):
+            kw["progress"]("autoattack eps=8/255: 0.0123")  # type: ignore[operator]
+        return {"protocol": "strong", "samples": 24, "split_size": 355, "complete": False, "clean": 0.5,
+                "robust": {"autoattack@8/255": 0.0123, "pgd@8/255": 0.02},
+                "headline": {"name": "autoattack@8/255", "value": 0.0123}, "extra": "ignored"}
+
+    monkeypatch.setattr(ev_mod, "evaluate", fake)
+    out = tmp_path / "sum"
+    args = [a for a in QUICK if a not in ("--summary-samples", "0")]
+    res = run(str(digits_store), "--method", "standard", "--epochs", "1", "--out", str(out), *args,
+              "--summary-samples", "24", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1
+    (target, store), kw = calls[0]
+    assert Path(str(target)) == out and getattr(store, "path", store) is not None
+    assert kw["split"] == "test" and kw["samples"] == 24 and kw["seed"] == 0 and kw["device"] == "cpu"
+    assert tuple(kw["attacks"]) == ("autoattack", "pgd") and tuple(kw["eps"]) == (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    assert Path(str(kw["out"])) == out / "summary.json"
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["summary"] == {"protocol": "strong", "samples": 24, "split": "test", "split_size": 355,
+                                "complete": False, "clean": 0.5,
+                                "robust": {"autoattack@8/255": 0.0123, "pgd@8/255": 0.02},
+                                "headline": {"name": "autoattack@8/255", "value": 0.0123}, "file": "summary.json"}
+    assert "summary_pending" not in final and "summary_skipped" not in final
+    assert "summary: autoattack eps=8/255: 0.0123" in res.output  # the evaluation's progress is logged
+    assert res.output.strip().splitlines()[-1] == "robust (autoattack@8/255, 24 of 355 samples): 0.0123"
+
+
+def test_summary_skipped_says_so(digits_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "skip"
+    res = run(str(digits_store), "--method", "standard", "--epochs", "1", "--out", str(out), *QUICK)
+    assert res.exit_code == 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "robustness not measured (--summary-samples 0)" in last and "sattrain eval" in last
+    assert not (out / "summary.json").exists()
+
+
+def test_a_failed_summary_keeps_the_training_and_resume_redoes_only_the_summary(
+        digits_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sattrain.evaluate as ev_mod
+
+    def broken(*args: object, **kw: object) -> dict:
+        raise SatkitError("autoattack: the attack package is not installed")
+
+    monkeypatch.setattr(ev_mod, "evaluate", broken)
+    out = tmp_path / "fail"
+    args = [a for a in QUICK if a not in ("--summary-samples", "0")]
+    res = run(str(digits_store), "--method", "standard", "--epochs", "1", "--out", str(out), *args,
+              "--summary-samples", "16")
+    assert res.exit_code == 1
+    assert "the end-of-run summary failed (autoattack: the attack package is not installed)" in res.output
+    final = json.loads((out / "metrics.json").read_text())
+    assert final["summary"] is None and "not installed" in final["summary_error"] and final["best"]["epoch"] == 0
+    trained = load_checkpoint(out)
+    # --summary-samples may change on resume; nothing is trained again
+    res = run(str(digits_store), "--method", "standard", "--epochs", "1", "--out", str(out), *QUICK, "--resume")
+    assert res.exit_code == 0, res.output
+    assert "epoch 1/1" not in res.output and json.loads((out / "metrics.json").read_text())["summary"] is None
+    for k, v in trained["model"].items():
+        assert torch.equal(load_checkpoint(out)["model"][k], v), k
