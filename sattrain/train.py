@@ -288,7 +288,14 @@ def train_one_epoch(
                 res.loss.backward()
                 optimizer.step()
             if scheduler is not None:
-                scheduler.step()
+                if scaler is not None:
+                    # a step the scaler skipped (inf/nan gradients while it calibrates) still
+                    # advances the schedule, as it must to stay on its total; torch warns about it
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                        scheduler.step()
+                else:
+                    scheduler.step()
             b = batch.x.shape[0]
             loss_d = res.loss.detach().float()
             first_bad = torch.where(~torch.isfinite(loss_d) & (first_bad < 0), step, first_bad)
