@@ -376,9 +376,9 @@ def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
     if "cw" in data:
         c = data["cw"]
         cw, cw_med = _value(c, "value"), _value(c, "median_l2")
-        c0 = c.get("initial_c", c.get("c"))
-        cw_settings = (f"CW-L2 {c['steps']} Adam steps x {c.get('search_steps', 1)} binary-search step(s), "
-                       f"initial c {c0:g}, lr {c.get('lr', 0):g}")
+        c0, lr = c.get("initial_c", c.get("c")), c.get("lr")
+        cw_settings = (f"CW-L2 {c.get('steps', '?')} Adam steps x {c.get('search_steps', 1)} binary-search step(s)"
+                       + (f", initial c {c0:g}" if _finite(c0) else "") + (f", lr {lr:g}" if _finite(lr) else ""))
     headline = data.get("headline")
     h_name = h_value = None
     if isinstance(headline, dict):
@@ -435,7 +435,9 @@ def _summary_measurement(run_dir: Path, metrics: dict[str, Any]) -> Measurement 
         return _parse_eval(run_dir / SUMMARY_JSON, full, SUMMARY_JSON)
     data = {**summary, "version": 2, "protocol": summary.get("protocol") or "strong", "split_size": None}
     data.setdefault("metric", metrics.get("metric"))
-    return _parse_eval(run_dir / "metrics.json", data, SUMMARY_JSON)
+    m = _parse_eval(run_dir / "metrics.json", data, SUMMARY_JSON)
+    return replace(m, note="end-of-run summary as metrics.json records it (summary.json is missing: "
+                           "split size and attack settings unknown)")
 
 
 def _old_metrics_measurement(path: Path, metrics: dict[str, Any]) -> Measurement | None:

@@ -328,8 +328,10 @@ def test_end_of_run_summary_is_strong_on_a_subset(tmp_path: Path) -> None:
     # without summary.json, metrics.json's summary entry is used
     (run / "summary.json").unlink()
     (run / "eval.json").unlink()
-    strong = _row(_tables(write_report([run], tmp_path / "out").read_text())["Strong protocol"], "sat")
+    md = write_report([run], tmp_path / "out").read_text()
+    strong = _row(_tables(md)["Strong protocol"], "sat")
     assert strong["source"] == "val subset of 500 (summary.json)" and strong["clean"] == "80.00"
+    assert "end-of-run summary as metrics.json records it (summary.json is missing" in md
 
 
 def test_old_run_dirs_report_as_paper_protocol_and_monitor(tmp_path: Path) -> None:
@@ -455,3 +457,12 @@ def test_report_cli(study: dict[str, Any], tmp_path: Path) -> None:
     assert "--aggregate / --no-aggregate" in res.output
     res = CliRunner().invoke(report_cmd, [str(tmp_path), "--out", str(out)])  # tmp_path holds no run files
     assert res.exit_code == 1 and "not a sattrain run directory" in res.output
+
+
+def test_multilabel_runs_say_map(tmp_path: Path) -> None:
+    ev = _eval("paper", clean=0.6, slope=0.02)
+    ev["metric"] = ev["headline"]["metric"] = "mAP"
+    run = _make_run(tmp_path, "voc", evals={"eval-paper.json": ev})
+    assert load_run(run).metric == "mAP"
+    md = write_report([run], tmp_path / "out").read_text()
+    assert _row(_tables(md)["Paper protocol"], "voc")["metric"] == "mAP"
