@@ -433,11 +433,12 @@ def _summary_measurement(run_dir: Path, metrics: dict[str, Any]) -> Measurement 
     full = _read_json(run_dir / SUMMARY_JSON)
     if full is not None:
         return _parse_eval(run_dir / SUMMARY_JSON, full, SUMMARY_JSON)
-    data = {**summary, "version": 2, "protocol": summary.get("protocol") or "strong", "split_size": None}
+    data = {**summary, "version": 2, "protocol": summary.get("protocol") or "strong",
+            "split_size": summary.get("split_size")}  # recorded by runs of today on
     data.setdefault("metric", metrics.get("metric"))
     m = _parse_eval(run_dir / "metrics.json", data, SUMMARY_JSON)
     return replace(m, note="end-of-run summary as metrics.json records it (summary.json is missing: "
-                           "split size and attack settings unknown)")
+                           "attack settings unknown)")
 
 
 def _old_metrics_measurement(path: Path, metrics: dict[str, Any]) -> Measurement | None:

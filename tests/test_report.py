@@ -331,6 +331,11 @@ def test_end_of_run_summary_is_strong_on_a_subset(tmp_path: Path) -> None:
     md = write_report([run], tmp_path / "out").read_text()
     strong = _row(_tables(md)["Strong protocol"], "sat")
     assert strong["source"] == "val subset of 500 (summary.json)" and strong["clean"] == "80.00"
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["summary"]["split_size"] = 5000  # train.py records it since the summary plumbing change
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    md = write_report([run], tmp_path / "out").read_text()
+    assert _row(_tables(md)["Strong protocol"], "sat")["source"] == "val subset 500/5000 (summary.json)"
     assert "end-of-run summary as metrics.json records it (summary.json is missing" in md
 
 
