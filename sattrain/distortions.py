@@ -26,7 +26,7 @@ they took from Geirhos et al. 2018 ("Generalisation in humans and deep neural ne
     ``d = g - blur(g)`` with the same grey ``g`` and blur, then
     ``d + (0.4423 - mean(d))`` (mean over the image's pixels), so every image has mean
     grey 0.4423 before the clip to [0, 1]; repeated to the input's channel count. Levels
-    ``sigma`` = 2.82, 2, 1.414, 1, 0.7, 0.5 (stronger filtering first).
+    ``sigma`` = 2.82, 2, 1.414, 1, 0.7, 0.5 (weakest filtering first: a smaller sigma leaves only finer detail).
 
 0.4423 (``BACKGROUND_GREY``) is the mean pixel value of Geirhos et al.'s image set; the
 authors used it unchanged on every dataset, so it is used here too.

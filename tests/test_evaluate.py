@@ -122,9 +122,11 @@ def _numbers(r: dict) -> list[float]:
 
 def test_evaluate_writes_valid_eval_json(run_dir: Path, digits_store: Path) -> None:
     with pytest.warns(PartialEvaluationWarning, match="120 of the 355"):
-        r = evaluate(run_dir, digits_store, eps=(2 / 255, 8 / 255), samples=120, device="cpu", batch_size=64)
+        r = evaluate(run_dir, digits_store, protocol="paper", eps=(2 / 255, 8 / 255), samples=120, device="cpu",
+                     batch_size=64)
     on_disk = json.loads((run_dir / "eval.json").read_text())
     assert on_disk["clean"] == r["clean"] and on_disk["robust"] == r["robust"]
+    assert r["protocol"] == "paper" and r["protocol_label"] == "paper protocol"
     assert r["split"] == "test" and r["samples"] == 120 and r["split_size"] == 355 and not r["complete"]
     assert r["metric"] == "accuracy"
     assert all(0.0 <= v <= 1.0 for v in _numbers(r))
@@ -133,17 +135,89 @@ def test_evaluate_writes_valid_eval_json(run_dir: Path, digits_store: Path) -> N
     for v in r["robust"].values():
         assert v <= r["clean"]
     assert r["robust"]["pgd@8/255"] < r["clean"] - 0.1
+    # the paper's PGD: 5 steps of 2/255, one start
+    assert (r["pgd"]["steps"], r["pgd"]["step_size"], r["pgd"]["restarts"]) == (5, 2 / 255, 1)
     cw = r["cw"]
+    assert (cw["initial_c"], cw["search_steps"], cw["steps"]) == (1e-3, 3, 20)
     assert cw["value"] < r["clean"] and cw["successes"] > 0
     assert math.isfinite(cw["median_l2"]) and 0 < cw["median_l2"] < 5
-    # identities of the sweeps: contrast 1 and high-pass radius 0 leave the images alone
-    contrast1 = [row for row in r["distortions"]["contrast"] if row["level"] == 1.0][0]
-    hp0 = [row for row in r["distortions"]["highpass"] if row["radius"] == 0][0]
-    assert abs(contrast1["value"] - r["clean"]) <= 1 / 120
-    assert abs(hp0["value"] - r["clean"]) <= 1 / 120
+    # the authors' sweeps; contrast 1 is their (labelled) reference point and leaves the images alone
+    assert [row["level"] for row in r["distortions"]["contrast"]] == [0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+    assert [row["sigma"] for row in r["distortions"]["lowpass"]] == [1, 2, 4, 8, 16, 32]
+    contrast1 = r["distortions"]["contrast"][-1]
+    assert contrast1["identity"] and abs(contrast1["value"] - r["clean"]) <= 1 / 120
     assert r["distortions"]["contrast"][0]["value"] < r["clean"]  # c = 0.1 hurts
+    assert r["distortions"]["lowpass"][-1]["value"] < 0.35  # sigma 32 on 16x16 leaves a flat grey image
+    # the headline of the paper protocol is its PGD at the largest eps, labelled
+    assert r["headline"]["name"] == "pgd@8/255" and r["headline"]["protocol_label"] == "paper protocol"
+    assert r["sanity"]["passed"], r["sanity"]
     table = format_table(r)
-    assert "pgd eps=8/255" in table and "cw-l2" in table and "contrast c=0.1" in table and "seeded subset" in table
+    assert "paper protocol" in table and "pgd eps=8/255 (5 x 2/255)" in table and "cw-l2" in table
+    assert "contrast c=0.1" in table and "seeded subset" in table and "sanity checks: all passed" in table
+
+
+def test_strong_protocol_is_the_default_and_beats_the_paper_protocol(run_dir: Path, digits_store: Path) -> None:
+    kw = dict(eps=(4 / 255, 8 / 255), samples=96, device="cpu", write=False)
+    strong = evaluate(run_dir, digits_store, attacks=("pgd", "sanity"), **kw)
+    paper = evaluate(run_dir, digits_store, protocol="paper", attacks=("pgd",), **kw)
+    assert strong["protocol"] == "strong"
+    p = strong["pgd"]
+    assert (p["steps"], p["step_fraction"], p["restarts"]) == (50, 0.25, 2)
+    assert [row["step_size"] for row in p["results"]] == [1 / 255, 2 / 255]  # eps/4
+    for e in ("4/255", "8/255"):
+        assert strong["robust"][f"pgd@{e}"] <= paper["robust"][f"pgd@{e}"]
+    assert strong["robust"]["pgd@8/255"] < paper["robust"]["pgd@8/255"], "50 x eps/4 should find more than 5 x 2/255"
+    names = [c["name"] for c in strong["sanity"]["checks"]]
+    assert names == ["pgd-reaches-eps", "monotone-in-eps", "pgd-beats-fgsm", "large-eps-near-zero"]
+    assert strong["sanity"]["passed"] and strong["sanity"]["large_eps"]["value"] <= 0.05
+
+
+def test_sanity_checks_flag_a_weak_attack_and_a_masked_model(run_dir: Path, digits_store: Path) -> None:
+    from sattrain.evaluate import GradientMaskingWarning
+
+    # 2 steps of 1/255 cannot reach 8/255: flagged before any number is trusted
+    with pytest.warns(GradientMaskingWarning, match="pgd-reaches-eps"):
+        r = evaluate(run_dir, digits_store, eps=(8 / 255,), steps=2, step_size=1 / 255, attacks=("pgd", "sanity"),
+                     samples=48, device="cpu", write=False)
+    failed = {c["name"] for c in r["sanity"]["checks"] if not c["passed"]}
+    assert "pgd-reaches-eps" in failed and not r["sanity"]["passed"]
+    assert "FAIL" in format_table(r)
+
+
+def test_masked_gradients_fail_the_sanity_checks(digits_store: Path, tmp_path: Path) -> None:
+    """A model whose input gradient is zero almost everywhere (inputs quantised to 4 levels with a
+    straight rounding) resists PGD and FGSM alike but not a large radius or, here, monotonicity:
+    at least one check must fire."""
+    from sattrain.evaluate import GradientMaskingWarning
+
+    st = open_store(digits_store)
+    model = _train(_images(st, "train"), torch.from_numpy(st.load("train", "labels")).long(), 10, multi=False)
+    run = _save_run(tmp_path / "masked", model, st, "single")
+    import sattrain.evaluate as ev
+
+    real_load = ev.load_model
+
+    class Quantised(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(torch.round(x * 3) / 3)  # round() has a zero gradient
+
+    def load(path, dev):  # type: ignore[no-untyped-def]
+        m, spec = real_load(path, dev)
+        return Quantised(m).eval(), spec
+
+    ev.load_model = load
+    try:
+        with pytest.warns(GradientMaskingWarning):
+            r = evaluate(run, digits_store, eps=(2 / 255, 8 / 255), attacks=("pgd", "sanity"), samples=64,
+                         device="cpu", write=False)
+    finally:
+        ev.load_model = real_load
+    failed = {c["name"] for c in r["sanity"]["checks"] if not c["passed"]}
+    assert "large-eps-near-zero" in failed, r["sanity"]
 
 
 def test_evaluate_is_reproducible_and_complete_without_subset(run_dir: Path, digits_store: Path, tmp_path: Path) -> None:
@@ -173,28 +247,48 @@ def test_evaluate_multilabel_reports_map(multi_run: Path, multi_store: Path) -> 
     assert "mAP" in format_table(r)
 
 
-def test_autoattack_runs_the_standard_ensemble(run_dir: Path, digits_store: Path) -> None:
-    pytest.importorskip("torchattacks")
+def test_autoattack_reference_runs_the_standard_ensemble(run_dir: Path, digits_store: Path) -> None:
     # A radius no small CNN survives: APGD-CE alone fools every point, so this stays quick
-    # while exercising the whole path.
+    # while exercising the whole path through the authors' package.
     r = evaluate(run_dir, digits_store, attacks=("autoattack",), autoattack_eps=64 / 255, samples=8,
                  device="cpu", write=False)
     aa = r["autoattack"]
+    assert aa["engine"] == "reference" and aa["package"].startswith("pyautoattack")
     assert aa["version"] == "standard" and aa["eps_label"] == "64/255"
     assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert r["robust"]["autoattack@64/255"] == 0.0 <= r["clean"]
+    assert r["headline"]["name"] == "autoattack@64/255" and r["headline"]["protocol"] == "strong"
 
 
-def test_autoattack_without_torchattacks_names_the_extra(run_dir: Path, digits_store: Path, monkeypatch) -> None:
+def test_autoattack_engines_agree_and_beat_pgd(run_dir: Path, digits_store: Path) -> None:
+    """satkit's torchattacks assembly against the reference package, and both against PGD."""
+    pytest.importorskip("torchattacks")
+    kw = dict(attacks=("autoattack",), autoattack_eps=4 / 255, samples=48, device="cpu", write=False)
+    ref = evaluate(run_dir, digits_store, **kw)["autoattack"]["value"]
+    ours = evaluate(run_dir, digits_store, autoattack_engine="torchattacks", **kw)["autoattack"]["value"]
+    pgd5 = evaluate(run_dir, digits_store, protocol="paper", attacks=("pgd",), eps=(4 / 255,), samples=48,
+                    device="cpu", write=False)["robust"]["pgd@4/255"]
+    assert abs(ref - ours) <= 2 / 48, (ref, ours)
+    assert ref <= pgd5 and ours <= pgd5
+
+
+def test_autoattack_torchattacks_engine_without_torchattacks_names_the_extra(run_dir: Path, digits_store: Path,
+                                                                              monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # import now raises ImportError
     with pytest.raises(SatkitError, match=r"satkit\[autoattack\]"):
-        evaluate(run_dir, digits_store, attacks=("autoattack",), samples=4, device="cpu", write=False)
+        evaluate(run_dir, digits_store, attacks=("autoattack",), autoattack_engine="torchattacks", samples=4,
+                 device="cpu", write=False)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(attacks=("fgsm",)), "unknown attack 'fgsm'"),
+        (dict(protocol="weak"), "--protocol"),
+        (dict(step_size="eps/zero"), "--step-size"),
+        (dict(step_size=0.0), "--step-size"),
+        (dict(cw_search_steps=0), "--cw-search-steps"),
+        (dict(autoattack_engine="foolbox"), "--autoattack-engine"),
         (dict(split="val"), "no split 'val'"),
         (dict(eps=(8.0,)), "outside"),
         (dict(samples=0), "--samples"),
@@ -260,3 +354,30 @@ def test_eval_cli(run_dir: Path, digits_store: Path, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["robust"].keys() == {"pgd@2/255"}
     res = runner.invoke(eval_cmd, [str(run_dir), "--store", str(digits_store), "--eps", "9"])
     assert res.exit_code == 1 and "--eps" in res.output and "Traceback" not in res.output
+
+
+def test_eval_cli_protocols(run_dir: Path, digits_store: Path, tmp_path: Path) -> None:
+    """--protocol paper writes eval-paper.json beside the strong eval.json, labelled; --step-size eps/K."""
+    import shutil
+
+    from sattrain.cli_eval import parse_step_size
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "eval.json").unlink(missing_ok=True)
+    runner = CliRunner()
+    res = runner.invoke(eval_cmd, [str(run), "--store", str(digits_store), "--protocol", "paper", "--attacks", "pgd",
+                                   "--eps", "8/255", "--samples", "24", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "paper protocol" in res.output and "headline (paper protocol): pgd@8/255" in res.output
+    assert json.loads((run / "eval-paper.json").read_text())["protocol"] == "paper"
+    assert not (run / "eval.json").exists()
+    res = runner.invoke(eval_cmd, [str(run), "--store", str(digits_store), "--attacks", "pgd", "--eps", "8/255",
+                                   "--steps", "10", "--step-size", "eps/2", "--samples", "24", "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    e = json.loads((run / "eval.json").read_text())
+    assert e["protocol"] == "strong" and e["pgd"]["step_fraction"] == 0.5 and e["pgd"]["steps"] == 10
+    assert "pgd eps=8/255 (10 x eps/2, 2 starts)" in res.output
+    assert parse_step_size("eps/4") == "eps/4" and parse_step_size("2/255") == 2 / 255
+    res = runner.invoke(eval_cmd, [str(run), "--store", str(digits_store), "--step-size", "eps/0"])
+    assert res.exit_code == 1 and "--step-size" in res.output and "Traceback" not in res.output
