@@ -476,7 +476,7 @@ def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device
         # a subset is the point here, and the summary line states its size
         if partial is not None:
             warnings.simplefilter("ignore", partial)
-        result = ev_mod.evaluate(run_dir, store, split=split, samples=samples, seed=SUMMARY_SEED, device=str(device),
+        result = ev_mod.evaluate(run_dir, store, protocol="strong", split=split, samples=samples, seed=SUMMARY_SEED, device=str(device),
                                  attacks=attacks, eps=SUMMARY_EPS, out=run_dir / SUMMARY_JSON,
                                  progress=lambda line: log(f"summary: {line}"))
     return {

@@ -350,7 +350,9 @@ def multilabel_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("method", ["sat", "trades+sat"])
 def test_multilabel_store_trains_and_reports_map(method: str, multilabel_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "ml"
-    res = run(str(multilabel_store), "--method", method, "--epochs", "2", "--out", str(out), *QUICK)
+    # sat also runs the end-of-run summary: PGD alone (AutoAttack is single-label), scored by mAP
+    summary = ["--summary-samples", "8"] if method == "sat" else []
+    res = run(str(multilabel_store), "--method", method, "--epochs", "2", "--out", str(out), *QUICK, *summary)
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["metric"] == "mAP" and 0 < r["clean_acc"] <= 1 and 0 < r["train_acc"] <= 1 for r in lines)
@@ -358,6 +360,11 @@ def test_multilabel_store_trains_and_reports_map(method: str, multilabel_store: 
     assert final["metric"] == "mAP" and final["monitor"]["split"] == "val" and final["monitor"]["loss"] == "bce"
     assert 0 < final["last"][MONITOR] <= 1 and 0 < final["best"][MONITOR] <= 1
     assert final["best"][MONITOR] == max(r[MONITOR] for r in lines)  # best.pt by the monitor's mAP
+    if method == "sat":
+        assert final["summary"]["headline"]["name"] == "pgd@8/255" and "autoattack@8/255" not in final["summary"]["robust"]
+        assert final["summary"]["headline"]["metric"] == "mAP" and final["summary"]["samples"] == 8
+    else:
+        assert final["summary"] is None
     spec = load_checkpoint(out)["model_spec"]
     assert spec["label_kind"] == "multi" and spec["num_classes"] == 3
     # a store that does not say otherwise may be mirrored: auto is crop+flip
@@ -597,3 +604,23 @@ def test_a_failed_summary_keeps_the_training_and_resume_redoes_only_the_summary(
     assert "epoch 1/1" not in res.output and json.loads((out / "metrics.json").read_text())["summary"] is None
     for k, v in trained["model"].items():
         assert torch.equal(load_checkpoint(out)["model"][k], v), k
+
+
+def test_summary_with_the_real_strong_evaluation(digits_store: Path, tmp_path: Path) -> None:
+    """End to end with sattrain.evaluate: summary.json is written, metrics.json holds its
+    numbers apart from the monitor's, and the last line quotes the headline."""
+    out = tmp_path / "real"
+    args = [a for a in QUICK if a not in ("--summary-samples", "0")]
+    res = run(str(digits_store), "--method", "standard", "--epochs", "1", "--out", str(out), *args,
+              "--summary-samples", "12", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    written = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "metrics.json").read_text())["summary"]
+    assert summary["protocol"] == "strong" and summary["samples"] == 12 and summary["split"] == "test"
+    assert summary["complete"] is False and summary["split_size"] == 355 and summary["file"] == "summary.json"
+    assert set(summary["robust"]) >= {"autoattack@8/255", "pgd@1/255", "pgd@8/255"}
+    assert summary["robust"] == written["robust"] and summary["clean"] == written["clean"]
+    head = summary["headline"]
+    assert head["name"] == "autoattack@8/255" and head["value"] == summary["robust"]["autoattack@8/255"]
+    assert all(0 <= v <= summary["clean"] <= 1 for v in summary["robust"].values())
+    assert res.output.strip().splitlines()[-1] == f"robust (autoattack@8/255, 12 of 355 samples): {head['value']:.4f}"
