@@ -6,9 +6,10 @@ For each run directory given, on the same split and samples, robust accuracy at 
 - the paper protocol's PGD (5 steps of 2/255, one random start) and FGSM, the weak baselines;
 - the strong protocol's PGD (``sattrain.evaluate.STRONG_STEPS`` steps of eps/4,
   ``STRONG_RESTARTS`` random starts);
-- the same PGD with steps and starts doubled, and quadrupled: the protocol is strong
-  enough when doubling no longer lowers accuracy (here: by more than ``--tolerance``
-  samples);
+- a 50-step, 3-start PGD of step eps/4 (the reference point of the issue's criterion);
+- the same PGD with steps and starts doubled (and, with --quadruple, quadrupled): the
+  protocol is strong enough when doubling no longer lowers accuracy (here: by more than
+  ``--tolerance`` samples);
 - AutoAttack (standard, the reference package), the headline of ``sattrain eval``, and
   satkit's torchattacks assembly when torchattacks is installed (the cross-check).
 
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tolerance", type=int, default=1, help="samples doubling may still change (noise of restarts)")
     ap.add_argument("--no-autoattack", action="store_true", help="skip AutoAttack (slow on a CPU)")
+    ap.add_argument("--quadruple", action="store_true", help="also 4x the steps and starts (slow on a CPU)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -57,9 +59,10 @@ def main() -> None:
         "pgd 50xeps/4 R3": dict(steps=50, step_size="eps/4", restarts=3),
         f"doubled pgd {2 * STRONG_STEPS}xeps/4 R{2 * STRONG_RESTARTS}": dict(
             steps=2 * STRONG_STEPS, step_size="eps/4", restarts=2 * STRONG_RESTARTS),
-        f"quadrupled pgd {4 * STRONG_STEPS}xeps/4 R{4 * STRONG_RESTARTS}": dict(
-            steps=4 * STRONG_STEPS, step_size="eps/4", restarts=4 * STRONG_RESTARTS),
     }
+    if args.quadruple:
+        budgets[f"quadrupled pgd {4 * STRONG_STEPS}xeps/4 R{4 * STRONG_RESTARTS}"] = dict(
+            steps=4 * STRONG_STEPS, step_size="eps/4", restarts=4 * STRONG_RESTARTS)
     out: dict[str, Any] = {"benchmark": "attack_strength", "machine": machine(), "store": str(args.store),
                            "eps": args.eps, "models": {}}
     common = dict(samples=args.samples, device=args.device, write=False, seed=0)
@@ -101,9 +104,10 @@ def main() -> None:
         n = rec["samples"]
         strong = rec["numbers"][f"strong pgd {STRONG_STEPS}xeps/4 R{STRONG_RESTARTS}"]
         doubled = rec["numbers"][f"doubled pgd {2 * STRONG_STEPS}xeps/4 R{2 * STRONG_RESTARTS}"]
-        quad = rec["numbers"][f"quadrupled pgd {4 * STRONG_STEPS}xeps/4 R{4 * STRONG_RESTARTS}"]
         rec["doubling_change_samples"] = {k: round((strong[k] - doubled[k]) * n) for k in strong}
-        rec["quadrupling_change_samples"] = {k: round((strong[k] - quad[k]) * n) for k in strong}
+        quad = rec["numbers"].get(f"quadrupled pgd {4 * STRONG_STEPS}xeps/4 R{4 * STRONG_RESTARTS}")
+        if quad:
+            rec["quadrupling_change_samples"] = {k: round((strong[k] - quad[k]) * n) for k in strong}
         rec["doubling_changes_at_most_tolerance"] = all(
             abs(v) <= args.tolerance for v in rec["doubling_change_samples"].values())
         pgd50x3 = rec["numbers"]["pgd 50xeps/4 R3"]

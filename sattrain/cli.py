@@ -71,7 +71,7 @@ The run directory (--out) gets config.json (every option as resolved), metrics.j
 highest pgd5_monitor; ties keep the earlier epoch), summary.json and metrics.json.
 pgd5_monitor is cheap monitoring (PGD, 5 steps of 2/255, --eval-samples held-out
 samples), never the model's robustness: that is the end-of-run summary, AutoAttack and
-PGD at 1, 2, 4, 8/255 on --summary-samples held-out samples of checkpoint.pt (the
+PGD (50 x eps/4, 2 starts) at 8/255 on --summary-samples held-out samples of checkpoint.pt (the
 console's last line states its headline), or `sattrain eval RUN_DIR` (or RUN_DIR/best.pt).
 Multi-label stores train with BCE and report mAP.
 \b
@@ -169,7 +169,7 @@ def main() -> None:
                    "that picks best.pt, recorded as pgd<N>_monitor, not a robustness number.")
 @click.option("--summary-samples", type=click.IntRange(min=0), default=500, show_default=True,
               help="Held-out samples of the end-of-run summary with the strong protocol (AutoAttack and PGD at "
-                   "1, 2, 4, 8/255; slow on a CPU); 0 skips it (measure later with `sattrain eval`).")
+                   "8/255; minutes on a CPU); 0 skips it (measure later with `sattrain eval`).")
 @click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 1024**3}G", show_default=True, callback=_size,
               help="Host memory a training split may take; larger splits are streamed from the store in "
                    "shuffled blocks of whole chunks.")

@@ -86,6 +86,9 @@ def test_evidence_smoke(tmp_path: Path) -> None:
         assert row["clean"]["n"] == 2 and 0 <= row["clean"]["mean"] <= 1, name
         for k in ("2/255", "8/255"):
             assert row["pgd"][k]["mean"] <= row["clean"]["mean"] + 1e-9, name
+            assert row["pgd_paper"][k]["mean"] <= row["clean"]["mean"] + 1e-9, name
+        # the strong protocol's headline never exceeds its own PGD at the same radius by more than a sample
+        assert row["autoattack"]["mean"] <= row["pgd"]["8/255"]["mean"] + 1 / 32 + 1e-9, name
         assert row["train_seconds_per_epoch"]["mean"] > 0
     assert res["table"]["standard"]["final_p_t"] is None
     assert res["table"]["sat-ink"]["final_p_t"] == 0.0  # epoch 0 of the curriculum: pure noise
@@ -108,9 +111,29 @@ def test_evidence_smoke(tmp_path: Path) -> None:
     assert res2["table"]["standard"]["clean"] == res["table"]["standard"]["clean"]
     assert "teachers" not in res2["seconds"]
     assert [p.stat().st_mtime_ns for p in evals] == stamps
+    assert len(sorted((tmp_path / "work" / "runs").glob("*/eval-paper.json"))) == 6
 
 
-@pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py"])
+def test_attack_strength_smoke(tmp_path: Path, digits_store: Path) -> None:
+    """bench/attack_strength.py on a 1-epoch run: every budget, monotone in budget, the verdict fields."""
+    from sattrain.config import TrainConfig
+    from sattrain.train import train
+
+    run = train(TrainConfig(store=str(digits_store), out=str(tmp_path / "run"), method="standard", epochs=1,
+                            batch_size=64, device="cpu", eval_samples=16, summary_samples=0, progress=False),
+                log=lambda _m: None)
+    res = run_bench("attack_strength.py", str(run), "--store", str(digits_store), "--samples", "24", "--eps", "8/255",
+                    "--no-autoattack", "--json", str(tmp_path / "s.json"), tmp_path=tmp_path)
+    m = res["models"][str(run)]
+    nums = m["numbers"]
+    assert set(nums) >= {"paper pgd 5x2/255", "strong pgd 50xeps/4 R2", "doubled pgd 100xeps/4 R4", "fgsm"}
+    strong, doubled = nums["strong pgd 50xeps/4 R2"]["8/255"], nums["doubled pgd 100xeps/4 R4"]["8/255"]
+    assert doubled <= strong + 1 / 24 and strong <= nums["paper pgd 5x2/255"]["8/255"] + 1 / 24
+    assert m["doubling_change_samples"]["8/255"] == round((strong - doubled) * 24)
+    assert isinstance(m["doubling_changes_at_most_tolerance"], bool) and m["sanity"]["pgd-beats-fgsm"]
+
+
+@pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py", "attack_strength.py"])
 def test_help(script: str) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "usage" in r.stdout.lower()

@@ -54,19 +54,53 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     make_cifar10(tmp_path)
     shutil.copytree(REPO / "manifests", tmp_path / "manifests")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    said: dict[str, str] = {}
     for cmd in readme_commands():
         argv = shlex.split(cmd)
         argv[0] = str(BIN / argv[0])
         res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"README command failed: {cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        said[cmd] = res.stdout + res.stderr
 
-    # what the README says these commands leave behind
-    for run in ("digits-sat", "sat-box", "pgd-sat", "teacher", "sat-gcpp"):
-        m = json.loads((tmp_path / "runs" / run / "metrics.json").read_text())
-        assert 0.0 <= m["clean_acc"] <= 1.0
-    main = json.loads((tmp_path / "runs" / "digits-sat" / "metrics.json").read_text())
-    assert main["clean_acc"] > 0.5, main  # 10 epochs of SAT on digits learn the task
-    assert (tmp_path / "runs" / "digits-sat" / "eval.json").is_file()
-    assert (tmp_path / "report" / "report.md").is_file()
+    # What the README says these commands leave behind, and that each result is sensible.
+    def metrics(run: str) -> dict:
+        return json.loads((tmp_path / "runs" / run / "metrics.json").read_text())
+
+    main = metrics("digits-sat")
+    assert main["last"]["clean_acc"] > 0.75, main  # 10 epochs of SAT on digits learn the task
+    s = main["summary"]  # the end-of-run strong evaluation, on the whole test split here
+    assert s["protocol"] == "strong" and s["samples"] == 355 and s["complete"]
+    assert s["headline"]["name"] == "autoattack@8/255" and 0.0 <= s["headline"]["value"] < s["clean"]
+    assert s["headline"]["value"] <= s["robust"]["pgd@8/255"] + 1 / 355
+    assert (tmp_path / "runs" / "digits-sat" / "best.pt").is_file()
+    for run, floor in (("sat-box", 0.6), ("pgd-sat", 0.5), ("teacher", 0.8), ("sat-gcpp", 0.6)):
+        m = metrics(run)
+        assert m["last"]["clean_acc"] > floor, (run, m["last"])
+        if run != "teacher":
+            assert m["summary"]["samples"] == 100 and not m["summary"]["complete"], run
+    # PGD-AT + SAT buys robustness that SAT alone does not (strong protocol, 8/255)
+    assert metrics("pgd-sat")["summary"]["headline"]["value"] > s["headline"]["value"] + 0.1
+    # `sattrain eval` with defaults: the strong protocol; its headline is no more than 0.03 above a
+    # 50-step, 3-start PGD of step eps/4 (the criterion of a trustworthy number), and the paper
+    # protocol reports more robustness, labelled as such
+    ev = json.loads((tmp_path / "runs" / "digits-sat" / "eval.json").read_text())
+    paper = json.loads((tmp_path / "runs" / "digits-sat" / "eval-paper.json").read_text())
+    assert ev["protocol"] == "strong" and ev["sanity"]["passed"], ev["sanity"]
+    assert ev["headline"]["name"] == "autoattack@8/255"
+    assert paper["protocol_label"] == "paper protocol" and paper["headline"]["name"] == "pgd@8/255"
+    assert paper["headline"]["value"] > ev["headline"]["value"]
+    from sattrain.evaluate import evaluate
+
+    pgd50x3 = evaluate(tmp_path / "runs" / "digits-sat", tmp_path / "digits.zarr", attacks=("pgd",), eps=(8 / 255,),
+                       steps=50, restarts=3, step_size="eps/4", device="cpu", write=False)["robust"]["pgd@8/255"]
+    assert ev["headline"]["value"] <= pgd50x3 + 0.03, (ev["headline"], pgd50x3)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "strong protocol" in report.lower() and "paper protocol" in report.lower()
     assert (tmp_path / "voc-seg.png").stat().st_size > 1000
+    assert (tmp_path / "gcpp.png").stat().st_size > 1000
+    # the teacher is scored before its maps are made, and it is good enough not to be warned about
+    sal = said["satdata saliency digits.zarr --teacher runs/teacher --method gradcampp --name gcpp"]
+    assert "teacher accuracy on test" in sal and "warning" not in sal.lower(), sal
+    assert "headline (strong protocol): autoattack@8/255" in said["sattrain eval runs/digits-sat --store digits.zarr"]
+    assert "headline (paper protocol): pgd@8/255" in said["sattrain eval runs/digits-sat --store digits.zarr --protocol paper"]
     assert (tmp_path / "digits.h5").is_file()
