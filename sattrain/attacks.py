@@ -80,10 +80,13 @@ def _pgd_once(
     random_start: bool,
     loss: LossName,
     generator: torch.Generator | None,
+    clamp_start: bool = True,
 ) -> torch.Tensor:
     x_adv = x.clone()
     if random_start and eps > 0:
-        x_adv = (x_adv + (2 * _rand_like(x, generator, "uniform") - 1) * eps).clamp_(0.0, 1.0)
+        x_adv = x_adv + (2 * _rand_like(x, generator, "uniform") - 1) * eps
+        if clamp_start or steps == 0:
+            x_adv = x_adv.clamp_(0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         # Summed, not averaged: each sample's gradient is then independent of the batch
@@ -118,6 +121,7 @@ def pgd(
     loss: LossName = "ce",
     generator: torch.Generator | None = None,
     restarts: int = 1,
+    clamp_start: bool = True,
 ) -> torch.Tensor:
     """Linf projected gradient descent (Madry et al. 2018): maximise the loss in the eps-ball.
 
@@ -130,18 +134,22 @@ def pgd(
     starts and keeps, per sample, the worst case: a start that fools the model beats one
     that does not, and among equals the higher loss wins.
 
+    ``clamp_start=False`` leaves the random start unclamped, so the first gradient is taken
+    at ``x + U(-eps, eps)`` even where that leaves [0, 1], as the SAT authors' evaluation
+    does (every step after it is projected; ``sattrain eval --protocol paper``).
+
     Returns a detached tensor like ``x``. The model's mode and parameter grads are untouched.
     """
     _check_linf(x, eps, step_size, steps)
     if restarts < 1:
         raise SatkitError(f"--restarts: must be >= 1, got {restarts}")
     x = x.detach()
-    best = _pgd_once(model, x, y, eps, step_size, steps, random_start, loss, generator)
+    best = _pgd_once(model, x, y, eps, step_size, steps, random_start, loss, generator, clamp_start)
     if restarts == 1 or not random_start:
         return best
     best_fooled, best_loss = _attack_score(model, best, y, loss)
     for _ in range(restarts - 1):
-        cand = _pgd_once(model, x, y, eps, step_size, steps, True, loss, generator)
+        cand = _pgd_once(model, x, y, eps, step_size, steps, True, loss, generator, clamp_start)
         fooled, lv = _attack_score(model, cand, y, loss)
         better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (lv > best_loss))
         best = torch.where(better.view(-1, 1, 1, 1), cand, best)
@@ -160,6 +168,7 @@ def pgd_until_fooled(
     steps: int,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    clamp_start: bool = True,
 ) -> torch.Tensor:
     """PGD for measuring robust accuracy (single-label): keep the first iterate that fools the model.
 
@@ -170,7 +179,8 @@ def pgd_until_fooled(
     no earlier start fooled. For accuracy this is at least as strong as :func:`pgd` with
     the same steps and restarts (any iterate that fools counts, not only the last) and far
     cheaper at large eps, where most samples fall within a few steps; AutoAttack's APGD
-    keeps its best iterate the same way.
+    keeps its best iterate the same way. ``clamp_start`` as in :func:`pgd` (an unclamped
+    start is never returned: only projected iterates count as fooling).
     """
     _check_linf(x, eps, step_size, steps)
     if restarts < 1:
@@ -185,7 +195,9 @@ def pgd_until_fooled(
         if active.numel() == 0 or eps == 0:
             break
         xa, ya = x[active], y[active]
-        cur = (xa + (2 * _rand_like(xa, generator, "uniform") - 1) * eps).clamp_(0.0, 1.0)
+        cur = xa + (2 * _rand_like(xa, generator, "uniform") - 1) * eps
+        if clamp_start or steps == 0:
+            cur = cur.clamp_(0.0, 1.0)
         left = torch.arange(active.numel(), device=x.device)  # positions in xa still unfooled
         for i in range(steps + 1):
             cur.requires_grad_(True)
@@ -193,6 +205,8 @@ def pgd_until_fooled(
                 logits = model(cur)
                 cost = F.cross_entropy(logits, ya[left], reduction="sum")
             fooled = logits.detach().argmax(dim=1) != ya[left]
+            if i == 0 and not clamp_start:
+                fooled = torch.zeros_like(fooled)  # the raw start may leave [0, 1]: not an input
             if bool(fooled.any()):
                 out[active[left[fooled]]] = cur.detach()[fooled]
             keep = ~fooled

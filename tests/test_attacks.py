@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from satdata.errors import SatkitError
 from satdata.store import open_store
-from sattrain.attacks import cw_l2, per_sample_loss, pgd, trades_adv, trades_kl
+from sattrain.attacks import cw_l2, per_sample_loss, pgd, pgd_until_fooled, trades_adv, trades_kl
 from sattrain.models import create_model
 
 torchattacks = pytest.importorskip("torchattacks")
@@ -161,6 +161,52 @@ def test_pgd_is_reproducible_with_a_generator(trained) -> None:
     a = pgd(model, x[:8], y[:8], eps=EPS, step_size=STEP, steps=2, generator=torch.Generator().manual_seed(9))
     b = pgd(model, x[:8], y[:8], eps=EPS, step_size=STEP, steps=2, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a, b)
+
+
+def _authors_pgd(model, x, y, u, eps, step, steps):
+    """The SAT authors' AttackPGD.attack, written from their code: an unclamped random start
+    ``x + U(-eps, eps)`` (here from the given uniforms ``u``), signed steps on the summed
+    cross-entropy, projection to the ball and to [0, 1] after each step; the last iterate."""
+    adv = x + (2 * u - 1) * eps
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(adv), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, [adv])
+        adv = adv.detach() + step * g.sign()
+        adv = torch.min(torch.max(adv, x - eps), x + eps).clamp(0, 1)
+    return adv
+
+
+def test_paper_pgd_is_the_authors_attack_with_an_unclamped_start(trained) -> None:
+    model, x, y = trained
+    x, y = x[:32], y[:32]
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5))
+    ours = pgd(model, x, y, eps=EPS, step_size=STEP, steps=5, clamp_start=False,
+               generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(ours, _authors_pgd(model, x, y, u, EPS, STEP, 5), atol=1e-6)
+    # the first forward pass sees the raw start, outside [0, 1] where the image is black or white
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    try:
+        pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, clamp_start=False, generator=torch.Generator().manual_seed(5))
+    finally:
+        hook.remove()
+    assert seen[0].min() < 0 or seen[0].max() > 1
+
+
+def test_pgd_until_fooled_is_at_least_as_strong_and_stays_in_the_ball(trained) -> None:
+    model, x, y = trained
+    kw = dict(eps=EPS, step_size=EPS / 4, steps=10, restarts=2)
+    first = pgd_until_fooled(model, x, y, generator=torch.Generator().manual_seed(3), **kw)
+    last = pgd(model, x, y, generator=torch.Generator().manual_seed(3), **kw)
+    clean = _acc(model, x, y)
+    robust_first = (_acc(model, first, y) & clean).sum()
+    robust_last = (_acc(model, last, y) & clean).sum()
+    assert robust_first <= robust_last + 1  # any fooling iterate counts (other random draws: one sample slack)
+    assert (first - x).abs().max() <= EPS + 1e-6 and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first[~clean], x[~clean])  # already wrong: left alone, never attacked
+    again = pgd_until_fooled(model, x, y, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(first, again)
 
 
 def test_pgd_bce_for_multilabel_raises_the_loss(trained) -> None:
