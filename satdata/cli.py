@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from satdata import __version__
-from satdata.clikit import run_cli
+from satdata.clikit import SatkitGroup, debug_option, run_cli
 from satdata.errors import SatkitError
 
 EPILOG_BUILD = """\b
@@ -35,8 +35,9 @@ Examples:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=SatkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="satdata")
+@debug_option
 def main() -> None:
     """Turn datasets' own annotations into saliency stores for SAT training.
 

@@ -1,21 +1,202 @@
-"""What every satkit command shares: user errors become one line and exit code 1."""
+"""What every satkit command shares: any failure becomes one line and a non-zero exit.
+
+A user who gives a bad option, a damaged store, a crafted checkpoint or a full disk sees
+one line on stderr, ``Error: <what>, <where>``, never a Python traceback: known errors
+(SatkitError, click's usage errors, the usual OS, text, JSON and unpickling errors) are
+worded for the user; anything else is named by its type and followed by a hint. The
+traceback is still one flag away for bug reports: ``--debug`` on ``satdata`` or
+``sattrain`` (before the command), or ``SATKIT_DEBUG=1`` in the environment.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import errno as errno_mod
+import json
+import os
+import pickle
 import sys
-from typing import Any, Callable
+import unicodedata
+from typing import Any, Callable, TypeVar
 
 import click
 
 from satdata.errors import SatkitError
 
+DEBUG_ENV = "SATKIT_DEBUG"
+DEBUG_HINT = f"(run with --debug or {DEBUG_ENV}=1 for the traceback)"
+# Longest error line printed: a crafted store can put megabytes into a name.
+MAX_LINE = 1000
+
+# Set by the group's --debug option for the duration of one CLI call (a context variable,
+# not a global, so that tests invoking the CLI many times in one process do not leak it).
+_DEBUG_FLAG: contextvars.ContextVar[bool] = contextvars.ContextVar("satkit_debug", default=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_requested() -> bool:
+    """Whether the user asked for tracebacks: ``--debug`` given, or SATKIT_DEBUG set to 1/true/yes/on."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return _DEBUG_FLAG.get()
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _DEBUG_FLAG.set(True)
+
+
+def debug_option(f: F) -> F:
+    """The global ``--debug`` flag of a command group (given before the command name)."""
+    return click.option(
+        "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+        help=f"On an error, show the Python traceback instead of one line (also: {DEBUG_ENV}=1).",
+    )(f)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a crafted name must not drive the terminal."""
+    out = []
+    for ch in text:
+        if ch in "\n\t" or unicodedata.category(ch)[0] != "C":
+            out.append(ch)
+        else:
+            out.append(ascii(ch)[1:-1])
+    return "".join(out)
+
+
+def _is_torch_advice(line: str) -> bool:
+    """torch's suggestion to load a refused file unsafely: never relayed to the user."""
+    low = line.lower()
+    return "weights_only" in low or "arbitrary code" in low or "trusted source" in low or "add_safe_globals" in low
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line of at most MAX_LINE characters.
+
+    Lines are joined with spaces, torch's advice to load a refused file with
+    ``weights_only=False`` is dropped, and control characters are escaped.
+    """
+    lines = [ln.strip() for ln in _printable(message).splitlines()]
+    text = " ".join(ln for ln in lines if ln and not _is_torch_advice(ln))
+    text = text.replace("\t", " ")
+    if len(text) > MAX_LINE:
+        text = text[: MAX_LINE - 3] + "..."
+    return text
+
+
+def _errno_name(code: int | None) -> str:
+    return errno_mod.errorcode.get(code, "") if code is not None else ""
+
+
+def _os_error(e: OSError) -> str:
+    """'<what> (<ERRNO>), <file>': an OSError in words, naming the file where it is known."""
+    what = (e.strerror or str(e) or type(e).__name__).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    name = _errno_name(e.errno)
+    if name:
+        what += f" ({name})"
+    where = [str(f) for f in (e.filename, e.filename2) if f is not None]
+    return what + (", " + " -> ".join(where) if where else "")
+
+
+def error_line(e: BaseException) -> tuple[str, bool]:
+    """(one-line message without the 'Error: ' prefix, whether ``e`` is a failure we expect).
+
+    Unexpected failures (most likely a satkit bug) are named by type, and the CLI adds
+    the hint that --debug shows the traceback.
+    """
+    where = getattr(e, "satkit_where", None)  # set by code that knows the file an error is about
+    suffix = f", {where}" if where else ""
+    if isinstance(e, SatkitError):
+        return one_line(str(e)), True
+    if isinstance(e, click.ClickException):
+        msg = e.format_message()
+        ctx = getattr(e, "ctx", None)
+        if isinstance(e, click.UsageError) and ctx is not None:
+            msg += f" (see '{ctx.command_path} --help')"
+        return one_line(msg), True
+    if isinstance(e, MemoryError):
+        return one_line(f"out of memory (MemoryError{': ' + str(e) if str(e) else ''}){suffix}"), True
+    if isinstance(e, RecursionError):
+        return one_line(f"data nested too deeply to read (RecursionError){suffix}"), True
+    if isinstance(e, UnicodeDecodeError):
+        byte = e.object[e.start:e.start + 1].hex() if isinstance(e.object, (bytes, bytearray)) else "?"
+        return one_line(f"text is not valid {e.encoding} (byte 0x{byte} at position {e.start}){suffix}"), True
+    if isinstance(e, json.JSONDecodeError):
+        return one_line(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){suffix}"), True
+    if isinstance(e, pickle.UnpicklingError):
+        first = one_line(str(e)).split(". ")[0]
+        return one_line(f"refused to unpickle: {first}{suffix}"), True
+    if isinstance(e, OSError):
+        return one_line(_os_error(e)), True
+    text = str(e)
+    return one_line(f"unexpected {type(e).__name__}{': ' + text if text else ''}{suffix}"), False
+
+
+def format_error(e: BaseException) -> str:
+    """The whole line the CLI prints for ``e`` (without the 'Error: ' prefix), hint included."""
+    msg, expected = error_line(e)
+    return msg if expected else f"{msg} {DEBUG_HINT}"
+
 
 def run_cli(fn: Callable[[], Any], *, interrupted: str = "interrupted: nothing was written") -> Any:
-    """Call fn; a SatkitError becomes a one-line click error (exit 1), Ctrl-C exit 130."""
+    """Call fn; any exception becomes a one-line click error (exit 1), Ctrl-C exit 130.
+
+    With --debug or SATKIT_DEBUG=1 the exception propagates and Python prints its traceback.
+    """
     try:
         return fn()
-    except SatkitError as e:
-        raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo(interrupted, err=True)
         sys.exit(130)
+    except (click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except click.ClickException as e:
+        if debug_requested():
+            raise
+        line = click.ClickException(format_error(e))
+        line.exit_code = e.exit_code
+        raise line from None
+    except Exception as e:  # noqa: BLE001 - the one place that turns every failure into a line
+        if debug_requested():
+            raise
+        raise click.ClickException(format_error(e)) from None
+
+
+class SatkitGroup(click.Group):
+    """A click group whose every failure, usage errors included, is one ``Error:`` line.
+
+    click prints a usage error as a usage block, a blank line and the message; a user of
+    satkit sees the message on one line with a pointer to ``--help``. Exceptions that
+    escape a command (a bug, or an error raised outside ``run_cli``) end the same way
+    unless --debug or SATKIT_DEBUG=1 asks for the traceback.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        token = _DEBUG_FLAG.set(False)
+        try:
+            try:
+                rv = super().main(args, prog_name, complete_var, False, **extra)
+            except click.ClickException as e:
+                click.echo(f"Error: {format_error(e)}", err=True)
+                sys.exit(e.exit_code or 1)
+            except click.exceptions.Abort:
+                click.echo("Error: aborted", err=True)
+                sys.exit(1)
+            except Exception as e:  # noqa: BLE001 - last net: one line, not a traceback
+                if debug_requested():
+                    raise
+                click.echo(f"Error: {format_error(e)}", err=True)
+                sys.exit(1)
+        finally:
+            _DEBUG_FLAG.reset(token)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+__all__ = ["DEBUG_ENV", "DEBUG_HINT", "SatkitGroup", "debug_option", "debug_requested", "error_line",
+           "format_error", "one_line", "run_cli"]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from satdata.clikit import run_cli
+from satdata.clikit import SatkitGroup, debug_option, run_cli
 from satdata.errors import SatkitError
 from sattrain import __version__
 from sattrain.config import AUGMENTS, DEFAULT_MEMORY_BUDGET, RECIPES, SCHEDULES, TrainConfig, parse_eps, parse_size_bytes
@@ -85,8 +85,9 @@ Examples:
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=SatkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sattrain")
+@debug_option
 def main() -> None:
     """Saliency-based adversarial training (SAT) and robustness evaluation from a store.
 
