@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -115,10 +117,23 @@ class StoreInfo:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str) -> "StoreInfo":
-        try:
-            version = int(d["format_version"])
-        except (KeyError, TypeError, ValueError):
-            raise StoreError(f"{where}: attribute 'satkit' has no valid format_version") from None
+        """Parse and type-check root attrs['satkit']; raises StoreError naming the store and the attribute.
+
+        Every value is checked for its type and range, not coerced: a format_version of
+        1.9, true or "1", a class list with duplicates, a negative split size or a map
+        of an unknown encoding are refused, never truncated or converted into something
+        that reads but means another thing. Names that become paths are checked by
+        :func:`check_names`.
+        """
+        if not isinstance(d, Mapping):
+            raise StoreError(f"{where}: attribute 'satkit' is {_short(d)}; expected an object")
+        for key in ("format_version", "dataset", "classes", "image_size", "label_kind", "splits", "maps"):
+            if key not in d:
+                raise StoreError(f"{where}: attribute 'satkit' has no {key}")
+        version = d["format_version"]
+        if not _is_int(version):
+            raise StoreError(f"{where}: attribute 'satkit' has format_version {_short(version)}; "
+                             f"expected the integer {FORMAT_VERSION}")
         if version > FORMAT_VERSION:
             raise StoreError(
                 f"{where}: store format version {version} is newer than this satkit reads "
@@ -126,33 +141,171 @@ class StoreInfo:
             )
         if version < 1:
             raise StoreError(f"{where}: invalid store format version {version}")
-        try:
-            maps = {
-                name: MapInfo(**{k: v for k, v in m.items() if k in MapInfo.__dataclass_fields__})
-                for name, m in d["maps"].items()
-            }
-            for m in maps.values():
-                if not isinstance(m.targets, bool):
-                    raise StoreError(f"{where}: map {m.name!r} has targets={m.targets!r} in attribute "
-                                     "'satkit'; expected true or false")
-            hflip = d.get("hflip", True)
-            if not isinstance(hflip, bool):
-                raise StoreError(f"{where}: attribute 'satkit' has hflip={hflip!r}; expected true or false "
-                                 "(whether a horizontal flip keeps the class)")
-            return cls(
-                format_version=version,
-                dataset=str(d["dataset"]),
-                classes=[str(c) for c in d["classes"]],
-                image_size=(int(d["image_size"][0]), int(d["image_size"][1])),
-                label_kind=str(d["label_kind"]),
-                splits={str(k): int(v) for k, v in d["splits"].items()},
-                maps=maps,
-                provenance=dict(d.get("provenance", {})),
-                digests=dict(d.get("digests", {})),
-                hflip=hflip,
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise StoreError(f"{where}: attribute 'satkit' is malformed ({e!r})") from None
+        dataset = d["dataset"]
+        if not isinstance(dataset, str) or not _DATASET_RE.match(dataset) or ".." in dataset:
+            raise StoreError(f"{where}: attribute 'satkit' has dataset {_short(dataset)}; expected a name of "
+                             "letters, digits, spaces and ._+- (no path separators)")
+        classes = d["classes"]
+        if (not isinstance(classes, list) or not classes or len(classes) > MAX_CLASSES
+                or not all(isinstance(c, str) and c.strip() for c in classes)):
+            raise StoreError(f"{where}: attribute 'satkit' has classes {_short(classes)}; expected a list of "
+                             f"1 to {MAX_CLASSES:,} non-empty names")
+        if len(set(classes)) != len(classes):
+            dup = next(c for i, c in enumerate(classes) if c in classes[:i])
+            raise StoreError(f"{where}: attribute 'satkit' lists class {_short(dup)} twice; classes must be unique")
+        size = d["image_size"]
+        if (not isinstance(size, list) or len(size) != 2
+                or not all(_is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in size)):
+            raise StoreError(f"{where}: attribute 'satkit' has image_size {_short(size)}; expected two integers "
+                             f"in [1, {MAX_IMAGE_SIDE}] (height, width)")
+        label_kind = d["label_kind"]
+        if label_kind not in LABEL_KINDS:
+            raise StoreError(f"{where}: unknown label kind {_short(label_kind)} (known: {', '.join(LABEL_KINDS)})")
+        splits = d["splits"]
+        if not isinstance(splits, Mapping) or not splits:
+            raise StoreError(f"{where}: attribute 'satkit' has splits {_short(splits)}; expected an object of "
+                             "split name -> number of samples")
+        for name, n in splits.items():
+            if not _is_int(n) or n < 0:
+                raise StoreError(f"{where}: split {_short(name)} has {_short(n)} samples in attribute 'satkit'; "
+                                 "expected a non-negative integer")
+        raw_maps = d["maps"]
+        if not isinstance(raw_maps, Mapping):
+            raise StoreError(f"{where}: attribute 'satkit' has maps {_short(raw_maps)}; expected an object")
+        maps = {}
+        for name, m in raw_maps.items():
+            maps[name] = _map_from_json(name, m, where)
+        hflip = d.get("hflip", True)
+        if not isinstance(hflip, bool):
+            raise StoreError(f"{where}: attribute 'satkit' has hflip={_short(hflip)}; expected true or false "
+                             "(whether a horizontal flip keeps the class)")
+        provenance = d.get("provenance", {})
+        if not isinstance(provenance, Mapping):
+            raise StoreError(f"{where}: attribute 'satkit' has provenance {_short(provenance)}; expected an object")
+        digests = d.get("digests", {})
+        if not isinstance(digests, Mapping):
+            raise StoreError(f"{where}: attribute 'satkit' has digests {_short(digests)}; expected an object")
+        for key, rec in digests.items():
+            chunks = rec.get("chunks", []) if isinstance(rec, Mapping) else None
+            if (not isinstance(rec, Mapping) or not isinstance(rec.get("sha256", ""), str)
+                    or not isinstance(chunks, list) or not all(isinstance(c, str) for c in chunks)):
+                raise StoreError(f"{where}: the digest of {_short(key)} in attribute 'satkit' is {_short(rec)}; "
+                                 "expected an object with sha256 and a list of chunk digests")
+        info = cls(
+            format_version=version,
+            dataset=dataset,
+            classes=list(classes),
+            image_size=(size[0], size[1]),
+            label_kind=label_kind,
+            splits=dict(splits),
+            maps=maps,
+            provenance=dict(provenance),
+            digests={k: dict(v) for k, v in digests.items()},
+            hflip=hflip,
+        )
+        check_names(info, where)
+        return info
+
+
+# Bounds of what a store may declare: far beyond any real dataset, small enough that a
+# crafted value cannot make a reader allocate without limit.
+MAX_CLASSES = 1_000_000
+MAX_IMAGE_SIDE = 65_536
+MAX_CHANNELS = 64
+# A name that becomes a path component inside the store (split, map, array): a plain
+# relative name, never '..', '/', '\\', NUL or an absolute path.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+# The dataset name is shown and used (sanitised) in default run directory names; it may
+# hold spaces (an HDF5 file's stem), never a path separator or a control character.
+_DATASET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+-]{0,127}")
+
+
+def _is_int(v: Any) -> bool:
+    """An int proper: True and 1.0 are not integers in a store's attributes."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """repr(v) cut to ``limit`` characters: crafted values can be megabytes long."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_plain_name(name: Any) -> bool:
+    """Whether ``name`` is a plain relative name: letters, digits, ._+-, no '..', at most 128 characters."""
+    return isinstance(name, str) and NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def _map_from_json(name: Any, m: Any, where: str) -> MapInfo:
+    """One entry of attrs['satkit']['maps'], type-checked."""
+    if not isinstance(m, Mapping):
+        raise StoreError(f"{where}: map {_short(name)} in attribute 'satkit' is {_short(m)}; expected an object")
+    fields = {k: v for k, v in m.items() if k in MapInfo.__dataclass_fields__}
+    for key in ("name", "encoding", "kind"):
+        if not isinstance(fields.get(key), str):
+            raise StoreError(f"{where}: map {_short(name)} has {key} {_short(fields.get(key))} in attribute "
+                             "'satkit'; expected a string")
+    if fields["name"] != name:
+        raise StoreError(f"{where}: map {_short(name)} calls itself {_short(fields['name'])} in attribute 'satkit'")
+    if fields["encoding"] not in ENCODINGS:
+        raise StoreError(f"{where}: map {_short(name)} has unknown encoding {_short(fields['encoding'])} "
+                         f"(known: {', '.join(ENCODINGS)})")
+    channels = fields.get("channels", 1)
+    if not _is_int(channels) or not 1 <= channels <= MAX_CHANNELS:
+        raise StoreError(f"{where}: map {_short(name)} has channels {_short(channels)}; expected an integer "
+                         f"in [1, {MAX_CHANNELS}]")
+    targets = fields.get("targets", False)
+    if not isinstance(targets, bool):
+        raise StoreError(f"{where}: map {_short(name)} has targets={_short(targets)} in attribute "
+                         "'satkit'; expected true or false")
+    array = fields.get("array", "")
+    if not isinstance(array, str):
+        raise StoreError(f"{where}: map {_short(name)} has array {_short(array)}; expected a name")
+    provenance = fields.get("provenance", {})
+    if not isinstance(provenance, Mapping):
+        raise StoreError(f"{where}: map {_short(name)} has provenance {_short(provenance)}; expected an object")
+    return MapInfo(**{**fields, "provenance": dict(provenance)})
+
+
+def check_names(info: StoreInfo, where: str) -> None:
+    """Refuse a store whose attributes name a path outside it: the one check of every
+    name that comes from a store and becomes a path (split names, map names, map array
+    names, map kinds, digest keys).
+
+    Each must be a plain relative name (:data:`NAME_RE`, no '..'); a digest key is two
+    or three such names joined by '/'. Raises StoreError naming the store and the value.
+    """
+    def bad(what: str, value: Any) -> StoreError:
+        return StoreError(f"{where}: attribute 'satkit' has {what} {_short(value)}: not a plain name "
+                          "(letters, digits and ._+-, at most 128 characters, no '..' or '/')")
+
+    for split in info.splits:
+        if not is_plain_name(split):
+            raise bad("split name", split)
+    for m in info.maps.values():
+        if not is_plain_name(m.name):
+            raise bad("map name", m.name)
+        if m.array and not is_plain_name(m.array):
+            raise bad(f"array name of map {m.name!r}:", m.array)
+        if not is_plain_name(m.kind):
+            raise bad(f"kind of map {m.name!r}:", m.kind)
+    for key in info.digests:
+        parts = key.split("/") if isinstance(key, str) else []
+        if not 2 <= len(parts) <= 3 or not all(is_plain_name(p) for p in parts):
+            raise bad("digest key", key)
+
+
+def resolve_inside(root: str | Path, relative: str) -> Path:
+    """``root / relative`` resolved, refused (StoreError) unless it stays strictly inside root.
+
+    Symbolic links are followed before the comparison: a link inside a store that points
+    elsewhere is refused like a '..' in a name.
+    """
+    base = Path(root).resolve()
+    target = (base / relative).resolve()
+    if target == base or not target.is_relative_to(base):
+        raise StoreError(f"{root}: {relative} leads outside the store (to {target})")
+    return target
 
 
 # --------------------------------------------------------------------------- names
@@ -295,13 +448,20 @@ def _plain_chunk_dir(arr: "zarr.Array") -> Path | None:
         return None
 
 
-def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray) -> None:
+def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray,
+                   chunk_digests: Sequence[str] | None = None) -> None:
     """Read rows [start, stop) of an array into ``out`` (shape (stop - start, ...)).
 
     Uncompressed arrays on a local disk (images, as satdata writes them) are read with
     ``readinto`` straight from each chunk file into ``out``: one copy, at disk speed,
     where zarr's general path copies each chunk two more times (about 3x slower for a
     50,000-image split; bench/read.py). Anything else goes through zarr.
+
+    A chunk file of the wrong size (truncated, or appended to) is refused with a
+    StoreError naming the array, the chunk and its samples. A missing chunk file reads
+    as the fill value only where ``chunk_digests`` (the array's recorded chunk digests)
+    says that no file was written ("absent"); given digests that list the chunk, its
+    absence is a StoreError too, never a block of zeros.
     """
     root = _plain_chunk_dir(arr)
     if root is None:
@@ -309,21 +469,30 @@ def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray) ->
         return
     step = arr.chunks[0]
     row_bytes = out.dtype.itemsize * int(np.prod(out.shape[1:], dtype=np.int64))
+    chunk_bytes = step * row_bytes
     flat = out.reshape(-1).view(np.uint8) if out.size else out
     rest = "/".join("0" for _ in range(arr.ndim - 1))
     for i in range(start // step, (stop - 1) // step + 1 if stop > start else 0):
         a, b = max(start, i * step), min(stop, (i + 1) * step)
         dst = flat[(a - start) * row_bytes:(b - start) * row_bytes]
         path = root / "c" / (f"{i}/{rest}" if rest else str(i))
+        where = f"{arr.store.root}: array {arr.path} chunk {i} (samples [{i * step}, {min(arr.shape[0], (i + 1) * step)}))"
         try:
             with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != chunk_bytes:
+                    raise StoreError(f"{where}: the chunk file has {size:,} bytes, expected {chunk_bytes:,} "
+                                     "(truncated or damaged; `satdata verify` locates every damaged chunk)")
                 f.seek((a - i * step) * row_bytes)
                 got = f.readinto(memoryview(dst))
         except FileNotFoundError:  # zarr writes no file for a chunk of fill values
+            if chunk_digests is not None and (i >= len(chunk_digests) or chunk_digests[i] != "absent"):
+                raise StoreError(f"{where}: the chunk file is missing ({path.name} under {arr.path}/c); "
+                                 "the store is damaged") from None
             out[a - start:b - start] = arr.metadata.fill_value
             continue
-        if got != len(dst):  # not the layout we expected: let zarr read this chunk
-            out[a - start:b - start] = arr[a:b]
+        if got != len(dst):  # the file changed under us
+            raise StoreError(f"{where}: read {got:,} of {len(dst):,} bytes (the chunk file changed while read)")
 
 
 class Store:
@@ -338,6 +507,7 @@ class Store:
         self.path = path
         self.group = group
         self.info = info
+        self._present_checked: set[str] = set()  # arrays whose chunk files were found present
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, dataset={self.info.dataset!r}, splits={self.info.splits})"
@@ -355,19 +525,101 @@ class Store:
         if field_name in ("saliency", TARGETS_GROUP):
             map_name = self.info.maps[map_name].array_name  # type: ignore[index]
         p = array_path(split, field_name, map_name)
+        if self._local_root is not None:
+            resolve_inside(self._local_root, p)
         try:
-            return self.group[p]  # type: ignore[return-value]
+            arr = self.group[p]
         except KeyError:
             raise StoreError(f"{self.path}: lacks array {p}") from None
+        except Exception as e:  # damaged array metadata: zarr raises several types
+            raise StoreError(f"{self.path}: array {p} has unreadable metadata ({type(e).__name__})") from None
+        if p not in self._present_checked:
+            self._check_chunks_present(p, arr)  # type: ignore[arg-type]
+            if field_name == "labels":  # small: read once, so every reader gets checked labels
+                self._check_labels(split, self._read_all(arr))  # type: ignore[arg-type]
+            self._present_checked.add(p)
+        return arr  # type: ignore[return-value]
+
+    @property
+    def _local_root(self) -> Path | None:
+        """The store's directory when it is one on the local disk (not a zip or a URL)."""
+        if "://" in self.path or self.path.endswith(".zip"):
+            return None
+        return Path(self.path)
+
+    def _chunk_digests(self, arr: "zarr.Array") -> list[str] | None:
+        """The recorded digests of ``arr``'s chunk files, or None where the record does not
+        describe this array's chunking (another chunk size or count: `verify` reports that)."""
+        rec = self.info.digests.get(arr.path, {})
+        want = rec.get("chunks")
+        if not want or rec.get("chunk_size") != (arr.chunks[0] if arr.ndim else 1):
+            return None
+        return want if len(want) == len(list(iter_chunks(arr))) else None
+
+    def _check_chunks_present(self, p: str, arr: "zarr.Array") -> None:
+        """Refuse an array one of whose chunk files the digests list is gone.
+
+        zarr reads a missing chunk as its fill value (zeros, or -1 for labels): a store
+        that lost a file would train and evaluate on blank images without a word. The
+        digests say which chunks were written; each of those must exist (a stat per chunk).
+        """
+        want = self._chunk_digests(arr)
+        if not want:
+            return
+        from zarr.core.sync import sync
+
+        for i, (a, b) in enumerate(iter_chunks(arr)):
+            if i < len(want) and want[i] != "absent" and not sync(arr.store.exists(chunk_key(arr, i))):
+                raise StoreError(f"{self.path}: array {p} chunk {i} (samples [{a}, {b})) is missing; the store "
+                                 "is damaged (`satdata verify` lists every damaged chunk)")
 
     def load(self, split: str, field_name: str, map_name: str | None = None) -> np.ndarray:
-        """Read a whole array into memory (sequential whole-chunk reads)."""
-        arr = self.array(split, field_name, map_name)
-        out = np.empty(arr.shape, dtype=arr.dtype)
-        if arr.dtype.kind in "biuf" and arr.shape[0]:
-            read_rows_into(arr, 0, arr.shape[0], out)
-            return out
-        return np.asarray(arr[...])
+        """Read a whole array into memory (sequential whole-chunk reads).
+
+        A chunk that is missing, truncated or does not decode is a StoreError naming the
+        array and the samples, never a fill value; labels are checked to be class indices
+        in range (single-label) or 0/1 (multi-hot).
+        """
+        return self._read_all(self.array(split, field_name, map_name))
+
+    def _read_all(self, arr: "zarr.Array") -> np.ndarray:
+        """All of ``arr``, checked against its recorded chunk digests (see :meth:`load`)."""
+        digests = self._chunk_digests(arr)
+        try:
+            if arr.dtype.kind in "biuf" and arr.shape[0]:
+                out = np.empty(arr.shape, dtype=arr.dtype)
+                read_rows_into(arr, 0, arr.shape[0], out, chunk_digests=digests)
+                return out
+            return np.asarray(arr[...])
+        except StoreError:
+            raise
+        except Exception as e:  # a damaged compressed chunk: name the first one that fails
+            raise self._decode_error(arr, e) from None
+
+    def _decode_error(self, arr: "zarr.Array", e: Exception) -> StoreError:
+        """A StoreError naming the first chunk of ``arr`` that cannot be read (and why)."""
+        for i, (a, b) in enumerate(iter_chunks(arr)):
+            try:
+                arr[a:b]
+            except Exception as ce:
+                return StoreError(f"{self.path}: array {arr.path} chunk {i} (samples [{a}, {b})) cannot be read "
+                                  f"({type(ce).__name__}: {str(ce)[:120]}); the store is damaged")
+        return StoreError(f"{self.path}: array {arr.path} cannot be read ({type(e).__name__}: {str(e)[:120]})")
+
+    def _check_labels(self, split: str, labels: np.ndarray) -> None:
+        """Refuse label values that are not class indices (or 0/1 multi-hot entries)."""
+        k = len(self.info.classes)
+        if labels.dtype.kind not in "iu":
+            raise StoreError(f"{self.path}: {split}/labels has dtype {labels.dtype}; labels must be integers")
+        if not labels.size:
+            return
+        lo, hi = int(labels.min()), int(labels.max())
+        top = k - 1 if self.info.label_kind == "single" else 1
+        if lo < 0 or hi > top:
+            bad = lo if lo < 0 else hi
+            pos = int(np.flatnonzero((labels < 0) | (labels > top))[0]) // max(1, labels[:1].size)
+            raise StoreError(f"{self.path}: {split}/labels holds {bad} at sample {pos}; expected "
+                             + (f"a class index in [0, {k - 1}]" if top == k - 1 else "0 or 1 (multi-hot)"))
 
     def map_targets(self, split: str, map_name: str) -> np.ndarray | None:
         """The class index each sample's map was computed for, int64 (N,), or None.
@@ -427,11 +679,13 @@ def read_info(group: "zarr.Group", where: str) -> StoreInfo:
             f"{where}: not a satkit store (no '{ATTR_KEY}' attribute in zarr.json; "
             "a Zarr group from another tool, or an unfinished build)"
         )
-    return StoreInfo.from_json(attrs[ATTR_KEY], where)
+    return StoreInfo.from_json(attrs[ATTR_KEY], where)  # type-checks and checks names
 
 
 def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
-    """Check that every array the attributes promise exists with consistent shapes."""
+    """Check that every array the attributes promise exists with consistent shapes, and
+    that every name that becomes a path is a plain name (:func:`check_names`)."""
+    check_names(info, where)
     if info.label_kind not in LABEL_KINDS:
         raise StoreError(f"{where}: unknown label kind {info.label_kind!r}")
     if not info.splits:
@@ -459,6 +713,9 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
                 arr = group[p]
             except KeyError:
                 raise StoreError(f"{where}: lacks array {p}") from None
+            except Exception as e:  # a damaged or crafted zarr.json of the array
+                raise StoreError(f"{where}: array {p} has unreadable metadata ({type(e).__name__}: "
+                                 f"{str(e)[:120]})") from None
             if not isinstance(arr, zarr.Array):
                 raise StoreError(f"{where}: {p} is a group, not an array")
             if shape is not None and tuple(arr.shape) != shape:

@@ -164,8 +164,20 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def default_run_dir(cfg: TrainConfig, dataset: str) -> Path:
-    """runs/<dataset>-<method>-<model>-s<seed>."""
-    return Path("runs") / f"{dataset}-{cfg.method.replace('+', '_')}-{cfg.model}-s{cfg.seed}"
+    """runs/<dataset>-<method>-<model>-s<seed>, always one plain directory under runs/.
+
+    The dataset name comes from the store: each part is reduced to letters, digits and
+    ``._-`` (anything else becomes '_', no leading dot, no '..', at most 64 characters),
+    so that no store can send a run's files elsewhere. Plain names are kept as they are.
+    """
+    import re
+
+    def plain(text: str) -> str:
+        t = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+        t = re.sub(r"\.{2,}", ".", t).lstrip("._-")[:64]
+        return t or "unnamed"
+
+    return Path("runs") / f"{plain(dataset)}-{plain(cfg.method.replace('+', '_'))}-{plain(cfg.model)}-s{int(cfg.seed)}"
 
 
 # --------------------------------------------------------------------------- metrics
