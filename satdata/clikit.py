@@ -15,6 +15,7 @@ import errno as errno_mod
 import json
 import os
 import pickle
+import re
 import sys
 import unicodedata
 from typing import Any, Callable, TypeVar
@@ -75,11 +76,11 @@ def _is_torch_advice(line: str) -> bool:
 def one_line(message: str) -> str:
     """A message as one printable line of at most MAX_LINE characters.
 
-    Lines are joined with spaces, torch's advice to load a refused file with
+    Lines are joined with spaces, sentences holding torch's advice to load a refused file with
     ``weights_only=False`` is dropped, and control characters are escaped.
     """
-    lines = [ln.strip() for ln in _printable(message).splitlines()]
-    text = " ".join(ln for ln in lines if ln and not _is_torch_advice(ln))
+    sentences = [sent.strip() for ln in _printable(message).splitlines() for sent in re.split(r"(?<=\.)\s+", ln)]
+    text = " ".join(sent for sent in sentences if sent and not _is_torch_advice(sent))
     text = text.replace("\t", " ")
     if len(text) > MAX_LINE:
         text = text[: MAX_LINE - 3] + "..."
@@ -127,11 +128,15 @@ def error_line(e: BaseException) -> tuple[str, bool]:
     if isinstance(e, json.JSONDecodeError):
         return one_line(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){suffix}"), True
     if isinstance(e, pickle.UnpicklingError):
-        first = one_line(str(e)).split(". ")[0]
+        first = one_line(str(e)).split(". ")[0].rstrip(".")
         return one_line(f"refused to unpickle: {first}{suffix}"), True
     if isinstance(e, OSError):
         return one_line(_os_error(e)), True
     text = str(e)
+    module = type(e).__module__ or ""
+    if "decompression" in text.lower() or module.startswith(("numcodecs", "zarr")):
+        return one_line(f"stored data cannot be decoded ({type(e).__name__}: {text}){suffix}; the store is damaged "
+                        "(`satdata verify STORE` names the array and samples)"), True
     return one_line(f"unexpected {type(e).__name__}{': ' + text if text else ''}{suffix}"), False
 
 

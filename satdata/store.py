@@ -142,7 +142,7 @@ class StoreInfo:
         if version < 1:
             raise StoreError(f"{where}: invalid store format version {version}")
         dataset = d["dataset"]
-        if not isinstance(dataset, str) or not _DATASET_RE.match(dataset) or ".." in dataset:
+        if not isinstance(dataset, str) or not _DATASET_RE.fullmatch(dataset) or ".." in dataset:
             raise StoreError(f"{where}: attribute 'satkit' has dataset {_short(dataset)}; expected a name of "
                              "letters, digits, spaces and ._+- (no path separators)")
         classes = d["classes"]
@@ -568,10 +568,27 @@ class Store:
             return
         from zarr.core.sync import sync
 
+        plain = _plain_chunk_dir(arr)
+        chunk_bytes = arr.chunks[0] * arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
         for i, (a, b) in enumerate(iter_chunks(arr)):
-            if i < len(want) and want[i] != "absent" and not sync(arr.store.exists(chunk_key(arr, i))):
-                raise StoreError(f"{self.path}: array {p} chunk {i} (samples [{a}, {b})) is missing; the store "
-                                 "is damaged (`satdata verify` lists every damaged chunk)")
+            if want[i] == "absent":
+                continue
+            if plain is None:
+                if not sync(arr.store.exists(chunk_key(arr, i))):
+                    size = None
+                else:
+                    continue
+            else:  # uncompressed: the file's size is known, so a truncated file is found here too
+                rest = "/".join("0" for _ in range(arr.ndim - 1))
+                try:
+                    size = (plain / "c" / (f"{i}/{rest}" if rest else str(i))).stat().st_size
+                except FileNotFoundError:
+                    size = None
+                if size == chunk_bytes:
+                    continue
+            what = "is missing" if size is None else f"has {size:,} bytes, expected {chunk_bytes:,} (truncated or damaged)"
+            raise StoreError(f"{self.path}: array {p} chunk {i} (samples [{a}, {b})) {what}; the store "
+                             "is damaged (`satdata verify` lists every damaged chunk)")
 
     def load(self, split: str, field_name: str, map_name: str | None = None) -> np.ndarray:
         """Read a whole array into memory (sequential whole-chunk reads).

@@ -158,7 +158,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: not the user's concern
             warnings.simplefilter("ignore")
             ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except OSError as e:
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:  # the file, not its contents
         if e.filename is None:
             e.filename = str(p)
         raise
