@@ -560,7 +560,7 @@ def test_summary_calls_the_strong_evaluation_and_states_its_headline(digits_stor
     (target, store), kw = calls[0]
     assert Path(str(target)) == out and getattr(store, "path", store) is not None
     assert kw["split"] == "test" and kw["samples"] == 24 and kw["seed"] == 0 and kw["device"] == "cpu"
-    assert tuple(kw["attacks"]) == ("autoattack", "pgd") and tuple(kw["eps"]) == (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    assert tuple(kw["attacks"]) == ("autoattack", "pgd") and tuple(kw["eps"]) == (8 / 255,)
     assert Path(str(kw["out"])) == out / "summary.json"
     final = json.loads((out / "metrics.json").read_text())
     assert final["summary"] == {"protocol": "strong", "samples": 24, "split": "test", "split_size": 355,
@@ -618,7 +618,7 @@ def test_summary_with_the_real_strong_evaluation(digits_store: Path, tmp_path: P
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["protocol"] == "strong" and summary["samples"] == 12 and summary["split"] == "test"
     assert summary["complete"] is False and summary["split_size"] == 355 and summary["file"] == "summary.json"
-    assert set(summary["robust"]) >= {"autoattack@8/255", "pgd@1/255", "pgd@8/255"}
+    assert set(summary["robust"]) >= {"autoattack@8/255", "pgd@8/255"}
     assert summary["robust"] == written["robust"] and summary["clean"] == written["clean"]
     head = summary["headline"]
     assert head["name"] == "autoattack@8/255" and head["value"] == summary["robust"]["autoattack@8/255"]
