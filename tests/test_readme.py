@@ -58,7 +58,7 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     for cmd in readme_commands():
         argv = shlex.split(cmd)
         argv[0] = str(BIN / argv[0])
-        res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
         assert res.returncode == 0, f"README command failed: {cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         said[cmd] = res.stdout + res.stderr
 
@@ -76,8 +76,10 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     for run, floor in (("sat-box", 0.6), ("pgd-sat", 0.5), ("teacher", 0.8), ("sat-gcpp", 0.6)):
         m = metrics(run)
         assert m["last"]["clean_acc"] > floor, (run, m["last"])
-        if run != "teacher":
+        if run == "pgd-sat":
             assert m["summary"]["samples"] == 100 and not m["summary"]["complete"], run
+        else:
+            assert m["summary"] is None and "summary_skipped" in m, run
     # PGD-AT + SAT buys robustness that SAT alone does not (strong protocol, 8/255)
     assert metrics("pgd-sat")["summary"]["headline"]["value"] > s["headline"]["value"] + 0.1
     # `sattrain eval` with defaults: the strong protocol; its headline is no more than 0.03 above a
