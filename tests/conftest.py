@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -26,3 +27,17 @@ def digits_store32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "digits32.zarr"
     build(BuildConfig(source="digits", root="", out=str(out), progress=False))
     return out
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: the tests' runs are tiny, and on a shared CPU more threads only spin.
+
+    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -13,12 +12,7 @@ from sattrain.checkpoint import load_checkpoint, load_model, resolve_checkpoint,
 from sattrain.models import create_model, last_conv_stage, model_names, model_summary
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_lists_the_papers_models() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,12 +24,7 @@ TINY = dict(method="standard", batch_size=32, train_samples=64, eval_samples=8, 
             progress=False, threads=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lines(run: Path) -> list[dict]:
