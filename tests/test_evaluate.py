@@ -150,10 +150,14 @@ def test_evaluate_writes_valid_eval_json(run_dir: Path, digits_store: Path) -> N
     assert r["distortions"]["lowpass"][-1]["value"] < 0.35  # sigma 32 on 16x16 leaves a flat grey image
     # the headline of the paper protocol is its PGD at the largest eps, labelled
     assert r["headline"]["name"] == "pgd@8/255" and r["headline"]["protocol_label"] == "paper protocol"
-    assert r["sanity"]["passed"], r["sanity"]
+    # the sanity checks run under the paper protocol too; its 5-step PGD (last iterate) can come out
+    # weaker than FGSM on a weak model, which is exactly what they are there to say
+    assert [c["name"] for c in r["sanity"]["checks"]][:3] == ["pgd-reaches-eps", "monotone-in-eps", "pgd-beats-fgsm"]
+    assert all(row["adv_accuracy"] >= row["value"] for row in r["pgd"]["results"])  # the authors' scoring
     table = format_table(r)
     assert "paper protocol" in table and "pgd eps=8/255 (5 x 2/255)" in table and "cw-l2" in table
-    assert "contrast c=0.1" in table and "seeded subset" in table and "sanity checks: all passed" in table
+    assert "contrast c=0.1" in table and "seeded subset" in table and "sanity checks:" in table
+    assert "authors' scoring" in table
 
 
 def test_strong_protocol_is_the_default_and_beats_the_paper_protocol(run_dir: Path, digits_store: Path) -> None:
