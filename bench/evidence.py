@@ -263,8 +263,10 @@ def markdown(table: dict[str, Any], claims: list[dict[str, Any]], eps: tuple[flo
         f"small-cnn, {meta['epochs']} epochs, batch {meta['batch_size']}, Adam 1e-3 (recipe paper), "
         f"{'augmentation auto (crop; digits do not flip)' if meta['augment'] else 'no augmentation'}, "
         f"seeds {meta['seeds']}. Mean ± sample std over seeds, whole test split. "
-        "Strong protocol (the numbers the claims are judged on): AutoAttack (standard, Linf 8/255, the "
-        "reference package) and PGD with 50 steps of eps/4 and 2 random starts. The paper protocol's PGD "
+        "Strong protocol (the numbers the claims are judged on): "
+        + ("AutoAttack (standard, Linf 8/255, the reference package) and " if meta.get("autoattack", True)
+           else "AutoAttack not run (--no-autoattack); ")
+        + "PGD with 50 steps of eps/4 and 2 random starts. The paper protocol's PGD "
         "(5 steps of 2/255) is shown in its own, labelled column for comparison only. "
         f"SAT-family rows use alpha_c = {meta['alpha_compressed']:.4g} unless labelled.",
         "",
