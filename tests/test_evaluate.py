@@ -267,12 +267,14 @@ def test_autoattack_reference_runs_the_standard_ensemble(run_dir: Path, digits_s
 def test_autoattack_engines_agree_and_beat_pgd(run_dir: Path, digits_store: Path) -> None:
     """satkit's torchattacks assembly against the reference package, and both against PGD."""
     pytest.importorskip("torchattacks")
-    kw = dict(attacks=("autoattack",), autoattack_eps=4 / 255, samples=48, device="cpu", write=False)
+    # 8/255 on 32 samples: APGD-CE settles most points, so FAB-T and Square (minutes on a CPU
+    # for robust points) see few; the two engines must still agree on every point but one.
+    kw = dict(attacks=("autoattack",), autoattack_eps=8 / 255, samples=32, device="cpu", write=False)
     ref = evaluate(run_dir, digits_store, **kw)["autoattack"]["value"]
     ours = evaluate(run_dir, digits_store, autoattack_engine="torchattacks", **kw)["autoattack"]["value"]
-    pgd5 = evaluate(run_dir, digits_store, protocol="paper", attacks=("pgd",), eps=(4 / 255,), samples=48,
-                    device="cpu", write=False)["robust"]["pgd@4/255"]
-    assert abs(ref - ours) <= 2 / 48, (ref, ours)
+    pgd5 = evaluate(run_dir, digits_store, protocol="paper", attacks=("pgd",), eps=(8 / 255,), samples=32,
+                    device="cpu", write=False)["robust"]["pgd@8/255"]
+    assert abs(ref - ours) <= 1 / 32, (ref, ours)
     assert ref <= pgd5 and ours <= pgd5
 
 
