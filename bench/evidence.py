@@ -1,4 +1,4 @@
-"""The evidence table for SAT's claims (SAT.md, "What the paper claims"), on real data.
+"""The evidence table for SAT's claims (docs/method.md), on real data.
 
 Everything runs through satkit as a user would run it, on scikit-learn's handwritten
 digits (real, offline):
@@ -80,7 +80,7 @@ CONFIGS: list[RunSpec] = [
 BY_NAME = {c.name: c for c in CONFIGS}
 TEACHER_MAPS = {"gcpp_std": "standard", "gcpp_adv": "pgd"}
 
-# Claims of SAT.md and the paired comparisons that test them: (claim, better, baseline).
+# Claims of docs/method.md and the paired comparisons that test them: (claim, better, baseline).
 CLAIMS: list[tuple[str, str, str]] = [
     ("1: SAT from annotations beats standard training", "sat-ink", "standard"),
     ("1: SAT from annotations beats standard training", "sat-box", "standard"),

@@ -44,7 +44,7 @@ MAP = "mask"
 
 
 def sat_numpy(x: np.ndarray, S: np.ndarray, *, eps: float, p: float, rng: np.random.Generator) -> np.ndarray:
-    """The SAT perturbation of SAT.md computed on the host in numpy (the research-code way)."""
+    """The SAT perturbation of docs/method.md computed on the host in numpy (the research-code way)."""
     n = rng.integers(0, 2, size=x.shape, dtype=np.int8).astype(np.float32) * 2 - 1
     w = rng.random(size=x.shape, dtype=np.float32) < p
     g = np.where(w, np.broadcast_to(S, x.shape), n)

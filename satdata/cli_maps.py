@@ -27,7 +27,7 @@ def _split_list(text: str | None) -> tuple[str, ...] | None:
 
 
 EPILOG_SALIENCY = """\b
-Methods (SAT.md, "What S is"):
+Methods (docs/method.md, "S from a store's map"):
   gradcampp         Grad-CAM++ at the last conv stage, min-max to [0, 1]   (unit, 1 channel)
   gradcam           Grad-CAM, the same way                                 (unit, 1 channel)
   gbp               sign of the guided-backprop gradient, +-1              (signed, 3 channels)

@@ -1,6 +1,6 @@
 """Saliency maps from a frozen classifier, batched on the input's device.
 
-These are the generated maps of SAT.md ("What S is, per kind of map"), computed once per
+These are the generated maps of docs/method.md ("S from a store's map"), computed once per
 image for one target class (the teacher's predicted class by default):
 
 =================  ========  ========  ===================================================
@@ -51,7 +51,7 @@ from sattrain.device import resolve_device
 
 TARGET_RULES = ("predicted", "label")
 SMOOTHGRAD_SAMPLES = 10
-SMOOTHGRAD_NOISE = 0.15  # sigma = 0.15 * (max - min) of each image (SAT.md)
+SMOOTHGRAD_NOISE = 0.15  # sigma = 0.15 * (max - min) of each image (docs/method.md)
 # Grad-CAM++'s eps in the alpha denominator: the value pytorch-grad-cam uses, so the two
 # agree where the denominator vanishes.
 GRADCAMPP_EPS = 1e-6

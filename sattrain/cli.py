@@ -51,7 +51,7 @@ def _run_epilog() -> str:
 Methods (--method):
 {methods}
 \b
-The SAT perturbation (SAT.md), per element, epoch t from 0:
+The SAT perturbation (docs/method.md), per element, epoch t from 0:
   p_t = 1 - alpha**(t/10);  g = S with probability p_t, else a random sign;
   x_tilde = clamp(x - eps0 * g, 0, 1);  S = +1 on the object, -1 elsewhere for masks and boxes.
 \b

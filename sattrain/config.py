@@ -82,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 
-# Default TRADES beta per method (SAT.md: beta = 6 for plain TRADES, beta = 1 when TRADES
+# Default TRADES beta per method (docs/method.md: beta = 6 for plain TRADES, beta = 1 when TRADES
 # is mixed with SAT or with noise). Methods without a KL term have no beta.
 DEFAULT_BETA = {"trades": 6.0, "trades+sat": 1.0, "trades+noise": 1.0}
 

@@ -1,4 +1,4 @@
-"""Training methods by name: a batch in, the loss to minimise out (SAT.md).
+"""Training methods by name: a batch in, the loss to minimise out (docs/method.md).
 
 Each method is one function ``(model, batch, ctx) -> StepResult`` registered with
 ``@register_method``; the trainer calls it inside autocast (for --amp), then does one

@@ -1,7 +1,7 @@
 """Classifiers by name: CIFAR-style ResNets (3x3 stem, no max-pool), WRN, and a small CNN.
 
 Every model takes images in [0, 1], NCHW float, and returns logits; any normalisation
-would live inside the model (SAT.md and RobustBench both fix inputs to [0, 1], so
+would live inside the model (docs/method.md and RobustBench both fix inputs to [0, 1], so
 epsilons are in pixel units). Spatial size is free: the head pools adaptively.
 
 >>> model = create_model("resnet18", num_classes=10)      # doctest: +SKIP

@@ -1,4 +1,4 @@
-"""The SAT perturbation (SAT.md), built for a whole batch on the batch's device.
+"""The SAT perturbation (docs/method.md), built for a whole batch on the batch's device.
 
 For epoch t (counted from 0), per element of the batch x (images in [0, 1])::
 
