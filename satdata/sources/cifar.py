@@ -19,12 +19,15 @@ Speed: ``records()`` reads each batch file once and every record carries its ima
 
 Safety: the batches are pickles, and unpickling can run code, so they are read with an
 unpickler that only builds plain containers and numpy arrays; a file that asks for
-anything else is refused as "not a CIFAR batch".
+anything else is refused as "not a CIFAR batch". A batch is read only if it is a regular
+file inside ``--root`` (a FIFO, a directory, a link loop or a link out of the root is an
+error naming it) of at most ``MAX_BATCH_BYTES``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,11 +42,13 @@ from satdata.sources._base import (
     Record,
     Source,
     SourceOptions,
+    read_bytes,
     register_source,
 )
 
 SIDE = 32
 ROW = 3 * SIDE * SIDE  # 3072
+MAX_BATCH_BYTES = 2 * 1024 ** 3  # CIFAR-100's train is 158 MB
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
@@ -86,12 +91,10 @@ def _key(k: Any) -> Any:
     return k.decode("latin-1") if isinstance(k, bytes) else k
 
 
-def load_pickle(path: Path) -> dict[str, Any]:
+def load_pickle(path: Path, root: str | Path | None = None) -> dict[str, Any]:
     """A CIFAR pickle as a dict with str keys, or SourceError naming the file."""
-    if not path.is_file():
-        raise SourceError(path, "missing batch file")
+    raw = read_bytes(path, "batch file", root, missing="missing batch file", max_bytes=MAX_BATCH_BYTES)
     try:
-        raw = path.read_bytes()
         # latin-1 is what numpy arrays pickled by Python 2 need (numpy's own advice).
         obj = _BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except _Refused as e:
@@ -99,7 +102,7 @@ def load_pickle(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise SourceError(path, f"not a CIFAR batch: unreadable or corrupt pickle ({e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError,
-            MemoryError, UnicodeDecodeError) as e:
+            MemoryError, UnicodeDecodeError, RecursionError) as e:
         raise SourceError(path, f"not a CIFAR batch: unreadable or corrupt pickle ({type(e).__name__}: {e})") from None
     except OSError as e:
         raise SourceError(path, f"cannot read ({e})") from None
@@ -131,17 +134,22 @@ class _Cifar(Source):
         super().__init__(root, opts, bad)
         self.base = self._find_base(self.root)
         meta_path = self.base / self.meta_file
-        meta = load_pickle(meta_path)
+        meta = load_pickle(meta_path, self.root)
         if self.names_key not in meta:
             raise SourceError(meta_path, f"has no {self.names_key!r} (keys: {', '.join(map(str, meta))})")
-        names = [_text(n) for n in meta[self.names_key]]
+        raw = meta[self.names_key]
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(n, (str, bytes)) for n in raw):
+            raise SourceError(meta_path, f"{self.names_key!r} is not a list of class names")
+        names = [_text(n) for n in raw]
         if len(names) != self.n_classes:
             raise SourceError(meta_path, f"lists {len(names)} class names, expected {self.n_classes}")
+        if not all(n.strip() and len(n) <= 256 for n in names) or len(set(names)) != len(names):
+            raise SourceError(meta_path, f"{self.names_key!r} holds an empty, overlong or repeated class name")
         self.classes = names
 
     def _find_base(self, root: Path) -> Path:
         for cand in (root, root / self.dirname):
-            if (cand / self.meta_file).is_file():
+            if os.path.lexists(cand / self.meta_file):  # in any form: load_pickle names a FIFO or a bad link
                 return cand
         if not root.exists():
             raise SourceError(root, "no such directory")
@@ -153,7 +161,7 @@ class _Cifar(Source):
 
     def read_batch(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         """(N, 32, 32, 3) uint8 images and (N,) int64 labels of one batch file, checked."""
-        d = load_pickle(path)
+        d = load_pickle(path, self.root)
         for key in ("data", self.labels_key):
             if key not in d:
                 raise SourceError(path, f"has no {key!r} (keys: {', '.join(map(str, d))})")
@@ -179,7 +187,7 @@ class _Cifar(Source):
             raise SourceError(self.base, f"{self.name} has no split {split!r} (it has: train, test)")
         paths = [self.base / f for f in self.split_files[split]]
         for p in paths:  # name a missing file before spending time on the others
-            if not p.is_file():
+            if not os.path.lexists(p):
                 raise SourceError(p, "missing batch file")
         out: list[Record] = []
         for p in paths:

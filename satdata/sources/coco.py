@@ -32,11 +32,23 @@ and segmentations without area.
 Labels are multi-hot over the categories present (``--label multi``) or the category of
 the largest object by its annotated ``area`` (``--label largest``; ties go to the first
 annotation), the same for both sources so boxes and masks stores hold identical labels.
+
+Hostile input. pycocotools' C code trusts its input, so everything is checked before it
+gets there: a ``file_name`` must be a plain relative path (no absolute path, '..', NUL,
+backslash) and its file a regular file inside ``--root``; an image may declare at most
+PIL's MAX_IMAGE_PIXELS; ``bbox`` and ``area`` must be finite numbers (JSON's NaN and
+Infinity are refused, naming the annotation); polygon coordinates must be finite and lie
+within one image size of the image, and an annotation's polygons at most
+``MAX_POLYGON_LENGTH`` pixels long (pycocotools allocates in proportion); a compressed
+RLE string is decoded here first and must be well formed and cover exactly the image (a
+crafted one would make pycocotools write past its buffer). An annotation file that is not
+UTF-8 JSON, is nested too deeply or is larger than ``MAX_JSON_BYTES`` is an error naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -55,9 +67,14 @@ from satdata.sources._base import (
     Source,
     SourceOptions,
     image_hw,
+    is_finite_number,
+    pixels_problem,
+    read_bytes,
     read_image,
     register_source,
+    relative_name_problem,
     require_dir,
+    short,
 )
 
 LABEL_MODES = ("multi", "largest")
@@ -66,22 +83,34 @@ _ANN_FILE = re.compile(r"instances_(train|val)(\d{4})\.json")
 # A box may overshoot the image by rounding in the annotation tool; further out is an error.
 BOX_TOLERANCE_PX = 1.0
 _NUMBER = (int, float)  # JSON numbers; checked with type() in the hot loop (bool is not one)
+MAX_JSON_BYTES = 4 * 1024 ** 3  # instances_train2017.json is 448 MB
+# pycocotools rasterises a polygon along its edges at 5x: memory grows with their length
+# (the larger of |dx|, |dy| per edge, in pixels, summed over an annotation's parts).
+MAX_POLYGON_LENGTH = 2_000_000
+MAX_RLE_DIGITS = 6  # characters per number of a compressed RLE string (30 bits)
 
 
-def load_json(path: Path) -> Any:
-    """Parse a JSON file, or raise SourceError naming it (with line and column)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SourceError(path, "missing annotation file") from None
-    except OSError as e:
-        raise SourceError(path, f"cannot read annotation file ({e.strerror or e})") from None
+def load_json(path: Path, root: str | Path | None = None) -> Any:
+    """Parse a JSON file, or raise SourceError naming it (with line and column).
+
+    The file must be a regular file (inside ``root`` when given) of at most MAX_JSON_BYTES;
+    nesting deeper than Python's recursion limit, and integers longer than Python converts
+    (4300 digits), are errors naming the file.
+    """
+    raw = read_bytes(path, "annotation file", root, missing="missing annotation file", max_bytes=MAX_JSON_BYTES)
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise SourceError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError:
         raise SourceError(path, "not JSON text (not UTF-8)") from None
+    except RecursionError:
+        raise SourceError(path, "JSON nested too deeply to read (arrays or objects inside each other "
+                                "beyond Python's recursion limit)") from None
+    except MemoryError:
+        raise SourceError(path, "JSON too large to read (out of memory)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise SourceError(path, f"unreadable JSON ({short(str(e), 120)})") from None
 
 
 @dataclass
@@ -103,7 +132,7 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
-def index_coco(path: Path, bad: BadSamples) -> CocoIndex:
+def index_coco(path: Path, bad: BadSamples, root: str | Path | None = None) -> CocoIndex:
     """Load and index one COCO instances file.
 
     Structural problems (not a COCO file, an image entry without id/file_name/size,
@@ -111,7 +140,7 @@ def index_coco(path: Path, bad: BadSamples) -> CocoIndex:
     image or category is a bad sample: ``bad`` raises unless --skip-bad, in which case the
     annotation is dropped and, for an unknown category, its image too.
     """
-    data = load_json(path)
+    data = load_json(path, root)
     if not isinstance(data, dict):
         raise SourceError(path, "not a COCO instances file (top level is not an object)")
     for key in ("images", "annotations", "categories"):
@@ -122,8 +151,11 @@ def index_coco(path: Path, bad: BadSamples) -> CocoIndex:
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, dict) or not _is_id(c.get("id")) or not isinstance(c.get("name"), str):
             raise SourceError(path, f"categories[{i}] lacks an 'id' or 'name'")
+        if not c["name"].strip() or len(c["name"]) > 256:
+            raise SourceError(path, f"category {short(c['id'])} has name {short(c['name'])}: expected 1 to 256 "
+                                    "characters, not only spaces")
         if c["id"] in cats:
-            raise SourceError(path, f"category id {c['id']!r} appears twice")
+            raise SourceError(path, f"category id {short(c['id'])} appears twice")
         cats[c["id"]] = c["name"]
     if not cats:
         raise SourceError(path, "has no categories")
@@ -134,7 +166,7 @@ def index_coco(path: Path, bad: BadSamples) -> CocoIndex:
     names = [n for _, n in categories]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise SourceError(path, f"category name {dup!r} is used by more than one id")
+        raise SourceError(path, f"category name {short(dup)} is used by more than one id")
 
     images: list[dict[str, Any]] = data["images"]
     by_image: dict[Any, list[dict[str, Any]]] = {}
@@ -142,11 +174,11 @@ def index_coco(path: Path, bad: BadSamples) -> CocoIndex:
         if not isinstance(im, dict) or not _is_id(im.get("id")):
             raise SourceError(path, f"images[{i}] lacks an 'id'")
         if not isinstance(im.get("file_name"), str) or not im["file_name"]:
-            raise SourceError(path, f"image {im['id']!r} lacks a 'file_name'")
+            raise SourceError(path, f"image {short(im['id'])} lacks a 'file_name'")
         if not (_positive_int(im.get("width")) and _positive_int(im.get("height"))):
-            raise SourceError(path, f"image {im['id']!r} lacks a positive integer 'width' and 'height'")
+            raise SourceError(path, f"image {short(im['id'])} lacks a positive integer 'width' and 'height'")
         if im["id"] in by_image:
-            raise SourceError(path, f"image id {im['id']!r} appears twice")
+            raise SourceError(path, f"image id {short(im['id'])} appears twice")
         by_image[im["id"]] = []
 
     unusable: set[Any] = set()
@@ -156,15 +188,85 @@ def index_coco(path: Path, bad: BadSamples) -> CocoIndex:
         iid = ann.get("image_id")
         anns = by_image.get(iid) if _is_id(iid) else None
         if anns is None:
-            bad(path, f"annotation {ann['id']!r}: unknown image id {iid!r}")
+            bad(path, f"annotation {short(ann['id'])}: unknown image id {short(iid)}")
             continue
         cid = ann.get("category_id")
         if not _is_id(cid) or cid not in cats:
-            bad(path, f"annotation {ann['id']!r}: unknown category id {cid!r}")
+            bad(path, f"annotation {short(ann['id'])}: unknown category id {short(cid)}")
             unusable.add(iid)
             continue
         anns.append(ann)
     return CocoIndex(path, categories, images, by_image, unusable)
+
+
+def _polygons_problem(seg: list[list[Any]], h: int, w: int) -> str | None:
+    """Why an annotation's polygons must not reach pycocotools, or None.
+
+    Each coordinate must be a finite number within one image size of the image (x in
+    [-w, 2w], y in [-h, 2h]), and the polygons' edges at most MAX_POLYGON_LENGTH pixels
+    long in all: pycocotools casts to int without checking and allocates per pixel of edge.
+    """
+    longest = 0.0
+    n_points = 0
+    for poly in seg:
+        xs, ys = poly[0::2], poly[1::2]
+        try:
+            total = math.fsum(poly)
+            x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+        except (TypeError, ValueError, OverflowError):
+            bad = next((v for v in poly if not is_finite_number(v) and not isinstance(v, bool)), None)
+            return f"a polygon has coordinate {short(bad)}, not a finite number"
+        if not math.isfinite(total):
+            bad = next((v for v in poly if not is_finite_number(v)), total)
+            return f"a polygon has coordinate {short(bad)}, not a finite number"
+        if x_lo < -w or x_hi > 2 * w or y_lo < -h or y_hi > 2 * h:
+            return (f"a polygon spans x {x_lo:g}..{x_hi:g}, y {y_lo:g}..{y_hi:g}: too far outside the "
+                    f"{w}x{h} image")
+        n_points += len(xs)
+        longest = max(longest, x_hi - x_lo, y_hi - y_lo)
+    if n_points * longest <= MAX_POLYGON_LENGTH:
+        return None
+    length = 0.0
+    for poly in seg:
+        if len(poly) >= 6:
+            a = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+            length += float(np.abs(np.diff(np.vstack([a, a[:1]]), axis=0)).max(axis=1).sum())
+    if length > MAX_POLYGON_LENGTH:
+        return f"polygons are {length:,.0f} pixels long, more than the limit of {MAX_POLYGON_LENGTH:,}"
+    return None
+
+
+def rle_string_counts(s: str) -> list[int] | str:
+    """The run lengths of a compressed RLE string (pycocotools' rleFrString), or the problem.
+
+    Decoded here, as the C code does, so that a crafted string (characters outside the
+    alphabet, a number cut off at the end, runs that do not add up) never reaches it.
+    """
+    counts: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            if p >= n:
+                return "compressed RLE ends in the middle of a number"
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return f"compressed RLE has character {short(s[p])} at position {p}, outside its alphabet ('0'..'o')"
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if k > MAX_RLE_DIGITS and more:
+                return f"compressed RLE has a number longer than {MAX_RLE_DIGITS} characters at position {p}"
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        if not 0 <= x < 2 ** 32:
+            return f"compressed RLE has run length {x} (run {len(counts) + 1})"
+        counts.append(x)
+    return counts
 
 
 def _usable_segmentation(seg: Any, h: int, w: int) -> tuple[Any, str | None]:
@@ -173,24 +275,34 @@ def _usable_segmentation(seg: Any, h: int, w: int) -> tuple[Any, str | None]:
     Polygon parts with fewer than 3 points have no area and are left out, as detectron2
     does (pycocotools would read a lone 4-number part as a box); when no part is left, the
     segmentation is None: the object adds nothing to the mask. A polygon with an odd
-    number of coordinates, or RLE that does not fit the image, is a problem.
+    number of coordinates, a coordinate that is not a finite number or lies far outside
+    the image, or RLE that does not fit the image, is a problem.
     """
     if type(seg) is list:
         for poly in seg:
             if type(poly) is not list or len(poly) % 2:
                 n = len(poly) if isinstance(poly, list) else type(poly).__name__
                 return None, f"a polygon has {n} coordinates (needs x, y pairs)"
+        problem = _polygons_problem(seg, h, w)
+        if problem:
+            return None, problem
         parts = [poly for poly in seg if len(poly) >= 6]
         return (parts or None), None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if not (isinstance(size, list) and len(size) == 2 and list(size) == [h, w]):
-            return None, f"RLE size {size!r} is not the image's [height, width] [{h}, {w}]"
+            return None, f"RLE size {short(size)} is not the image's [height, width] [{h}, {w}]"
         if isinstance(counts, list):
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != h * w:
+            if not all(type(c) is int and c >= 0 for c in counts) or sum(counts) != h * w:
                 return None, f"uncompressed RLE counts do not cover the {w}x{h} image"
             return seg, None
         if isinstance(counts, str) and counts:
+            runs = rle_string_counts(counts)
+            if isinstance(runs, str):
+                return None, f"cannot decode its segmentation: {runs}"
+            if sum(runs) != h * w:
+                return None, (f"cannot decode its segmentation: compressed RLE runs add up to {sum(runs):,} "
+                              f"pixels, not the {w}x{h} image's {h * w:,}")
             return seg, None
         return None, "RLE has no 'counts'"
     return None, f"segmentation is a {type(seg).__name__}, not polygons or RLE"
@@ -227,7 +339,9 @@ class _CocoBase(Source):
         found: dict[str, dict[str, Path]] = {}
         for p in sorted(ann_dir.iterdir()):
             m = _ANN_FILE.fullmatch(p.name)
-            if m and p.is_file():
+            # Any entry of that name counts: one that is not a regular file (a FIFO, a
+            # directory, a broken link) is an error when read, never silently left out.
+            if m:
                 found.setdefault(m.group(2), {})[m.group(1)] = p
         if not found:
             raise SourceError(ann_dir, "has no instances_train20xx.json or instances_val20xx.json")
@@ -268,7 +382,7 @@ class _CocoBase(Source):
         return list(self.files)
 
     def _index(self, split: str) -> CocoIndex:
-        idx = index_coco(self.files[split], self.bad)
+        idx = index_coco(self.files[split], self.bad, self.root)
         names = [n for _, n in idx.categories]
         if self._classes is None:
             self._classes, self._categories_from = names, idx.path
@@ -295,10 +409,20 @@ class _CocoBase(Source):
                 empty += 1
                 continue
             fname = im["file_name"]
+            problem = relative_name_problem(fname)
+            if problem:
+                self.bad(idx.path, f"image {short(iid)}: file_name {short(fname)} {problem}")
+                continue
+            too_big = pixels_problem(im["width"], im["height"])
+            if too_big:
+                self.bad(idx.path, f"image {short(iid)} {too_big}")
+                continue
             img_path = dir_prefix + fname
-            present = fname in listing if "/" not in fname else os.path.isfile(img_path)
+            # A name with folders is looked up on disk; any entry there counts as present
+            # (decode names a FIFO, a directory or a link loop for what it is).
+            present = fname in listing if "/" not in fname else os.path.lexists(img_path)
             if not present:
-                self.bad(img_path, f"image file is missing (image {iid!r} of {json_name})")
+                self.bad(img_path, f"image file is missing (image {short(iid)} of {json_name})")
                 continue
             got = self._image_objects(idx.path, iid, anns, cat_index, im["height"], im["width"])
             if got is None:
@@ -331,13 +455,18 @@ class _CocoBase(Source):
             bbox = ann.get("bbox")
             if not (type(bbox) is list and len(bbox) == 4 and type(bbox[0]) in _NUMBER and type(bbox[1]) in _NUMBER
                     and type(bbox[2]) in _NUMBER and type(bbox[3]) in _NUMBER):
-                self.bad(path, f"annotation {aid!r}: bbox {bbox!r} is not [x, y, width, height]")
+                self.bad(path, f"annotation {short(aid)}: bbox {short(bbox)} is not [x, y, width, height]")
                 return None
             x1, y1, bw, bh = bbox
+            if not (is_finite_number(x1) and is_finite_number(y1) and is_finite_number(bw)
+                    and is_finite_number(bh)):
+                self.bad(path, f"annotation {short(aid)}: bbox {short(bbox)} has a value that is not a finite number")
+                return None
             x2, y2 = x1 + bw, y1 + bh
             if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
                 if x1 < -t or y1 < -t or x2 > w + t or y2 > h + t:
-                    self.bad(path, f"annotation {aid!r}: bbox {bbox!r} lies outside the {w}x{h} image {iid!r}")
+                    self.bad(path, f"annotation {short(aid)}: bbox {short(bbox)} lies outside the {w}x{h} "
+                                   f"image {short(iid)}")
                     return None
                 x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
                 y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
@@ -348,7 +477,7 @@ class _CocoBase(Source):
             if self.with_masks:
                 seg, problem = _usable_segmentation(ann.get("segmentation"), h, w)
                 if problem:
-                    self.bad(path, f"annotation {aid!r}: {problem}")
+                    self.bad(path, f"annotation {short(aid)}: {problem}")
                     return None
                 if seg is None:
                     no_mask += 1
@@ -357,6 +486,9 @@ class _CocoBase(Source):
             area = ann.get("area")
             if type(area) not in _NUMBER:
                 area = max(bw, 0) * max(bh, 0)
+            elif not is_finite_number(area):
+                self.bad(path, f"annotation {short(aid)}: area {short(area)} is not a finite number")
+                return None
             if area > best_area:
                 best_area, best_cls = area, cls
         if self.label_mode == "largest":
@@ -369,7 +501,7 @@ class _CocoBase(Source):
     def _read(self, record: Record) -> tuple[np.ndarray, np.ndarray]:
         """The image (checked against the JSON's size) and the boxes as a (k, 5) array."""
         img_path, json_path, h, w, rows, _ = record.data
-        image = read_image(Path(img_path))
+        image = read_image(Path(img_path), self.root)
         ih, iw = image_hw(image)
         if (ih, iw) != (h, w):
             raise SourceError(img_path, f"image is {iw}x{ih} but "
@@ -420,6 +552,7 @@ class CocoMasks(_CocoBase):
                 try:
                     m = mask_utils.decode(annotation_rle(seg, h, w))
                 except Exception as e:  # pycocotools raises bare Exception/ValueError/TypeError
-                    raise SourceError(json_path, f"annotation {aid!r}: cannot decode its segmentation ({e})") from None
+                    raise SourceError(json_path, f"annotation {short(aid)}: cannot decode its segmentation "
+                                                 f"({short(str(e), 120)})") from None
                 np.bitwise_or(union, m, out=union)
         return Decoded(image=image, masks={"mask": union}, boxes=boxes)

@@ -31,10 +31,18 @@ first of the dataset's three partitions) become ``train``/``val``/``test``. With
 split is the same shape, fixed and balanced: the k-th image of each class (k = 0..79) goes
 to train when k % 4 is 0 or 1, to val when it is 2, to test when it is 3 (40/20/20 a
 class, like each official partition).
+
+Hostile input. File names are made from image numbers, never read from a file; every
+image, trimap and ``datasplits.mat`` is opened only if it is a regular file inside
+``--root`` (a FIFO, a directory, a link loop or a link out of the root is an error naming
+it). A ``datasplits.mat`` that exists in any form is read (one that is not a regular file
+is an error, never a silent fall-back to the default split), only its trn1/val1/tst1,
+and only up to ``MAX_MAT_BYTES``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -50,6 +58,9 @@ from satdata.sources._base import (
     SourceOptions,
     check_mask_size,
     image_hw,
+    open_file,
+    open_image,
+    pil_errors,
     read_image,
     register_source,
     require_dir,
@@ -66,6 +77,7 @@ FOREGROUND_RGB = (128, 0, 0)
 MAT_KEYS = {"train": "trn1", "val": "val1", "test": "tst1"}
 UNMASKED_MODES = ("skip", "whole")
 _TRIMAP = re.compile(r"^image_(\d{4})\.png$")
+MAX_MAT_BYTES = 64 * 1024 * 1024  # the real datasplits.mat is 33 KB
 
 
 def image_name(n: int) -> str:
@@ -84,22 +96,28 @@ def default_split(n: int) -> str:
     return ("train", "train", "val", "test")[k % 4]
 
 
-def read_datasplits(path: Path) -> dict[str, list[int]]:
+def read_datasplits(path: Path, root: str | Path | None = None) -> dict[str, list[int]]:
     """trn1/val1/tst1 of datasplits.mat as sorted 1-based image numbers, checked."""
     try:
         from scipy.io import loadmat
     except ImportError:  # pragma: no cover - scipy comes with scikit-learn
         raise SourceError(path, "reading datasplits.mat needs scipy (pip install scipy)") from None
     try:
-        mat = loadmat(str(path))
+        with open_file(path, "datasplits.mat", root, max_bytes=MAX_MAT_BYTES) as f:
+            mat = loadmat(f, variable_names=list(MAT_KEYS.values()))
+    except SourceError:
+        raise
     except Exception as e:  # scipy raises ValueError/TypeError/OSError for damaged files
-        raise SourceError(path, f"not a readable MATLAB file ({type(e).__name__}: {e})") from None
+        raise SourceError(path, f"not a readable MATLAB file ({type(e).__name__}: {str(e)[:200]})") from None
     out: dict[str, list[int]] = {}
     owner: dict[int, str] = {}
     for split, key in MAT_KEYS.items():
         if key not in mat:
             raise SourceError(path, f"has no {key!r} (expected trn1, val1, tst1)")
-        arr = np.asarray(mat[key], dtype=np.float64).ravel()
+        try:
+            arr = np.asarray(mat[key], dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise SourceError(path, f"{key} is not a numeric array") from None
         if arr.size == 0:
             raise SourceError(path, f"{key} is empty")
         if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
@@ -116,20 +134,12 @@ def read_datasplits(path: Path) -> dict[str, list[int]]:
     return out
 
 
-def trimap_mask(path: Path) -> np.ndarray:
+def trimap_mask(path: Path, root: str | Path | None = None) -> np.ndarray:
     """(h, w) 0/1 uint8: 1 where the trimap is the foreground colour (128, 0, 0)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
+    with pil_errors(path, "trimap"):
+        with open_image(path, "trimap", root) as im:
             im.load()
             rgb = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise SourceError(path, "trimap file is missing") from None
-    except UnidentifiedImageError:
-        raise SourceError(path, "not a readable trimap image") from None
-    except OSError as e:
-        raise SourceError(path, f"trimap is truncated or damaged ({e})") from None
     r, g, b = FOREGROUND_RGB
     mask = (rgb[:, :, 0] == r) & (rgb[:, :, 1] == g) & (rgb[:, :, 2] == b)
     return mask.astype(np.uint8)
@@ -154,8 +164,8 @@ class Flowers17Masks(Source):
         self._jpgs = {p.name for p in jpg.iterdir()}
         self._trimaps = self._list_trimaps(require_dir(self.base / "trimaps", "trimaps/ directory (the masks)"))
         mat = self.base / "datasplits.mat"
-        if mat.is_file():
-            self._splits = read_datasplits(mat)
+        if os.path.lexists(mat):  # in any form: one that is not a regular file is an error
+            self._splits = read_datasplits(mat, self.root)
         else:
             self._splits = {s: [n for n in range(1, N_IMAGES + 1) if default_split(n) == s]
                             for s in MAT_KEYS}
@@ -208,11 +218,11 @@ class Flowers17Masks(Source):
 
     def decode(self, record: Record) -> Decoded:
         img_path, trimap_path = record.data
-        image = read_image(Path(img_path))
+        image = read_image(Path(img_path), self.root)
         if trimap_path is None:
             mask = np.ones(image_hw(image), dtype=np.uint8)
         else:
-            mask = trimap_mask(Path(trimap_path))
+            mask = trimap_mask(Path(trimap_path), self.root)
             check_mask_size(mask, image, Path(trimap_path))
             if not mask.any():
                 raise SourceError(trimap_path, f"trimap has no foreground pixel (colour {FOREGROUND_RGB})")

@@ -21,7 +21,15 @@ any colour channel is non-zero (alpha is ignored).
 
 Bad samples (``--skip-bad`` skips them): an image with no mask (named by the image), two
 images with the same stem in one class (one mask cannot serve both), a mask whose size
-differs from its image's (named by the mask).
+differs from its image's (named by the mask), and any entry of a class directory (or of
+``images/``) that is neither a regular file nor a directory: a FIFO, socket or device, a
+broken symbolic link or a link loop (named, with what it is; never silently dropped, and
+never opened, so a FIFO cannot make a build wait). Subdirectories of a class directory
+and hidden entries (names starting with '.') are not read.
+
+Every image and mask is opened only if it is a regular file inside ``--root``: a link
+that leads out of the root is a bad sample naming it. Images are read as
+satdata.sources._base.read_image says (16-bit greyscale scaled, alpha composited on black).
 """
 
 from __future__ import annotations
@@ -32,7 +40,6 @@ import numpy as np
 
 from satdata.errors import SourceError
 from satdata.sources._base import (
-    pil_errors,
     BadSamples,
     Decoded,
     MapSpec,
@@ -40,6 +47,9 @@ from satdata.sources._base import (
     Source,
     SourceOptions,
     check_mask_size,
+    entry_problem,
+    open_image,
+    pil_errors,
     read_image,
     register_source,
     require_dir,
@@ -50,12 +60,10 @@ from satdata.store import SPLITS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def read_object_mask(path: Path) -> np.ndarray:
+def read_object_mask(path: Path, root: str | Path | None = None) -> np.ndarray:
     """(h, w) 0/1 uint8 from a mask PNG: 1 wherever the stored value is non-zero."""
-    from PIL import Image
-
     with pil_errors(path, "mask"):
-        with Image.open(path) as im:
+        with open_image(path, "mask", root) as im:
             im.load()
             if im.mode in ("P", "L", "1", "I", "I;16", "I;16B", "F", "LA", "PA"):
                 arr = np.asarray(im)
@@ -117,13 +125,24 @@ class FolderMasks(Source):
             raise SourceError(self.root, f"has no split {split!r} (it has: {', '.join(self.layout)})")
         images_dir, masks_dir = self.layout[split]
         out: list[Record] = []
+        for entry in sorted(images_dir.iterdir()):  # what is not a class directory
+            if not entry.name.startswith("."):
+                kind, problem = entry_problem(entry)
+                if problem:
+                    self.bad(entry, problem)
         for cls_dir in _visible_dirs(images_dir):
             label = self._index[cls_dir.name]
             mask_dir = masks_dir / cls_dir.name
             masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"} if mask_dir.is_dir() else {}
             seen: dict[str, Path] = {}
             for img in sorted(cls_dir.iterdir()):
-                if img.name.startswith(".") or not img.is_file() or img.suffix.lower() not in IMAGE_EXTENSIONS:
+                if img.name.startswith("."):
+                    continue
+                kind, problem = entry_problem(img)
+                if problem:  # a FIFO, device, socket, broken link or link loop: named, never opened
+                    self.bad(img, problem)
+                    continue
+                if kind != "file" or img.suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
                 if img.stem in seen:
                     self.bad(img, f"shares the stem {img.stem!r} with {seen[img.stem].name}: "
@@ -140,7 +159,7 @@ class FolderMasks(Source):
 
     def decode(self, record: Record) -> Decoded:
         img_path, mask_path = record.data
-        image = read_image(Path(img_path))
-        mask = read_object_mask(Path(mask_path))
+        image = read_image(Path(img_path), self.root)
+        mask = read_object_mask(Path(mask_path), self.root)
         check_mask_size(mask, image, Path(mask_path))
         return Decoded(image=image, masks={"mask": mask})

@@ -25,10 +25,16 @@ Problems are reported with the file and line they come from: a malformed line, a
 wnid, a box outside 0..63 or with zero area, an image listed twice or listed but missing,
 and an image on disk that no line annotates are bad samples (``--skip-bad`` skips them);
 a missing ``wnids.txt``/``words.txt``/boxes file is an error for the whole dataset.
+
+Hostile input. The text files must be UTF-8 regular files inside ``--root`` (a FIFO, a
+directory or a link out of the root is an error naming it, never a hang); a file name on a
+line must be a plain name (no '/', '..', NUL) and only names of entries of the images
+folder are ever opened, each again only if it is a regular file inside the root.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -43,9 +49,11 @@ from satdata.sources._base import (
     Source,
     SourceOptions,
     read_image,
+    read_text,
     register_source,
+    relative_name_problem,
     require_dir,
-    require_file,
+    short,
 )
 
 IMAGE_SIZE = 64  # every Tiny ImageNet image is 64x64
@@ -57,24 +65,24 @@ _NUMBER = re.compile(r"(\d+)(?=\.[^.]+$)")
 def find_root(root: Path) -> Path:
     """The ``tiny-imagenet-200`` directory: ``root`` itself or its child of that name."""
     for cand in (root, root / DIRNAME):
-        if (cand / "wnids.txt").is_file():
+        if os.path.lexists(cand / "wnids.txt"):  # in any form: read_wnids names a FIFO or a bad link
             return cand
     if not root.exists():
         raise SourceError(root, "no such directory")
     raise SourceError(root, f"not a Tiny ImageNet directory (no wnids.txt here or in {DIRNAME}/)")
 
 
-def read_wnids(path: Path) -> list[str]:
+def read_wnids(path: Path, root: str | Path | None = None) -> list[str]:
     """The class wnids in label order; duplicates or malformed ids are errors."""
-    require_file(path, "wnids.txt (the list of class ids)")
+    text = read_text(path, "wnids.txt (the list of class ids)", root)
     wnids: list[str] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         w = line.strip()
         if not w:
             continue
-        if not _WNID.match(w):
-            raise SourceError(f"{path}:{lineno}", f"not a WordNet id: {w!r} (expected n########)")
+        if not _WNID.fullmatch(w):
+            raise SourceError(f"{path}:{lineno}", f"not a WordNet id: {short(w)} (expected n########)")
         if w in seen:
             raise SourceError(f"{path}:{lineno}", f"wnid {w} listed twice (first at line {seen[w]})")
         seen[w] = lineno
@@ -84,12 +92,12 @@ def read_wnids(path: Path) -> list[str]:
     return wnids
 
 
-def read_class_names(path: Path, wnids: list[str]) -> list[str]:
+def read_class_names(path: Path, wnids: list[str], root: str | Path | None = None) -> list[str]:
     """First name of each wnid in words.txt; a name shared by two classes gets its wnid appended."""
-    require_file(path, "words.txt (the class names)")
+    text = read_text(path, "words.txt (the class names)", root)
     wanted = set(wnids)
     names: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         wnid, sep, rest = line.partition("\t")
@@ -98,6 +106,9 @@ def read_class_names(path: Path, wnids: list[str]) -> list[str]:
             first = rest.split(",")[0].strip()
             if not sep or not first:
                 raise SourceError(f"{path}:{lineno}", f"no name for {wnid}")
+            if len(first) > 256:
+                raise SourceError(f"{path}:{lineno}", f"the name of {wnid} is {len(first):,} characters long "
+                                                      "(at most 256)")
             names[wnid] = first
     missing = [w for w in wnids if w not in names]
     if missing:
@@ -116,7 +127,7 @@ def parse_box(fields: list[str], where: str) -> tuple[float, float, float, float
     try:
         x0, y0, x1, y1 = (int(v) for v in fields)
     except ValueError:
-        return f"box coordinates must be integers, got {' '.join(fields)!r}"
+        return f"box coordinates must be integers, got {short(' '.join(fields))}"
     if x1 < x0 or y1 < y0:
         return f"box ({x0}, {y0}, {x1}, {y1}) has zero area (x1 < x0 or y1 < y0)"
     last = IMAGE_SIZE - 1
@@ -143,8 +154,8 @@ class TinyImageNetBoxes(Source):
     def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
         super().__init__(root, opts, bad)
         self.base = find_root(self.root)
-        self.wnids = read_wnids(self.base / "wnids.txt")
-        self.classes = read_class_names(self.base / "words.txt", self.wnids)
+        self.wnids = read_wnids(self.base / "wnids.txt", self.root)
+        self.classes = read_class_names(self.base / "words.txt", self.wnids, self.root)
         self._index = {w: i for i, w in enumerate(self.wnids)}
 
     def available_splits(self) -> list[str]:
@@ -179,6 +190,12 @@ class TinyImageNetBoxes(Source):
             if box_fields is None:
                 continue
             where = f"{listing}:{lineno}"
+            problem = relative_name_problem(fname)
+            if problem is None and "/" in fname:
+                problem = "has a '/': expected a file name of the images folder"
+            if problem:
+                self.bad(where, f"file name {short(fname)} {problem}")
+                continue
             if fname in listed:
                 self.bad(where, f"{fname} listed twice (first at line {listed[fname][0]})")
                 continue
@@ -202,7 +219,7 @@ class TinyImageNetBoxes(Source):
         for label, wnid in enumerate(self.wnids):
             cls_dir = train / wnid
             boxes_file = cls_dir / f"{wnid}_boxes.txt"
-            if not boxes_file.is_file():
+            if not os.path.lexists(boxes_file):
                 raise SourceError(boxes_file, f"missing: class {wnid} (listed in wnids.txt) has no boxes file")
             img_dir = require_dir(cls_dir / "images", f"images directory of class {wnid}")
             lines: list[tuple[int, str, int, list[str] | None]] = []
@@ -218,7 +235,7 @@ class TinyImageNetBoxes(Source):
 
     def _val_records(self) -> list[Record]:
         val = require_dir(self.base / "val", "val/ directory")
-        ann = require_file(val / "val_annotations.txt", "val/val_annotations.txt")
+        ann = val / "val_annotations.txt"
         img_dir = require_dir(val / "images", "val/images directory")
         lines: list[tuple[int, str, int, list[str] | None]] = []
         for lineno, fields in self._lines(ann):
@@ -227,18 +244,14 @@ class TinyImageNetBoxes(Source):
             if len(fields) != 6:
                 self.bad(where, f"expected 6 tab-separated fields (file wnid x0 y0 x1 y1), got {len(fields)}")
             elif fields[1] not in self._index:
-                self.bad(where, f"unknown wnid {fields[1]!r} (not in wnids.txt)")
+                self.bad(where, f"unknown wnid {short(fields[1])} (not in wnids.txt)")
             else:
                 label, box_fields = self._index[fields[1]], fields[2:]
             lines.append((lineno, fields[0], label, box_fields))
         return self._listing(img_dir, ann, lines)
 
-    @staticmethod
-    def _lines(path: Path) -> list[tuple[int, list[str]]]:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise SourceError(path, f"not a text file ({e.reason} at byte {e.start})") from None
+    def _lines(self, path: Path) -> list[tuple[int, list[str]]]:
+        text = read_text(path, path.name, self.root, missing=f"missing {path.name}")
         out = []
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -249,6 +262,6 @@ class TinyImageNetBoxes(Source):
 
     def decode(self, record: Record) -> Decoded:
         path, label, (x1, y1, x2, y2) = record.data
-        image = read_image(Path(path))
+        image = read_image(Path(path), self.root)
         boxes = np.array([[label, x1, y1, x2, y2]], dtype=np.float64)
         return Decoded(image=image, boxes=boxes)

@@ -30,10 +30,21 @@ trained on masks and one trained on boxes see identical images and labels.
 
 With ``--drop-difficult`` (voc-boxes), how many objects were dropped per split is in
 ``source.notes[split]``.
+
+Hostile input. Image ids come from the ImageSets lists and must be plain names (letters,
+digits, ``_.-``; never a path); every file is opened only if it is a regular file inside
+``--root`` (satdata.sources._base.open_file: no FIFO, device, directory, link loop or
+link out of the root). An XML number must be finite (``nan``, ``inf``, ``1e999`` are
+errors naming the object), ``<size>`` may declare at most PIL's MAX_IMAGE_PIXELS, and an
+XML that is truncated, not UTF-8 (or its declared encoding), or larger than 16 MiB is an
+error naming it. ``<filename>`` is read but never used to find the image (the id is).
+A SegmentationClass PNG with values outside 0..255 (a 16- or 32-bit PNG) is refused
+before its values are counted.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -53,10 +64,14 @@ from satdata.sources._base import (
     SourceOptions,
     check_mask_size,
     image_hw,
+    open_file,
+    pixels_problem,
     read_image,
     read_png_indices,
+    read_text,
     register_source,
     require_dir,
+    short,
 )
 
 # The 20 VOC classes in the devkit's order (VOCinit.m); class index i is mask index i + 1.
@@ -72,7 +87,8 @@ VOID_INDEX = 255  # the unlabelled band around objects in SegmentationClass PNGs
 SPLIT_ORDER = ("train", "val", "test")
 LABEL_MODES = ("multi", "largest")
 _YEAR_DIR = re.compile(r"VOC(\d{4})")
-_IMAGE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
+_IMAGE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
+MAX_XML_BYTES = 16 * 1024 * 1024  # a real VOC annotation is about 1 KB
 
 
 # --------------------------------------------------------------------------- parsing
@@ -107,29 +123,38 @@ def _number(elem: ET.Element, tag: str, path: Path, where: str) -> float:
     child = elem.find(tag)
     if child is None or child.text is None or not child.text.strip():
         raise SourceError(path, f"{where} lacks <{tag}>")
+    text = child.text.strip()
     try:
-        return float(child.text.strip())
+        v = float(text)
     except ValueError:
-        raise SourceError(path, f"{where}: <{tag}> is {child.text.strip()!r}, not a number") from None
+        raise SourceError(path, f"{where}: <{tag}> is {short(text)}, not a number") from None
+    if not math.isfinite(v):
+        raise SourceError(path, f"{where}: <{tag}> is {short(text)}, not a finite number")
+    return v
 
 
-def parse_voc_xml(path: Path) -> VocAnnotation:
+def parse_voc_xml(path: Path, root: str | Path | None = None) -> VocAnnotation:
     """Parse one VOC annotation file, checking every object's class and box.
 
     Raises SourceError naming the file (and the line, for malformed XML) on the first
     problem: the whole annotation is then unusable, so the caller treats it as one bad
     sample. Only an object's own ``<bndbox>`` is read (VOC2012's person-layout ``<part>``s
-    carry their own boxes, which are not objects).
+    carry their own boxes, which are not objects). The file must be a regular file
+    (inside ``root`` when given) of at most MAX_XML_BYTES.
     """
     try:
-        tree = ET.parse(path)
-    except FileNotFoundError:
-        raise SourceError(path, "annotation XML is missing") from None
+        with open_file(path, "annotation XML", root, missing="annotation XML is missing",
+                       max_bytes=MAX_XML_BYTES) as f:
+            tree = ET.parse(f)
     except ET.ParseError as e:
         line, col = e.position
         raise SourceError(path, f"malformed XML at line {line}, column {col + 1}: {_parse_error_text(e)}") from None
+    except LookupError as e:  # <?xml encoding="..."?> that Python does not know
+        raise SourceError(path, f"malformed XML: {short(str(e), 120)}") from None
     except OSError as e:
         raise SourceError(path, f"cannot read annotation XML ({e.strerror or e})") from None
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise SourceError(path, f"unreadable XML ({type(e).__name__}: {short(str(e), 120)})") from None
     root = tree.getroot()
     if root.tag != "annotation":
         raise SourceError(path, f"root element is <{root.tag}>, not <annotation>")
@@ -140,15 +165,18 @@ def parse_voc_xml(path: Path) -> VocAnnotation:
     if width < 1 or height < 1 or width != int(width) or height != int(height):
         raise SourceError(path, f"<size> {width:g}x{height:g} is not a positive whole number of pixels")
     w, h = int(width), int(height)
+    too_big = pixels_problem(w, h)
+    if too_big:
+        raise SourceError(path, f"<size> {too_big}")
     objects = []
     for k, obj in enumerate(root.findall("object"), start=1):
         name_el = obj.find("name")
         name = (name_el.text or "").strip() if name_el is not None else ""
-        where = f"object {k} ({name})" if name else f"object {k}"
+        where = f"object {k} ({short(name, 40)})" if name else f"object {k}"
         if not name:
             raise SourceError(path, f"{where} lacks <name>")
         if name not in _CLASS_INDEX:
-            raise SourceError(path, f"{where}: unknown class {name!r} (not one of the 20 VOC classes)")
+            raise SourceError(path, f"{where}: unknown class {short(name)} (not one of the 20 VOC classes)")
         diff_el = obj.find("difficult")
         difficult = diff_el is not None and (diff_el.text or "0").strip() not in ("0", "")
         bnd = obj.find("bndbox")
@@ -173,16 +201,14 @@ def _parse_error_text(e: ET.ParseError) -> str:
     return re.sub(r":\s*line \d+, column \d+$", "", str(e))
 
 
-def read_id_list(path: Path) -> list[str]:
-    """Image ids of an ImageSets list (one per line); a malformed list is a SourceError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SourceError(path, "missing split list") from None
-    except UnicodeDecodeError:
-        raise SourceError(path, "split list is not text (UTF-8)") from None
-    except OSError as e:
-        raise SourceError(path, f"cannot read split list ({e.strerror or e})") from None
+def read_id_list(path: Path, root: str | Path | None = None) -> list[str]:
+    """Image ids of an ImageSets list (one per line); a malformed list is a SourceError.
+
+    An id is a plain name (letters, digits, ``_.-``, at most 255 characters, not '.' or
+    '..'): it becomes ``<id>.xml``, ``<id>.jpg`` and ``<id>.png`` and can never leave their
+    folders.
+    """
+    text = read_text(path, "split list", root, missing="missing split list")
     ids: list[str] = []
     first_line: dict[str, int] = {}
     for n, line in enumerate(text.splitlines(), start=1):
@@ -190,7 +216,7 @@ def read_id_list(path: Path) -> list[str]:
         if not s:
             continue
         if not _IMAGE_ID.fullmatch(s) or s in (".", ".."):
-            raise SourceError(path, f"line {n}: expected one image id, got {s[:60]!r}")
+            raise SourceError(path, f"line {n}: expected one image id, got {short(s)}")
         if s in first_line:
             raise SourceError(path, f"line {n}: image id {s!r} is listed twice (first on line {first_line[s]})")
         first_line[s] = n
@@ -265,7 +291,9 @@ class _VocBase(Source):
         return f"voc{self.year}" if self.year else "voc"
 
     def available_splits(self) -> list[str]:
-        splits = [s for s in SPLIT_ORDER if (self.sets_dir / f"{s}.txt").is_file()]
+        # Present in any form: a list that is a FIFO or a broken link is an error when read,
+        # never a split silently left out.
+        splits = [s for s in SPLIT_ORDER if os.path.lexists(self.sets_dir / f"{s}.txt")]
         if not splits:
             raise SourceError(self.sets_dir, "has none of train.txt, val.txt, test.txt")
         return splits
@@ -277,7 +305,7 @@ class _VocBase(Source):
             return path.as_posix()
 
     def _listed(self, split: str) -> list[str]:
-        return read_id_list(self.sets_dir / f"{split}.txt")
+        return read_id_list(self.sets_dir / f"{split}.txt", self.root)
 
     def _existing_images(self) -> set[str]:
         # One directory listing instead of a stat per image (VOC2012 has 17k JPEGs).
@@ -288,7 +316,7 @@ class _VocBase(Source):
         xml = self.ann_dir / f"{image_id}.xml"
         jpg = self.img_dir / f"{image_id}.jpg"
         try:
-            ann = parse_voc_xml(xml)
+            ann = parse_voc_xml(xml, self.root)
         except SourceError as e:
             self.bad(e.path, e.problem)
             return None
@@ -353,7 +381,7 @@ class VocBoxes(_VocBase):
 
     def decode(self, record: Record) -> Decoded:
         jpg, xml, hw, boxes = record.data
-        image = read_image(Path(jpg))
+        image = read_image(Path(jpg), self.root)
         _check_image_size(image, hw, jpg, xml)
         return Decoded(image=image, masks={}, boxes=boxes)
 
@@ -388,7 +416,7 @@ class VocMasks(_VocBase):
             ann, xml, jpg = got
             png = self.seg_dir / f"{image_id}.png"
             try:
-                counts = _class_pixel_counts(png)
+                counts = _class_pixel_counts(png, self.root)
             except SourceError as e:
                 self.bad(e.path, e.problem)
                 continue
@@ -409,20 +437,28 @@ class VocMasks(_VocBase):
 
     def decode(self, record: Record) -> Decoded:
         jpg, xml, png, hw, boxes = record.data
-        image = read_image(Path(jpg))
-        idx = read_png_indices(Path(png))
+        image = read_image(Path(jpg), self.root)
+        idx = read_png_indices(Path(png), self.root)
         check_mask_size(idx, image, Path(png))
         _check_image_size(image, hw, jpg, xml)
         mask = ((idx >= 1) & (idx <= len(VOC_CLASSES))).astype(np.uint8)
         return Decoded(image=image, masks={"mask": mask}, boxes=boxes)
 
 
-def _class_pixel_counts(png: Path) -> np.ndarray:
+def _class_pixel_counts(png: Path, root: str | Path | None = None) -> np.ndarray:
     """Pixels per class (20,) of a SegmentationClass PNG; other than 0, 1..20, 255 is an error."""
-    idx = read_png_indices(png)
+    idx = read_png_indices(png, root)
     if idx.ndim != 2:
         raise SourceError(png, f"mask has shape {idx.shape}, not a single-channel image")
-    hist = np.bincount(idx.ravel().astype(np.int64), minlength=256)
+    if idx.dtype != np.uint8:
+        # A 16- or 32-bit mask: its values are checked before np.bincount sees them (a
+        # value of 2**31 would make it allocate 16 GB; a negative one makes it fail).
+        lo, hi = (int(idx.min()), int(idx.max())) if idx.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise SourceError(png, f"mask has values {lo}..{hi}, outside 0..255: a VOC mask holds class "
+                                   "indices 0-20 and 255 (void)")
+        idx = idx.astype(np.uint8)
+    hist = np.bincount(idx.ravel(), minlength=256)
     stray = [v for v in np.flatnonzero(hist) if not (v <= len(VOC_CLASSES) or v == VOID_INDEX)]
     if stray:
         shown = ", ".join(str(int(v)) for v in stray[:5]) + (", ..." if len(stray) > 5 else "")
