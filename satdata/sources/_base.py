@@ -323,7 +323,9 @@ def entry_problem(path: str | Path) -> tuple[str, str | None]:
     except OSError as e:
         if isinstance(e, FileNotFoundError) and os.path.islink(p):
             return "bad", f"is a broken symbolic link (to {short(os.readlink(p))})"
-        return "bad", _stat_problem(e, p, "entry")
+        if e.errno == errno.ELOOP:
+            return "bad", "is a symbolic link loop"
+        return "bad", f"cannot be read ({e.strerror or e})"
     if stat.S_ISREG(st.st_mode):
         return "file", None
     if stat.S_ISDIR(st.st_mode):
@@ -506,7 +508,8 @@ def pil_errors(path: Path, what: str) -> Iterator[None]:
     except UnidentifiedImageError:
         raise SourceError(path, f"not a readable {what} (unknown or damaged format)") from None
     except Image.DecompressionBombError as e:
-        raise SourceError(path, f"{what} is too large to decode ({e})") from None
+        raise SourceError(path, f"{what} declares more pixels than the limit of {max_image_pixels():,} (PIL's "
+                                f"MAX_IMAGE_PIXELS); refused before decoding ({e})") from None
     except MemoryError:
         raise SourceError(path, f"{what} is too large to decode (out of memory)") from None
     except OSError as e:

@@ -305,7 +305,8 @@ class H5Source(Source):
             if not isinstance(hflip, (bool, np.bool_)):
                 raise SourceError(path, f"attribute 'hflip' must be a boolean, got {short(hflip)}")
             self.hflip = bool(hflip)
-        present = [s for s in SPLITS if s in f]
+        members = set(f)  # link names, whether or not their target exists
+        present = [s for s in SPLITS if s in members]
         for s in present:
             problem = _link_problem(f, s)
             if problem:
@@ -389,7 +390,7 @@ class H5Source(Source):
             raise SourceError(path, f"{split}/saliency is a dataset, not a group of maps")
         h, w = g["images"].shape[1:3]
         for name in sorted(sal):
-            where = f"{split}/saliency/{short(name)}"
+            where = f"{split}/saliency/{name if is_plain_name(name) else short(name)}"
             if not is_plain_name(name):
                 raise SourceError(path, f"{where}: map name {short(name)} is not a plain name (letters, digits "
                                         "and ._+-, at most 128 characters, no '..'): it becomes a path in the store")
@@ -402,7 +403,10 @@ class H5Source(Source):
                                         f"{', '.join(ENCODINGS)}")
             if d.dtype != np.dtype(ENCODINGS[enc][0]):
                 raise SourceError(path, f"{where}: dtype {d.dtype} does not fit encoding {enc!r} ({ENCODINGS[enc][0]})")
-            channels = _int_attr(d.attrs, "channels", 1 if d.ndim == 3 else (d.shape[3] if d.ndim == 4 else 0))
+            try:
+                channels = _int_attr(d.attrs, "channels", 1 if d.ndim == 3 else (d.shape[3] if d.ndim == 4 else 0))
+            except _Bad as e:
+                raise SourceError(path, f"{where}: {e}") from None
             if channels is None or not 1 <= channels <= MAX_CHANNELS:
                 raise SourceError(path, f"{where}: {channels} channels (expected 1 to {MAX_CHANNELS})")
             want = (n, h, w) if channels == 1 else (n, h, w, channels)
