@@ -15,17 +15,33 @@ A run directory holds ``checkpoint.pt`` (the last epoch: what ``--resume`` conti
 what ``sattrain eval RUN_DIR`` evaluates) and ``best.pt`` (the epoch with the highest
 held-out monitor score, same format, no optimizer state).
 
-and it is always read with ``torch.load(weights_only=True)``, so opening a checkpoint
-from someone else cannot run code. Writes go to a temporary file then ``os.replace``, so
-a run killed mid-save keeps the previous checkpoint.
+It is always read with ``torch.load(weights_only=True)``, so opening a checkpoint from
+someone else cannot run code, and every key a reader uses is type-checked once
+(:func:`check_checkpoint`); weights must be finite and fit the network the checkpoint names
+(:func:`check_model_state`). ``--resume`` also checks the optimizer, scheduler and RNG
+states against the run being resumed before loading them (:func:`check_optimizer_state`,
+:func:`check_scheduler_state`), so a damaged or crafted checkpoint ends in one line naming
+the file, never in a failure deep inside the first training step.
+
+Writes (:func:`atomic_write`, used by :func:`save_checkpoint` and :func:`write_json_atomic`)
+go to a temporary file created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``, a random
+name) in the destination's directory, are flushed to disk, then renamed onto the
+destination with ``os.replace``. So a run killed mid-save keeps the previous file, a
+symbolic link planted at the destination or at a temporary name cannot redirect the write
+elsewhere (the link itself is replaced), and a write that fails (disk full, Ctrl-C) leaves
+no temporary file behind. :func:`save_checkpoint` refuses state holding NaN or infinite
+tensors: a diverged model is never written as a checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import secrets
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 import torch.nn as nn
@@ -48,22 +64,111 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint dict (tensors and plain values only)."""
+class NonFiniteState(SatkitError):
+    """A state dict to be saved (or loaded) holds NaN or infinite values."""
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def _open_exclusive(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, created exclusively: (fd, its path).
+
+    ``O_EXCL`` fails on anything already at the name (a symbolic link included, dangling or
+    not), and the name is random, so the write cannot be redirected outside the directory.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "could not create a temporary file", str(path.parent))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into an exclusive temporary file, then rename it.
+
+    On any failure (an OSError such as a full disk, KeyboardInterrupt, an error in
+    ``write``) the temporary file is removed and the destination is left as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    fd, tmp = _open_exclusive(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # the one-line error names the file being written
+        raise
+
+
+def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``obj`` (nested dicts, lists, tuples) holding NaN or inf."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(o: Any, name: str) -> None:
+        if isinstance(o, torch.Tensor):
+            if o.is_floating_point() or o.is_complex():
+                found.append((name, o))
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{name}[{i}]")
+
+    walk(obj, prefix)
+    if not found:
+        return []
+    ok = [True] * len(found)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(found):
+        by_device.setdefault(t.device, []).append(i)
+    with torch.no_grad():
+        for dev, idx in by_device.items():  # one host transfer per device, not one per tensor
+            flags = torch.stack([torch.isfinite(found[i][1]).all() if found[i][1].numel()
+                                 else torch.ones((), dtype=torch.bool, device=dev) for i in idx]).tolist()
+            for i, good in zip(idx, flags):
+                ok[i] = bool(good)
+    return [name for (name, _), good in zip(found, ok) if not good]
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically write a checkpoint dict (tensors and plain values only).
+
+    Raises NonFiniteState (and writes nothing) if the model or optimizer state holds NaN
+    or infinite values: a diverged run must not leave such weights as its checkpoint.
+    """
+    path = Path(path)
+    bad = non_finite_tensors({k: state.get(k) for k in ("model", "optimizer", "scaler")})
+    if bad:
+        raise NonFiniteState(f"{path}: not written: the state holds NaN or infinite values "
+                             f"({len(bad)} tensor(s), e.g. {bad[0]})")
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, allow_nan: bool = True) -> None:
     """Write a run directory's JSON file aside, then rename it into place (no torn files)."""
     import json
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n")
-    os.replace(tmp, path)
+    data = (json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) aside, then rename it into place."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 # A checkpoint names at most this many classes: a crafted count must not allocate a
@@ -144,6 +249,12 @@ def check_checkpoint(ckpt: Any, p: Path) -> dict[str, Any]:
     best = ckpt.get("best")
     if best and not _is_int(best.get("epoch")):
         raise SatkitError(f"{p}: damaged satkit checkpoint: best has epoch {best.get('epoch')!r}; expected an integer")
+    for name, state in (ckpt.get("rng") or {}).items():
+        if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1):
+            shown = (f"a {state.dtype} tensor of shape {tuple(state.shape)}" if isinstance(state, torch.Tensor)
+                     else repr(state)[:80])
+            raise SatkitError(f"{p}: damaged satkit checkpoint: rng state {str(name)[:40]!r} is {shown}; "
+                              "expected a 1-D uint8 tensor (a generator state)")
     return ckpt
 
 
@@ -184,17 +295,179 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         model = create_model(spec["name"], int(spec["num_classes"]))
     except SatkitError as e:
         raise SatkitError(f"{p}: checkpoint names a model this satkit cannot build ({str(e).split(': ', 1)[-1]})") from None
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SatkitError(f"{p}: weights do not fit the {spec['name']} network with {spec['num_classes']} classes "
-                          f"that the checkpoint names ({_state_dict_mismatch(model, ckpt['model'])})") from None
+    load_model_state(model, ckpt["model"], p, spec)
     model.to(device).eval()
     return model, spec
 
 
-def _state_dict_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
-    """A short account of why ``state`` does not fit ``model``: missing, unexpected, misshapen tensors."""
+def check_model_state(model: nn.Module, state: dict[str, Any], p: Path, spec: dict[str, Any]) -> None:
+    """Refuse weights that do not fit ``model`` (names, shapes, kinds of dtype) or hold NaN/inf."""
+    own = model.state_dict()
+    problem = _state_dict_mismatch(model, state, strict=False)
+    if problem:
+        raise SatkitError(f"{p}: weights do not fit the {spec.get('name')} network with {spec.get('num_classes')} "
+                          f"classes that the checkpoint names ({problem})")
+    kinds = [k for k in own if own[k].is_floating_point() != state[k].is_floating_point() or state[k].is_complex()]
+    if kinds:
+        raise SatkitError(f"{p}: weights do not fit the {spec.get('name')} network: {len(kinds)} tensor(s) of "
+                          f"another kind of dtype, e.g. {kinds[0]} is {state[kinds[0]].dtype}, "
+                          f"expected {own[kinds[0]].dtype}")
+    bad = non_finite_tensors(state)
+    if bad:
+        raise NonFiniteState(f"{p}: the weights hold NaN or infinite values ({len(bad)} tensor(s), e.g. {bad[0]}): "
+                             "the run that wrote them diverged")
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], p: Path, spec: dict[str, Any]) -> None:
+    """``model.load_state_dict(state)`` after :func:`check_model_state`; failures name the file."""
+    check_model_state(model, state, p, spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise SatkitError(f"{p}: weights do not fit the {spec.get('name')} network with {spec.get('num_classes')} "
+                          f"classes that the checkpoint names ({_state_dict_mismatch(model, state)})") from None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists, for comparing a loaded state with a fresh one."""
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, p: Path,
+                          last_lr: list[float] | None = None) -> None:
+    """Refuse an optimizer state that does not belong to ``optimizer`` before it is loaded.
+
+    Checks the parameter groups (their parameters, every hyperparameter the run's options
+    fix, and a finite, non-negative learning rate equal to the scheduler's ``last_lr`` when
+    given) and the per-parameter state: a finite ``step`` >= 0 and finite floating-point
+    buffers of exactly the parameter's shape. torch's own ``load_state_dict`` checks only
+    the group sizes; a buffer of another shape would fail in the first training step.
+    """
+    def bad(what: str) -> SatkitError:
+        return SatkitError(f"{p}: damaged satkit checkpoint: optimizer state: {what}")
+
+    if not isinstance(state, dict) or not {"state", "param_groups"} <= set(state) or len(state) > 2:
+        raise bad(f"expected a dict with 'state' and 'param_groups', got {repr(state)[:80]}")
+    own_groups = optimizer.state_dict()["param_groups"]
+    groups = state["param_groups"]
+    if not isinstance(groups, (list, tuple)) or len(groups) != len(own_groups):
+        raise bad(f"'param_groups' is {repr(groups)[:80]}; expected a list of {len(own_groups)} group(s)")
+    for i, (g, og) in enumerate(zip(groups, own_groups)):
+        if not isinstance(g, dict):
+            raise bad(f"param_groups[{i}] is {repr(g)[:80]}; expected a dict")
+        if _plain(g.get("params")) != og["params"]:
+            raise bad(f"param_groups[{i}] lists parameters {repr(g.get('params'))[:80]}; this network has "
+                      f"{len(og['params'])} (another network's optimizer?)")
+        lr = g.get("lr")
+        if not (_number(lr) and lr >= 0):
+            raise bad(f"param_groups[{i}] has lr {lr!r}; expected a finite number >= 0")
+        if last_lr is not None and i < len(last_lr) and lr != last_lr[i]:
+            raise bad(f"param_groups[{i}] has lr {lr!r}, but the scheduler's last lr is {last_lr[i]!r}")
+        for key, want in og.items():
+            if key in ("params", "lr"):
+                continue
+            if key not in g:
+                if isinstance(want, (int, float, list, tuple)) and not isinstance(want, bool):
+                    raise bad(f"param_groups[{i}] has no {key!r}")
+                continue
+            if _plain(g[key]) != _plain(want):
+                raise bad(f"param_groups[{i}] has {key} {repr(g[key])[:40]}; the run's options give {want!r}")
+    params = [q for group in optimizer.param_groups for q in group["params"]]
+    per = state["state"]
+    if not isinstance(per, dict):
+        raise bad(f"'state' is {repr(per)[:80]}; expected a dict")
+    for key, entry in per.items():
+        if not _is_int(key) or not 0 <= key < len(params):
+            raise bad(f"state for parameter {key!r}; the network has parameters 0..{len(params) - 1}")
+        if not isinstance(entry, dict):
+            raise bad(f"state of parameter {key} is {repr(entry)[:80]}; expected a dict")
+        shape = tuple(params[key].shape)
+        for name, v in entry.items():
+            if name == "step":
+                ok = (_number(v) or (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex()
+                                     and bool(torch.isfinite(v.float()).all())))
+                if not ok or float(v) < 0:
+                    raise bad(f"parameter {key} has step {repr(v)[:40]}; expected a finite number >= 0")
+            elif isinstance(v, torch.Tensor):
+                if not v.is_floating_point() or tuple(v.shape) != shape:
+                    raise bad(f"parameter {key}: {str(name)[:40]} is a {v.dtype} tensor of shape {tuple(v.shape)}; "
+                              f"expected a floating-point tensor of shape {shape}")
+                if non_finite_tensors(v):
+                    raise bad(f"parameter {key}: {str(name)[:40]} holds NaN or infinite values")
+            elif v is not None:
+                raise bad(f"parameter {key}: {str(name)[:40]} is {repr(v)[:40]}; expected a tensor")
+
+
+# Scheduler attributes that change as training advances; every other one is fixed by the
+# run's options and must equal a freshly built scheduler's.
+_SCHEDULER_PROGRESS = frozenset({"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial"})
+
+
+def check_scheduler_state(state: Any, scheduler: torch.optim.lr_scheduler.LRScheduler, p: Path,
+                          expected_last_epoch: int) -> None:
+    """Refuse a learning-rate scheduler state that does not belong to ``scheduler`` at the
+    checkpoint's point of training (``expected_last_epoch``: scheduler steps done).
+
+    torch's ``load_state_dict`` copies every key onto the scheduler object, so unknown keys
+    are refused, the progress counters must be integers consistent with the epochs done,
+    and everything else (base learning rates, phases, total steps) must equal what the
+    run's options build.
+    """
+    def bad(what: str) -> SatkitError:
+        return SatkitError(f"{p}: damaged satkit checkpoint: scheduler state: {what}")
+
+    own = scheduler.state_dict()
+    if not isinstance(state, dict):
+        raise bad(f"{repr(state)[:80]}; expected a dict")
+    unknown = sorted(str(k) for k in state if k not in own)
+    if unknown:
+        raise bad(f"unknown key {unknown[0][:40]!r}")
+    last = state.get("last_epoch")
+    if not _is_int(last) or last != expected_last_epoch:
+        raise bad(f"last_epoch is {repr(last)[:40]}; the checkpoint's epochs done give {expected_last_epoch}")
+    count = state.get("_step_count", last + 1)
+    if not _is_int(count) or count != last + 1:
+        raise bad(f"_step_count is {repr(count)[:40]}; expected {last + 1}")
+    n = len(own.get("base_lrs", []))
+    last_lr = state.get("_last_lr", own.get("_last_lr"))
+    if not (isinstance(last_lr, (list, tuple)) and len(last_lr) == n and all(_number(v) and v >= 0 for v in last_lr)):
+        raise bad(f"_last_lr is {repr(last_lr)[:80]}; expected {n} finite learning rate(s) >= 0")
+    lambdas = state.get("lr_lambdas", own.get("lr_lambdas"))
+    if "lr_lambdas" in own and not (isinstance(lambdas, (list, tuple)) and len(lambdas) == len(own["lr_lambdas"])
+                                    and all(v is None for v in lambdas)):
+        raise bad(f"lr_lambdas is {repr(lambdas)[:80]}; expected {len(own['lr_lambdas'])} None value(s)")
+    for key, want in own.items():
+        if key in _SCHEDULER_PROGRESS or key == "lr_lambdas" or key not in state:
+            continue
+        if _plain(state[key]) != _plain(want):
+            raise bad(f"{key} is {repr(state[key])[:60]}; the run's options give {repr(want)[:60]}")
+    for key in ("_get_lr_called_within_step", "_is_initial"):
+        if key in state and not isinstance(state[key], bool):
+            raise bad(f"{key} is {repr(state[key])[:40]}; expected true or false")
+
+
+_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def check_scaler_state(state: Any, p: Path) -> None:
+    """Refuse a gradient-scaler state (--amp) that is not a dict of finite numbers with a positive scale."""
+    if not isinstance(state, dict) or any(k not in _SCALER_KEYS for k in state) or not all(
+            _number(v) for v in state.values()) or not state.get("scale", 1.0) > 0:
+        raise SatkitError(f"{p}: damaged satkit checkpoint: scaler state is {repr(state)[:80]}; expected finite "
+                          f"numbers for {', '.join(_SCALER_KEYS)} and a scale > 0")
+
+
+def _state_dict_mismatch(model: nn.Module, state: dict[str, Any], strict: bool = True) -> str:
+    """A short account of why ``state`` does not fit ``model``: missing, unexpected, misshapen tensors
+    ("" when they fit, unless ``strict``, which says "incompatible tensors" then)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own]
@@ -203,4 +476,4 @@ def _state_dict_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
     for what, keys in (("missing", missing), ("unexpected", extra), ("other shape", shapes)):
         if keys:
             parts.append(f"{len(keys)} {what}, e.g. {keys[0]}")
-    return "; ".join(parts) or "incompatible tensors"
+    return "; ".join(parts) or ("incompatible tensors" if strict else "")

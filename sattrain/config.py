@@ -90,6 +90,50 @@ DEFAULT_BETA = {"trades": 6.0, "trades+sat": 1.0, "trades+noise": 1.0}
 # streamed from the store in shuffled blocks of whole chunks.
 DEFAULT_MEMORY_BUDGET = 8 * 1024**3
 
+# Upper bounds that only refuse absurd values (a typo, a crafted config): torch accepts a
+# million threads and then crashes; a million epochs is years of training.
+MAX_EPOCHS = 1_000_000
+MAX_THREADS = 1024
+
+# What each TrainConfig field must be (TrainConfig._check_types).
+_FIELD_KINDS = {
+    "store": "str", "out": "str?", "method": "str", "maps": "maps", "model": "str", "epochs": "int",
+    "batch_size": "int", "recipe": "str", "optimizer": "str?", "lr": "real?", "momentum": "real?",
+    "weight_decay": "real?", "schedule": "str?", "attack_bn": "str?", "eps0": "eps", "alpha": "real", "eps": "eps",
+    "steps": "int", "step_size": "eps", "beta": "real?", "augment": "augment", "device": "str", "amp": "bool",
+    "seed": "int", "resume": "bool", "train_samples": "int?", "eval_samples": "int", "eval_split": "str?",
+    "eval_steps": "int", "summary_samples": "int", "memory_budget": "int", "threads": "int?", "progress": "bool",
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_real(option: str, value: Any, lo: float, hi: float | None, *, lo_open: bool = False,
+                hi_open: bool = False) -> None:
+    """Refuse anything but a finite number in the range (NaN and infinities included), naming the option.
+
+    >>> _check_real("--lr", float("nan"), 0, None, lo_open=True)
+    Traceback (most recent call last):
+    ...
+    satdata.errors.SatkitError: --lr: must be a finite number > 0, got nan
+    """
+    ok = _is_real(value) and math.isfinite(value)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        if hi is None:
+            want = f"a finite number {'>' if lo_open else '>='} {lo:g}"
+        else:
+            want = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise SatkitError(f"{option}: must be {want}, got {repr(value)[:60] if not _is_real(value) else value}")
+
+
 _EPS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?:/\s*([0-9]*\.?[0-9]+))?\s*$")
 
 
@@ -108,16 +152,18 @@ def parse_eps(text: str | float | int, option: str = "--eps") -> float:
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         value = float(text)
     else:
-        m = _EPS_RE.match(str(text))
+        m = _EPS_RE.match(str(text)[:200])
         if not m:
-            raise SatkitError(f"{option}: cannot read {text!r} as an epsilon (write e.g. 8/255 or 0.0314)")
+            raise SatkitError(f"{option}: cannot read {str(text)[:60]!r} as an epsilon (write e.g. 8/255 or 0.0314)")
         num = Fraction(m.group(1))
         den = Fraction(m.group(2)) if m.group(2) is not None else Fraction(1)
         if den == 0:
             raise SatkitError(f"{option}: {text!r} divides by zero")
+        if num / den > 1:  # before float(): 1e400 would overflow it
+            raise SatkitError(f"{option}: {text!r} is above 1; images are in [0, 1] (did you mean {text}/255?)")
         value = float(num / den)
-    if not value >= 0:  # also catches NaN
-        raise SatkitError(f"{option}: must be >= 0, got {text!r}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise SatkitError(f"{option}: must be >= 0 and at most 1 (a finite number), got {text!r}")
     if value > 1:
         raise SatkitError(f"{option}: {text!r} is above 1; images are in [0, 1] (did you mean {text}/255?)")
     return value
@@ -131,7 +177,10 @@ def parse_size_bytes(text: str | int, option: str = "--memory-budget") -> int:
     if not m:
         raise SatkitError(f"{option}: cannot read {text!r} as a size (write e.g. 512M or 8G)")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
+    value = Fraction(m.group(1)) * mult  # exact: a 400-digit number must not overflow a float
+    if value > 1 << 62:
+        raise SatkitError(f"{option}: {str(text)[:40]!r} is more memory than any machine has")
+    return int(value)
 
 
 def format_eps(value: float) -> str:
@@ -186,10 +235,18 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """Fill the option-dependent defaults and check every value; raises SatkitError.
 
-        Each refused value gives a one-line error naming the option. Comparisons are
-        written so that NaN fails them (``not x >= 0``), and infinities are refused where
-        a finite number is needed.
+        This is the one place options are validated (the CLI's callbacks only parse text;
+        a config read back from a checkpoint on --resume goes through here too). Each
+        refused value gives a one-line error naming the option, e.g. ``--lr: must be a
+        finite number > 0, got nan``: types first (an integer option given 1.5 or true),
+        then ranges, where NaN and infinities fail every check (click parses "nan" and
+        "inf" as floats, so they reach this point).
         """
+        self._check_types()
+        from sattrain.methods import method_names
+
+        if self.method not in method_names():
+            raise SatkitError(f"--method: unknown method {self.method!r} (known: {', '.join(method_names())})")
         if self.recipe not in RECIPES:
             raise SatkitError(f"--recipe: unknown recipe {self.recipe!r} (known: {', '.join(RECIPES)})")
         recipe = RECIPES[self.recipe]
@@ -205,23 +262,24 @@ class TrainConfig:
         augment = ("auto" if self.augment else "none") if isinstance(self.augment, bool) else self.augment
         if augment not in AUGMENTS:
             raise SatkitError(f"--augment: unknown augmentation {augment!r} (known: {', '.join(AUGMENTS)})")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+        if not isinstance(self.device, str) or (self.device not in DEVICES and not self.device.startswith("cuda:")):
             raise SatkitError(f"--device: unknown device {self.device!r} (known: auto, cpu, cuda, cuda:N)")
         checks = [
-            (self.epochs >= 1, "--epochs: must be >= 1"),
-            (self.batch_size >= 2, "--batch-size: must be >= 2 (batch norm needs two samples)"),
-            (self.steps >= 0, "--steps: must be >= 0"),
-            (self.eval_steps >= 0, "--eval-steps: must be >= 0"),
-            (0 < self.alpha <= 1, f"--alpha: must be in (0, 1], got {self.alpha}"),
-            (self.eval_samples >= 0, "--eval-samples: must be >= 0 (0: the whole split)"),
-            (self.summary_samples >= 0, "--summary-samples: must be >= 0 (0: no end-of-run summary)"),
-            (self.train_samples is None or self.train_samples >= 2, "--train-samples: must be >= 2"),
-            (self.memory_budget > 0, "--memory-budget: must be > 0"),
-            (self.threads is None or self.threads >= 1, "--threads: must be >= 1"),
+            ("--epochs", self.epochs, 1, MAX_EPOCHS, ""),
+            ("--batch-size", self.batch_size, 2, None, " (batch norm needs two samples)"),
+            ("--steps", self.steps, 0, None, ""),
+            ("--eval-steps", self.eval_steps, 0, None, ""),
+            ("--eval-samples", self.eval_samples, 0, None, " (0: the whole split)"),
+            ("--summary-samples", self.summary_samples, 0, None, " (0: no end-of-run summary)"),
+            ("--train-samples", self.train_samples, 2, None, ""),
+            ("--memory-budget", self.memory_budget, 1, None, ""),
+            ("--threads", self.threads, 1, MAX_THREADS, ""),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise SatkitError(msg)
+        for option, value, lo, hi, why in checks:
+            if value is not None and not (value >= lo and (hi is None or value <= hi)):
+                bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+                raise SatkitError(f"{option}: must be {bound}{why}, got {value!r}")
+        _check_real("--alpha", self.alpha, 0, 1, lo_open=True)
         for name in ("eps0", "eps", "step_size"):
             parse_eps(getattr(self, name), "--" + name.replace("_", "-"))
         if self.lr is not None:
@@ -230,20 +288,44 @@ class TrainConfig:
             lr = recipe.lr
         else:
             lr = DEFAULT_LR[optimizer]
-        if not (lr > 0 and math.isfinite(lr)):
-            raise SatkitError(f"--lr: must be a finite number > 0, got {lr}")
+        _check_real("--lr", lr, 0, None, lo_open=True)
         momentum = self.momentum if self.momentum is not None else recipe.momentum
-        if not 0 <= momentum < 1:
-            raise SatkitError(f"--momentum: must be in [0, 1), got {momentum}")
+        _check_real("--momentum", momentum, 0, 1, hi_open=True)
         weight_decay = self.weight_decay if self.weight_decay is not None else recipe.weight_decay
-        if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise SatkitError(f"--weight-decay: must be a finite number >= 0, got {weight_decay}")
+        _check_real("--weight-decay", weight_decay, 0, None)
         beta = self.beta if self.beta is not None else DEFAULT_BETA.get(self.method)
-        if beta is not None and not (beta >= 0 and math.isfinite(beta)):
-            raise SatkitError(f"--beta: must be a finite number >= 0, got {beta}")
+        if beta is not None:
+            _check_real("--beta", beta, 0, None)
         return replace(self, optimizer=optimizer, lr=float(lr), momentum=float(momentum),
                        weight_decay=float(weight_decay), schedule=schedule, attack_bn=attack_bn, augment=augment,
                        beta=None if beta is None else float(beta), maps=tuple(self.maps))
+
+    def _check_types(self) -> None:
+        """Each option of the Python type it must have (a library caller, or a config read
+        back from a checkpoint, can pass anything): SatkitError naming the option."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            option = "--" + f.name.replace("_", "-") if f.name != "maps" else "--map"
+            kind = _FIELD_KINDS.get(f.name)
+            if kind is None:
+                continue
+            ok = {
+                "int": _is_int(value),
+                "int?": value is None or _is_int(value),
+                "real": _is_real(value),
+                "real?": value is None or _is_real(value),
+                "str": isinstance(value, str),
+                "str?": value is None or isinstance(value, str),
+                "bool": isinstance(value, bool),
+                "eps": _is_real(value) or isinstance(value, str),
+                "augment": isinstance(value, (str, bool)),
+                "maps": isinstance(value, (tuple, list)) and all(isinstance(m, str) for m in value),
+            }[kind]
+            if not ok:
+                want = {"int": "an integer", "int?": "an integer", "real": "a number", "real?": "a number",
+                        "str": "a string", "str?": "a string", "bool": "true or false", "eps": "an epsilon",
+                        "augment": "a string", "maps": "a list of map names"}[kind]
+                raise SatkitError(f"{option}: must be {want}, got {repr(value)[:60]}")
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON-able values (tuples become lists)."""
@@ -253,9 +335,19 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainConfig":
+        """The config of ``to_json()``'s dict (unknown keys ignored). Raises SatkitError for a
+        dict that cannot be one (not a dict, no store, maps not a list); call ``resolved()``
+        to check every value."""
+        if not isinstance(d, dict):
+            raise SatkitError(f"run options: expected an object, got {repr(d)[:60]}")
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        kw["maps"] = tuple(kw.get("maps", ()))
+        if not isinstance(kw.get("store"), str):
+            raise SatkitError(f"run options: store is {repr(kw.get('store'))[:60]}; expected a path")
+        maps = kw.get("maps", ())
+        if not isinstance(maps, (list, tuple)):
+            raise SatkitError(f"--map: must be a list of map names, got {repr(maps)[:60]}")
+        kw["maps"] = tuple(maps)
         return cls(**kw)
 
 

@@ -37,6 +37,25 @@ Why it is laid out this way (the issue "Robustness numbers a reviewer would trus
 
 Plots are drawn on ``matplotlib.figure.Figure`` objects (Agg canvas), never through
 pyplot's global state, so writing a report from a long-lived process leaks nothing.
+report.md and the plots are written aside and renamed into place (a link planted at
+their names is replaced, not followed).
+
+Malformed run directories (decided for the hostile-input issue). Every file a run is
+read from is checked before any number reaches a table: at most MAX_FILE_BYTES, UTF-8,
+valid JSON (a truncated file, an integer of thousands of digits, nesting deeper than
+MAX_DEPTH levels such as ``"[" * 100000`` are refused), an object (one per line in
+metrics.jsonl), and every field the report reads of the type it must be: scores are
+numbers in [0, 1] (NaN or infinities only where a run legitimately writes them: a
+per-epoch mAP in metrics.jsonl may be NaN), counts are integers >= 0, names are strings,
+lists are lists (``_check_config``, ``_check_metrics``, ``_check_epoch_record``,
+``_check_eval``). A run that fails any check is **skipped**: ``write_report`` warns in one
+line naming the file and the reason (``warning: runs/x/eval.json: not a sattrain
+evaluation ('clean' is nan; expected a score in [0, 1] or null); run skipped, the other
+runs are reported``), lists it under "Skipped runs" in report.md, and reports the others;
+`sattrain report` then exits 0. When no run can be read it fails with one ``Error:`` line
+(the file and reason itself when only one run was given), exit 1. ``strict=True`` makes
+the first malformed run an error instead. Missing files are not errors: a run may lack
+eval.json or metrics.jsonl, as long as it has at least one of the run files.
 """
 
 from __future__ import annotations
@@ -46,7 +65,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from satdata.errors import SatkitError
 
@@ -285,33 +304,249 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+# Largest run file read (an eval.json is a few kilobytes; metrics.jsonl a few hundred bytes
+# per epoch), and deepest nesting accepted in one: a crafted file must not exhaust memory
+# or the interpreter's recursion limit while it is read or reported.
+MAX_FILE_BYTES = 64 * 1024**2
+MAX_DEPTH = 32
+
+
+def _depth_ok(data: Any) -> bool:
+    """Whether ``data`` nests at most MAX_DEPTH lists and objects (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > MAX_DEPTH:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def _short_repr(v: Any, n: int = 40) -> str:
+    """A bounded repr for error lines (huge integers and containers by size, not by content)."""
+    if isinstance(v, bool) or v is None:
+        return repr(v)
+    if isinstance(v, int) and v.bit_length() > 64:
+        return "a huge integer"
+    if isinstance(v, dict):
+        return f"an object of {len(v)} key(s)"
+    if isinstance(v, list):
+        return f"a list of {len(v)} item(s)"
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _read_text(path: Path) -> str | None:
+    """The UTF-8 text of a run file, None when there is no such (regular) file; SatkitError
+    naming the file for anything unreadable."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SatkitError(f"{path}: not readable JSON ({e})") from None
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise SatkitError(f"{path}: {size:,} bytes, too large for a sattrain run file")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SatkitError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()} at position "
+                          f"{e.start})") from None
+    except OSError as e:
+        raise SatkitError(f"{path}: cannot be read ({(e.strerror or str(e)).lower()})") from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads with every failure (syntax, 4300-digit integers, nesting) as SatkitError naming ``where``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SatkitError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise SatkitError(f"{where}: not readable JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise SatkitError(f"{where}: not readable JSON ({str(e)[:100]})") from None
+    if not _depth_ok(data):
+        raise SatkitError(f"{where}: not readable JSON (nested more than {MAX_DEPTH} levels deep)")
+    return data
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    text = _read_text(path)
+    if text is None:
+        return None
+    data = _parse_json(text, str(path))
     if not isinstance(data, dict):
-        raise SatkitError(f"{path}: expected a JSON object")
+        raise SatkitError(f"{path}: expected a JSON object, got {_short_repr(data)}")
     return data
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
+    text = _read_text(path)
+    if text is None:
         return []
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SatkitError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+        rec = _parse_json(line, f"{path}:{i}")
         if not isinstance(rec, dict):
-            raise SatkitError(f"{path}:{i}: expected a JSON object per line")
+            raise SatkitError(f"{path}:{i}: expected a JSON object per line, got {_short_repr(rec)}")
+        try:
+            _check_epoch_record(rec)
+        except ValueError as e:
+            raise SatkitError(f"{path}:{i}: not a sattrain epoch record ({e})") from None
         rows.append(rec)
     return rows
+
+
+# --------------------------------------------------------------------------- shapes of the files
+
+# What each kind of value must be (None is always accepted: not recorded / not measured).
+_KINDS: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**12, "an integer >= 0"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "dict": (lambda v: isinstance(v, dict), "an object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "strs": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "num": (lambda v: _finite(v), "a finite number"),
+    "num+": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "eps": (lambda v: _finite(v) and 0 <= v <= 1, "a finite number in [0, 1]"),
+    # a score: accuracy or mAP, a fraction
+    "score": (lambda v: _finite(v) and 0 <= v <= 1, "a score in [0, 1]"),
+    # a per-epoch score may be NaN (mAP with no positive sample in the monitor's subset)
+    "score~": (lambda v: _is_number(v) and (math.isnan(v) or 0 <= v <= 1), "a score in [0, 1] or NaN"),
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _want(d: dict[str, Any], key: str, kind: str, where: str = "") -> None:
+    """Raise ValueError unless ``d[key]`` is absent, None or of ``kind`` (see _KINDS)."""
+    v = d.get(key)
+    if v is None:
+        return
+    ok, text = _KINDS[kind]
+    if not ok(v):
+        raise ValueError(f"{where}{key!r} is {_short_repr(v)}; expected {text} or null")
+
+
+def _want_rows(d: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    """``d[key]`` as a list of objects (absent or None: [])."""
+    _want(d, key, "list", where)
+    rows = d.get(key) or []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}{key}[{i}] is {_short_repr(row)}; expected an object")
+    return rows
+
+
+def _check_epoch_record(rec: dict[str, Any]) -> None:
+    """A metrics.jsonl line: what the report reads of it, typed (ValueError otherwise)."""
+    if "epoch" not in rec:
+        raise ValueError("no 'epoch'")
+    _want(rec, "epoch", "int")
+    if rec["epoch"] is None:
+        raise ValueError("'epoch' is null")
+    for key in rec:
+        if key in ("train_acc", "clean_acc", "pgd_acc") or _MONITOR_KEY.match(key):
+            _want(rec, key, "score~")
+    _want(rec, "seconds", "num+")
+    _want(rec, "monitor", "dict")
+    _want(rec, "metric", "str")
+
+
+def _check_config(data: dict[str, Any]) -> None:
+    """config.json: the options the report groups and labels runs by (ValueError otherwise)."""
+    _want(data, "options", "dict")
+    _want(data, "store", "dict")
+    opts = data.get("options") or {}
+    for key in ("method", "model"):
+        _want(opts, key, "str", "options: ")
+    _want(opts, "maps", "strs", "options: ")
+    if opts.get("seed") is not None and not (isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool)
+                                             and abs(opts["seed"]) < 2**64):
+        raise ValueError(f"options: 'seed' is {_short_repr(opts['seed'])}; expected an integer or null")
+
+
+def _check_metrics(data: dict[str, Any]) -> None:
+    """metrics.json (today's and the old format): what the report reads of it (ValueError otherwise)."""
+    for key in ("method", "model", "metric", "eval_split"):
+        _want(data, key, "str")
+    _want(data, "maps", "strs")
+    _want(data, "epochs", "int")
+    _want(data, "eval_samples", "int")
+    for key in ("best", "last", "monitor", "summary", "robust_acc", "attack"):
+        _want(data, key, "dict")
+    _want(data.get("best") or {}, "epoch", "int", "best: ")
+    _want(data, "clean_acc", "score")
+    for key in (data.get("robust_acc") or {}):
+        _want(data["robust_acc"], key, "score", "robust_acc: ")
+
+
+def _check_eval(data: dict[str, Any]) -> None:
+    """An eval.json / eval-paper.json / summary.json (or metrics.json's summary): every field the
+    report reads, typed, so that no malformed file reaches the tables (ValueError otherwise)."""
+    for key in ("protocol", "split", "metric", "protocol_description"):
+        _want(data, key, "str")
+    _want(data, "version", "int")
+    _want(data, "samples", "int")
+    _want(data, "split_size", "int")
+    _want(data, "complete", "bool")
+    _want(data, "clean", "score")
+    _want(data, "robust", "dict")
+    for key in (data.get("robust") or {}):
+        _want(data["robust"], key, "score", "robust: ")
+        m = _EPS_KEY.match(key)
+        if m and not float(m.group(1)) <= 255:
+            raise ValueError(f"robust: key {key[:40]!r} is not an eps in [0, 255]/255")
+    if "pgd" in data:
+        _want(data, "pgd", "dict")
+        p = data.get("pgd") or {}
+        if "results" not in p:
+            raise KeyError("results")
+        for row in _want_rows(p, "results", "pgd: "):
+            if row.get("eps") is None:
+                raise ValueError("pgd: a result has no 'eps'")
+            _want(row, "eps", "eps", "pgd: results: ")
+            _want(row, "value", "score", "pgd: results: ")
+        _want(p, "steps", "int", "pgd: ")
+        _want(p, "restarts", "int", "pgd: ")
+        _want(p, "step_fraction", "num+", "pgd: ")
+        if p.get("step_fraction") == 0:
+            raise ValueError("pgd: 'step_fraction' is 0")
+        _want(p, "step_size", "eps", "pgd: ")
+        for key in ("step_label", "loss"):
+            _want(p, key, "str", "pgd: ")
+    if "autoattack" in data:
+        _want(data, "autoattack", "dict")
+        a = data.get("autoattack") or {}
+        if not isinstance(a.get("eps_label"), str):
+            raise ValueError(f"autoattack: 'eps_label' is {_short_repr(a.get('eps_label'))}; expected a string")
+        _want(a, "value", "score", "autoattack: ")
+        for key in ("package", "version", "norm"):
+            _want(a, key, "str", "autoattack: ")
+        _want(a, "attacks", "strs", "autoattack: ")
+    if "cw" in data:
+        _want(data, "cw", "dict")
+        c = data.get("cw") or {}
+        _want(c, "value", "score", "cw: ")
+        _want(c, "median_l2", "num+", "cw: ")
+    _want(data, "headline", "dict")
+    h = data.get("headline") or {}
+    _want(h, "value", "score", "headline: ")
+    _want(h, "name", "str", "headline: ")
+    _want(data, "sanity", "dict")
+    sanity = data.get("sanity") or {}
+    _want(sanity, "passed", "bool", "sanity: ")
+    _want_rows(sanity, "checks", "sanity: ")
+    _want(data, "distortions", "dict")
+    for name in (data.get("distortions") or {}):
+        for row in _want_rows(data["distortions"], name, "distortions: "):
+            _want(row, "value", "score", f"distortions: {name}: ")
+            for key in ("level", "sigma", "radius", "fraction"):
+                _want(row, key, "num", f"distortions: {name}: ")
 
 
 def _value(d: dict[str, Any], key: str) -> float | None:
@@ -344,6 +579,7 @@ def _pgd_settings(p: dict[str, Any]) -> str:
 
 def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
     """An eval.json / eval-paper.json / summary.json dict (version 1 or 2) as a Measurement."""
+    _check_eval(data)
     version = data.get("version", 1)
     protocol = str(data.get("protocol") or "paper")  # version 1 predates protocols: it was the paper's
     if protocol not in PROTOCOLS:
@@ -420,7 +656,7 @@ def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
 def _parse_eval(path: Path, data: dict[str, Any], file: str) -> Measurement:
     try:
         return _measurement_from_eval(data, file)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError) as e:
         what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise SatkitError(f"{path}: not a sattrain evaluation ({what})") from None
 
@@ -469,8 +705,11 @@ def load_run(path: str | Path, label: str | None = None) -> RunSummary:
     if not p.is_dir():
         raise SatkitError(f"{p}: not a run directory")
     config = _read_json(p / "config.json") or {}
+    _checked(p / "config.json", _check_config, config)
     epochs = _read_jsonl(p / "metrics.jsonl")
     metrics = _read_json(p / "metrics.json")
+    if metrics is not None:
+        _checked(p / "metrics.json", _check_metrics, metrics)
     found: list[Measurement] = []
     for name in (EVAL_JSON, PAPER_EVAL_JSON):
         data = _read_json(p / name)
@@ -491,6 +730,14 @@ def load_run(path: str | Path, label: str | None = None) -> RunSummary:
     if not config and not epochs and metrics is None and not found:
         raise SatkitError(f"{p}: no config.json, metrics.jsonl, metrics.json or eval.json: not a sattrain run directory")
     return run
+
+
+def _checked(path: Path, check: Any, data: dict[str, Any]) -> None:
+    """``check(data)``, its ValueError as SatkitError naming the file."""
+    try:
+        check(data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SatkitError(f"{path}: not a sattrain run file ({e})") from None
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -627,7 +874,8 @@ def _cell(values: Sequence[float | None], scale: float = 100.0, digits: int = 2)
 
 
 def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
+    """A table cell: pipes escaped, line breaks as spaces (a name must not break the table)."""
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def _sanity_cell(row: Row) -> str:
@@ -742,6 +990,13 @@ def _new_figure(ncols: int, width_per: float = 4.6, height: float = 3.8) -> Any:
     return fig, axes
 
 
+def _save_figure(fig: Any, dest: Path) -> None:
+    """A PNG written aside and renamed into place (never through a link planted at its name)."""
+    from sattrain.checkpoint import atomic_write
+
+    atomic_write(dest, lambda f: fig.savefig(f, format="png"))
+
+
 def _style(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
@@ -824,7 +1079,7 @@ def _plot_epochs(configs: list[Configuration], dest: Path) -> bool:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _legend(fig, axes)
     fig.suptitle(f"{metric} per epoch (mean ± std over seeds where n > 1)", fontsize=12)
-    fig.savefig(dest)
+    _save_figure(fig, dest)
     return True
 
 
@@ -868,7 +1123,7 @@ def _plot_eps(configs: list[Configuration], protocols: list[str], dest: Path) ->
             labels.append("AutoAttack (headline)")
         ax.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle("Robust accuracy against eps: one panel per protocol, mean ± std over seeds", fontsize=11)
-    fig.savefig(dest)
+    _save_figure(fig, dest)
     return True
 
 
@@ -878,6 +1133,8 @@ def _plot_distortions(configs: list[Configuration], dest: Path) -> tuple[bool, l
               ("lowpass", "sigma", "Gaussian sigma, px (larger = more blur)", "low-pass (Gaussian blur)"),
               ("highpass", "sigma", "Gaussian sigma, px (sweep 2.82 ... 0.5;\nsmaller keeps only finer detail)",
                "high-pass (grey minus blur)")]
+    if not any(m.distortions for c in configs for r in c.runs for m in r.measurements.values()):
+        return False, []  # nothing to draw: no figure (matplotlib is slow to start)
     fig, axes = _new_figure(3, height=4.4)
     colors = _colors(configs)
     old: list[str] = []
@@ -912,30 +1169,97 @@ def _plot_distortions(configs: list[Configuration], dest: Path) -> tuple[bool, l
     axes[2].invert_xaxis()  # the sweep's order, 2.82 first
     _legend(fig, axes)
     fig.suptitle(f"{metric} under distortions (mean ± std over seeds)", fontsize=12)
-    fig.savefig(dest)
+    _save_figure(fig, dest)
     return True, old
 
 
 # --------------------------------------------------------------------------- report
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: bool | None = None) -> Path:
+def _warn_stderr(message: str) -> None:
+    """The default ``warn`` of write_report: one ``warning:`` line on stderr."""
+    import click
+
+    from satdata.clikit import one_line
+
+    click.echo(f"warning: {one_line(message)}", err=True)
+
+
+def _probe(run: RunSummary) -> None:
+    """Compute everything the report shows of ``run`` alone, so that a run whose files are
+    well-formed JSON of the wrong shape fails here (and is skipped) rather than in the tables."""
+    for prop in ("method", "model", "maps", "metric", "n_epochs", "seconds_per_epoch", "monitor_key",
+                 "monitor_label", "best_epoch"):
+        getattr(run, prop)
+    for key in ("train_acc", "clean_acc", run.monitor_key or "clean_acc"):
+        run.series(key)
+    configs = group_runs([run], aggregate=True)
+    _differing_options(configs)
+    protocols = [p for p in PROTOCOLS if p in run.measurements]
+    for proto in protocols:
+        _table(_rows(configs, proto, []), per_run=False)
+        _table(_rows(group_runs([run], aggregate=False), proto, []), per_run=True)
+    _training_table([run])
+    _protocol_section([run], protocols)
+
+
+def _load_checked(path: Path, label: str) -> RunSummary:
+    """load_run and _probe; any failure as SatkitError naming the run's file (or directory)."""
+    try:
+        run = load_run(path, label)
+        _probe(run)
+        return run
+    except SatkitError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError,
+            ZeroDivisionError) as e:
+        from satdata.clikit import debug_requested
+
+        if debug_requested():
+            raise
+        raise SatkitError(f"{path}: run files of an unexpected shape ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: bool | None = None, *,
+                 strict: bool = False, warn: Callable[[str], None] | None = None) -> Path:
     """Read the runs, write ``out/report.md`` and its PNGs; return the report's path.
 
     ``aggregate``: one row per configuration (mean ± std over seeds) when True, one per run
     when False; None (the default) aggregates when some configuration has several seeds.
+
+    A run directory whose files cannot be read or are malformed (see the module docstring)
+    is skipped: ``warn`` gets one line naming the file and the reason (default: a
+    ``warning:`` line on stderr), report.md lists it under "Skipped runs", and the other
+    runs are reported. With ``strict`` the first such run raises SatkitError instead. When
+    no run can be read, SatkitError: that run's reason (one run), or a count (several, each
+    warned about first).
 
     >>> write_report(["runs/sat-s0", "runs/sat-s1", "runs/std"], "reports/cifar10")   # doctest: +SKIP
     PosixPath('reports/cifar10/report.md')
     """
     if not run_dirs:
         raise SatkitError("report: give at least one run directory")
+    warn = warn or _warn_stderr
     paths = [Path(p) for p in run_dirs]
     labels = _labels(paths)
-    runs = [load_run(p, lab) for p, lab in zip(paths, labels)]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SatkitError(f"--out: {out} exists and is not a directory")
+    runs: list[RunSummary] = []
+    skipped: list[tuple[str, str]] = []
+    for p, lab in zip(paths, labels):
+        try:
+            runs.append(_load_checked(p, lab))
+        except SatkitError as e:
+            if strict or len(paths) == 1:
+                raise
+            skipped.append((lab, str(e)))
+    if not runs:
+        for _lab, why in skipped:
+            warn(f"{why}; run skipped")
+        raise SatkitError(f"report: none of the {len(paths)} run directories could be read (see the warnings above)")
+    for lab, why in skipped:
+        warn(f"{why}; run skipped, the other runs are reported")
     out.mkdir(parents=True, exist_ok=True)
 
     by_config = group_runs(runs, aggregate=True)
@@ -1004,6 +1328,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: boo
                 lines += _table(_rows(per_run, proto, []), per_run=True) + [""]
     lines += ["## Training (held-out monitor, not a robustness measure)", ""] + _training_table(runs) + [""]
     lines += ["## Runs", ""] + [f"- `{r.label}`: `{r.path}`" for r in runs] + [""]
+    if skipped:
+        lines += ["## Skipped runs", "", "These run directories could not be read and are not in any table or plot:",
+                  ""] + [f"- `{_escape(lab)}`: {_escape(why)}" for lab, why in skipped] + [""]
+    from sattrain.checkpoint import write_text_atomic
+
     dest = out / REPORT_NAME
-    dest.write_text("\n".join(lines))
+    write_text_atomic(dest, "\n".join(lines))
     return dest

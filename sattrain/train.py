@@ -49,14 +49,37 @@ the same holds up to the non-determinism of cuDNN kernels.
 
 Host synchronisation: a training step does not wait for the device. The loss and
 accuracy are accumulated on the device and read (together with a non-finite-loss flag)
-every LOG_EVERY steps for the progress bar; a non-finite loss stops the run with an
-error naming the epoch and step.
+every LOG_EVERY steps for the progress bar.
+
+Divergence: a non-finite loss stops the run with an error naming the epoch, the step and
+the value (``epoch 3 (t = 2), step 17 of 40: the training loss is not finite (loss is
+nan): training diverged; try a lower --lr; runs/x/checkpoint.pt keeps epoch 2 (the last
+finite one), and the run is not finished``). After every epoch, before anything of it is
+written, the mean loss, the weights and the optimizer state are checked too (one device
+sync per epoch): the last step's update can overflow after a finite loss. Nothing of a
+diverged epoch is written, so checkpoint.pt and best.pt keep the last finite epoch (and
+sattrain.checkpoint.save_checkpoint refuses non-finite state as a last net), no
+metrics.json says the run finished (a resumed run removes the metrics.json and
+summary.json of its earlier end before it trains), and the exit status is 1.
+
+The run directory (--out) is checked before anything is read from or written to it: a
+symbolic link (which could redirect the run's files) or an existing non-directory is
+refused, and after the resume checks it is created and proven writable with a probe file,
+before any data is loaded or any training starts. Every file of the run is written aside
+and renamed into place (sattrain.checkpoint.atomic_write) and metrics.jsonl is appended to
+with O_NOFOLLOW, so a link planted in the directory cannot send a write elsewhere.
+
+Resuming validates everything it reads before using it (``_restore``): the checkpoint's
+keys and types, the options it records, its network and classes, finite weights, the
+optimizer, scheduler and scaler states, the best-epoch record, and metrics.jsonl (the
+lines of exactly the epochs done); a refused resume changes nothing in the run directory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import random
 import subprocess
@@ -76,7 +99,19 @@ import torch.nn as nn
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain import __version__
-from sattrain.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_json_atomic
+from sattrain.checkpoint import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    check_optimizer_state,
+    check_scaler_state,
+    check_scheduler_state,
+    load_checkpoint,
+    load_model_state,
+    non_finite_tensors,
+    save_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
 from sattrain.config import TrainConfig, format_eps, resolve_augment, resume_mismatches
 from sattrain.device import resolve_device
 from sattrain.metrics import mean_average_precision
@@ -119,8 +154,12 @@ LOG_EVERY = 20  # steps between host reads of the running loss (progress bar, Na
 EVAL_SUBSET_SEED = 20200607
 
 
+# Largest metrics.jsonl read back on --resume (a few hundred bytes per epoch).
+MAX_METRICS_BYTES = 256 * 1024**2
+
+
 class NonFiniteLoss(SatkitError):
-    """The training loss became NaN or infinite."""
+    """The training diverged: the loss, or the weights or optimizer state, became NaN or infinite."""
 
 
 Log = Callable[[str], None]
@@ -266,6 +305,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    bad_value = torch.zeros((), device=device)
     all_logits: list[torch.Tensor] = []
     all_y: list[torch.Tensor] = []
     seen = 0
@@ -279,7 +319,8 @@ def train_one_epoch(
         if bad >= 0:
             raise NonFiniteLoss(
                 f"epoch {ctx.epoch + 1} (t = {ctx.epoch}), step {bad + 1} of {total}: the training loss is not finite "
-                f"(nan or inf); try a lower --lr{', or drop --amp' if scaler is not None else ''}"
+                f"(loss is {float(bad_value)}): training diverged; try a lower --lr"
+                f"{', or drop --amp' if scaler is not None else ''}"
             )
         if progress:
             post = {"loss": f"{float(loss_sum) / max(1, seen):.4f}"}
@@ -312,7 +353,9 @@ def train_one_epoch(
                     scheduler.step()
             b = batch.x.shape[0]
             loss_d = res.loss.detach().float()
-            first_bad = torch.where(~torch.isfinite(loss_d) & (first_bad < 0), step, first_bad)
+            newly_bad = ~torch.isfinite(loss_d) & (first_bad < 0)
+            bad_value = torch.where(newly_bad, loss_d, bad_value)
+            first_bad = torch.where(newly_bad, step, first_bad)
             loss_sum += loss_d * b
             if ctx.multilabel:
                 all_logits.append(res.logits.float())
@@ -355,20 +398,101 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _read_metrics_lines(path: Path, keep_below: int) -> list[dict[str, Any]]:
-    """metrics.jsonl lines of epochs < keep_below (a killed run may have written one more)."""
-    if not path.is_file():
+    """metrics.jsonl lines of epochs < keep_below (a killed run may have written one more).
+
+    Resuming after ``keep_below`` epochs needs exactly the lines of epochs 0 .. keep_below - 1:
+    a line cut by a kill is tolerated only at the end (it belongs to the epoch being redone);
+    anything else (not UTF-8, not JSON, not an epoch record, epochs missing or repeated) is
+    a damaged run directory and raises SatkitError naming the file and line.
+    """
+    if keep_below <= 0:
         return []
+    if not path.is_file():
+        raise SatkitError(f"{path}: missing, but the run's checkpoint has {keep_below} epoch(s) done; "
+                          "the run directory is damaged (start a new run)")
+    if path.stat().st_size > MAX_METRICS_BYTES:
+        raise SatkitError(f"{path}: {path.stat().st_size:,} bytes, too large for a run's metrics")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SatkitError(f"{path}: not UTF-8 text (byte {e.start}); the run directory is damaged") from None
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
+    for n, (i, line) in enumerate(lines):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is redone
-        if int(rec.get("epoch", -1)) < keep_below:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            if n == len(lines) - 1:
+                break  # a line cut by a kill: its epoch is redone
+            raise SatkitError(f"{path}:{i}: not a JSON line ({type(e).__name__}); the run directory is damaged") from None
+        epoch = rec.get("epoch") if isinstance(rec, dict) else None
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+            raise SatkitError(f"{path}:{i}: not an epoch record (expected an object with an integer epoch >= 0)")
+        secs = rec.get("seconds")
+        if not (isinstance(secs, (int, float)) and not isinstance(secs, bool) and math.isfinite(secs) and secs >= 0):
+            raise SatkitError(f"{path}:{i}: seconds is {repr(secs)[:40]}; expected a finite number >= 0")
+        if epoch < keep_below:
             out.append(rec)
+    got = [r["epoch"] for r in out]
+    if got != list(range(keep_below)):
+        raise SatkitError(f"{path}: holds epochs {_ranges(got)}, but the run's checkpoint has epochs 0-{keep_below - 1} "
+                          "done; the run directory is damaged (start a new run)")
     return out
+
+
+def _ranges(epochs: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (at most a few ranges)."""
+    if not epochs:
+        return "none"
+    parts: list[str] = []
+    start = prev = epochs[0]
+    for e in epochs[1:] + [None]:  # type: ignore[list-item]
+        if e is not None and e == prev + 1:
+            prev = e
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else str(start))
+        if e is not None:
+            start = prev = e
+    return ", ".join(parts[:5]) + (", ..." if len(parts) > 5 else "")
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a --out that cannot be a run directory, before anything is read or written there."""
+    if run_dir.is_symlink():
+        raise SatkitError(f"--out: {run_dir} is a symbolic link (to {os.readlink(run_dir)}); give the directory "
+                          "itself, so that the run's files cannot be redirected")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SatkitError(f"--out: {run_dir} exists and is not a directory")
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    """Create the run directory and prove it is writable (a probe file, created exclusively
+    and removed), so that an unwritable --out fails before any data is read or any training."""
+    import secrets
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = f", {e.filename}" if e.filename and str(e.filename) != str(run_dir) else ""
+        raise SatkitError(f"--out: cannot create the run directory {run_dir} "
+                          f"({(e.strerror or str(e)).lower()}{where})") from None
+    probe = run_dir / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except OSError as e:
+        raise SatkitError(f"--out: cannot write in the run directory {run_dir} ({(e.strerror or str(e)).lower()})") from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line to metrics.jsonl (never through a symbolic link planted at its name)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "a") as f:
+        f.write(line)
 
 
 def _pick_eval_split(store: Store, requested: str | None) -> str:
@@ -429,48 +553,117 @@ def _sync_best(run_dir: Path, ckpt: dict[str, Any], log: Log) -> None:
 
 def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, model: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
-             device: torch.device, log: Log) -> tuple[int, dict[str, Any] | None]:
-    """(epochs already done in run_dir, best record so far): (0, None) for a new run;
-    otherwise the model, optimizer, scheduler and scaler are restored and best.pt checked.
+             device: torch.device, log: Log, *, model_spec: dict[str, Any] | None = None,
+             steps_per_epoch: int = 1) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+    """(epochs already done in run_dir, best record so far, metrics.jsonl records of those
+    epochs): (0, None, []) for a new run; otherwise the model, optimizer, scheduler and
+    scaler are restored and best.pt checked (and repaired: _sync_best) once all is valid.
 
     A directory that holds a run needs --resume; resuming checks that the options (except
     those in RESUMABLE_CHANGES) and the store's contents are the run's, and that --epochs
     changes only under the constant schedule (the others are scaled to the epochs).
+
+    Everything the checkpoint holds is validated before it is used, each failure one
+    SatkitError naming the file: the options it records (as ``TrainConfig.resolved()``
+    checks options), the network and classes (``model_spec`` against this run's), finite
+    weights that fit the network, the optimizer state (parameter groups and buffers of
+    the parameters' shapes, sattrain.checkpoint.check_optimizer_state), the scheduler state
+    (consistent with the epochs done), the scaler state, and the best-epoch record.
     """
     ckpt_path = run_dir / CHECKPOINT_NAME
     if (ckpt_path.is_file() or (run_dir / CONFIG_JSON).is_file()) and not cfg.resume:
         raise SatkitError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
     if not cfg.resume:
-        return 0, None
+        return 0, None, []
     if not ckpt_path.is_file():
         log(f"note: {run_dir} has no checkpoint yet; starting from scratch")
-        return 0, None
+        return 0, None, []
     ckpt = load_checkpoint(ckpt_path, map_location=device)
+
+    def damaged(what: str) -> SatkitError:
+        return SatkitError(f"{ckpt_path}: damaged satkit checkpoint: {what}")
+
     saved = ckpt.get("config", {})
+    try:
+        saved_cfg = TrainConfig.from_json(saved).resolved()
+    except SatkitError as e:
+        raise damaged(f"the run options it records are invalid ({e})") from None
     diffs = resume_mismatches(saved, cfg.to_json())
     if diffs:
         raise SatkitError(f"{run_dir}: --resume with options other than the run's: " + "; ".join(diffs))
-    saved_epochs = int(saved.get("epochs", cfg.epochs))
+    saved_epochs = saved_cfg.epochs
     if cfg.schedule != "constant" and saved_epochs != cfg.epochs:
         raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has a {cfg.schedule} schedule over "
                           f"{saved_epochs} epochs, and changing the epochs would change the learning rates of epochs "
                           f"already done; resume with --epochs {saved_epochs} or start a new run")
-    saved_digest = ckpt.get("extra", {}).get("store_digest")
+    done = ckpt["epoch"]  # an integer >= 0 (check_checkpoint)
+    if done > saved_epochs:
+        raise damaged(f"'epoch' says {done} epochs are done of a run of {saved_epochs}")
+    if done > cfg.epochs:
+        raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has already done {done} epochs")
+    spec = ckpt["model_spec"]
+    for key, want in (model_spec or {}).items():
+        have = spec.get(key)
+        if have is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
+            raise SatkitError(f"{ckpt_path}: the checkpoint's network has {key} {repr(have)[:80]}, but this run's "
+                              f"has {repr(want)[:80]} (a checkpoint of another network or store)")
+    saved_digest = (ckpt.get("extra") or {}).get("store_digest")
     if saved_digest != digest:
         raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's "
                           f"({store_path} digest {digest[:12]}, the run's {str(saved_digest)[:12]})")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scheduler"):
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    done = int(ckpt["epoch"])
-    if done > cfg.epochs:
-        raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has already done {done} epochs")
+    best = ckpt.get("best")
+    monitor_key = f"pgd{cfg.eval_steps}_monitor"
+    if best is not None:
+        value, clean, b_epoch = best.get(monitor_key), best.get("clean_acc"), best.get("epoch")
+        if not (isinstance(b_epoch, int) and 0 <= b_epoch < done and _score(value) and (clean is None or _score(clean))):
+            raise damaged(f"best record {repr(best)[:100]}; expected an epoch in [0, {done}) and scores "
+                          f"{monitor_key} and clean_acc in [0, 1]")
+    load_model_state(model, ckpt["model"], ckpt_path, spec)
+    if ckpt.get("optimizer") is None:
+        raise SatkitError(f"{ckpt_path}: holds no optimizer state (a best.pt?); --resume continues a run's "
+                          f"{CHECKPOINT_NAME}")
+    sched_state = ckpt.get("scheduler")
+    if sched_state is not None:
+        check_scheduler_state(sched_state, scheduler, ckpt_path,
+                              done * steps_per_epoch if step_per_step(str(cfg.schedule)) else done)
+    elif cfg.schedule != "constant":
+        raise damaged(f"no scheduler state for the {cfg.schedule} schedule")
+    check_optimizer_state(ckpt["optimizer"], optimizer, ckpt_path,
+                          last_lr=list(sched_state["_last_lr"]) if sched_state and "_last_lr" in sched_state else None)
+    scaler_state = ckpt.get("scaler") if scaler is not None else None
+    if scaler_state:
+        check_scaler_state(scaler_state, ckpt_path)
+    for what, obj, state in (("optimizer", optimizer, ckpt["optimizer"]), ("scheduler", scheduler, sched_state),
+                             ("scaler", scaler, scaler_state)):
+        if obj is None or not state:
+            continue
+        try:
+            obj.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise damaged(f"the {what} state does not load ({type(e).__name__}: {str(e)[:120]})") from None
+    history = _read_metrics_lines(run_dir / METRICS_JSONL, done)
     _sync_best(run_dir, ckpt, log)
-    log(f"resuming {run_dir} after epoch {done} of {cfg.epochs}")
-    return done, ckpt.get("best")
+    return done, best, history
+
+
+def _score(v: Any) -> bool:
+    """A monitor score: a finite number in [0, 1]."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+
+
+def _check_finite_training(model: nn.Module, optimizer: torch.optim.Optimizer, stats: dict[str, Any],
+                           epoch: int) -> None:
+    """Raise NonFiniteLoss when an epoch ended with a non-finite mean loss, weights or optimizer
+    state (the last step's update can overflow after a finite loss). One device sync per epoch."""
+    where = f"epoch {epoch + 1} (t = {epoch}), after step {stats['steps']} of {stats['steps']}"
+    if not math.isfinite(stats["loss"]):
+        raise NonFiniteLoss(f"{where}: the epoch's mean training loss is not finite ({stats['loss']}): training "
+                            "diverged; try a lower --lr")
+    for what, state in (("weights hold", model.state_dict()), ("optimizer state holds", optimizer.state_dict()["state"])):
+        bad = non_finite_tensors(state)
+        if bad:
+            raise NonFiniteLoss(f"{where}: the {what} NaN or infinite values ({len(bad)} tensor(s), e.g. {bad[0]}): "
+                                "training diverged; try a lower --lr")
 
 
 def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device: torch.device, multilabel: bool,
@@ -559,8 +752,13 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
     scaler = torch.amp.GradScaler("cuda") if amp_active else None
 
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
-    start_epoch, best = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler, scaler, device, log)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(run_dir)
+    start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler, scaler,
+                                          device, log, model_spec=model_spec, steps_per_epoch=steps_per_epoch)
+    metrics_path = run_dir / METRICS_JSONL
+    if start_epoch:
+        log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+    _make_run_dir(run_dir)
 
     # Data: the training split (or a seeded subset of it) and a fixed held-out subset.
     n_eval = info.splits[eval_split]
@@ -593,9 +791,13 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
 
-    metrics_path = run_dir / METRICS_JSONL
-    history = _read_metrics_lines(metrics_path, start_epoch)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    if start_epoch < cfg.epochs:
+        # a resumed run with epochs left: the end-of-run files of its earlier end no longer
+        # describe checkpoint.pt (and must not say the run is finished if it now stops early);
+        # they are written again when this run ends
+        for name in (METRICS_JSON, SUMMARY_JSON):
+            (run_dir / name).unlink(missing_ok=True)
     autocast: Callable[[], ContextManager[Any]] = (
         (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp_active else nullcontext
     )
@@ -608,78 +810,86 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
                "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
                "subset_seed": EVAL_SUBSET_SEED}
 
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(cfg.seed, epoch, "global"))
-        map_name = maps[random.Random(derive_seed(cfg.seed, epoch, "map")).randrange(len(maps))] if maps else None
-        p = curriculum_p(epoch, cfg.alpha)
-        ctx = StepContext(epoch=epoch, p=p, eps0=cfg.eps0, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                          beta=cfg.beta, multilabel=multilabel,
-                          generator=make_generator(device, derive_seed(cfg.seed, epoch, "perturb")),
-                          coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")),
-                          attack_bn=str(cfg.attack_bn))
-        stats = train_one_epoch(
-            model, train_data, method, ctx, optimizer, scaler,
-            batch_size=cfg.batch_size, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
-            augment=str(cfg.augment), shuffle_gen=make_generator("cpu", derive_seed(cfg.seed, epoch, "shuffle")),
-            aug_gen=make_generator(device, derive_seed(cfg.seed, epoch, "augment")), autocast=autocast,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress, scheduler=scheduler if per_step else None,
-        )
-        if not per_step:
-            scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - t0
-        ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.step_size,
-                              multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, epoch, "eval")))
-        rec = {
-            "epoch": epoch,
-            "map": map_name,
-            "p_t": p if uses_p else None,
-            "loss": stats["loss"],
-            "train_acc": stats["train_acc"],
-            "lr": stats["lr"],
-            "lr_last": stats["lr_last"],
-            "clean_acc": ev["clean"],
-            monitor_key: ev[f"pgd@{format_eps(cfg.eps)}"],
-            "monitor": monitor,
-            "metric": "mAP" if multilabel else "accuracy",
-            "attack_share": stats["attack_share"],
-            "samples": stats["samples"],
-            "seconds": round(time.perf_counter() - t0, 3),
-            "images_per_s": round(stats["samples"] / train_seconds, 1),
-        }
-        value = rec[monitor_key]
-        new_best = math.isfinite(value) and (best is None or value > best[monitor_key])
-        if new_best:  # strictly better: a tie keeps the earlier epoch
-            best = {"epoch": epoch, monitor_key: value, "clean_acc": rec["clean_acc"], "checkpoint": BEST_NAME}
-        history.append(rec)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        # metrics line, then checkpoint.pt, then best.pt: a kill before checkpoint.pt redoes
-        # this epoch on resume; a kill between the two is repaired on resume (_sync_best).
-        ckpt = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch + 1,
-            "best": best,
-            "model_spec": model_spec,
-            "config": cfg.to_json(),
-            "rng": _rng_state(device),
-            "extra": {"store_digest": digest, "method": cfg.method, "eval_split": eval_split},
-        }
-        save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
-        if new_best:
-            assert best is not None
-            save_checkpoint(run_dir / BEST_NAME, _best_state(ckpt, best, run_dir))
-        log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
-            f"lr {rec['lr']:.4g}" + (f"..{rec['lr_last']:.4g}" if rec["lr_last"] != rec["lr"] else "")
-            + (f", p_t {p:.3f}" if uses_p else "")
-            + f"; held-out clean {score} {rec['clean_acc']:.4f}, monitor {monitor_label} {value:.4f}"
-            + (" (best)" if new_best else "")
-            + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            torch.manual_seed(derive_seed(cfg.seed, epoch, "global"))
+            map_name = maps[random.Random(derive_seed(cfg.seed, epoch, "map")).randrange(len(maps))] if maps else None
+            p = curriculum_p(epoch, cfg.alpha)
+            ctx = StepContext(epoch=epoch, p=p, eps0=cfg.eps0, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                              beta=cfg.beta, multilabel=multilabel,
+                              generator=make_generator(device, derive_seed(cfg.seed, epoch, "perturb")),
+                              coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")),
+                              attack_bn=str(cfg.attack_bn))
+            stats = train_one_epoch(
+                model, train_data, method, ctx, optimizer, scaler,
+                batch_size=cfg.batch_size, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
+                augment=str(cfg.augment), shuffle_gen=make_generator("cpu", derive_seed(cfg.seed, epoch, "shuffle")),
+                aug_gen=make_generator(device, derive_seed(cfg.seed, epoch, "augment")), autocast=autocast,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress, scheduler=scheduler if per_step else None,
+            )
+            if not per_step:
+                scheduler.step()
+            _check_finite_training(model, optimizer, stats, epoch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds = time.perf_counter() - t0
+            ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.step_size,
+                                  multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, epoch, "eval")))
+            rec = {
+                "epoch": epoch,
+                "map": map_name,
+                "p_t": p if uses_p else None,
+                "loss": stats["loss"],
+                "train_acc": stats["train_acc"],
+                "lr": stats["lr"],
+                "lr_last": stats["lr_last"],
+                "clean_acc": ev["clean"],
+                monitor_key: ev[f"pgd@{format_eps(cfg.eps)}"],
+                "monitor": monitor,
+                "metric": "mAP" if multilabel else "accuracy",
+                "attack_share": stats["attack_share"],
+                "samples": stats["samples"],
+                "seconds": round(time.perf_counter() - t0, 3),
+                "images_per_s": round(stats["samples"] / train_seconds, 1),
+            }
+            value = rec[monitor_key]
+            new_best = math.isfinite(value) and (best is None or value > best[monitor_key])
+            if new_best:  # strictly better: a tie keeps the earlier epoch
+                best = {"epoch": epoch, monitor_key: value, "clean_acc": rec["clean_acc"], "checkpoint": BEST_NAME}
+            history.append(rec)
+            _append_line(metrics_path, json.dumps(rec) + "\n")
+            # metrics line, then checkpoint.pt, then best.pt: a kill before checkpoint.pt redoes
+            # this epoch on resume; a kill between the two is repaired on resume (_sync_best).
+            ckpt = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch + 1,
+                "best": best,
+                "model_spec": model_spec,
+                "config": cfg.to_json(),
+                "rng": _rng_state(device),
+                "extra": {"store_digest": digest, "method": cfg.method, "eval_split": eval_split},
+            }
+            save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
+            if new_best:
+                assert best is not None
+                save_checkpoint(run_dir / BEST_NAME, _best_state(ckpt, best, run_dir))
+            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
+                f"lr {rec['lr']:.4g}" + (f"..{rec['lr_last']:.4g}" if rec["lr_last"] != rec["lr"] else "")
+                + (f", p_t {p:.3f}" if uses_p else "")
+                + f"; held-out clean {score} {rec['clean_acc']:.4f}, monitor {monitor_label} {value:.4f}"
+                + (" (best)" if new_best else "")
+                + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
+    except NonFiniteLoss as e:
+        # nothing of the diverged epoch was written: checkpoint.pt (and best.pt) keep the last
+        # finite epoch, and no metrics.json claims the run is finished
+        kept = (f"{run_dir / CHECKPOINT_NAME} keeps epoch {epoch} (the last finite one)" if epoch > 0
+                else f"no checkpoint was saved in {run_dir}")
+        raise NonFiniteLoss(f"{e}; {kept}, and the run is not finished (start a new run with other options)") from None
 
     last = history[-1] if history else {}
     final: dict[str, Any] = {
