@@ -493,6 +493,8 @@ H5_CASES: dict[str, tuple[Callable[[Path, Sandbox], None], str, str]] = {
                           "", "lists 'a' twice"),
     "dataset-name-path": (_h5_change(lambda f, b: f.attrs.__setitem__("dataset", "../../etc")),
                           "", "attribute 'dataset'"),
+    "truncated-file": (lambda path, b: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+                       "", "not a readable HDF5 file"),
     "version-not-int": (_h5_change(lambda f, b: f.attrs.__setitem__("satkit_h5_version", "one")),
                         "", "not an integer"),
 }

@@ -32,6 +32,7 @@ import abc
 import errno
 import math
 import os
+import re
 import stat
 import warnings
 from dataclasses import dataclass, field, fields
@@ -114,6 +115,8 @@ class Source(abc.ABC):
     hflip: bool = True
 
     def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
+        _REAL_ROOTS.clear()
+        _REAL_DIRS.clear()
         self.root = Path(root)
         self.opts = opts
         self.bad = bad
@@ -265,7 +268,7 @@ def relative_name_problem(name: Any) -> str | None:
         return "is not a file name"
     if len(name) > MAX_NAME_CHARS:
         return f"is {len(name):,} characters long (at most {MAX_NAME_CHARS})"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _CONTROL.search(name):
         return "holds a NUL or control character"
     if "\\" in name:
         return "holds a backslash (use '/' between folders)"
@@ -277,6 +280,9 @@ def relative_name_problem(name: Any) -> str | None:
     return None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# realpath of dataset roots and of the folders files are opened in, per process (cleared
+# by each Source, so a long-lived process never trusts a folder swapped since its last build)
 _REAL_ROOTS: dict[str, str] = {}
 _REAL_DIRS: dict[str, str] = {}
 
