@@ -28,19 +28,18 @@ committed atomically this way).
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import zarr
 
 from satdata.errors import SatkitError, StoreError
+from satdata.outputs import store_lock
 from satdata.store import (
     ATTR_KEY,
     SPLIT_ORDER,
@@ -104,26 +103,6 @@ def local_store_dir(path: str | Path) -> Path:
     if not p.is_dir():
         raise SatkitError(f"{s}: maps can only be added to a local store directory, and this is a file")
     return p
-
-
-@contextmanager
-def store_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on the store directory (no file is created)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
-        yield
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SatkitError(f"{path}: another satdata command is changing this store; "
-                              "try again when it has finished") from None
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:

@@ -26,9 +26,12 @@ import numpy as np
 from satdata import __version__
 from satdata.errors import SatkitError, SourceError
 from satdata.geometry import FIT_MODES, apply_boxes, apply_image, apply_map, keep_boxes, plan_fit, rasterize_boxes
+from satdata.outputs import (commit_path, identity, is_own_plain_dir, make_parents, make_private_dir, output_lock,
+                             probe_writable, remove_empty, resolve_out, store_lock)
 from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
 from satdata.sources._base import check_box, image_hw, set_reduced_decode
 from satdata.store import SPLITS, MapInfo, StoreInfo, StoreWriter, read_info
+from satdata.workers import DecodePool, WorkerDied
 
 MAX_BAD_RECORDED = 1000
 
@@ -154,54 +157,39 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove leftovers of builds into ``out`` whose process is gone (killed with SIGKILL)."""
+    """Remove leftovers of builds into ``out`` whose process is gone (killed with SIGKILL).
+
+    Call with the output lock held (no live build of ``out`` can own a leftover then, not
+    even one with this process's id from before a restart). Only plain directories owned
+    by this user are removed: a link or someone else's entry under such a name is left.
+    """
     removed = []
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+        for p in out.parent.glob(pattern):
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if (pid == os.getpid() or not _pid_alive(pid)) and is_own_plain_dir(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
+def commit(tmp: Path, out: Path, before: Any = None) -> None:
+    """Move a finished build onto out, which must still be what it was when the build began
+    (``before``, from satdata.outputs.identity). An existing store is swapped out in one
+    atomic step where the OS allows (so a kill at any moment leaves the old or the new
+    store at out), then removed; a store another command is changing is not replaced."""
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return rc == 0
+    def remove_old(p: Path) -> None:
+        shutil.rmtree(p, ignore_errors=True)
 
-
-def commit(tmp: Path, out: Path) -> None:
-    """Move a finished build onto out. An existing store is swapped out in one atomic step
-    where the OS allows (so a kill at any moment leaves the old or the new store at out),
-    then removed."""
-    if out.exists() and _exchange(tmp, out):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old store
-        return
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if before is not None and out.is_dir() and not out.is_symlink():
+        with store_lock(out):
+            commit_path(tmp, out, before, remove_old=remove_old)
+    else:
+        commit_path(tmp, out, before, remove_old=remove_old)
 
 
 @contextmanager
@@ -249,6 +237,20 @@ def build(cfg: BuildConfig) -> BuildResult:
         raise SatkitError(f"--fit: unknown mode {cfg.fit!r} (one of {', '.join(FIT_MODES)})")
     if min(cfg.size) < 1:
         raise SatkitError(f"--size: must be positive, got {cfg.size}")
+    out = resolve_out(out, overwrite=cfg.overwrite)  # --overwrite through a link: its target
+    check_out(out, cfg.overwrite)
+    made = make_parents(out.parent)
+    try:
+        probe_writable(out.parent)
+        with output_lock(out):
+            return _build_locked(cfg, out, t0)
+    finally:
+        remove_empty(made)  # only the directories made above, and only if still empty
+
+
+def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
+    """The build proper, with the output lock held: nothing else of satdata writes ``out``."""
+    before = identity(out)  # the commit refuses if this changes while the build runs
     check_out(out, cfg.overwrite)
     bad = BadSamples(cfg.skip_bad)
     source = make_source(cfg.source, cfg.root, cfg.options, bad, cfg.given_options)
@@ -271,18 +273,23 @@ def build(cfg: BuildConfig) -> BuildResult:
                           provenance={"source": cfg.source, "from": "boxes" if spec.from_boxes else "annotations",
                                       **({"imported": spec.provenance} if spec.provenance else {})})
             for name, spec in source.maps.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = partial_path(out)
-    if tmp.exists():
-        shutil.rmtree(tmp)
     pool = None
+    created = False
     try:
         with sigterm_as_interrupt():
+            make_private_dir(tmp)
+            created = True
             if cfg.workers > 0:
                 ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-                pool = ctx.Pool(cfg.workers, initializer=_init_worker,
-                                initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
+                # not multiprocessing.Pool: a worker that dies (a crash in a decoder, the
+                # OOM killer) must end the build with a message, not hang it (satdata.workers)
+                try:
+                    pool = DecodePool(cfg.workers, ctx, _process, initializer=_init_worker,
+                                      initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
+                except WorkerDied as e:
+                    raise SatkitError(_WORKER_DIED.format(how=e)) from None
             else:
                 _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
             writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
@@ -292,7 +299,6 @@ def build(cfg: BuildConfig) -> BuildResult:
                 _build_split(writer, source, s, records[s], pool, bad, cfg)
             if pool is not None:
                 pool.close()
-                pool.join()
                 pool = None
             provenance = {
                 "source": cfg.source,
@@ -313,15 +319,27 @@ def build(cfg: BuildConfig) -> BuildResult:
                 "seconds": round(time.time() - t0, 3),
             }
             info = writer.finish(provenance)
-            commit(tmp, out)
+            commit(tmp, out, before)
     except BaseException:
         if pool is not None:
             pool.terminate()
-            pool.join()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:  # only what this process made: never a planted path under that name
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0,
                        notes=dict(info.provenance.get("notes", {})))
+
+
+_WORKER_DIED = ("a build worker died ({how}): killed, out of memory, or a crash in an image decoder; "
+                "run again with --workers 0 to find the file that causes it")
+
+
+def _pool_map(pool: DecodePool, records: list[Record], chunksize: int, split: str) -> Iterator[Any]:
+    """The pool's results in order; a worker's death becomes a one-line error, not a hang."""
+    try:
+        yield from pool.imap(records, chunksize)
+    except WorkerDied as e:
+        raise SatkitError(f"split {split!r}: " + _WORKER_DIED.format(how=e)) from None
 
 
 def _init_worker_inline(source: Source, out_hw: tuple[int, int], fit_mode: str,
@@ -355,7 +373,7 @@ def _build_split(writer: StoreWriter, source: Source, split: str, records: list[
             v.clear()
 
     if pool is not None:
-        results = pool.imap(_process, records, chunksize=max(1, min(64, len(records) // (8 * cfg.workers) or 1)))
+        results = _pool_map(pool, records, max(1, min(64, len(records) // (8 * cfg.workers) or 1)), split)
     else:
         results = map(_process, records)
     with _progress(len(records), f"{split}", cfg.progress) as bar:

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
+from satdata.outputs import (commit_path, identity, make_parents, output_lock, probe_writable, remove_empty,
+                             resolve_out)
 from satdata.store import Store, iter_chunks
 
 H5_VERSION = 1  # the layout version satdata.sources.h5 documents
@@ -30,18 +32,9 @@ GZIP_LEVEL = 4
 def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = None,
               maps: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``store`` (all splits and maps, or the ones named) to the h5 file ``out``."""
-    import h5py
-    from tqdm.auto import tqdm
-
-    from satdata import __version__
-
-    out = Path(out)
+    out = resolve_out(Path(out), overwrite=overwrite)  # --overwrite through a link: its target
     info = store.info
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
-        if not out.is_file():
-            raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
+    _check_out(out, overwrite)
     order = store.select_splits(splits)
     names = sorted(info.maps)
     if maps is not None:
@@ -49,12 +42,47 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
             if m not in info.maps:
                 raise SatkitError(f"--maps: {store.path} has no map {m!r} (maps: {', '.join(names) or 'none'})")
         names = [m for m in names if m in maps]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(out.parent)
+    try:
+        probe_writable(out.parent)
+        with output_lock(out):
+            before = identity(out)  # the commit refuses if this changes meanwhile
+            _check_out(out, overwrite)
+            _write(store, out, order, names, before, progress)
+    finally:
+        remove_empty(made)
+    return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not out.is_file():
+            raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
+
+
+def _write(store: Store, out: Path, order: Sequence[str], names: Sequence[str], before: Any,
+           progress: bool) -> None:
+    import h5py
+    from tqdm.auto import tqdm
+
+    from satdata import __version__
+
+    info = store.info
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     jobs = [(s, f) for s in order for f in ["images", "labels", "ids"] + (["boxes"] if store.has_boxes(s) else [])]
     jobs += [(s, f"saliency/{m}") for s in order for m in names]
+    created = False
     try:
-        with h5py.File(tmp, "w") as f, tqdm(total=len(jobs), desc="export", unit="array", disable=not progress,
+        # "w-": created exclusively (O_EXCL), so a planted file or link under the
+        # temporary name is never written through or truncated
+        try:
+            f = h5py.File(tmp, "w-")
+        except (OSError, FileExistsError) as e:
+            raise SatkitError(f"{tmp}: cannot create it ({'it is in the way; remove it' if os.path.lexists(tmp) else e})") from None
+        created = True
+        with f, tqdm(total=len(jobs), desc="export", unit="array", disable=not progress,
                                             leave=False) as bar:
             f.attrs["satkit_h5_version"] = H5_VERSION
             f.attrs["dataset"] = info.dataset
@@ -81,11 +109,11 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
                 else:
                     _copy(g, field_name, store.array(split, field_name), compress=field_name != "images")
                 bar.update(1)
-        os.replace(tmp, out)
+        commit_path(tmp, out, before, remove_old=lambda p: p.unlink(missing_ok=True))
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if created:
+            tmp.unlink(missing_ok=True)
         raise
-    return out
 
 
 def _copy(g: Any, name: str, arr: Any, compress: bool) -> Any:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import time
 import warnings
@@ -594,6 +595,9 @@ def evaluate(
     say = progress or (lambda _line: None)
     dev = resolve_device(cfg.device)
     ckpt_path = resolve_checkpoint(target)
+    dest = Path(out) if out is not None else _default_out(target)
+    if write:
+        _check_dest(dest)  # before minutes of attacks, not after
     st = store if isinstance(store, Store) else open_store(store)
     info = st.info
 
@@ -798,10 +802,39 @@ def evaluate(
     full["headline"] = _headline(full)
     _check_result(full)
     if write:
-        dest = Path(out) if out is not None else _default_out(target)
-        write_json_atomic(dest, full, allow_nan=False)
+        _write_result(dest, full)
         say(f"wrote {dest}")
     return full
+
+
+def _check_dest(dest: Path) -> None:
+    """Refuse an eval output that cannot be written, before any attack runs."""
+    from satdata.outputs import probe_writable
+
+    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
+        raise SatkitError(f"{dest}: exists and is not a regular file; refusing to write the results there")
+    if not dest.parent.is_dir():
+        raise SatkitError(f"--out: the directory {dest.parent} does not exist")
+    probe_writable(dest.parent)
+
+
+def _write_result(dest: Path, full: dict[str, Any]) -> None:
+    """Write eval.json atomically; if that fails (disk full, directory gone), keep the
+    results in a file under the system's temporary directory and say where."""
+    try:
+        write_json_atomic(dest, full, allow_nan=False)
+    except OSError as e:
+        import json
+        import tempfile
+
+        try:
+            fd, keep = tempfile.mkstemp(prefix="satkit-eval-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(full, indent=2, allow_nan=False) + "\n")
+            kept = f"; the results were saved to {keep}"
+        except OSError:
+            kept = "; the results could not be saved anywhere else either"
+        raise SatkitError(f"{dest}: could not write the results ({e.strerror or type(e).__name__}){kept}") from None
 
 
 def _headline(r: dict[str, Any]) -> dict[str, Any] | None:
