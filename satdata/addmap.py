@@ -111,6 +111,7 @@ def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:
 
     Call with the store lock held. Returns the removed paths (relative to the store).
     """
+    refuse_links(path, info)  # never follow a link out of the store to clean "there"
     removed: list[str] = []
     referenced = {
         "saliency": {m.array_name for m in info.maps.values()},
@@ -124,10 +125,10 @@ def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:
             for child in sorted(sal.iterdir()):
                 if child.name == "zarr.json" or child.name in names:
                     continue
-                if child.is_dir():
+                if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
-                    child.unlink()
+                    child.unlink()  # a file, or a link itself (never what it points to)
                 removed.append(f"{split}/{group}/{child.name}")
             if not names and [c.name for c in sal.iterdir()] in ([], ["zarr.json"]):
                 shutil.rmtree(sal)
@@ -174,7 +175,18 @@ def check_can_add(path: str | Path, name: str, *, splits: Sequence[str] | None =
     p = local_store_dir(path)
     check_map_name(name)
     store = open_store(p)
+    refuse_links(p, store.info)
     return store, resolve_splits(store.info, name, new, splits, overwrite, str(path))
+
+
+def refuse_links(path: Path, info: StoreInfo) -> None:
+    """Refuse to change a store whose groups are symbolic links (they may lead anywhere:
+    cleaning up "inside" them could delete someone else's files)."""
+    for split in info.splits:
+        for d in (path / split, path / split / "saliency", path / split / TARGETS_GROUP):
+            if d.is_symlink():
+                raise StoreError(f"{path}: {d.relative_to(path)} is a symbolic link; satdata does not change "
+                                 "a store whose groups lead outside it")
 
 
 def _fresh_array_name(name: str, info: StoreInfo) -> str:

@@ -391,3 +391,20 @@ def test_eval_refuses_an_output_that_is_a_directory_or_nowhere(tmp_path: Path, r
     assert "d.json" in line and "not a regular file" in line
     with pytest.raises(SatkitError, match="does not exist"):
         _check_dest(tmp_path / "nowhere" / "eval.json")
+
+
+def test_adding_a_map_never_cleans_up_through_a_link_out_of_the_store(digits8: Path, run_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    store = tmp_path / "s.zarr"
+    shutil.copytree(digits8, store)
+    outside = tmp_path / "outside"
+    shutil.copytree(store / "train" / "saliency", outside)
+    (outside / "keep.txt").write_text("keep\n")
+    shutil.rmtree(store / "train" / "saliency")
+    (store / "train" / "saliency").symlink_to(outside)
+    res = run(satdata_main, ["saliency", store, "--teacher", run_dir, "--method", "gradcampp", "--name", "g",
+                             "--device", "cpu", "-q"])
+    line = one_error_line(res)
+    assert "saliency" in line and ("link" in line or "outside" in line), line
+    assert (outside / "keep.txt").read_text() == "keep\n"
+    assert sorted(p.name for p in outside.iterdir()) == sorted(["keep.txt", *os.listdir(digits8 / "train" / "saliency")])
