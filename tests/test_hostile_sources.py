@@ -553,6 +553,12 @@ def test_flowers17_special_files(box: Sandbox, pristine_flowers: Path) -> None:
     mat.mkdir()
     expect_error(box, build_args(box, "flowers17-masks", data), mat, "is a directory, not a regular file")
     mat.rmdir()
+    from scipy.io import savemat
+
+    savemat(str(mat), {"trn1": np.ones((1, 100_000)), "val1": np.ones((1, 2)), "tst1": np.ones((1, 2))},
+            do_compression=True)
+    expect_error(box, build_args(box, "flowers17-masks", data), mat, "trn1 declares shape (1, 100000)")
+    mat.unlink()
     trimap = data / "trimaps" / "image_0001.png"
     trimap.unlink()
     trimap.symlink_to(trimap.name)

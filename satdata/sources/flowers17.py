@@ -42,6 +42,7 @@ and only up to ``MAX_MAT_BYTES``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -64,6 +65,7 @@ from satdata.sources._base import (
     read_image,
     register_source,
     require_dir,
+    short,
 )
 
 CLASSES = [
@@ -77,7 +79,9 @@ FOREGROUND_RGB = (128, 0, 0)
 MAT_KEYS = {"train": "trn1", "val": "val1", "test": "tst1"}
 UNMASKED_MODES = ("skip", "whole")
 _TRIMAP = re.compile(r"^image_(\d{4})\.png$")
-MAX_MAT_BYTES = 64 * 1024 * 1024  # the real datasplits.mat is 33 KB
+# The real datasplits.mat is 33 KB. A compressed MATLAB variable may expand about 1000x,
+# so this also bounds what reading one can allocate; declared shapes are checked first.
+MAX_MAT_BYTES = 1024 * 1024
 
 
 def image_name(n: int) -> str:
@@ -99,11 +103,16 @@ def default_split(n: int) -> str:
 def read_datasplits(path: Path, root: str | Path | None = None) -> dict[str, list[int]]:
     """trn1/val1/tst1 of datasplits.mat as sorted 1-based image numbers, checked."""
     try:
-        from scipy.io import loadmat
+        from scipy.io import loadmat, whosmat
     except ImportError:  # pragma: no cover - scipy comes with scikit-learn
         raise SourceError(path, "reading datasplits.mat needs scipy (pip install scipy)") from None
     try:
         with open_file(path, "datasplits.mat", root, max_bytes=MAX_MAT_BYTES) as f:
+            for name, shape, _ in whosmat(f):
+                if name in MAT_KEYS.values() and math.prod(shape) > N_IMAGES:
+                    raise SourceError(path, f"{name} declares shape {short(shape)}: more numbers than the "
+                                            f"{N_IMAGES} images")
+            f.seek(0)
             mat = loadmat(f, variable_names=list(MAT_KEYS.values()))
     except SourceError:
         raise
