@@ -790,8 +790,10 @@ class StoreWriter:
     ) -> None:
         if label_kind not in LABEL_KINDS:
             raise ValueError(f"label_kind must be one of {LABEL_KINDS}")
-        for m in maps.values():
+        for key, m in maps.items():
             map_dtype(m.encoding)
+            if not is_plain_name(key) or not is_plain_name(m.array_name):  # they become paths
+                raise StoreError(f"{path}: map name {key!r} is not a plain name (letters, digits, ._+-)")
         self.path = str(path)
         self.group = zarr.open_group(self.path, mode="w-")
         self.dataset = dataset
@@ -811,6 +813,8 @@ class StoreWriter:
 
     def create_split(self, split: str, n: int) -> None:
         """Create a split's arrays for up to n samples (shrunk by ``close_split``)."""
+        if split not in SPLITS:
+            raise StoreError(f"{self.path}: unknown split {split!r} (one of {', '.join(SPLITS)})")
         h, w = self.image_size
         n = max(n, 1)
         # A split smaller than one chunk gets a chunk of its own size: zarr stores boundary
