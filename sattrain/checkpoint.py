@@ -332,13 +332,23 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _plain(v: Any) -> Any:
-    """Tuples as lists, for comparing a loaded state with a fresh one."""
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two loaded values are equal: tuples and lists alike, tensors only equal to
+    tensors of the same dtype, shape and values (``==`` on a tensor is elementwise, and a
+    crafted file can put a tensor anywhere)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu())))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(same_value(x, y) for x, y in zip(a, b)))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                and all(same_value(a[k], b[k]) for k in a))
+    try:
+        return bool(a == b) and type(a) is type(b) or (_number(a) and _number(b) and a == b)
+    except Exception:  # noqa: BLE001 - an exotic value: not equal
+        return False
 
 
 def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, p: Path,
@@ -363,7 +373,7 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, p: Path,
     for i, (g, og) in enumerate(zip(groups, own_groups)):
         if not isinstance(g, dict):
             raise bad(f"param_groups[{i}] is {repr(g)[:80]}; expected a dict")
-        if _plain(g.get("params")) != og["params"]:
+        if not same_value(g.get("params"), og["params"]):
             raise bad(f"param_groups[{i}] lists parameters {repr(g.get('params'))[:80]}; this network has "
                       f"{len(og['params'])} (another network's optimizer?)")
         lr = g.get("lr")
@@ -378,17 +388,23 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, p: Path,
                 if isinstance(want, (int, float, list, tuple)) and not isinstance(want, bool):
                     raise bad(f"param_groups[{i}] has no {key!r}")
                 continue
-            if _plain(g[key]) != _plain(want):
+            if not same_value(g[key], want):
                 raise bad(f"param_groups[{i}] has {key} {repr(g[key])[:40]}; the run's options give {want!r}")
     params = [q for group in optimizer.param_groups for q in group["params"]]
     per = state["state"]
     if not isinstance(per, dict):
         raise bad(f"'state' is {repr(per)[:80]}; expected a dict")
+    want_keys = _STATE_KEYS.get(type(optimizer).__name__)
+    if want_keys is not None and any(g.get("amsgrad") for g in optimizer.param_groups):
+        want_keys = want_keys | {"max_exp_avg_sq"}
     for key, entry in per.items():
         if not _is_int(key) or not 0 <= key < len(params):
             raise bad(f"state for parameter {key!r}; the network has parameters 0..{len(params) - 1}")
         if not isinstance(entry, dict):
             raise bad(f"state of parameter {key} is {repr(entry)[:80]}; expected a dict")
+        if entry and want_keys is not None and set(entry) != want_keys:
+            raise bad(f"parameter {key} has state {sorted(map(str, entry))[:5]}; "
+                      f"{type(optimizer).__name__} keeps {sorted(want_keys)}")
         shape = tuple(params[key].shape)
         for name, v in entry.items():
             if name == "step":
@@ -402,8 +418,12 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, p: Path,
                               f"expected a floating-point tensor of shape {shape}")
                 if non_finite_tensors(v):
                     raise bad(f"parameter {key}: {str(name)[:40]} holds NaN or infinite values")
-            elif v is not None:
+            elif v is not None or name != "momentum_buffer":  # SGD without momentum keeps None
                 raise bad(f"parameter {key}: {str(name)[:40]} is {repr(v)[:40]}; expected a tensor")
+
+
+# The per-parameter state each optimizer keeps (Adam adds max_exp_avg_sq with amsgrad).
+_STATE_KEYS = {"Adam": frozenset({"step", "exp_avg", "exp_avg_sq"}), "SGD": frozenset({"momentum_buffer"})}
 
 
 # Scheduler attributes that change as training advances; every other one is fixed by the
@@ -447,7 +467,7 @@ def check_scheduler_state(state: Any, scheduler: torch.optim.lr_scheduler.LRSche
     for key, want in own.items():
         if key in _SCHEDULER_PROGRESS or key == "lr_lambdas" or key not in state:
             continue
-        if _plain(state[key]) != _plain(want):
+        if not same_value(state[key], want):
             raise bad(f"{key} is {repr(state[key])[:60]}; the run's options give {repr(want)[:60]}")
     for key in ("_get_lr_called_within_step", "_is_initial"):
         if key in state and not isinstance(state[key], bool):

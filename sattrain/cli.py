@@ -2,11 +2,15 @@
 
 Each command only parses options and calls one library function (sattrain.train.train
 for `run`); errors a user can fix are printed on one line with exit status 1.
+
+Option values are validated in one place, ``TrainConfig.resolved()`` (sattrain.config):
+click only parses text, and its float type accepts "nan", "inf" and "1e999", which
+resolved() refuses naming the option (``--lr: must be a finite number > 0, got nan``).
+The callbacks here only turn epsilons ("8/255") and sizes ("8G") into numbers.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -154,7 +158,7 @@ def main() -> None:
                    "float32). On the CPU it has no effect (a note says so).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds everything: initialisation, subsets, shuffling, augmentation, perturbations, attacks.")
-@click.option("--out", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
               help="Run directory.  [default: runs/<dataset>-<method>-<model>-s<seed>]")
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out from its last checkpoint.pt, schedule included (same options; --epochs may "
@@ -180,7 +184,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
         optimizer: str | None, lr: float | None, momentum: float | None, weight_decay: float | None,
         schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int,
         step_size: float, beta: float | None, augment: str, no_augment: bool, device: str, amp: bool, seed: int,
-        out: Path | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
+        out: str | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
         eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool) -> None:
     """Train a model on STORE with one of the methods; write a run directory.
 
@@ -195,7 +199,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
         if no_augment and augment not in ("auto", "none"):
             raise SatkitError(f"--no-augment contradicts --augment {augment}; give one of them")
         cfg = TrainConfig(
-            store=store, out=str(out) if out is not None else None, method=method, maps=tuple(maps), model=model,
+            store=store, out=out, method=method, maps=tuple(maps), model=model,
             epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
             weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
             steps=steps, step_size=step_size, beta=beta, augment="none" if no_augment else augment, device=device,

@@ -243,6 +243,11 @@ class TrainConfig:
         "inf" as floats, so they reach this point).
         """
         self._check_types()
+        if self.out is not None and not self.out.strip():
+            raise SatkitError(f"--out: {self.out!r} is an empty path (a variable that expanded to nothing?); "
+                              "name the run directory")
+        if not self.store.strip():
+            raise SatkitError("STORE: an empty path; name the store (a .zarr directory)")
         from sattrain.methods import method_names
 
         if self.method not in method_names():
@@ -364,11 +369,16 @@ RESUMABLE_CHANGES = frozenset({"store", "out", "epochs", "resume", "device", "pr
 def resume_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Options that differ between a saved run's config and this invocation's: "name: a -> b"."""
     out = []
-    for k in sorted(set(saved) | set(now)):
+    for k in sorted(set(saved) | set(now), key=str):
         if k in RESUMABLE_CHANGES:
             continue
-        if saved.get(k) != now.get(k):
-            out.append(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}")
+        a, b = saved.get(k), now.get(k)
+        try:
+            differ = bool(a != b) or type(a) is not type(b) and not (_is_real(a) and _is_real(b))
+        except Exception:  # noqa: BLE001 - e.g. a tensor where a number was saved: they differ
+            differ = True
+        if differ:
+            out.append(f"{str(k)[:40]}: {repr(a)[:60]} -> {repr(b)[:60]}")
     return out
 
 

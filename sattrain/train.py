@@ -108,6 +108,7 @@ from sattrain.checkpoint import (
     load_checkpoint,
     load_model_state,
     non_finite_tensors,
+    same_value,
     save_checkpoint,
     write_json_atomic,
     write_text_atomic,
@@ -541,7 +542,7 @@ def _sync_best(run_dir: Path, ckpt: dict[str, Any], log: Log) -> None:
             have = load_checkpoint(path).get("best")
         except SatkitError:
             have = None  # a torn or foreign file: rewritten below if we can
-    if have == best:
+    if same_value(have, best):
         return
     if int(best["epoch"]) == int(ckpt["epoch"]) - 1:
         save_checkpoint(path, _best_state(ckpt, best, run_dir))
@@ -604,7 +605,7 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
     spec = ckpt["model_spec"]
     for key, want in (model_spec or {}).items():
         have = spec.get(key)
-        if have is not None and (list(have) if isinstance(have, (list, tuple)) else have) != want:
+        if have is not None and not same_value(have, want):
             raise SatkitError(f"{ckpt_path}: the checkpoint's network has {key} {repr(have)[:80]}, but this run's "
                               f"has {repr(want)[:80]} (a checkpoint of another network or store)")
     saved_digest = (ckpt.get("extra") or {}).get("store_digest")

@@ -56,7 +56,9 @@ SIZE = (4, 4)
 # One epoch of two steps on the tiny store, a one-step monitor, no end-of-run summary.
 QUICK = ["--batch-size", "8", "--eval-samples", "8", "--eval-steps", "1", "--steps", "1", "--summary-samples", "0",
          "--device", "cpu", "--threads", "1", "-q"]
-HYPO = settings(max_examples=10, deadline=None, derandomize=True,
+# SATKIT_HYPOTHESIS_EXAMPLES=500 explores further (and without derandomize, new examples each run).
+HYPO = settings(max_examples=int(os.environ.get("SATKIT_HYPOTHESIS_EXAMPLES", "10")), deadline=None,
+                derandomize="SATKIT_HYPOTHESIS_EXAMPLES" not in os.environ,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.filter_too_much])
 TEMP_MARKERS = (".tmp-", ".write-probe-")
@@ -227,6 +229,7 @@ OPTION_CASES: dict[str, tuple[list[str], str]] = {
     "seed nan": (["--seed", "nan"], "'--seed'"),
     "eval samples negative": (["--eval-samples", "-1"], "'--eval-samples'"),
     "train samples 1": (["--train-samples", "1"], "'--train-samples'"),
+    "out empty": (["--out", ""], "--out: '' is an empty path"),
 }
 
 
@@ -500,6 +503,58 @@ def test_crafted_run_directories_on_resume_end_in_one_line(box: Sandbox, trained
     line = expect_error(box, run_args(box, run, "--resume", epochs=2))
     assert fragment in line and str(run) in line, line
     assert "weights_only" not in line
+
+
+# Where a generated value is put in checkpoint.pt, and what values (tensors by recipe, from the original).
+FUZZ_PATHS = [("epoch",), ("best",), ("optimizer",), ("scheduler",), ("rng",), ("extra",), ("config",),
+              ("model_spec",), ("best", "epoch"), ("best", "pgd1_monitor"), ("optimizer", "state", 0, "step"),
+              ("optimizer", "state", 0, "exp_avg"), ("optimizer", "state", 1), ("optimizer", "param_groups", 0, "lr"),
+              ("optimizer", "param_groups", 0, "eps"), ("optimizer", "param_groups", 0, "params"),
+              ("scheduler", "last_epoch"), ("scheduler", "_last_lr"), ("scheduler", "base_lrs"),
+              ("scheduler", "_step_count"), ("scheduler", "_is_initial"), ("rng", "torch"), ("extra", "store_digest"),
+              ("config", "lr"), ("config", "epochs"), ("config", "maps"), ("config", "seed"), ("config", "alpha"),
+              ("model_spec", "num_classes"), ("model_spec", "classes"), ("model_spec", "image_size")]
+_TENSORS: dict[str, Callable[[Any], Any]] = {
+    "zeros(3)": lambda old: torch.zeros(3),
+    "same, NaN": lambda old: (torch.full(old.shape, math.nan) if isinstance(old, torch.Tensor)
+                              else torch.tensor(math.nan)),
+    "same, int64": lambda old: old.to(torch.int64) if isinstance(old, torch.Tensor) else torch.tensor(1),
+    "same, uint8": lambda old: old.to(torch.uint8) if isinstance(old, torch.Tensor) else torch.tensor(1),
+    "scalar -1": lambda old: torch.tensor(-1.0),
+}
+fuzz_values = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20), st.floats(), st.text(max_size=6),
+    st.lists(st.integers(-2, 3), max_size=3), st.just({}), st.sampled_from(sorted(_TENSORS)).map(lambda k: ("tensor", k)),
+)
+
+
+@HYPO
+@given(where=st.sampled_from(FUZZ_PATHS), value=fuzz_values)
+def test_generated_checkpoint_damage_resumes_or_ends_in_one_line(box: Sandbox, trained: Path, where: tuple[Any, ...],
+                                                                 value: Any) -> None:
+    """Any one value of checkpoint.pt replaced: the resume either works (and leaves finite
+    weights) or is refused in one line naming the run, changing nothing."""
+    run = box.work / f"run-{next(_EXAMPLE)}"
+    shutil.copytree(trained, run)
+    d = torch.load(run / "checkpoint.pt", weights_only=True)
+    parent = d
+    for k in where[:-1]:
+        parent = parent[k]
+    if isinstance(value, tuple):
+        value = _TENSORS[value[1]](parent.get(where[-1]))
+    parent[where[-1]] = value
+    torch.save(d, run / "checkpoint.pt")
+    before = box.snapshot()
+    res = invoke(run_args(box, run, "--resume", epochs=2))
+    assert "Traceback" not in res.output and isinstance(res.exception, (SystemExit, type(None))), repr(res.exception)
+    if res.exit_code == 0:
+        assert _no_non_finite(run / "checkpoint.pt")["epoch"] == 2
+    else:
+        lines = _nonblank(res.stderr)
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and str(run) in lines[0], res.stderr
+        assert box.snapshot() == before
+    assert box.temp_files() == [] and box.victim.read_text() == "must survive\n"
+    shutil.rmtree(run)
 
 
 def test_an_untouched_copy_resumes(box: Sandbox, trained: Path) -> None:
@@ -805,3 +860,51 @@ def test_generated_junk_in_a_run_file_never_breaks_the_report(box: Sandbox, name
     assert box.temp_files() == []
     shutil.rmtree(good)
     shutil.rmtree(bad)
+
+
+def _full_eval() -> dict[str, Any]:
+    """An eval.json with every section the report reads (plots included)."""
+    return _eval(
+        autoattack={"eps_label": "8/255", "value": 0.2, "package": "pyautoattack", "version": "standard",
+                    "attacks": ["apgd-ce"], "norm": "Linf"},
+        headline={"name": "autoattack@8/255", "value": 0.2},
+        cw={"steps": 20, "search_steps": 9, "initial_c": 1e-3, "lr": 0.01, "value": 0.1, "median_l2": 0.3},
+        distortions={"contrast": [{"level": 0.5, "value": 0.3}], "lowpass": [{"sigma": 1.0, "value": 0.4}],
+                     "highpass": [{"sigma": 2.0, "value": 0.2}]},
+        sanity={"passed": False, "checks": [{"name": "pgd-beats-fgsm", "passed": False, "detail": "x"}]},
+        protocol_description="AutoAttack headline")
+
+
+EVAL_PATHS = [("clean",), ("samples",), ("split",), ("split_size",), ("complete",), ("metric",), ("protocol",),
+              ("version",), ("robust",), ("robust", "pgd@8/255"), ("pgd",), ("pgd", "steps"), ("pgd", "restarts"),
+              ("pgd", "results"), ("pgd", "results", 0), ("pgd", "results", 0, "eps"), ("pgd", "results", 0, "value"),
+              ("pgd", "step_label"), ("autoattack",), ("autoattack", "eps_label"), ("autoattack", "value"),
+              ("autoattack", "attacks"), ("headline",), ("headline", "name"), ("headline", "value"), ("cw",),
+              ("cw", "initial_c"), ("cw", "median_l2"), ("distortions",), ("distortions", "lowpass"),
+              ("distortions", "lowpass", 0, "sigma"), ("distortions", "contrast", 0, "value"), ("sanity",),
+              ("sanity", "checks"), ("sanity", "checks", 0), ("sanity", "checks", 0, "name"),
+              ("protocol_description",)]
+
+
+@HYPO
+@given(where=st.sampled_from(EVAL_PATHS), value=json_values)
+def test_generated_damage_to_a_valid_eval_never_breaks_the_report(box: Sandbox, where: tuple[Any, ...],
+                                                                   value: Any) -> None:
+    n = next(_EXAMPLE)
+    good, bad = _good_run(box.work, f"good-{n}", 0), _good_run(box.work, f"damaged-{n}", 1)
+    data = _full_eval()
+    (good / "eval.json").write_text(json.dumps(data))
+    parent = data
+    for k in where[:-1]:
+        parent = parent[k]
+    parent[where[-1]] = value
+    (bad / "eval.json").write_text(json.dumps(data))
+    res = _report([good, bad], box.work / "report")
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    lines = _nonblank(res.stderr)
+    assert len(lines) <= 1 and all(ln.startswith("warning: ") and str(bad / "eval.json") in ln for ln in lines), lines
+    md = (box.work / "report" / "report.md").read_text()
+    assert (f"`{bad.name}`" in md.split("## Skipped runs")[0]) == (not lines)
+    shutil.rmtree(good)
+    shutil.rmtree(bad)
+
