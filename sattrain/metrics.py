@@ -18,12 +18,14 @@ def average_precision(scores: Any, targets: Any) -> float:
     """Average precision of one class: sum over thresholds of (R_n - R_{n-1}) * P_n.
 
     The same non-interpolated definition as scikit-learn's ``average_precision_score``
-    (ties in the scores share one threshold). NaN when the class has no positive sample.
+    (ties in the scores share one threshold). NaN when the class has no positive sample,
+    and when a score is NaN (a diverged model's logits have no ranking; argsort would
+    silently order them anyway).
     """
     scores = _numpy(scores).astype(np.float64)
     targets = _numpy(targets) > 0.5
     n_pos = int(targets.sum())
-    if n_pos == 0:
+    if n_pos == 0 or np.isnan(scores).any():
         return float("nan")
     order = np.argsort(-scores, kind="mergesort")
     s, t = scores[order], targets[order]
@@ -37,11 +39,14 @@ def average_precision(scores: Any, targets: Any) -> float:
 
 
 def mean_average_precision(scores: Any, targets: Any) -> float:
-    """mAP over the classes that have at least one positive sample (NaN if none has).
+    """mAP over the classes that have at least one positive sample (NaN if none has, or if
+    any score is NaN).
 
     ``scores`` and ``targets`` are (N, K) arrays or tensors (targets multi-hot).
     """
     scores, targets = _numpy(scores), _numpy(targets)
+    if np.isnan(scores.astype(np.float64)).any():
+        return float("nan")  # not "the other classes' mAP": a NaN score is a failed model, not a missing class
     aps = [average_precision(scores[:, k], targets[:, k]) for k in range(targets.shape[1])]
     aps = [a for a in aps if not math.isnan(a)]
     return float(np.mean(aps)) if aps else float("nan")
