@@ -182,15 +182,19 @@ Layout of report.md:
 @click.option("--aggregate/--no-aggregate", default=None,
               help="One row per configuration (runs differing only in --seed; mean +- std over seeds), or one "
                    "row per run.  [default: aggregate when some configuration has more than one seed]")
-def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None) -> None:
+@click.option("--strict", is_flag=True,
+              help="Stop at the first unreadable run (a damaged or foreign file) instead of skipping it "
+                   "with a warning and reporting the others.")
+def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None, strict: bool) -> None:
     """Compare runs: markdown tables per protocol and plots (accuracy per epoch, robustness against eps).
 
     Reads each RUN_DIR's config.json, metrics.jsonl, metrics.json (its end-of-run summary),
     eval.json and eval-paper.json (when `sattrain eval` has run) and writes OUT/report.md
     with PNGs beside it. Old run directories (eval.json version 1, pgd_acc) are read too:
-    their numbers are labelled paper protocol or monitor.
+    their numbers are labelled paper protocol or monitor. A run whose files are damaged is
+    skipped with a one-line warning and listed under "Skipped runs" (--strict: an error).
     """
     from sattrain.report import write_report
 
-    path = run_cli(lambda: write_report(list(run_dirs), out, aggregate=aggregate))
+    path = run_cli(lambda: write_report(list(run_dirs), out, aggregate=aggregate, strict=strict))
     click.echo(f"wrote {path}")

@@ -408,3 +408,14 @@ def test_adding_a_map_never_cleans_up_through_a_link_out_of_the_store(digits8: P
     assert "saliency" in line and ("link" in line or "outside" in line), line
     assert (outside / "keep.txt").read_text() == "keep\n"
     assert sorted(p.name for p in outside.iterdir()) == sorted(["keep.txt", *os.listdir(digits8 / "train" / "saliency")])
+
+
+def test_report_strict_flag_stops_at_a_damaged_run(tmp_path: Path, run_dir: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad)
+    (bad / "metrics.json").write_text("nope")
+    line = one_error_line(run(sattrain_main, ["report", run_dir, bad, "-o", tmp_path / "r", "--strict"]))
+    assert "bad/metrics.json" in line
+    res = run(sattrain_main, ["report", run_dir, bad, "-o", tmp_path / "r"])
+    assert res.exit_code == 0 and "warning" in res.stderr and "bad/metrics.json" in res.stderr
+    assert "Skipped runs" in (tmp_path / "r" / "report.md").read_text()
