@@ -101,22 +101,26 @@ def remove_empty(dirs: list[Path]) -> None:
             pass
 
 
-def probe_writable(directory: Path, what: str = "--out", nbytes: int = 1 << 16) -> None:
+def probe_writable(directory: Path, what: str = "--out", nbytes: int = 1 << 16, *, kind: str = "") -> None:
     """Fail now, in one line naming ``directory``, if ``nbytes`` cannot be written in it.
 
-    A file is created, filled and synced, then removed: an empty file would still fit on
-    a full disk, and a read-only or full file system should stop a command before its
-    long work, not after it.
+    A file ``.write-probe-*`` is created exclusively (never through a planted link),
+    filled and synced, then removed: an empty file would still fit on a full disk, and a
+    read-only or full file system should stop a command before its long work, not after.
+    ``kind`` says what the directory is in the message ("the run directory ").
     """
+    def refuse(e: OSError) -> SatkitError:
+        return SatkitError(f"{what}: cannot write in {kind}{directory} ({_one_line_os(e).lower()})")
+
     try:
-        fd, name = tempfile.mkstemp(prefix=".satkit-probe-", dir=directory)
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
     except OSError as e:
-        raise SatkitError(f"{what}: cannot write in {directory} ({_one_line_os(e)})") from None
+        raise refuse(e) from None
     try:
         os.write(fd, bytes(nbytes))
         os.fsync(fd)
     except OSError as e:
-        raise SatkitError(f"{what}: cannot write in {directory} ({_one_line_os(e)})") from None
+        raise refuse(e) from None
     finally:
         os.close(fd)
         os.unlink(name)

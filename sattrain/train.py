@@ -97,6 +97,7 @@ import torch
 import torch.nn as nn
 
 from satdata.errors import SatkitError
+from satdata.outputs import probe_writable
 from satdata.store import Store, open_store, store_digest
 from sattrain import __version__
 from sattrain.checkpoint import (
@@ -469,24 +470,13 @@ def _check_run_dir(run_dir: Path) -> None:
 def _make_run_dir(run_dir: Path) -> None:
     """Create the run directory and prove it is writable (a probe file, created exclusively
     and removed), so that an unwritable --out fails before any data is read or any training."""
-    import secrets
-
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         where = f", {e.filename}" if e.filename and str(e.filename) != str(run_dir) else ""
         raise SatkitError(f"--out: cannot create the run directory {run_dir} "
                           f"({(e.strerror or str(e)).lower()}{where})") from None
-    probe = run_dir / f".write-probe-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        try:
-            os.write(fd, b"x")
-        finally:
-            os.close(fd)
-            probe.unlink()
-    except OSError as e:
-        raise SatkitError(f"--out: cannot write in the run directory {run_dir} ({(e.strerror or str(e)).lower()})") from None
+    probe_writable(run_dir, "--out", kind="the run directory ")
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -34,25 +34,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from satdata.store import MapInfo, StoreWriter
 from sattrain import checkpoint as ckpt_mod
 from sattrain.checkpoint import NonFiniteState, atomic_write, load_checkpoint, save_checkpoint, write_json_atomic
 from sattrain.cli import main
 from sattrain.config import parse_eps
 from sattrain.models import create_model
+from test_hostile import make_store  # the same tiny store as the store-side corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CLASSES = ["a", "b", "c"]
-SPLITS = {"train": 16, "test": 8}
-SIZE = (4, 4)
 # One epoch of two steps on the tiny store, a one-step monitor, no end-of-run summary.
 QUICK = ["--batch-size", "8", "--eval-samples", "8", "--eval-steps", "1", "--steps", "1", "--summary-samples", "0",
          "--device", "cpu", "--threads", "1", "-q"]
@@ -62,22 +58,6 @@ HYPO = settings(max_examples=int(os.environ.get("SATKIT_HYPOTHESIS_EXAMPLES", "1
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.filter_too_much])
 TEMP_MARKERS = (".tmp-", ".write-probe-")
-
-
-def make_store(path: Path) -> Path:
-    """A complete tiny store: splits train 16 / test 8 of 4x4 images, map 'ink' (binary)."""
-    rng = np.random.default_rng(0)
-    w = StoreWriter(path, dataset="tiny", classes=CLASSES, image_size=SIZE, label_kind="single",
-                    maps={"ink": MapInfo(name="ink", encoding="binary", kind="mask")})
-    for split, n in SPLITS.items():
-        w.create_split(split, n)
-        images = rng.integers(1, 255, size=(n, *SIZE, 3), dtype=np.uint8)
-        labels = np.arange(n, dtype=np.int64) % len(CLASSES)
-        ink = (images[..., 0] > 127).astype(np.uint8)
-        w.write(split, 0, images, labels, [f"{split}{i}" for i in range(n)], {"ink": ink})
-        w.close_split(split, n)
-    w.finish({"source": "test_hostile_train"})
-    return path
 
 
 def _tree_digest(root: Path) -> str:
