@@ -42,9 +42,9 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
             if m not in info.maps:
                 raise SatkitError(f"--maps: {store.path} has no map {m!r} (maps: {', '.join(names) or 'none'})")
         names = [m for m in names if m in maps]
-    made = make_parents(out.parent)
+    made = make_parents(out.parent, "--to")
     try:
-        probe_writable(out.parent)
+        probe_writable(out.parent, "--to")
         with output_lock(out):
             before = identity(out)  # the commit refuses if this changes meanwhile
             _check_out(out, overwrite)

@@ -12,7 +12,7 @@ Every command that writes a new store or file under a name the user gave (``satd
 * :func:`output_lock` -- an exclusive lock per output name (``flock`` on a hidden
   ``.NAME.lock`` beside it, removed on release): of two commands writing one output, the
   second exits at once with a message naming the first one's process.
-* :func:`identity` and :func:`commit_dir` -- what was at the output when the command
+* :func:`identity` and :func:`commit_path` -- what was at the output when the command
   started is recorded; the commit refuses (and discards only its own work) if something
   else appeared there or changed it meanwhile, and otherwise moves the finished work in
   with one atomic rename (``RENAME_NOREPLACE`` onto a free name, ``RENAME_EXCHANGE`` with
@@ -70,7 +70,7 @@ def resolve_out(out: Path, *, overwrite: bool) -> Path:
     return target
 
 
-def make_parents(d: Path) -> list[Path]:
+def make_parents(d: Path, what: str = "--out") -> list[Path]:
     """Create ``d`` and its missing parents; returns the ones created (deepest last)."""
     missing = []
     p = d
@@ -85,10 +85,10 @@ def make_parents(d: Path) -> list[Path]:
             continue
         except OSError as e:
             remove_empty(made)
-            raise SatkitError(f"--out: cannot create the directory {m} ({_one_line_os(e)})") from None
+            raise SatkitError(f"{what}: cannot create the directory {m} ({_one_line_os(e)})") from None
         made.append(m)
     if not d.is_dir():
-        raise SatkitError(f"--out: {d} is not a directory")
+        raise SatkitError(f"{what}: {d} is not a directory")
     return made
 
 
