@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,26 @@ def good_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Every entry under root, links not followed and special files never opened: a
+    file's content digest, a link's target, a directory's or special file's kind."""
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st_ = os.lstat(p)
+            if stat.S_ISLNK(st_.st_mode):
+                found[rel] = "link:" + os.readlink(p)
+            elif stat.S_ISREG(st_.st_mode):
+                found[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif stat.S_ISDIR(st_.st_mode):
+                found[rel] = "dir"
+            else:
+                found[rel] = f"mode:{stat.S_IFMT(st_.st_mode):o}"
+    return found
+
+
 @dataclass
 class Sandbox:
     """One test's world: every path a command could touch lies under ``root``."""
@@ -97,19 +118,7 @@ class Sandbox:
     pristine: Path
 
     def snapshot(self) -> dict[str, str]:
-        """Every entry under root (links not followed): its kind and content digest."""
-        out: dict[str, str] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                rel = str(p.relative_to(self.root))
-                if p.is_symlink():
-                    out[rel] = "link:" + os.readlink(p)
-                elif p.is_dir():
-                    out[rel] = "dir"
-                else:
-                    out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-        return out
+        return tree_snapshot(self.root)
 
     def meta(self) -> dict[str, Any]:
         return json.loads((self.pristine / "zarr.json").read_text())

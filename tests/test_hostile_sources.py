@@ -21,11 +21,9 @@ numbers, crafted RLE strings and polygon coordinates.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -53,6 +51,7 @@ from tests.fixtures.flowers17 import make_flowers17
 from tests.fixtures.folder import make_folder
 from tests.fixtures.tiny_imagenet import make_tiny_imagenet
 from tests.fixtures.voc import make_voc
+from test_hostile import tree_snapshot  # the sandbox snapshot every hostile corpus uses
 
 HYPO = settings(max_examples=8, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -125,20 +124,7 @@ class Sandbox:
     out: Path  # --out
 
     def snapshot(self) -> dict[str, str]:
-        """Every entry under root, links not followed and special files never opened."""
-        found: dict[str, str] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                rel = str(p.relative_to(self.root))
-                st_ = os.lstat(p)
-                if stat.S_ISLNK(st_.st_mode):
-                    found[rel] = "link:" + os.readlink(p)
-                elif stat.S_ISREG(st_.st_mode):
-                    found[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-                else:
-                    found[rel] = f"mode:{stat.S_IFMT(st_.st_mode):o}"
-        return found
+        return tree_snapshot(self.root)
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ from sattrain.checkpoint import NonFiniteState, atomic_write, load_checkpoint, s
 from sattrain.cli import main
 from sattrain.config import parse_eps
 from sattrain.models import create_model
-from test_hostile import make_store  # the same tiny store as the store-side corpus
+from test_hostile import make_store, tree_snapshot  # the same tiny store and sandbox snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,18 +102,7 @@ class Sandbox:
         return self.outside / "victim.txt"
 
     def snapshot(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                rel = str(p.relative_to(self.root))
-                if p.is_symlink():
-                    out[rel] = "link:" + os.readlink(p)
-                elif p.is_dir():
-                    out[rel] = "dir"
-                else:
-                    out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-        return out
+        return tree_snapshot(self.root)
 
     def temp_files(self) -> list[str]:
         return [str(p) for p in self.root.rglob("*") if any(m in p.name for m in TEMP_MARKERS) and not p.is_symlink()]
