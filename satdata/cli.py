@@ -59,7 +59,9 @@ def main() -> None:
 @click.option("--splits", default=None, help="Comma-separated splits to build, e.g. train,val.  [default: all the source has]")
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes that decode images in parallel (0: decode in this process).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it is an existing store (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it is an existing store (through a symlink: the store it names), only once "
+                   "the new one is complete and only if nothing else changed it meanwhile.")
 @click.option("--skip-bad", is_flag=True, help="Skip bad samples (and list them) instead of stopping at the first.")
 @click.option("--label", type=click.Choice(["multi", "largest"]), default=None,
               help="voc-*, coco-*: multi-hot labels over all classes present (multi), or the class of the largest object (largest).  [default: multi]")
