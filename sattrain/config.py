@@ -287,6 +287,9 @@ class TrainConfig:
         _check_real("--alpha", self.alpha, 0, 1, lo_open=True)
         for name in ("eps0", "eps", "step_size"):
             parse_eps(getattr(self, name), "--" + name.replace("_", "-"))
+        if ("pgd" in self.method or "trades" in self.method) and parse_eps(self.step_size, "--step-size") == 0:
+            raise SatkitError(f"--step-size: must be > 0 for --method {self.method} (an attack whose step is zero "
+                              f"never leaves its start), got {self.step_size!r}")
         if self.lr is not None:
             lr = self.lr
         elif optimizer == recipe.optimizer:

@@ -175,6 +175,7 @@ OPTION_CASES: dict[str, tuple[list[str], str]] = {
     "beta nan": (["--method", "trades", "--beta", "nan"], "--beta: must be a finite number >= 0, got nan"),
     "beta inf": (["--method", "trades", "--beta", "inf"], "--beta: must be a finite number >= 0, got inf"),
     "beta negative": (["--method", "trades", "--beta", "-6"], "--beta: must be a finite number >= 0"),
+    "step size zero for pgd": (["--method", "pgd", "--step-size", "0"], "--step-size: must be > 0 for --method pgd"),
     "alpha nan": (["--alpha", "nan"], "--alpha: must be in (0, 1], got nan"),
     "alpha zero": (["--alpha", "0"], "--alpha: must be in (0, 1], got 0.0"),
     "alpha above 1": (["--alpha", "1.5"], "--alpha: must be in (0, 1], got 1.5"),
