@@ -759,7 +759,8 @@ def open_store(path: str | Path, *, mode: str = "r") -> Store:
 
 def image_compressors() -> Any:
     # Images are stored uncompressed: natural images shrink little under a fast codec,
-    # and loading a split should run at disk speed (DESIGN.md measured 0.2 s vs 0.4 s).
+    # and loading a split should run at disk speed (docs/store-format.md, "Compression";
+    # BENCHMARKS.md section 1 times the loading).
     return None
 
 

@@ -1,4 +1,4 @@
-"""The SAT perturbation (SAT.md): schedule, sign, clamping, S per encoding, statistics, no host sync."""
+"""The SAT perturbation (docs/method.md): schedule, sign, clamping, S per encoding, statistics, no host sync."""
 
 from __future__ import annotations
 
