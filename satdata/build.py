@@ -27,7 +27,7 @@ from satdata import __version__
 from satdata.errors import SatkitError, SourceError
 from satdata.geometry import FIT_MODES, apply_boxes, apply_image, apply_map, keep_boxes, plan_fit, rasterize_boxes
 from satdata.outputs import (commit_path, identity, is_own_plain_dir, make_parents, make_private_dir, output_lock,
-                             probe_writable, remove_empty, resolve_out, store_lock)
+                             partial_path, probe_writable, remove_empty, resolve_out, store_lock)
 from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
 from satdata.sources._base import check_box, image_hw, set_reduced_decode
 from satdata.store import SPLITS, MapInfo, StoreInfo, StoreWriter, read_info
@@ -140,10 +140,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         except Exception:
             pass
     raise SatkitError(f"{out}: exists and is not a satkit store; refusing to replace it")
-
-
-def partial_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial-{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:

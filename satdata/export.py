@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.outputs import (commit_path, identity, make_parents, output_lock, probe_writable, remove_empty,
-                             resolve_out)
+from satdata.outputs import (commit_path, identity, make_parents, output_lock, partial_path, probe_writable,
+                             remove_empty, resolve_out)
 from satdata.store import Store, iter_chunks
 
 H5_VERSION = 1  # the layout version satdata.sources.h5 documents
@@ -70,7 +70,7 @@ def _write(store: Store, out: Path, order: Sequence[str], names: Sequence[str], 
     from satdata import __version__
 
     info = store.info
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp = partial_path(out)
     jobs = [(s, f) for s in order for f in ["images", "labels", "ids"] + (["boxes"] if store.has_boxes(s) else [])]
     jobs += [(s, f"saliency/{m}") for s in order for m in names]
     created = False
@@ -79,11 +79,11 @@ def _write(store: Store, out: Path, order: Sequence[str], names: Sequence[str], 
         # temporary name is never written through or truncated
         try:
             f = h5py.File(tmp, "w-")
-        except (OSError, FileExistsError) as e:
-            raise SatkitError(f"{tmp}: cannot create it ({'it is in the way; remove it' if os.path.lexists(tmp) else e})") from None
+        except OSError as e:  # FileExistsError included
+            why = "it is in the way; remove it" if os.path.lexists(tmp) else e
+            raise SatkitError(f"{tmp}: cannot create it ({why})") from None
         created = True
-        with f, tqdm(total=len(jobs), desc="export", unit="array", disable=not progress,
-                                            leave=False) as bar:
+        with f, tqdm(total=len(jobs), desc="export", unit="array", disable=not progress, leave=False) as bar:
             f.attrs["satkit_h5_version"] = H5_VERSION
             f.attrs["dataset"] = info.dataset
             f.attrs["classes"] = json.dumps(info.classes, ensure_ascii=False)

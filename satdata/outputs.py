@@ -312,6 +312,11 @@ def commit_path(tmp: Path, out: Path, before: Identity | None, *, remove_old) ->
     remove_old(old)
 
 
+def partial_path(out: Path) -> Path:
+    """Where a command builds ``out`` before its commit: the hidden ``.NAME.partial-PID`` beside it."""
+    return out.parent / f".{out.name}.partial-{os.getpid()}"
+
+
 def make_private_dir(path: Path) -> None:
     """Create ``path`` (must not exist in any form: never reuses a planted directory or link)."""
     try:
@@ -333,4 +338,5 @@ def is_own_plain_dir(path: Path) -> bool:
 
 
 __all__ = ["check_unchanged", "commit_path", "exchange", "identity", "is_own_plain_dir", "make_parents",
-           "make_private_dir", "output_lock", "probe_writable", "remove_empty", "rename_noreplace", "resolve_out", "store_lock"]
+           "make_private_dir", "output_lock", "partial_path", "probe_writable", "remove_empty", "rename_noreplace",
+           "resolve_out", "store_lock"]

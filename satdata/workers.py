@@ -48,7 +48,6 @@ class DecodePool:
 
     def __init__(self, n: int, ctx: Any, fn: Callable[[Any], Any], initializer: Callable[..., None] | None = None,
                  initargs: tuple[Any, ...] = ()) -> None:
-        self.fn = fn
         self.workers: list[tuple[Any, Any]] = []
         try:
             for _ in range(n):
@@ -123,10 +122,9 @@ class DecodePool:
                 conn.send(None)
             except OSError:
                 pass
-        for proc, conn in self.workers:
+        for proc, _ in self.workers:
             proc.join(timeout=30)
-            conn.close()
-        self.terminate()
+        self.terminate()  # reaps any that did not finish, closes the pipes
 
     def terminate(self) -> None:
         """Stop every worker now (failure, Ctrl-C, SIGTERM) and reap it."""

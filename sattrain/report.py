@@ -342,10 +342,17 @@ def _read_text(path: Path) -> str | None:
     naming the file for anything unreadable."""
     if not path.is_file():
         return None
+    return read_run_text(path)
+
+
+def read_run_text(path: Path, max_bytes: int = MAX_FILE_BYTES, what: str = "a sattrain run file") -> str:
+    """The UTF-8 text of a run directory's file, at most ``max_bytes``; SatkitError naming
+    the file for anything else (too large, not UTF-8, unreadable). Also used by
+    ``sattrain.train`` to read metrics.jsonl back on ``--resume``."""
     try:
         size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise SatkitError(f"{path}: {size:,} bytes, too large for a sattrain run file")
+        if size > max_bytes:
+            raise SatkitError(f"{path}: {size:,} bytes, too large for {what}")
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise SatkitError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()} at position "

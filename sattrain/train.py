@@ -412,12 +412,12 @@ def _read_metrics_lines(path: Path, keep_below: int) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SatkitError(f"{path}: missing, but the run's checkpoint has {keep_below} epoch(s) done; "
                           "the run directory is damaged (start a new run)")
-    if path.stat().st_size > MAX_METRICS_BYTES:
-        raise SatkitError(f"{path}: {path.stat().st_size:,} bytes, too large for a run's metrics")
+    from sattrain.report import read_run_text
+
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SatkitError(f"{path}: not UTF-8 text (byte {e.start}); the run directory is damaged") from None
+        text = read_run_text(path, MAX_METRICS_BYTES, "a run's metrics")
+    except SatkitError as e:
+        raise SatkitError(f"{e}; the run directory is damaged") from None
     lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     out = []
     for n, (i, line) in enumerate(lines):

@@ -535,10 +535,9 @@ def open_image(path: Path, what: str, root: str | Path | None = None) -> Iterato
             w, h = im.size
             if w < 1 or h < 1:
                 raise SourceError(path, f"{what} has no pixels ({w}x{h})")
-            limit = max_image_pixels()
-            if w * h > limit:
-                raise SourceError(path, f"{what} is {w}x{h} = {w * h:,} pixels, more than the limit of "
-                                        f"{limit:,} (PIL's MAX_IMAGE_PIXELS); refused before decoding")
+            too_big = pixels_problem(w, h)
+            if too_big:
+                raise SourceError(path, f"{what} {too_big}; refused before decoding")
             yield im
 
 
