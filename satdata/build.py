@@ -228,6 +228,9 @@ def _label_row(label: Any, n_classes: int, kind: str) -> Any:
 def build(cfg: BuildConfig) -> BuildResult:
     """Build a store as cfg says. Raises SatkitError (one line, names file or option)."""
     t0 = time.time()
+    from satdata.remote import refuse_remote_output
+
+    refuse_remote_output(cfg.out, "--out")  # before Path() turns s3://x into a local s3:/x
     out = Path(cfg.out)
     if cfg.fit not in FIT_MODES:
         raise SatkitError(f"--fit: unknown mode {cfg.fit!r} (one of {', '.join(FIT_MODES)})")

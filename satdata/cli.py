@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from satdata import __version__
-from satdata.clikit import SatkitGroup, debug_option, run_cli
+from satdata.clikit import SatkitGroup, debug_option, open_store_arg, run_cli, storage_option
 from satdata.errors import SatkitError
 
 EPILOG_BUILD = """\b
@@ -49,7 +49,8 @@ def main() -> None:
 @main.command()
 @click.option("--source", "-s", help="Dataset format to read (see `satdata sources`).")
 @click.option("--root", "-r", type=click.Path(path_type=Path), help="The dataset's directory on disk.")
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Store to write (a new directory, e.g. voc.zarr).")
+@click.option("--out", "-o", type=click.Path(), required=True,
+              help="Store to write: a new local directory, e.g. voc.zarr (share it with `satdata pack`).")
 @click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
               help="Build the recipe of a manifest (manifests/*.json) and check the result against it.")
 @click.option("--size", default=None, help="Stored image size: N or HxW.  [default: 32, the paper's]")
@@ -74,7 +75,7 @@ def main() -> None:
                    "decoded at a reduced DCT scale (still at least twice the resize target): "
                    "same geometry, several times faster, pixels within a few grey levels.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def build(source: str | None, root: Path | None, out: Path, manifest: Path | None, size: str | None,
+def build(source: str | None, root: Path | None, out: str, manifest: Path | None, size: str | None,
           fit: str | None, splits: str | None, workers: int, overwrite: bool, skip_bad: bool,
           label: str | None, drop_difficult: bool | None, unmasked: str | None, year: str | None,
           full_decode: bool, quiet: bool) -> None:
@@ -86,7 +87,10 @@ def build(source: str | None, root: Path | None, out: Path, manifest: Path | Non
     """
     def go() -> None:
         from satdata.build import BuildConfig, build as do_build, parse_size, resolve_splits
+        from satdata.remote import refuse_remote_output
         from satdata.sources import SourceOptions
+
+        refuse_remote_output(out, "--out")
 
         given = {k: v for k, v in dict(label=label, drop_difficult=drop_difficult,
                                        unmasked=unmasked, year=year).items() if v is not None}
@@ -159,13 +163,16 @@ def build(source: str | None, root: Path | None, out: Path, manifest: Path | Non
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(store: str, as_json: bool) -> None:
-    """Summarise a store: dataset, classes, splits, maps, provenance."""
+@storage_option
+def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
+    """Summarise a store: dataset, classes, splits, maps, provenance.
+
+    STORE is a directory, a packed .zip, or a URL (https://..., s3://...).
+    """
     def go() -> None:
         from satdata.inspect import describe, format_info
-        from satdata.store import open_store
 
-        d = describe(open_store(store))
+        d = describe(open_store_arg(store, storage_options))
         click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
 
     run_cli(go)
@@ -176,13 +183,17 @@ def info(store: str, as_json: bool) -> None:
 @click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
               help="Also check counts, classes and digests against this manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(store: str, manifest: Path | None, as_json: bool) -> None:
-    """Recompute every digest; name the array and samples that differ (exit 1 if any)."""
+@storage_option
+def verify(store: str, manifest: Path | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
+    """Recompute every digest; name the array and samples that differ (exit 1 if any).
+
+    STORE is a directory, a packed .zip, or a URL (https://..., s3://...): a store on a
+    server is checked where it is, each chunk fetched once.
+    """
     def go() -> None:
-        from satdata.store import open_store
         from satdata.verify import Problem, verify_digests
 
-        st = open_store(store)
+        st = open_store_arg(store, storage_options)
         rep = verify_digests(st)
         if manifest is not None:
             from satdata.manifest import check_store, load_manifest
@@ -205,15 +216,16 @@ def verify(store: str, manifest: Path | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("store")
-@click.option("--out", "-o", type=click.Path(path_type=Path, dir_okay=False), default="preview.png", show_default=True,
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="preview.png", show_default=True,
               help="PNG file to write.")
 @click.option("--split", default=None, help="Split to show.  [default: the first]")
 @click.option("--map", "map_name", default=None, help="Which map to overlay.  [default: the first]")
 @click.option("-n", "count", type=click.IntRange(1, 400), default=32, show_default=True, help="How many samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which samples (a random pick, reproducible).")
 @click.option("--scale", type=click.IntRange(1, 16), default=None, help="Upscale factor per tile.  [default: to ~128 px]")
-def preview(store: str, out: Path, split: str | None, map_name: str | None, count: int, seed: int,
-            scale: int | None) -> None:
+@storage_option
+def preview(store: str, out: str, split: str | None, map_name: str | None, count: int, seed: int,
+            scale: int | None, storage_options: tuple[str, ...]) -> None:
     """Write a contact sheet: images, their map overlaid, and class names.
 
     For a teacher map (one that records each sample's target class), each tile also says
@@ -222,9 +234,10 @@ def preview(store: str, out: Path, split: str | None, map_name: str | None, coun
     """
     def go() -> None:
         from satdata.preview import make_sheet
-        from satdata.store import open_store
+        from satdata.remote import refuse_remote_output
 
-        sheet = make_sheet(open_store(store), split=split, map_name=map_name, n=count, seed=seed, scale=scale)
+        refuse_remote_output(out, "--out", what="a contact sheet")
+        sheet = make_sheet(open_store_arg(store, storage_options), split=split, map_name=map_name, n=count, seed=seed, scale=scale)
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         sheet.image.save(path, format="PNG")

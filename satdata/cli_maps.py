@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from satdata.clikit import run_cli
+from satdata.clikit import open_store_arg, run_cli, storage_option
 
 # The names of satdata.saliency.METHODS (kept here so the CLI does not import torch to
 # build its help; tests/test_saliency.py checks the two agree).
@@ -111,7 +111,9 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="IoU counts pixels where --map, in [0, 1], is at least this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold: float, as_json: bool) -> None:
+@storage_option
+def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold: float, as_json: bool,
+                storage_options: tuple[str, ...]) -> None:
     """Score how well one map agrees with another, per class and overall.
 
     Pointing game (is the map's maximum inside the other map's object), IoU of the map
@@ -120,9 +122,7 @@ def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold
     """
     def go() -> None:
         from satdata.compare import compare_maps
-        from satdata.store import open_store
-
-        c = compare_maps(open_store(store), map_a, map_b, splits=_split_list(split), threshold=threshold)
+        c = compare_maps(open_store_arg(store, storage_options), map_a, map_b, splits=_split_list(split), threshold=threshold)
         click.echo(json.dumps(c.to_json(), indent=2) if as_json else c.format())
 
     run_cli(go)
@@ -130,19 +130,22 @@ def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold
 
 @click.command("export")
 @click.argument("store")
-@click.option("--to", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+@click.option("--to", "out", type=click.Path(dir_okay=False), required=True,
               help="HDF5 file to write (satkit's h5 layout; `satdata build --source h5` reads it).")
 @click.option("--splits", default=None, help="Comma-separated splits.  [default: all]")
 @click.option("--maps", default=None, help="Comma-separated maps.  [default: all]")
 @click.option("--overwrite", is_flag=True, help="Replace --to if it exists (once the new file is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def export_cmd(store: str, out: Path, splits: str | None, maps: str | None, overwrite: bool, quiet: bool) -> None:
+@storage_option
+def export_cmd(store: str, out: str, splits: str | None, maps: str | None, overwrite: bool, quiet: bool,
+               storage_options: tuple[str, ...]) -> None:
     """Export a store to one HDF5 file: images, labels, ids, boxes and maps, bit for bit."""
     def go() -> None:
         from satdata.export import export_h5
-        from satdata.store import open_store
+        from satdata.remote import refuse_remote_output
 
-        st = open_store(store)
+        refuse_remote_output(out, "--to", what="an HDF5 file")
+        st = open_store_arg(store, storage_options)
         split_list = _split_list(splits)
         map_list = list(_split_list(maps) or ()) if maps is not None else None
         path = export_h5(st, out, splits=split_list, maps=map_list, overwrite=overwrite, progress=not quiet)

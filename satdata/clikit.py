@@ -87,6 +87,26 @@ def one_line(message: str) -> str:
     return text
 
 
+STORAGE_OPTION_HELP = (
+    "For a store at a URL: an fsspec storage option, KEY=VALUE (repeatable), e.g. "
+    "-S endpoint_url=http://127.0.0.1:9000 -S key=ID -S secret=SECRET for an S3-compatible "
+    "server, -S anon=true for a public bucket. AWS_* environment variables work too.")
+
+
+def storage_option(f: F) -> F:
+    """``--storage-option/-S KEY=VALUE`` (repeatable): endpoint and credentials of a store at a URL."""
+    return click.option("--storage-option", "-S", "storage_options", multiple=True, metavar="KEY=VALUE",
+                        help=STORAGE_OPTION_HELP)(f)
+
+
+def open_store_arg(path: Any, storage_options: Any = ()) -> Any:
+    """Open the store a command was given (directory, .zip or URL) with its ``--storage-option``s."""
+    from satdata.remote import parse_storage_options
+    from satdata.store import open_store
+
+    return open_store(str(path), storage_options=parse_storage_options(storage_options))
+
+
 def _errno_name(code: int | None) -> str:
     return errno_mod.errorcode.get(code, "") if code is not None else ""
 
@@ -132,6 +152,11 @@ def error_line(e: BaseException) -> tuple[str, bool]:
         return one_line(f"refused to unpickle: {first}{suffix}"), True
     if isinstance(e, OSError):
         return one_line(_os_error(e)), True
+    from satdata.remote import network_problem
+
+    problem = network_problem(e)  # botocore's and others' errors that are not OSErrors
+    if problem is not None:
+        return one_line(f"reading a remote store: {problem}{suffix}"), True
     text = str(e)
     module = type(e).__module__ or ""
     if "decompression" in text.lower() or module.startswith(("numcodecs", "zarr")):
@@ -203,5 +228,5 @@ class SatkitGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
-__all__ = ["DEBUG_ENV", "DEBUG_HINT", "SatkitGroup", "debug_option", "debug_requested", "error_line",
-           "format_error", "one_line", "run_cli"]
+__all__ = ["DEBUG_ENV", "DEBUG_HINT", "STORAGE_OPTION_HELP", "SatkitGroup", "debug_option", "debug_requested",
+           "error_line", "format_error", "one_line", "open_store_arg", "run_cli", "storage_option"]

@@ -32,6 +32,9 @@ GZIP_LEVEL = 4
 def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = None,
               maps: Sequence[str] | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``store`` (all splits and maps, or the ones named) to the h5 file ``out``."""
+    from satdata.remote import refuse_remote_output
+
+    refuse_remote_output(out, "--to", what="an HDF5 file")
     out = resolve_out(Path(out), overwrite=overwrite)  # --overwrite through a link: its target
     info = store.info
     _check_out(out, overwrite)

@@ -785,6 +785,12 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     from satdata.addmap import NewMap, add_map, check_can_add, check_map_name
     from satdata.teacher import load_teacher
 
+    from satdata.remote import is_url, is_zip, redact
+
+    if is_url(str(cfg.store)) or is_zip(str(cfg.store)):
+        where = "at a URL" if is_url(str(cfg.store)) else "packed in a .zip"
+        raise SatkitError(f"{redact(str(cfg.store))}: satdata saliency adds maps to a local store directory, and this "
+                          f"store is {where} (read-only); copy it here first (`satdata fetch URL --out NAME.zarr`)")
     t0 = time.time()
     method = get_method(cfg.method)
     name = check_map_name(cfg.name or method.name)

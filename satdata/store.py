@@ -495,6 +495,19 @@ def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray,
             raise StoreError(f"{where}: read {got:,} of {len(dst):,} bytes (the chunk file changed while read)")
 
 
+async def _exists_all(store: Any, keys: Sequence[str], limit: int = 64) -> list[bool]:
+    """Whether each key exists in a zarr store, at most ``limit`` requests in flight."""
+    import asyncio
+
+    sem = asyncio.Semaphore(limit)
+
+    async def one(k: str) -> bool:
+        async with sem:
+            return bool(await store.exists(k))
+
+    return list(await asyncio.gather(*(one(k) for k in keys)))
+
+
 class Store:
     """An open, validated satkit store.
 
@@ -508,6 +521,9 @@ class Store:
         self.group = group
         self.info = info
         self._present_checked: set[str] = set()  # arrays whose chunk files were found present
+        # fsspec options of a store at a URL (endpoint, credentials): what opened it, for
+        # whatever reads it again (a training run's provenance, `satdata fetch`).
+        self.storage_options: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, dataset={self.info.dataset!r}, splits={self.info.splits})"
@@ -570,11 +586,15 @@ class Store:
 
         plain = _plain_chunk_dir(arr)
         chunk_bytes = arr.chunks[0] * arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+        exists: list[bool] = []
+        if plain is None:  # a zip or a URL: ask for every chunk at once (one round trip each, overlapped)
+            keys = [chunk_key(arr, i) for i in range(len(want))]
+            exists = sync(_exists_all(arr.store, keys))
         for i, (a, b) in enumerate(iter_chunks(arr)):
             if want[i] == "absent":
                 continue
             if plain is None:
-                if not sync(arr.store.exists(chunk_key(arr, i))):
+                if not exists[i]:
                     size = None
                 else:
                     continue
@@ -663,11 +683,21 @@ class Store:
         return array_path(split, "boxes") in self.info.digests
 
 
-def _open_group(path: str, mode: str) -> "zarr.Group":
+def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> "zarr.Group":
+    from satdata import remote
+
+    if remote.is_url(path):
+        if mode != "r":
+            raise StoreError(f"{remote.redact(path)}: stores at URLs are read-only in satkit")
+        return remote.open_group(path, storage_options)
+    if storage_options:
+        raise StoreError(f"--storage-option: {path} is a local path; storage options apply to URLs only")
     p = Path(path)
-    if path.endswith(".zip"):
+    if remote.is_zip(path):
         if not p.is_file():
             raise StoreError(f"{path}: no such store")
+        if mode != "r":
+            raise StoreError(f"{path}: a packed store (.zip) is read-only; unpack it to change it")
         import zipfile
 
         from zarr.storage import ZipStore
@@ -678,11 +708,10 @@ def _open_group(path: str, mode: str) -> "zarr.Group":
             raise StoreError(f"{path}: not a readable zip file ({e})") from None
         except (FileNotFoundError, KeyError):
             raise StoreError(f"{path}: not a satkit store (no zarr.json in the zip)") from None
-    if "://" not in path:
-        if not p.exists():
-            raise StoreError(f"{path}: no such store")
-        if not (p / "zarr.json").is_file():
-            raise StoreError(f"{path}: not a satkit store (no zarr.json: not a Zarr v3 group)")
+    if not p.exists():
+        raise StoreError(f"{path}: no such store")
+    if not (p / "zarr.json").is_file():
+        raise StoreError(f"{path}: not a satkit store (no zarr.json: not a Zarr v3 group)")
     try:
         return zarr.open_group(path, mode=mode)
     except Exception as e:  # zarr raises several types for foreign or damaged metadata
@@ -741,17 +770,32 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
                 raise StoreError(f"{where}: array {p} has dtype {arr.dtype}, expected {dtype}")
 
 
-def open_store(path: str | Path, *, mode: str = "r") -> Store:
-    """Open and validate a store: a directory, a .zip, or an fsspec URL.
+def open_store(path: str | Path, *, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Store:
+    """Open and validate a store: a directory, a .zip, or a URL (``https://``, ``s3://``, any fsspec protocol).
 
-    Raises StoreError naming the path and the problem: no such store, not a Zarr group,
-    not a satkit store, a newer format version, or a missing or misshapen array.
+    URLs and .zip files open read-only; ``storage_options`` (fsspec's: ``endpoint_url``,
+    ``key``, ``secret``, ``anon``, ``headers``...) reach the URL's backend (satdata/remote.py).
+    Raises StoreError naming the path and the problem: no such store, unreachable, no
+    credentials, forbidden, not found, not a Zarr group, not a satkit store, a newer format
+    version, or a missing or misshapen array.
     """
+    from satdata import remote
+
     where = str(path)
-    group = _open_group(where, mode)
-    info = read_info(group, where)
-    validate(group, info, where)
-    return Store(where, group, info)
+    group = _open_group(where, mode, storage_options)
+    shown = remote.redact(where)
+    try:
+        info = read_info(group, shown)
+        validate(group, info, shown)
+    except StoreError:
+        raise
+    except Exception as e:  # a network failure while reading the metadata of the arrays
+        if remote.is_url(where) and remote.network_problem(e) is not None:
+            raise remote.classify(e, where) from None
+        raise
+    store = Store(where, group, info)
+    store.storage_options = dict(storage_options or {})
+    return store
 
 
 # --------------------------------------------------------------------------- writing

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from satdata.clikit import SatkitGroup, debug_option, run_cli
+from satdata.clikit import SatkitGroup, debug_option, run_cli, storage_option
 from satdata.errors import SatkitError
 from sattrain import __version__
 from sattrain.config import AUGMENTS, DEFAULT_MEMORY_BUDGET, RECIPES, SCHEDULES, TrainConfig, parse_eps, parse_size_bytes
@@ -180,12 +180,14 @@ def main() -> None:
                    "shuffled blocks of whole chunks.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.  [default: torch's]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@storage_option
 def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int, batch_size: int, recipe: str,
         optimizer: str | None, lr: float | None, momentum: float | None, weight_decay: float | None,
         schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int,
         step_size: float, beta: float | None, augment: str, no_augment: bool, device: str, amp: bool, seed: int,
         out: str | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
-        eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool) -> None:
+        eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool,
+        storage_options: tuple[str, ...]) -> None:
     """Train a model on STORE with one of the methods; write a run directory.
 
     Reads the training split once into (device) memory, builds each batch's perturbation
@@ -207,7 +209,9 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
             eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
             memory_budget=memory_budget, threads=threads, progress=not quiet,
         )
-        train(cfg, log=lambda msg: click.echo(msg, err=True))
+        from satdata.remote import parse_storage_options
+
+        train(cfg, log=lambda msg: click.echo(msg, err=True), storage_options=parse_storage_options(storage_options))
 
     run_cli(go, interrupted="interrupted: the run directory keeps the last finished epoch; continue with --resume")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from satdata.clikit import run_cli
+from satdata.clikit import run_cli, storage_option
 from satdata.errors import SatkitError
 
 EPILOG_EVAL = """\b
@@ -85,8 +85,10 @@ def parse_step_size(text: str) -> float | str:
 
 @click.command("eval", epilog=EPILOG_EVAL, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-@click.option("--store", "-s", "store", type=click.Path(exists=True, path_type=Path), required=True,
-              help="The store to evaluate on (the one the run trained from, or another with the same classes).")
+@click.option("--store", "-s", "store", required=True,
+              help="The store to evaluate on (the one the run trained from, or another with the same classes): "
+                   "a directory, a packed .zip, or a URL (https://..., s3://...).")
+@storage_option
 @click.option("--protocol", "-p", type=click.Choice(["strong", "paper"]), default="strong", show_default=True,
               help="Which evaluation: strong (AutoAttack headline) or paper (the SAT authors' PGD-5); see below.")
 @click.option("--split", default=None, help="Split to evaluate.  [default: test, else val]")
@@ -118,10 +120,10 @@ def parse_step_size(text: str) -> float | str:
 @click.option("--json", "as_json", is_flag=True, help="Print eval.json to stdout instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 def eval_cmd(
-    target: Path, store: Path, protocol: str, split: str | None, eps: str | None, steps: int | None,
+    target: Path, store: str, protocol: str, split: str | None, eps: str | None, steps: int | None,
     step_size: str | None, restarts: int | None, attacks: str | None, autoattack_eps: str, autoattack_engine: str,
     cw_search_steps: int | None, samples: int | None, seed: int, batch_size: int, device: str,
-    out: Path | None, as_json: bool, quiet: bool,
+    out: Path | None, as_json: bool, quiet: bool, storage_options: tuple[str, ...],
 ) -> None:
     """Measure clean and robust accuracy of a run (RUN_DIR or CHECKPOINT) on a store.
 
@@ -129,6 +131,7 @@ def eval_cmd(
     ending in the headline robust accuracy. Robust accuracy counts a sample only if it is
     classified correctly both clean and under attack.
     """
+    from satdata.remote import parse_storage_options
     from sattrain.config import parse_eps
     from sattrain.evaluate import evaluate, format_table, paper_out
 
@@ -146,7 +149,7 @@ def eval_cmd(
                 batch_size=batch_size, device=device, autoattack_eps=parse_eps(autoattack_eps, "--autoattack-eps"),
                 autoattack_engine=autoattack_engine, cw_search_steps=cw_search_steps,
                 out=out if out is not None else (paper_out(target) if protocol == "paper" else None),
-                progress=progress,
+                progress=progress, storage_options=parse_storage_options(storage_options),
             )
         if as_json:
             click.echo(json.dumps(result, indent=2))

@@ -574,6 +574,7 @@ def evaluate(
     out: str | Path | None = None,
     write: bool = True,
     progress: Callable[[str], None] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run dir or checkpoint on a store split; write and return the eval.json dict.
 
@@ -598,7 +599,7 @@ def evaluate(
     dest = Path(out) if out is not None else _default_out(target)
     if write:
         _check_dest(dest)  # before minutes of attacks, not after
-    st = store if isinstance(store, Store) else open_store(store)
+    st = store if isinstance(store, Store) else open_store(store, storage_options=storage_options)
     info = st.info
 
     if cfg.split is not None:

@@ -695,7 +695,7 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
-def train(cfg: TrainConfig, log: Log | None = None) -> Path:
+def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str, Any] | None = None) -> Path:
     """Train per ``cfg``; returns the run directory (see the module docstring for its files).
 
     Raises SatkitError (one line, naming the option or file) for bad options, a store the
@@ -716,7 +716,9 @@ def train(cfg: TrainConfig, log: Log | None = None) -> Path:
         log("note: --amp has no effect on the CPU (float32 is used; CPU autocast to bfloat16 "
             "is rarely faster and would change the numbers)")
 
-    store = open_store(cfg.store)
+    # storage_options (endpoint, credentials of a store at a URL) are not saved with the run:
+    # they may hold secrets; a resume is given them again.
+    store = open_store(cfg.store, storage_options=storage_options)
     info = store.info
     if "train" not in info.splits:
         raise SatkitError(f"{store.path}: no train split (splits: {', '.join(info.splits)})")

@@ -1,0 +1,234 @@
+"""Stores that are not local directories: URLs (http(s)://, s3://, anything fsspec serves) and .zip files.
+
+satkit reads such stores **read-only**, through fsspec, the file-system layer zarr itself
+uses for URLs (``zarr.storage.FsspecStore``): aiohttp for HTTP(S), s3fs for S3 and
+S3-compatible object stores (``pip install "satkit[remote]"``). Writing goes to local
+directories only; a URL or a ``.zip`` given where satkit would write is refused up front
+(:func:`refuse_remote_output`), never turned into a local directory named ``s3:``.
+
+Endpoint and credentials come from ``--storage-option KEY=VALUE`` (fsspec's
+``storage_options``: for s3:// ``key``, ``secret``, ``endpoint_url``, ``anon``,
+``client_kwargs``...; for http(s):// ``headers``, ``client_kwargs``...), or from the
+usual environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
+``AWS_PROFILE``, ~/.aws/credentials), which s3fs honours itself.
+
+Network failures are told apart from "not a satkit store": :func:`classify` turns what
+fsspec, aiohttp and botocore raise into one-line StoreErrors that say unreachable, no
+credentials, forbidden or not found, and name the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping, Sequence
+
+from satdata.errors import SatkitError, StoreError
+
+EXTRA = 'pip install "satkit[remote]"'
+# scheme -> the package that serves it (beyond fsspec itself), for the missing-extra error
+_BACKENDS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "s3a": "s3fs"}
+_URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def is_url(path: Any) -> bool:
+    """Whether ``path`` is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(path, str) and _URL_RE.match(path) is not None
+
+
+def scheme(url: str) -> str:
+    m = _URL_RE.match(url)
+    return m.group(1).lower() if m else ""
+
+
+def is_zip(path: Any) -> bool:
+    """Whether ``path`` names a packed store (a ``.zip``), local or remote."""
+    return str(path).lower().rstrip("/").endswith(".zip")
+
+
+def redact(url: str) -> str:
+    """``url`` without a password in it (``https://user:secret@host`` -> ``https://user:***@host``)."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/:@]*):[^/@]*@", r"\1:***@", url)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def parse_storage_options(items: Sequence[str] | None, option: str = "--storage-option") -> dict[str, Any]:
+    """``KEY=VALUE`` strings as fsspec storage options.
+
+    A value that reads as JSON (``true``, ``3``, ``{"region_name": "eu"}``) is that JSON
+    value; anything else is the string itself (``endpoint_url=http://127.0.0.1:9000``).
+    A nested key ``client_kwargs.region_name=eu`` sets one entry of a dict option.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SatkitError(f"{option} {item!r}: expected KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000)")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        parts = key.split(".")
+        target = out
+        for p in parts[:-1]:
+            nxt = target.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise SatkitError(f"{option} {item!r}: {p} is already set to a value, not an object")
+            target = nxt
+        target[parts[-1]] = value
+    return out
+
+
+def refuse_remote_output(path: Any, option: str, *, what: str = "a store") -> None:
+    """Refuse a URL or a ``.zip`` where satkit would write ``what``: writes go to local directories only."""
+    text = str(path)
+    if is_url(text):
+        raise SatkitError(
+            f"{option} {redact(text)}: satkit writes {what} to a local directory only, not to a URL; "
+            "write it locally, then share it: `satdata pack STORE STORE.zip` and upload the .zip "
+            "(or copy the directory) to the server")
+    if is_zip(text) and what == "a store":
+        raise SatkitError(
+            f"{option} {text}: satkit writes a store as a directory, not a .zip; write NAME.zarr, "
+            "then `satdata pack NAME.zarr NAME.zip`")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _names(e: BaseException) -> set[str]:
+    return {c.__name__ for c in type(e).__mro__}
+
+
+def _status(e: BaseException) -> int | None:
+    for attr in ("status", "status_code", "code"):
+        v = getattr(e, attr, None)
+        if isinstance(v, int):
+            return v
+    resp = getattr(e, "response", None)
+    if isinstance(resp, Mapping):
+        code = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def network_problem(e: BaseException) -> str | None:
+    """What went wrong talking to a server, in a few words, or None when ``e`` is not a network error.
+
+    One of: unreachable, no credentials, forbidden, not found, a server error (with its
+    status). Recognised by class name, so neither botocore nor aiohttp is imported here.
+    """
+    names = _names(e)
+    text = str(e)
+    status = _status(e)
+    if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                "NoAuthTokenError", "ProfileNotFound"}:
+        return ("no credentials (pass --storage-option key=... --storage-option secret=..., or set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; --storage-option anon=true for a public bucket)")
+    if isinstance(e, PermissionError) or status in (401, 403) or names & {"ClientAuthenticationError"}:
+        why = text.strip() or "access denied"
+        return (f"forbidden: the server refused the credentials or they lack read permission ({why[:80]})")
+    if isinstance(e, FileNotFoundError) or status == 404 or "NoSuchBucket" in text or "NoSuchKey" in text:
+        return "not found on the server"
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectorError",
+                "ClientConnectionError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+                "ConnectionError", "TimeoutError", "gaierror", "InvalidURL", "ClientPayloadError",
+                "ConnectionClosedError"} or isinstance(e, (ConnectionError, TimeoutError)):
+        return f"unreachable ({type(e).__name__}: {text.strip()[:120] or 'no answer'})"
+    if isinstance(status, int) and status >= 400:
+        return f"the server answered HTTP {status} ({text.strip()[:120]})"
+    return None
+
+
+def classify(e: BaseException, url: str) -> StoreError:
+    """A one-line StoreError for a failure reading ``url`` (see :func:`network_problem`)."""
+    problem = network_problem(e)
+    if problem is None:
+        return StoreError(f"{redact(url)}: cannot be read ({type(e).__name__}: {str(e).strip()[:160]})")
+    return StoreError(f"{redact(url)}: {problem}")
+
+
+def _missing_backend(url: str, e: ImportError) -> StoreError:
+    pkg = _BACKENDS.get(scheme(url), "a backend for this protocol")
+    return StoreError(f"{redact(url)}: reading {scheme(url)}:// stores needs {pkg} "
+                      f"(satkit's remote extra): {EXTRA}  ({str(e).strip()[:100]})")
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def filesystem(url: str, storage_options: Mapping[str, Any] | None = None, *, asynchronous: bool = False) -> tuple[Any, str]:
+    """(fsspec file system, path in it) for ``url``; a missing backend names the extra to install."""
+    try:
+        import fsspec.core
+    except ImportError as e:
+        raise _missing_backend(url, e) from None
+    opts = dict(storage_options or {})
+    if asynchronous:
+        opts.setdefault("asynchronous", True)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+    except ImportError as e:
+        raise _missing_backend(url, e) from None
+    except ValueError as e:  # fsspec: "Protocol not known"
+        raise StoreError(f"{redact(url)}: cannot read this kind of URL ({e})") from None
+    except TypeError as e:  # an option the backend does not take
+        raise StoreError(f"--storage-option: {scheme(url)}:// does not take these options "
+                         f"({', '.join(sorted(opts)) or 'none'}): {e}") from None
+    return fs, path.rstrip("/")
+
+
+def probe(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of ``url``'s root ``zarr.json`` (or, for a .zip URL, its first bytes), or a classified StoreError.
+
+    This one small request tells unreachable, no credentials, forbidden and not found
+    apart before zarr, whose own errors would all read "not a store".
+    """
+    fs, path = filesystem(url, storage_options)
+    key = path if is_zip(url) else f"{path}/zarr.json"
+    try:
+        if is_zip(url):
+            with fs.open(key, "rb") as f:
+                return f.read(4)
+        return fs.cat_file(key)
+    except FileNotFoundError:
+        if is_zip(url):
+            raise StoreError(f"{redact(url)}: not found on the server") from None
+        raise StoreError(f"{redact(url)}: not found on the server (no {redact(url.rstrip('/'))}/zarr.json); "
+                         "check the URL, or the store was never uploaded") from None
+    except Exception as e:  # noqa: BLE001 - every backend raises its own types
+        raise classify(e, url) from None
+
+
+def open_group(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """The zarr group at ``url`` (a store directory, or a .zip, over any fsspec protocol), read-only."""
+    import zarr
+
+    head = probe(url, storage_options)
+    try:
+        from zarr.storage import FsspecStore
+        from zarr.storage._fsspec import _make_async
+
+        if is_zip(url):
+            if head[:2] != b"PK":
+                raise StoreError(f"{redact(url)}: not a zip file (it starts with {head[:4]!r})")
+            import fsspec
+
+            fs, path = filesystem(url, storage_options)
+            zfs = fsspec.filesystem("zip", fo=fs.open(path, "rb", block_size=1 << 20))
+            store = FsspecStore(fs=_make_async(zfs), path="", read_only=True)
+        else:
+            store = FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=True)
+        return zarr.open_group(store, mode="r")
+    except StoreError:
+        raise
+    except ImportError as e:
+        raise _missing_backend(url, e) from None
+    except Exception as e:  # noqa: BLE001
+        if network_problem(e) is not None:
+            raise classify(e, url) from None
+        raise StoreError(f"{redact(url)}: not a satkit store ({type(e).__name__}: {str(e).strip()[:160]})") from None
