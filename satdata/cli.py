@@ -265,6 +265,9 @@ from satdata.cli_maps import compare_cmd, export_cmd, saliency_cmd  # noqa: E402
 main.add_command(saliency_cmd, "saliency")
 main.add_command(compare_cmd, "compare")
 main.add_command(export_cmd, "export")
+from satdata.cli_share import fetch_cmd, pack_cmd  # noqa: E402
+main.add_command(pack_cmd, "pack")
+main.add_command(fetch_cmd, "fetch")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

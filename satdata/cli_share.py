@@ -1,0 +1,117 @@
+"""`satdata pack`, `satdata fetch`: click commands (registered on satdata.cli.main).
+
+Each only parses options and calls one library function: satdata.share.pack and
+satdata.share.fetch.
+"""
+
+from __future__ import annotations
+
+import click
+
+from satdata.clikit import run_cli, storage_option
+
+EPILOG_PACK = """\b
+Examples:
+  satdata pack digits.zarr digits.zip
+  satdata verify digits.zip                 # a packed store is a store: info, verify,
+  sattrain run digits.zip --method sat      # preview and sattrain read it in place
+  aws s3 cp digits.zip s3://lab/digits.zip  # share it; others read it where it is:
+  satdata info https://example.org/digits.zip
+
+\b
+The zip holds exactly what the store's attributes name: every array's zarr.json and
+chunk files, the groups' zarr.json and, last, the root zarr.json (nothing else in the
+directory: no leftovers of interrupted changes, no lock files). Entries are stored
+uncompressed (chunks are compressed already, or raw images that barely compress),
+sorted, with a fixed date and permissions: the same store packs to the same bytes on
+any machine. Every chunk file is checked against its recorded digest on the way in.
+"""
+
+EPILOG_FETCH = """\b
+Examples:
+  satdata fetch https://example.org/stores/voc.zarr --out voc.zarr
+  satdata fetch s3://lab/voc.zarr --out voc.zarr -S endpoint_url=http://127.0.0.1:9000
+  satdata fetch https://example.org/digits.zip --out digits.zarr   # unpacked to a directory
+  satdata fetch https://example.org/digits.zip --out digits.zip    # kept as the .zip
+
+\b
+URL is a store directory (no listing needed: the files come from the store's own
+attributes) or a packed .zip. A .zip is downloaded whole and then, for an --out that
+does not end in .zip, unpacked into the directory --out (the usual choice: a directory
+loads fastest); for an --out ending in .zip it is kept as it is.
+
+\b
+Nothing is moved to --out until every chunk file matched its recorded digest as it
+arrived and the whole store verified (as `satdata verify` does). The download lives in
+the hidden .NAME.fetch-partial (a .zip in .NAME.fetch-partial.zip) beside --out; after
+a failure, Ctrl-C or a kill, run the same command again: it keeps what is there and
+matches its digest (a .zip resumes from the bytes already there) and fetches only the
+rest. Remove that directory to give up on a download.
+"""
+
+
+@click.command("pack", epilog=EPILOG_PACK)
+@click.argument("store")
+@click.argument("out")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing file (once the new zip is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def pack_cmd(store: str, out: str, overwrite: bool, quiet: bool) -> None:
+    """Pack the store directory STORE into one file, OUT (.zip), to share.
+
+    The same store always packs to the same bytes. OUT is written beside its final name
+    and renamed into place when complete: an interrupted pack leaves no zip behind.
+    """
+    def go() -> None:
+        from satdata.share import pack
+
+        res = pack(store, out, overwrite=overwrite, progress=not quiet)
+        click.echo(f"wrote {res.path}: {res.files} files, {res.bytes / 1e6:.1f} MB "
+                   f"(store digest {res.store_digest[:16]})")
+
+    run_cli(go, interrupted="interrupted: no zip was written")
+
+
+@click.command("fetch", epilog=EPILOG_FETCH)
+@click.argument("url")
+@click.option("--out", "-o", required=True,
+              help="Where to put the store: a new local directory (or, for a .zip URL, NAME.zip to keep the archive).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it is an existing store (an existing .zip for a .zip --out), "
+                   "only once the new one has verified.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=16, show_default=True,
+              help="Downloads in flight at once.")
+@click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
+              help="Further attempts per file after a dropped connection, a timeout or a server error "
+                   "(not after not found or forbidden).")
+@storage_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fetch_cmd(url: str, out: str, overwrite: bool, jobs: int, retries: int, storage_options: tuple[str, ...],
+              quiet: bool) -> None:
+    """Download the store at URL into --out, verifying every file; resumable.
+
+    URL: https://..., s3://... or any fsspec URL of a store directory or a packed .zip.
+    """
+    from pathlib import Path
+
+    from satdata.share import fetch_partial, fetch_partial_zip
+
+    kept = fetch_partial_zip(Path(out)) if url.lower().rstrip("/").endswith(".zip") else fetch_partial(Path(out))
+
+    def go() -> None:
+        from satdata.remote import parse_storage_options
+        from satdata.share import fetch
+
+        res = fetch(url, out, storage_options=parse_storage_options(storage_options), overwrite=overwrite,
+                    jobs=jobs, retries=retries, progress=not quiet)
+        reused = ""
+        if res.reused:
+            reused = (f", resumed after {res.reused / 1e6:.1f} MB already downloaded" if url.lower().endswith(".zip")
+                      else f", {res.reused} kept from an earlier run")
+        click.echo(f"wrote {res.path}: {res.downloaded} files downloaded ({res.bytes / 1e6:.1f} MB){reused}, "
+                   f"verified in {res.seconds:.1f} s")
+
+    run_cli(go, interrupted=f"interrupted: nothing was written to {out}; what was downloaded and verified is "
+                            f"kept in {kept}, and the same command resumes from there")
+
+
+__all__ = ["fetch_cmd", "pack_cmd"]
