@@ -13,9 +13,10 @@ file is sent, as RFC 9110 allows).
 
 Fault injection, all thread-safe and changeable while serving:
 
-* ``interrupt_once(path_suffix, after_bytes)``: the next GET of a path ending in
-  ``path_suffix`` sends its headers (with the full ``Content-Length``) and ``after_bytes``
-  bytes of the body, then closes the connection; later requests are served normally.
+* ``interrupt_once(path_suffix, after_bytes, skip=0)``: the next GET of a path ending in
+  ``path_suffix`` (after ``skip`` such GETs served whole) sends its headers (with the full
+  ``Content-Length``) and ``after_bytes`` bytes of the body, then closes the connection;
+  later requests are served normally.
 * ``require_auth(user, password)``: every request needs HTTP Basic auth with these
   credentials, else 401 with ``WWW-Authenticate``; ``require_auth(None)`` turns it off.
 * ``delay(seconds)``: sleep this long before answering each request (0 turns it off).
@@ -59,7 +60,7 @@ class HttpServer:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()
         self._log: list[Request] = []
-        self._interrupts: list[list] = []  # [path_suffix, after_bytes]
+        self._interrupts: list[list] = []  # [path_suffix, after_bytes, GETs still to let through]
         self._auth: str | None = None
         self._delay = 0.0
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -100,10 +101,14 @@ class HttpServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def interrupt_once(self, path_suffix: str, after_bytes: int) -> None:
-        """The next GET of a path ending in ``path_suffix`` is cut off after ``after_bytes`` body bytes."""
+    def interrupt_once(self, path_suffix: str, after_bytes: int, skip: int = 0) -> None:
+        """The next GET of a path ending in ``path_suffix`` is cut off after ``after_bytes`` body bytes.
+
+        With ``skip``, that many matching GETs are served whole first (e.g. to cut the third
+        Range request of a download).
+        """
         with self._lock:
-            self._interrupts.append([path_suffix, int(after_bytes)])
+            self._interrupts.append([path_suffix, int(after_bytes), int(skip)])
 
     def require_auth(self, user: str | None, password: str | None = None) -> None:
         """Require HTTP Basic auth as ``user``/``password`` (401 otherwise); ``None`` turns it off."""
@@ -144,8 +149,12 @@ class HttpServer:
 
     def _take_interrupt(self, path: str) -> int | None:
         with self._lock:
-            for i, (suffix, after) in enumerate(self._interrupts):
+            for i, item in enumerate(self._interrupts):
+                suffix, after, skip = item
                 if path.endswith(suffix):
+                    if skip > 0:
+                        item[2] -= 1
+                        return None
                     del self._interrupts[i]
                     return after
         return None
