@@ -445,12 +445,15 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
                     if keep_zip:
                         res = _commit_zip(url, zpart, out, before)
                     else:
-                        zsrc = _ZipSource(zpart, url)
                         try:
-                            res = _fetch_dir(zsrc, url, out, before, jobs=1, retries=0, progress=progress,
-                                             bad_source=lambda: zpart.unlink(missing_ok=True))
-                        finally:
-                            zsrc.close()
+                            zsrc = _ZipSource(zpart, url)
+                            try:
+                                res = _fetch_dir(zsrc, url, out, before, jobs=1, retries=0, progress=progress)
+                            finally:
+                                zsrc.close()
+                        except StoreError as e:  # the zip's content is damaged: download it afresh next time
+                            zpart.unlink(missing_ok=True)
+                            raise StoreError(f"{e}; removed the download") from None
                         zpart.unlink(missing_ok=True)
                     res.downloaded, res.bytes, res.reused = (1 if got else 0), got, reused
     finally:
@@ -541,8 +544,8 @@ def _download_zip(url: str, zpart: Path, storage_options: Mapping[str, Any] | No
     return reused, size - reused
 
 
-def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retries: int, progress: bool,
-               bad_source: Callable[[], None] | None = None) -> FetchResult:
+def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retries: int,
+               progress: bool) -> FetchResult:
     """Fetch the store directory ``source`` serves into ``fetch_partial(out)``, verify, commit."""
     from satdata import remote
     from satdata.outputs import is_own_plain_dir, make_private_dir
@@ -593,8 +596,6 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
         data = _with_retries(lambda: source.get(e.key), retries)
         got = _digest(data)
         if got != e.digest:
-            if bad_source is not None:
-                bad_source()
             raise StoreError(f"{source.name(e.key)}: {_mismatch(e, got)}: the copy on the server is damaged; "
                              f"nothing was written to {out}")
         _write_file(partial, e.key, data)
@@ -605,7 +606,7 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
     total_bytes = sum(sizes.values())
 
     # everything is here and matches its chunk digest: now the full check of the decoded content
-    _verify_partial(partial, root_meta, info, shown, out, bad_source)
+    _verify_partial(partial, root_meta, info, shown, out)
     _write_file(partial, ROOT_KEY, root_bytes)  # the commit record, last
     try:
         from satdata.build import commit
@@ -708,8 +709,7 @@ def _keep_verified(partial: Path, wanted: Mapping[str, Entry]) -> set[str]:
     return kept
 
 
-def _verify_partial(partial: Path, root_meta: dict, info: Any, shown: str, out: Path,
-                    bad_source: Callable[[], None] | None) -> None:
+def _verify_partial(partial: Path, root_meta: dict, info: Any, shown: str, out: Path) -> None:
     """``verify`` of the fetched store, opened with a root zarr.json that lacks the commit record."""
     import zarr
 
@@ -732,8 +732,6 @@ def _verify_partial(partial: Path, root_meta: dict, info: Any, shown: str, out: 
         (partial / ROOT_KEY).unlink(missing_ok=True)
     if not rep.ok:
         shutil.rmtree(partial, ignore_errors=True)  # its metadata disagrees with its digests: start over
-        if bad_source is not None:
-            bad_source()
         raise StoreError(f"{shown}: the fetched store does not verify: {_problems(rep)}; nothing was written to "
                          f"{out} (the copy on the server is damaged)")
 
