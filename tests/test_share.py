@@ -6,9 +6,11 @@ Downloads go through a real HTTP server (tests/httpserver.py) and a real S3 serv
 
 from __future__ import annotations
 
-import filecmp
 import os
 import shutil
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -142,6 +144,17 @@ def test_pack_output_rules(digits_store: Path, tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["x.zip"]
 
 
+def test_sattrain_runs_on_a_packed_store(packed: Path, tmp_path: Path) -> None:
+    from sattrain.cli import main as sattrain_main
+
+    res = CliRunner().invoke(sattrain_main, [
+        "run", str(packed), "--method", "sat", "--epochs", "1", "--batch-size", "64", "--train-samples", "128",
+        "--eval-samples", "64", "--eval-steps", "1", "--summary-samples", "0", "--device", "cpu", "-q",
+        "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
 # --------------------------------------------------------------------------- fetch over HTTP
 
 
@@ -210,6 +223,36 @@ def test_interrupted_fetch_resumes_with_only_what_is_missing(store: Path, packed
         url_of["zip"] = f"{http.url}/digits.zip"
 
 
+def test_killed_fetch_resumes(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "d.zarr"
+    partial = fetch_partial(out)
+
+    def chunks() -> set[str]:
+        return {k for k in files(partial) if "/c/" in k and not k.rsplit("/", 1)[-1].startswith(".")} \
+            if partial.exists() else set()
+
+    with serve(store.parent) as http:
+        url = f"{http.url}/digits.zarr"
+        http.delay(0.3)
+        proc = subprocess.Popen([sys.executable, "-m", "satdata.cli", "fetch", url, "--out", str(out), "-q",
+                                 "--jobs", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 60
+            while len(chunks()) < 2 and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait()
+        kept = chunks()
+        assert len(kept) >= 2 and not out.exists() and not (partial / "zarr.json").exists()
+        http.delay(0)
+        http.clear_requests()
+        res = fetch(url, out, progress=False)
+        again = {r.path.removeprefix("/digits.zarr/") for r in http.requests if "/c/" in r.path}
+        assert res.reused == len(kept) and not (again & kept) and again
+    assert files(out) == files(store) and not partial.exists()
+
+
 def test_fetch_refuses_a_corrupted_chunk_on_the_server(store: Path, packed: Path, tmp_path: Path) -> None:
     flip(store / IMG1)
     out = tmp_path / "d.zarr"
@@ -250,7 +293,7 @@ def test_fetch_errors_are_one_line_naming_the_url(store: Path, tmp_path: Path) -
         line = error_line(text)
         assert code == 1 and f"{http.url}/nope.zarr" in line and "not found" in line, line
 
-        (store / "test" / "ids" / "c" / "0").unlink()
+        shutil.move(store / "test" / "ids" / "c" / "0", tmp_path / "ids0")
         code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(out), "-q")
         line = error_line(text)
         assert code == 1 and f"{http.url}/digits.zarr/test/ids/c/0: not found" in line, line
@@ -260,7 +303,16 @@ def test_fetch_errors_are_one_line_naming_the_url(store: Path, tmp_path: Path) -
         code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(out))
         line = error_line(text)
         assert code == 1 and f"{http.url}/digits.zarr" in line and "forbidden" in line, line
+        host = http.url.removeprefix("http://")
+        code, text = run("fetch", f"http://lab:wrong@{host}/digits.zarr", "--out", str(out))
+        line = error_line(text)
+        assert code == 1 and f"http://lab:***@{host}/digits.zarr" in line and "wrong" not in line, line
         assert not out.exists()
+        (store / "test" / "ids" / "c" / "0").write_bytes((tmp_path / "ids0").read_bytes())
+        code, text = run("fetch", f"http://lab:s3cret@{host}/digits.zarr", "--out", str(out), "-q")
+        assert code == 0, text
+        same_store(store, out)
+        shutil.rmtree(out)
 
     code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(out))  # the server is gone
     assert code == 1 and "unreachable" in error_line(text), text
