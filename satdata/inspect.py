@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from satdata.remote import is_url, redact
 from satdata.store import Store, store_digest
 
 
 def _du(path: str) -> int | None:
+    if is_url(path):  # a server's objects: not summed over the network
+        return None
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
@@ -22,7 +25,7 @@ def describe(store: Store) -> dict[str, Any]:
     info = store.info
     splits = {s: {"count": n, "maps": sorted(info.maps)} for s, n in info.splits.items()}
     return {
-        "path": store.path,
+        "path": redact(store.path),  # never a password written into a URL
         "format_version": info.format_version,
         "dataset": info.dataset,
         "classes": info.classes,
@@ -58,7 +61,8 @@ def format_info(d: dict[str, Any]) -> str:
     """The human-readable summary printed by ``satdata info``."""
     h, w = d["image_size"]
     lines = [
-        f"{d['path']}  (satkit store, format v{d['format_version']}, {_human(d['bytes'])})",
+        f"{d['path']}  (satkit store, format v{d['format_version']}, "
+        f"{'on a server' if d['bytes'] is None and is_url(d['path']) else _human(d['bytes'])})",
         f"  dataset     {d['dataset']}",
         f"  images      {h}x{w} RGB uint8",
         f"  labels      {d['label_kind']}-label, {d['num_classes']} classes: "

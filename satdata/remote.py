@@ -28,6 +28,7 @@ from satdata.errors import SatkitError, StoreError
 EXTRA = 'pip install "satkit[remote]"'
 # scheme -> the package that serves it (beyond fsspec itself), for the missing-extra error
 _BACKENDS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "s3a": "s3fs"}
+_TEXT_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "profile", "endpoint_url"})
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -57,9 +58,11 @@ def redact(url: str) -> str:
 def parse_storage_options(items: Sequence[str] | None, option: str = "--storage-option") -> dict[str, Any]:
     """``KEY=VALUE`` strings as fsspec storage options.
 
-    A value that reads as JSON (``true``, ``3``, ``{"region_name": "eu"}``) is that JSON
-    value; anything else is the string itself (``endpoint_url=http://127.0.0.1:9000``).
-    A nested key ``client_kwargs.region_name=eu`` sets one entry of a dict option.
+    A value that reads as JSON (``true``, ``3``, ``{"region_name": "eu"}``, ``"007"``) is
+    that JSON value; anything else is the string itself (``endpoint_url=http://...``).
+    Credentials (``key``, ``secret``, ``token``, ``username``, ``password``, ``profile``) are
+    always strings: an all-digit access key stays text. A nested key
+    ``client_kwargs.region_name=eu`` sets one entry of a dict option.
     """
     out: dict[str, Any] = {}
     for item in items or ():
@@ -67,11 +70,13 @@ def parse_storage_options(items: Sequence[str] | None, option: str = "--storage-
         key = key.strip()
         if not sep or not key:
             raise SatkitError(f"{option} {item!r}: expected KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000)")
+        parts = key.split(".")
         try:
             value: Any = json.loads(raw)
         except ValueError:
             value = raw
-        parts = key.split(".")
+        if parts[-1] in _TEXT_OPTIONS and not isinstance(value, str):
+            value = raw
         target = out
         for p in parts[:-1]:
             nxt = target.setdefault(p, {})
