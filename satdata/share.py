@@ -224,9 +224,17 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     remote.refuse_remote_output(out, "OUT", what="a packed store")
     if not remote.is_zip(out):
         raise SatkitError(f"OUT {out}: a packed store's name must end in .zip (that is how satkit recognises one)")
+    root, where = Path(text), text
+    # the commit record is read once, first: the zip holds exactly the version it describes
+    # (even if a map is replaced meanwhile), and it goes in last, as read
+    root_bytes = _read_local(root, ROOT_KEY, where) if (root / ROOT_KEY).is_file() else b""
     st = open_store(text)
-    info, root = st.info, Path(text)
-    where = text
+    hold = getattr(st, "hold_reader_lock", None)
+    if hold is not None:
+        hold()  # `satdata gc` removes no array this pack reads
+    info = st.info
+    if _info_of(root_bytes, where) != info:
+        raise SatkitError(f"{where}: changed while pack opened it (a map was added or replaced); run pack again")
     out = resolve_out(Path(out), overwrite=overwrite)
     try:
         inside = out.resolve().is_relative_to(root.resolve())
@@ -272,7 +280,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
                 with os.fdopen(fd, "wb") as f, _bar(sum(sizes), "pack", progress) as bar:
                     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                         for e in entries:
-                            data = _read_local(root, e.key, where)
+                            data = root_bytes if e.key == ROOT_KEY else _read_local(root, e.key, where)
                             if e.digest is not None and _digest(data) != e.digest:
                                 raise StoreError(f"{where}: {_mismatch(e, _digest(data))}; the store is damaged, "
                                                  "not packed (`satdata verify` lists every damaged chunk)")
@@ -287,6 +295,15 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     finally:
         remove_empty(made)
     return PackResult(out, len(entries), out.stat().st_size, store_digest(info))
+
+
+def _info_of(root_bytes: bytes, where: str) -> Any:
+    from satdata.store import ATTR_KEY, StoreInfo
+
+    try:
+        return StoreInfo.from_json(json.loads(root_bytes)["attributes"][ATTR_KEY], where)
+    except (ValueError, KeyError, TypeError, StoreError):
+        return None
 
 
 def _read_local(root: Path, key: str, where: str) -> bytes:
@@ -535,6 +552,12 @@ def _download_zip(url: str, zpart: Path, storage_options: Mapping[str, Any] | No
             data = call(lambda: fs.cat_file(path, start=have, end=end))
             if not data:
                 raise StoreError(f"{remote.redact(url)}: the server sent no data at byte {have:,} of {size:,}")
+            if len(data) > end - have:  # the whole file, not the range asked for
+                if have != 0 or len(data) != size:
+                    raise StoreError(f"{remote.redact(url)}: asked for bytes {have:,} to {end - 1:,}, the server "
+                                     f"sent {len(data):,} bytes: it does not honour Range requests, so the "
+                                     f"download cannot resume; remove {zpart} and run again")
+                end = size
             n = min(len(data), end - have)
             f.write(data[:n])
             f.flush()
