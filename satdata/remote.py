@@ -236,4 +236,8 @@ def open_group(url: str, storage_options: Mapping[str, Any] | None = None) -> An
     except Exception as e:  # noqa: BLE001
         if network_problem(e) is not None:
             raise classify(e, url) from None
+        if "range requests" in str(e):  # fsspec's HTTP file: the server ignores Range
+            raise StoreError(f"{redact(url)}: the server does not answer HTTP Range requests, which reading a "
+                             "packed store in place needs (nginx, Apache and S3 do; python -m http.server does "
+                             "not); download it instead: satdata fetch URL --out NAME.zarr") from None
         raise StoreError(f"{redact(url)}: not a satkit store ({type(e).__name__}: {str(e).strip()[:160]})") from None

@@ -26,9 +26,17 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# Sections whose commands need servers: their own tests start them and run the section.
+OWN_TESTS = {"## Sharing a store": "tests/test_readme_sharing.py"}
+
+
 def readme_commands() -> list[str]:
-    """satdata/sattrain commands from the README's bash blocks, in order."""
+    """satdata/sattrain commands from the README's bash blocks, in order (but the OWN_TESTS sections)."""
     text = (REPO / "README.md").read_text()
+    for title in OWN_TESTS:
+        start = text.index(title + "\n")
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + (text[end:] if end >= 0 else "")
     cmds: list[str] = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
