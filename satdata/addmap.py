@@ -3,23 +3,27 @@
 The store's 'satkit' attribute is its commit record (satdata.store), so a change is:
 
 1. take an exclusive lock on the store directory (``flock``: released by the kernel even
-   when the process is killed), and remove what earlier killed runs left behind;
+   when the process is killed), and remove ``.zarr.json.tmp-*`` files earlier killed runs
+   left behind;
 2. write the new map, for every split, under a fresh array name ``NAME.<8 hex>`` in
    ``<split>/saliency/`` (and, for a map with targets, the class each sample's map was
    computed for under the same name in ``<split>/map_targets/``): no attribute mentions
    them yet, so readers do not see them;
 3. digest the new arrays and validate the would-be store;
 4. commit: one atomic replace of the root ``zarr.json`` (``satdata.store.write_info``),
-   whose MapInfo for NAME now points at the fresh arrays (``MapInfo.array``);
-5. only then remove the arrays of a map it replaced.
+   whose MapInfo for NAME now points at the fresh arrays (``MapInfo.array``).
+
+The arrays of a map it replaced are kept (superseded): a reader that opened the store
+before the commit (a training run streaming the old map) keeps reading the version it
+opened, and ``satdata gc`` (satdata/gc.py) removes them once no reader holds the store
+(docs/store-format.md, "Readers and writers together").
 
 A failure or Ctrl-C before the commit removes the fresh arrays; a SIGKILL at any moment
 leaves the store either exactly as it was or fully switched over, and ``satdata verify``
-passes on both. Leftovers of a killed run (fresh arrays never committed, the arrays of a
-replaced map whose removal was cut short, a ``.zarr.json.tmp-*`` file) are unreferenced
-and are removed by the next change to the store: ``<split>/saliency/`` belongs to
-satkit, and anything there that the attributes do not name is such a leftover (the
-same holds for ``<split>/map_targets/``).
+passes on both. Leftovers of a killed run (fresh arrays never committed, a
+``.zarr.json.tmp-*`` file) are unreferenced: ``<split>/saliency/`` and
+``<split>/map_targets/`` belong to satkit, and anything there that the attributes do not
+name is a superseded version or such a leftover, which ``satdata gc`` removes.
 
 Only local directory stores can be changed in place (a .zip or URL store cannot be
 committed atomically this way).
@@ -28,6 +32,7 @@ committed atomically this way).
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -106,35 +111,30 @@ def local_store_dir(path: str | Path) -> Path:
 
 
 def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:
-    """Remove what killed changes left: arrays under <split>/saliency/ that no map names,
-    a saliency group left empty in a store without maps, and ``.zarr.json.tmp-*`` files.
+    """Remove everything under <split>/saliency/ and <split>/map_targets/ that no map of
+    ``info`` names (superseded map versions, arrays of killed changes), such a group left
+    empty in a store without maps, and ``.zarr.json.tmp-*`` files; each array's
+    ``zarr.json`` goes before its chunks.
 
-    Call with the store lock held. Returns the removed paths (relative to the store).
+    Call with the store lock held, and only where no reader may still use a superseded
+    version: ``satdata gc`` (``satdata.gc.collect``) takes both locks and calls the same
+    code. Returns the removed paths (relative to the store).
     """
+    from satdata.gc import remove_entry, unreferenced
+
     refuse_links(path, info)  # never follow a link out of the store to clean "there"
     removed: list[str] = []
-    referenced = {
-        "saliency": {m.array_name for m in info.maps.values()},
-        TARGETS_GROUP: {m.array_name for m in info.maps.values() if m.targets},
-    }
-    for split in info.splits:
-        for group, names in referenced.items():
-            sal = path / split / group
-            if not sal.is_dir():
-                continue
-            for child in sorted(sal.iterdir()):
-                if child.name == "zarr.json" or child.name in names:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()  # a file, or a link itself (never what it points to)
-                removed.append(f"{split}/{group}/{child.name}")
-            if not names and [c.name for c in sal.iterdir()] in ([], ["zarr.json"]):
-                shutil.rmtree(sal)
-                removed.append(f"{split}/{group}")
+    for entry in unreferenced(path, info):
+        remove_entry(entry)
+        removed.append(entry.relative_to(path).as_posix())
+    return removed
+
+
+def remove_tmp_files(path: Path) -> list[str]:
+    """Remove the ``.zarr.json.tmp-*`` files of killed commits (call with the store lock held)."""
+    removed = []
     for tmp in sorted(path.glob(".zarr.json.tmp-*")):
-        tmp.unlink()
+        tmp.unlink(missing_ok=True)
         removed.append(tmp.name)
     return removed
 
@@ -189,11 +189,14 @@ def refuse_links(path: Path, info: StoreInfo) -> None:
                                  "a store whose groups lead outside it")
 
 
-def _fresh_array_name(name: str, info: StoreInfo) -> str:
+def _fresh_array_name(name: str, info: StoreInfo, path: Path) -> str:
+    """``NAME.<8 hex>``: named by no map, and on disk in no split (superseded versions and
+    leftovers stay until `satdata gc`, and a reader may still use them)."""
     taken = {m.array_name for m in info.maps.values()}
     while True:
         a = f"{name}.{secrets.token_hex(4)}"
-        if a not in taken:
+        if a not in taken and not any(os.path.lexists(path / s / g / a) for s in info.splits
+                                      for g in ("saliency", TARGETS_GROUP)):
             return a
 
 
@@ -281,11 +284,12 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
     with store_lock(p):
         store = open_store(p)
         info = store.info
-        for item in cleanup_strays(p, info):
+        refuse_links(p, info)
+        for item in remove_tmp_files(p):
             log(f"{where}: removed {item} (left by an interrupted change)")
         compute = resolve_splits(info, new.name, new, splits, overwrite, where)
         old = info.maps.get(new.name)
-        array = _fresh_array_name(new.name, info)
+        array = _fresh_array_name(new.name, info, p)
         mi = MapInfo(name=new.name, encoding=new.encoding, kind=new.kind, channels=new.channels, array=array,
                      targets=new.targets)
         created: list[Path] = []
@@ -350,18 +354,12 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
                 shutil.rmtree(g, ignore_errors=True)
             raise
         if old is not None:
-            for split in info.splits:
-                stales = [p / array_path(split, "saliency", old.array_name)]
-                if old.targets:
-                    stales.append(p / array_path(split, TARGETS_GROUP, old.array_name))
-                for stale in stales:
-                    try:
-                        shutil.rmtree(stale)
-                    except OSError as e:
-                        log(f"{where}: could not remove the replaced {stale.relative_to(p)} ({e}); "
-                            "the next change to the store removes it")
+            # The replaced map's arrays stay: a reader that opened the store before this
+            # commit keeps reading them; `satdata gc` removes them when no reader holds it.
+            log(f"{where}: kept the replaced map {new.name!r} ({old.array_name}) for readers that opened it; "
+                "`satdata gc` removes it")
         return new_info
 
 
 __all__ = ["NewMap", "Producer", "add_map", "check_can_add", "check_map_name", "cleanup_strays",
-           "local_store_dir", "resolve_splits", "store_lock"]
+           "local_store_dir", "remove_tmp_files", "resolve_splits", "store_lock"]

@@ -268,6 +268,8 @@ main.add_command(export_cmd, "export")
 from satdata.cli_share import fetch_cmd, pack_cmd  # noqa: E402
 main.add_command(pack_cmd, "pack")
 main.add_command(fetch_cmd, "fetch")
+from satdata.cli_maps import gc_cmd  # noqa: E402
+main.add_command(gc_cmd, "gc")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -156,4 +156,35 @@ def export_cmd(store: str, out: str, splits: str | None, maps: str | None, overw
     run_cli(go)
 
 
-__all__ = ["METHOD_NAMES", "compare_cmd", "export_cmd", "saliency_cmd"]
+@click.command("gc")
+@click.argument("store")
+@click.option("--dry-run", is_flag=True, help="List what would be removed and the bytes freed; remove nothing.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
+              help="Wait up to this long for readers of the store (training runs) to finish, instead of refusing.")
+def gc_cmd(store: str, dry_run: bool, wait: float) -> None:
+    """Remove the arrays a local store keeps that its attributes no longer name.
+
+    A replaced map (`satdata saliency --overwrite`) keeps its old arrays, so that a training
+    run which opened the store before keeps reading the version it started with
+    (docs/store-format.md, "Readers and writers together"); so do the arrays of an
+    interrupted change. This removes them, each array's zarr.json before its chunks, and
+    prints what it removed and the bytes freed. While a reader (a training run) holds the
+    store it refuses, naming the reader's process, or waits with --wait.
+    """
+    def go() -> None:
+        from satdata.gc import collect, format_bytes
+
+        res = collect(store, dry_run=dry_run, wait=wait, log=click.echo)
+        n = len(res.removed)
+        if not n:
+            click.echo(f"{store}: nothing to remove (every array is named by the store's attributes)")
+        elif dry_run:
+            click.echo(f"{store}: would remove {n} entr{'y' if n == 1 else 'ies'}, freeing {format_bytes(res.freed)} "
+                       "(dry run: nothing removed)")
+        else:
+            click.echo(f"{store}: removed {n} entr{'y' if n == 1 else 'ies'}, freed {format_bytes(res.freed)}")
+
+    run_cli(go)
+
+
+__all__ = ["METHOD_NAMES", "compare_cmd", "export_cmd", "gc_cmd", "saliency_cmd"]

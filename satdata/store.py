@@ -682,6 +682,233 @@ class Store:
     def has_boxes(self, split: str) -> bool:
         return array_path(split, "boxes") in self.info.digests
 
+    # ----------------------------------------------------------------------- readers and writers together
+    # docs/store-format.md, "Readers and writers together": a reader pins the arrays it
+    # uses to the digests recorded when it opened the store (``check_unchanged``), and holds
+    # the store's reader lock so that `satdata gc` leaves the versions it reads in place.
+
+    def array_key(self, split: str, field_name: str, map_name: str | None = None) -> str:
+        """The path of the array that ``array(split, field_name, map_name)`` reads
+        ('train/images', 'train/saliency/cam.1a2b3c4d': a map by its array name)."""
+        if field_name in ("saliency", TARGETS_GROUP):
+            if map_name not in self.info.maps:
+                self.array(split, field_name, map_name)  # raises, listing the maps
+            map_name = self.info.maps[map_name].array_name  # type: ignore[index]
+        return array_path(split, field_name, map_name)
+
+    def hold_reader_lock(self, timeout: float | None = None) -> bool:
+        """Hold the store's reader lock (shared) for the life of this Store object.
+
+        `satdata gc` refuses to remove anything while a reader holds it, so the arrays this
+        reader opened stay on disk even after a map is replaced. The lock is a shared
+        ``flock`` on the store's first split directory (:func:`reader_lock_dir`): it needs
+        only read permission and creates no file. Waits up to ``timeout`` seconds while
+        `satdata gc` is removing (default READER_LOCK_WAIT; then StoreError naming it). Returns False where no lock
+        is possible (a .zip or URL store, which satkit never changes in place, or a file
+        system without ``flock``): ``check_unchanged`` still stops a reader whose arrays went.
+        """
+        if getattr(self, "_reader_lock", None) is not None:
+            return True
+        root = self._local_root
+        if root is None:
+            return False
+        lock_dir = reader_lock_dir(root, self.info)
+        timeout = READER_LOCK_WAIT if timeout is None else timeout
+        try:
+            fd = flock_dir(lock_dir, exclusive=False, timeout=timeout)
+        except LockBusy as e:
+            raise StoreError(f"{self.path}: `satdata gc` is removing superseded arrays ({describe_holders(e.holders)}) "
+                             f"and has not finished in {timeout:g} s; try again when it has") from None
+        if fd is None:
+            return False
+        import weakref
+
+        self._reader_lock = weakref.finalize(self, os.close, fd)  # closing the fd releases the lock
+        return True
+
+    def release_reader_lock(self) -> None:
+        """Release the reader lock taken by ``hold_reader_lock`` (also released when the process ends)."""
+        fin = getattr(self, "_reader_lock", None)
+        if fin is not None:
+            fin()
+            self._reader_lock = None
+
+    def check_unchanged(self, paths: Sequence[str], *, chunks: Sequence[tuple["zarr.Array", Sequence[int]]] = ()) -> None:
+        """Raise StoreChangedError when an array this reader uses is no longer what it opened.
+
+        ``paths`` are array paths (:meth:`array_key`). The store's root ``zarr.json`` is read
+        afresh (not zarr's cached attributes; re-parsed only when the file changed): an array
+        the attributes still name must have the content digest (``sha256``) recorded when
+        this Store was opened (the same content rebuilt is no change); an array they no
+        longer name (a superseded version of a replaced map) must still exist. ``chunks``:
+        (array, chunk indices) just read: each chunk the digests say was written must still
+        have its file, so a chunk deleted under a reader is never taken for its fill value.
+        Call it after reading and before using what was read: a read that overlapped a
+        change is then never used. A .zip store is read through the handle opened with it
+        and is not checked.
+        """
+        root = self._local_root
+        if root is None and "://" not in self.path:
+            return  # a zip: its open handle keeps the version it opened
+        current = self._current_digests()
+        for p in paths:
+            pinned = (self.info.digests.get(p) or {}).get("sha256")
+            rec = current.get(p)
+            if isinstance(rec, Mapping):
+                now = rec.get("sha256")
+                if pinned is not None and now != pinned:
+                    raise StoreChangedError(
+                        f"{self.path}: {p} changed after this process opened the store (sha256 {str(pinned)[:12]}... "
+                        f"then, {str(now)[:12]}... now: the store was rebuilt or replaced); stopping rather than "
+                        "mixing two versions of the data")
+            elif not self._key_exists(f"{p}/zarr.json"):
+                raise StoreChangedError(
+                    f"{self.path}: {p} is gone since this process opened the store (the store was rebuilt or "
+                    "replaced, or `satdata gc` removed a replaced map's old version); stopping rather than "
+                    "reading fill values")
+        if root is None:
+            return
+        for arr, ids in chunks:
+            want = self._chunk_digests(arr) or []
+            step = int(arr.chunks[0]) if arr.ndim else 1
+            for i in ids:
+                if 0 <= i < len(want) and want[i] != "absent" and not (root / chunk_key(arr, i)).is_file():
+                    a, b = i * step, min(arr.shape[0], (i + 1) * step)
+                    raise StoreChangedError(
+                        f"{self.path}: array {arr.path} chunk {i} (samples [{a}, {b})) is missing: deleted after "
+                        "this process opened the store; stopping rather than reading fill values "
+                        "(`satdata verify` lists every damaged chunk)")
+
+    def _current_digests(self) -> Mapping[str, Any]:
+        """The 'digests' of the root zarr.json as it is on disk now (cached while the file is unchanged)."""
+        root = self._local_root
+        cached = getattr(self, "_pin_seen", None)
+        try:
+            if root is not None:
+                st = os.stat(root / "zarr.json")
+                sig: Any = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                if cached is not None and cached[0] == sig:
+                    return cached[1]
+                raw = (root / "zarr.json").read_bytes()
+            else:
+                from zarr.core.buffer import default_buffer_prototype
+                from zarr.core.sync import sync
+
+                buf = sync((self.group.store_path / "zarr.json").get(prototype=default_buffer_prototype()))
+                if buf is None:
+                    raise FileNotFoundError("no zarr.json")
+                raw = sig = buf.to_bytes()
+                if cached is not None and cached[0] == sig:
+                    return cached[1]
+            digests = json.loads(raw)["attributes"][ATTR_KEY]["digests"]
+            if not isinstance(digests, Mapping):
+                raise TypeError("digests is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreChangedError(f"{self.path}: the store's zarr.json cannot be read any more ({type(e).__name__}: "
+                                    f"{str(e)[:80]}): the store was removed or replaced after this process opened it; "
+                                    "stopping") from None
+        self._pin_seen = (sig, digests)
+        return digests
+
+    def _key_exists(self, key: str) -> bool:
+        root = self._local_root
+        if root is not None:
+            return (root / key).is_file()
+        from zarr.core.sync import sync
+
+        return bool(sync((self.group.store_path / key).exists()))
+
+
+# --------------------------------------------------------------------------- readers and writers together
+# The reader lock (docs/store-format.md, "Readers and writers together"): readers hold a
+# shared flock on the store's first split directory; `satdata gc` takes it exclusively.
+
+# How long a reader waits for a running `satdata gc` to finish before giving up.
+READER_LOCK_WAIT = 60.0
+
+
+class StoreChangedError(StoreError):
+    """An array a reader uses changed or went away after the reader opened the store."""
+
+
+class LockBusy(Exception):
+    """A lock is held by others (``holders``: their process ids, where the system says)."""
+
+    def __init__(self, holders: list[int]) -> None:
+        super().__init__(f"held by {holders}")
+        self.holders = holders
+
+
+def reader_lock_dir(root: str | Path, info: StoreInfo) -> Path:
+    """The directory whose flock is the store's reader lock: its first split (``train/`` where present)."""
+    split = sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99))[0]
+    return Path(root) / split
+
+
+def flock_dir(d: Path, *, exclusive: bool, timeout: float = 0.0) -> int | None:
+    """An fd of directory ``d`` holding a shared or exclusive flock on it (closing it releases).
+
+    None where this system cannot lock it (not POSIX, unreadable, a file system without
+    flock). Raises LockBusy when others still hold a conflicting lock after ``timeout``
+    seconds (0: ask once).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    import time
+
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        except OSError:  # e.g. ENOLCK: no locking here
+            os.close(fd)
+            return None
+        if time.monotonic() >= deadline:
+            holders = lock_holders(d)
+            os.close(fd)
+            raise LockBusy(holders)
+        time.sleep(0.05)
+
+
+def lock_holders(path: Path) -> list[int]:
+    """Process ids holding a flock on ``path`` (Linux ``/proc/locks``); [] where not known."""
+    try:
+        st = os.stat(path)
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return []
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: set[int] = set()
+    for line in text.splitlines():
+        parts = line.split()  # "1: FLOCK  ADVISORY  READ  1234 08:01:5678 0 EOF" ("->" marks a waiter)
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want and parts[4].isdigit():
+            pids.add(int(parts[4]))
+    return sorted(pids)
+
+
+def describe_holders(pids: Sequence[int]) -> str:
+    """'process 1234: sattrain run ...' for the first holder (and how many more), or 'another process'."""
+    if not pids:
+        return "another process"
+    try:
+        cmd = Path(f"/proc/{pids[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        cmd = ""
+    if len(cmd) > 80:
+        cmd = cmd[:77] + "..."
+    more = f" and {len(pids) - 1} more" if len(pids) > 1 else ""
+    return f"process {pids[0]}" + (f": {cmd}" if cmd else "") + more
+
 
 def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None = None) -> "zarr.Group":
     from satdata import remote

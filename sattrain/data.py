@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from satdata.errors import SatkitError
-from satdata.store import Store, iter_chunks, read_rows_into
+from satdata.store import Store, StoreChangedError, iter_chunks, read_rows_into
 
 CROP_PADDING = 4
 # Reads go in slabs of whole chunks of about this many bytes: large enough that zarr reads
@@ -285,7 +285,25 @@ def load_split(store: Store, split: str, maps: Sequence[str], indices: np.ndarra
 
         with ThreadPoolExecutor(max_workers=len(zarrs), thread_name_prefix="sattrain-load") as pool:
             data = list(pool.map(lambda a: read_rows(a, indices, _Bar()), zarrs))
+    # What was read is the version the store had when it was opened, or this stops
+    # (docs/store-format.md, "Readers and writers together").
+    check_read(store, [store.array_key(split, f, m) for f, m in arrays], [(a, chunks_of(a, indices)) for a in zarrs])
     return HostSplit(split, indices, data[0], data[1], {m: d for m, d in zip(maps, data[2:])})
+
+
+def chunks_of(arr: Any, indices: np.ndarray) -> list[int]:
+    """The chunks along N of ``arr`` that hold rows ``indices``."""
+    return np.unique(np.asarray(indices, dtype=np.int64) // int(arr.chunks[0])).tolist() if len(indices) else []
+
+
+def check_read(store: Store, paths: Sequence[str], chunks: Sequence[tuple[Any, Sequence[int]]] = ()) -> None:
+    """After a read, before its data is used: stop (StoreChangedError, one line naming the
+    store, the array and the change) unless every array read is still the version the store
+    had when opened, and every chunk read that the digests say was written still has its
+    file (``Store.check_unchanged``): a read that overlapped a rebuild, a replaced map
+    collected by `satdata gc`, or a deleted chunk (which zarr would read as its fill value)
+    is never trained or evaluated on."""
+    store.check_unchanged(paths, chunks=chunks)
 
 
 # --------------------------------------------------------------------------- placement
@@ -394,6 +412,12 @@ class StreamingSplit:
     each block's samples are shuffled and cut into batches, a partial batch carrying over
     into the next block. Every selected sample is seen exactly once per epoch. Labels
     (small) stay in memory.
+
+    The run keeps reading the version of the store it opened, or stops: the store's reader
+    lock is held (so `satdata gc` leaves a replaced map's old arrays in place), and after
+    each block is read, before it is handed to training, ``check_read`` checks that the
+    arrays read still have the digests recorded at open (a rebuilt or replaced store
+    stops the run with one line naming the array) and that the chunks read still exist.
     """
 
     def __init__(self, store: Store, split: str, maps: Sequence[str], indices: np.ndarray,
@@ -405,9 +429,15 @@ class StreamingSplit:
         self.placement = "stream"
         self.indices = indices
         self.n = len(indices)
+        store.hold_reader_lock()
         self.images_arr = store.array(split, "images")
         self.map_arrs = {m: store.array(split, "saliency", m) for m in maps}
-        self.labels = torch.from_numpy(read_rows(store.array(split, "labels"), indices))
+        labels_arr = store.array(split, "labels")
+        self.labels = torch.from_numpy(read_rows(labels_arr, indices))
+        # the arrays a block reads, pinned to the version opened (docs/store-format.md)
+        self.pins = {"images": store.array_key(split, "images"), "labels": store.array_key(split, "labels"),
+                     **{m: store.array_key(split, "saliency", m) for m in maps}}
+        check_read(store, [self.pins["images"], self.pins["labels"]], [(labels_arr, chunks_of(labels_arr, indices))])
         self.chunks = []  # (start, stop, selected store indices, their positions in `indices`)
         for a, b in iter_chunks(self.images_arr):
             lo, hi = np.searchsorted(indices, [a, b])
@@ -450,6 +480,19 @@ class StreamingSplit:
             maps = maps.pin_memory() if maps is not None else None
         return images, positions, maps
 
+    def check_block(self, block: list[int], map_name: str | None) -> None:
+        """After reading ``block`` and before training on it: the version opened, or StoreChangedError."""
+        def ids(arr: Any) -> list[int]:  # the chunks of arr that the block's sample ranges cover
+            step = int(arr.chunks[0])
+            return sorted({i for c in block for i in range(self.chunks[c][0] // step, (self.chunks[c][1] - 1) // step + 1)})
+
+        paths = [self.pins["images"], self.pins["labels"]]
+        chunks: list[tuple[Any, Sequence[int]]] = [(self.images_arr, ids(self.images_arr))]
+        if map_name is not None:
+            paths.append(self.pins[map_name])
+            chunks.append((self.map_arrs[map_name], ids(self.map_arrs[map_name])))
+        check_read(self.store, paths, chunks)
+
     def batches(self, batch_size: int, generator: torch.Generator, map_name: str | None) -> Iterator[RawBatch]:
         """Shuffled batches for one epoch; the random draws all happen before reading starts."""
         blocks = self.plan(generator)
@@ -461,6 +504,7 @@ class StreamingSplit:
             try:
                 for blk in blocks:
                     item: Any = self._read_block(blk, map_name)
+                    self.check_block(blk, map_name)  # before the block is handed over
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.1)
@@ -478,6 +522,8 @@ class StreamingSplit:
         try:
             for perm in perms:
                 item = q.get()
+                if isinstance(item, StoreChangedError):  # already one line naming the store and the change
+                    raise StoreChangedError(str(item)) from None
                 if isinstance(item, BaseException):
                     raise SatkitError(f"{self.store.path}: reading split {self.split} failed ({type(item).__name__}: {item})")
                 images, positions, maps = item

@@ -90,7 +90,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ import torch.nn as nn
 
 from satdata.errors import SatkitError
 from satdata.outputs import probe_writable
-from satdata.store import Store, open_store, store_digest
+from satdata.store import Store, StoreChangedError, open_store, store_digest
 from sattrain import __version__
 from sattrain.checkpoint import (
     BEST_NAME,
@@ -122,6 +122,7 @@ from sattrain.data import (
     InMemorySplit,
     MapCodec,
     StreamingSplit,
+    check_read,
     choose_maps,
     derive_seed,
     load_split,
@@ -542,17 +543,65 @@ def _sync_best(run_dir: Path, ckpt: dict[str, Any], log: Log) -> None:
             "not in checkpoint.pt; best.pt will follow the next better epoch")
 
 
+def run_arrays(store: Store, maps: Sequence[str], eval_split: str) -> dict[str, str | None]:
+    """The arrays a run trains and evaluates from, by name ('train/images', 'train/saliency/ink',
+    'test/labels': a map by its name, not its array's), with their content digests (sha256).
+
+    A resume compares these, not the whole store's digest: a map added to the store, or
+    another map replaced, does not change them; a rebuilt store with other data, or a
+    replaced map the run trains from, does.
+    """
+    named = [("train", "images", None), ("train", "labels", None)]
+    named += [("train", "saliency", m) for m in maps]
+    named += [(eval_split, "images", None), (eval_split, "labels", None)]
+    out: dict[str, str | None] = {}
+    for split, field_name, m in named:
+        key = f"{split}/{field_name}" + (f"/{m}" if m else "")
+        out[key] = (store.info.digests.get(store.array_key(split, field_name, m)) or {}).get("sha256")
+    return out
+
+
+def _check_same_arrays(run_dir: Path, ckpt_path: Path, extra: dict[str, Any], arrays: dict[str, str | None],
+                       digest: str, store_path: str) -> None:
+    """Refuse a resume whose store differs in an array the run trains or evaluates from."""
+    saved = extra.get("arrays")
+    if saved is None:  # a checkpoint from before per-array digests: the whole store must match
+        saved_digest = extra.get("store_digest")
+        if saved_digest != digest:
+            raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's "
+                              f"({store_path} digest {digest[:12]}, the run's {str(saved_digest)[:12]}; the run's "
+                              "checkpoint predates per-array digests, so any change to the store counts)")
+        return
+    if not (isinstance(saved, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                            for k, v in saved.items())):
+        raise SatkitError(f"{ckpt_path}: damaged satkit checkpoint: 'extra' has arrays {repr(saved)[:80]}; expected "
+                          "an object of array name -> sha256")
+    for key in sorted(set(saved) | set(arrays)):
+        was, now = saved.get(key), arrays.get(key)
+        if was != now:
+            what = (f"{key} is not among the arrays the run used" if key not in saved else
+                    f"{key} is not in the store" if key not in arrays else
+                    f"{key} has sha256 {str(now)[:12]}..., the run's {str(was)[:12]}...")
+            why = "the map was replaced" if "/saliency/" in key else "the store was rebuilt or replaced"
+            raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's in an array "
+                              f"it trains or evaluates from: {what} ({store_path}: {why} since the run started); "
+                              "start a new run")
+
+
 def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, model: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
              device: torch.device, log: Log, *, model_spec: dict[str, Any] | None = None,
-             steps_per_epoch: int = 1) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+             steps_per_epoch: int = 1,
+             arrays: dict[str, str | None] | None = None) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
     """(epochs already done in run_dir, best record so far, metrics.jsonl records of those
     epochs): (0, None, []) for a new run; otherwise the model, optimizer, scheduler and
     scaler are restored and best.pt checked (and repaired: _sync_best) once all is valid.
 
     A directory that holds a run needs --resume; resuming checks that the options (except
-    those in RESUMABLE_CHANGES) and the store's contents are the run's, and that --epochs
-    changes only under the constant schedule (the others are scaled to the epochs).
+    those in RESUMABLE_CHANGES) and the contents of the arrays the run trains and evaluates
+    from (``arrays``, see ``run_arrays``; a checkpoint that predates them: the whole store's
+    ``digest``) are the run's, and that --epochs changes only under the constant schedule
+    (the others are scaled to the epochs).
 
     Everything the checkpoint holds is validated before it is used, each failure one
     SatkitError naming the file: the options it records (as ``TrainConfig.resolved()``
@@ -598,10 +647,8 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
         if have is not None and not same_value(have, want):
             raise SatkitError(f"{ckpt_path}: the checkpoint's network has {key} {repr(have)[:80]}, but this run's "
                               f"has {repr(want)[:80]} (a checkpoint of another network or store)")
-    saved_digest = (ckpt.get("extra") or {}).get("store_digest")
-    if saved_digest != digest:
-        raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's "
-                          f"({store_path} digest {digest[:12]}, the run's {str(saved_digest)[:12]})")
+    _check_same_arrays(run_dir, ckpt_path, ckpt.get("extra") or {}, arrays if arrays is not None else {}, digest,
+                       store_path)
     best = ckpt.get("best")
     monitor_key = f"pgd{cfg.eval_steps}_monitor"
     if best is not None:
@@ -720,6 +767,9 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     # they may hold secrets; a resume is given them again.
     store = open_store(cfg.store, storage_options=storage_options)
     info = store.info
+    # Hold the store's reader lock for the run: `satdata gc` leaves a replaced map's old
+    # arrays alone meanwhile (docs/store-format.md, "Readers and writers together").
+    store.hold_reader_lock()
     if "train" not in info.splits:
         raise SatkitError(f"{store.path}: no train split (splits: {', '.join(info.splits)})")
     multilabel = info.label_kind == "multi"
@@ -730,6 +780,7 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     cfg = replace(cfg, maps=maps, augment=resolve_augment(str(cfg.augment), bool(getattr(info, "hflip", True))))
     eval_split = _pick_eval_split(store, cfg.eval_split)
     digest = store_digest(info)
+    arrays = run_arrays(store, maps, eval_split)
     num_classes = len(info.classes)
     model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
                   "image_size": list(info.image_size), "classes": list(info.classes)}
@@ -747,7 +798,8 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
     _check_run_dir(run_dir)
     start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler, scaler,
-                                          device, log, model_spec=model_spec, steps_per_epoch=steps_per_epoch)
+                                          device, log, model_spec=model_spec, steps_per_epoch=steps_per_epoch,
+                                          arrays=arrays)
     metrics_path = run_dir / METRICS_JSONL
     if start_epoch:
         log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
@@ -769,7 +821,8 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     write_json_atomic(run_dir / CONFIG_JSON, {
         "options": cfg.to_json(),
         "resumed_after_epoch": start_epoch if start_epoch else None,
-        "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "label_kind": info.label_kind,
+        "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "arrays": arrays,
+                  "label_kind": info.label_kind,
                   "image_size": list(info.image_size), "classes": list(info.classes),
                   "hflip": bool(getattr(info, "hflip", True)),
                   "maps": {m: {"kind": c.kind, "encoding": c.encoding} for m, c in codecs.items()}},
@@ -865,7 +918,7 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
                 "model_spec": model_spec,
                 "config": cfg.to_json(),
                 "rng": _rng_state(device),
-                "extra": {"store_digest": digest, "method": cfg.method, "eval_split": eval_split},
+                "extra": {"store_digest": digest, "arrays": arrays, "method": cfg.method, "eval_split": eval_split},
             }
             save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
             if new_best:
@@ -925,6 +978,11 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     try:
         summary = run_summary(run_dir, store, split=eval_split, samples=cfg.summary_samples, device=device,
                               multilabel=multilabel, log=log)
+        try:  # it loaded the split afresh: from the version this run opened, or it does not count
+            check_read(store, [store.array_key(eval_split, "images"), store.array_key(eval_split, "labels")])
+        except StoreChangedError:
+            (run_dir / SUMMARY_JSON).unlink(missing_ok=True)
+            raise
     except SatkitError as e:
         # e.g. a missing optional attack package: the training is done and saved; say so
         del final["summary_pending"]

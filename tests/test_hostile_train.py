@@ -444,7 +444,13 @@ RESUME_CASES: dict[str, tuple[Craft, str]] = {
     "model NaN weights": (_model(_first_nan), "the weights hold NaN or infinite values"),
     "model integer weights": (_model(_first_int), "another kind of dtype"),
     "checkpoint of a 5-class store": (_ck(_five_classes), "the checkpoint's network has num_classes 5"),
-    "checkpoint of another store": (_set("extra", "store_digest", value="0" * 64), "store whose contents differ"),
+    "checkpoint of another store": (_set("extra", "arrays", "train/images", value="0" * 64),
+                                    "store whose contents differ from the run's in an array it trains or evaluates "
+                                    "from: train/images has sha256"),
+    "checkpoint of another store, before per-array digests": (
+        _ck(lambda d: (d["extra"].pop("arrays"), d["extra"].update(store_digest="0" * 64))),
+        "store whose contents differ"),
+    "checkpoint arrays garbage": (_set("extra", "arrays", value=[1]), "'extra' has arrays [1]; expected an object"),
     "config lr NaN": (_set("config", "lr", value=math.nan),
                       "the run options it records are invalid (--lr: must be a finite number > 0, got nan)"),
     "config epochs a string": (_set("config", "epochs", value="ten"), "(--epochs: must be an integer, got 'ten')"),
@@ -482,6 +488,7 @@ FUZZ_PATHS = [("epoch",), ("best",), ("optimizer",), ("scheduler",), ("rng",), (
               ("optimizer", "param_groups", 0, "eps"), ("optimizer", "param_groups", 0, "params"),
               ("scheduler", "last_epoch"), ("scheduler", "_last_lr"), ("scheduler", "base_lrs"),
               ("scheduler", "_step_count"), ("scheduler", "_is_initial"), ("rng", "torch"), ("extra", "store_digest"),
+              ("extra", "arrays"), ("extra", "arrays", "train/images"),
               ("config", "lr"), ("config", "epochs"), ("config", "maps"), ("config", "seed"), ("config", "alpha"),
               ("model_spec", "num_classes"), ("model_spec", "classes"), ("model_spec", "image_size")]
 _TENSORS: dict[str, Callable[[Any], Any]] = {
