@@ -10,7 +10,8 @@ WORKDIR /opt/satkit
 COPY pyproject.toml README.md ./
 COPY satdata ./satdata
 COPY sattrain ./sattrain
-RUN pip install --upgrade pip && pip install .
+# [remote]: stores at URLs (https://, s3://) and `satdata fetch`, as a lab shares them.
+RUN pip install --upgrade pip && pip install ".[remote]"
 
 COPY manifests ./manifests
 COPY docs ./docs
