@@ -53,10 +53,21 @@ class Request(NamedTuple):
     status: int
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer (a reader cancelling requests it no longer needs) is not an error."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class HttpServer:
     """The running server (see the module docstring); made by :func:`serve`."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], port: int = 0) -> None:
         self.root = Path(root).resolve()
         self._lock = threading.Lock()
         self._log: list[Request] = []
@@ -69,7 +80,7 @@ class HttpServer:
         class Handler(_Handler):
             owner = server
 
-        self._httpd = ThreadingHTTPServer((HOST, 0), Handler)
+        self._httpd = _QuietServer((HOST, port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://{HOST}:{self.port}"
@@ -270,9 +281,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(root: str | os.PathLike[str]) -> Iterator[HttpServer]:
-    """Serve ``root`` over HTTP on 127.0.0.1 (a free port) for the duration of the block."""
-    server = HttpServer(root)
+def serve(root: str | os.PathLike[str], port: int = 0) -> Iterator[HttpServer]:
+    """Serve ``root`` over HTTP on 127.0.0.1 (``port``, or a free one) for the duration of the block."""
+    server = HttpServer(root, port)
     server.start()
     try:
         yield server
