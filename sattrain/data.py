@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from satdata import chunkio
 from satdata.errors import SatkitError
 from satdata.store import Store, StoreChangedError, iter_chunks, read_rows_into
 
@@ -466,12 +467,25 @@ class StreamingSplit:
 
     def _read_block(self, block: list[int], map_name: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         imgs, qs, pos = [], [], []
-        for c in block:
-            a, b, sel, p = self.chunks[c]
-            imgs.append(np.asarray(self.images_arr[a:b])[sel - a])
-            if map_name is not None:
-                qs.append(np.asarray(self.map_arrs[map_name][a:b])[sel - a])
-            pos.append(p)
+        arrs = [self.images_arr] + ([self.map_arrs[map_name]] if map_name is not None else [])
+        step = int(self.images_arr.chunks[0])
+        if not chunkio.is_local(self.images_arr) and all(int(x.chunks[0]) == step for x in arrs):
+            # over a network: every chunk of the block (images and map) requested at once,
+            # a bounded number in flight (satdata/chunkio.py), not one round trip per chunk
+            got = iter(chunkio.read_chunks([(x, self.chunks[c][0] // step) for c in block for x in arrs]))
+            for c in block:
+                a, b, sel, p = self.chunks[c]
+                imgs.append(next(got)[sel - a])
+                if map_name is not None:
+                    qs.append(next(got)[sel - a])
+                pos.append(p)
+        else:  # a local disk: one chunk after another is as fast
+            for c in block:
+                a, b, sel, p = self.chunks[c]
+                imgs.append(np.asarray(self.images_arr[a:b])[sel - a])
+                if map_name is not None:
+                    qs.append(np.asarray(self.map_arrs[map_name][a:b])[sel - a])
+                pos.append(p)
         images = torch.from_numpy(np.concatenate(imgs))
         maps = torch.from_numpy(np.concatenate(qs)) if qs else None
         positions = torch.from_numpy(np.concatenate(pos))

@@ -259,3 +259,175 @@ class SeaweedS3:
         else:
             fs.put_file(str(local), dest)
         fs.invalidate_cache()
+
+
+class DelayProxy:
+    """An HTTP/1.1 forwarding proxy on 127.0.0.1 that waits ``delay`` seconds before
+    forwarding each request: a far-away server, made of a near one.
+
+    Requests and responses pass through unchanged, the ``Host`` header included (so S3
+    signatures, which cover it, still verify upstream): point a client at ``.endpoint``
+    instead of the server's. Each client connection gets its own upstream connection
+    (keep-alive on both sides, no pipelining); bodies are relayed by Content-Length or
+    chunked transfer encoding. Meant for reads (GET, HEAD): a request that expects
+    ``100-continue`` is not supported. Runs an asyncio loop in a background thread;
+    ``requests`` counts the requests forwarded.
+
+        with SeaweedS3() as s3, DelayProxy(s3.endpoint, 0.020) as slow:
+            opts = {**s3.storage_options(), "endpoint_url": slow.endpoint}
+    """
+
+    def __init__(self, upstream: str, delay: float) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream)
+        if u.scheme != "http" or not u.hostname or not u.port:
+            raise ValueError(f"DelayProxy: upstream must be http://HOST:PORT, not {upstream!r}")
+        self.upstream = (u.hostname, u.port)
+        self.delay = float(delay)
+        self.requests = 0
+        self.port = 0
+        self._loop: Any = None
+        self._thread: Any = None
+        self._server: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> "DelayProxy":
+        import asyncio
+        import threading
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="delay-proxy", daemon=True)
+        self._thread.start()
+
+        async def serve() -> Any:
+            return await asyncio.start_server(self._handle, HOST, 0)
+
+        self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        import asyncio
+
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+
+        async def shutdown() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout=10)
+            loop.close()
+
+    def __enter__(self) -> "DelayProxy":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ relaying
+
+    @staticmethod
+    def _headers(head: bytes) -> tuple[str, dict[str, str]]:
+        lines = head.decode("latin-1").split("\r\n")
+        fields = {}
+        for line in lines[1:]:
+            if ":" in line:
+                k, v = line.split(":", 1)
+                fields[k.strip().lower()] = v.strip()
+        return lines[0], fields
+
+    @staticmethod
+    async def _relay_body(src: Any, dst: Any, fields: dict[str, str], *, until_eof: bool) -> None:
+        """Copy one message body from ``src`` to ``dst`` as framed by ``fields``."""
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            while True:
+                line = await src.readuntil(b"\r\n")
+                dst.write(line)
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:  # trailers, then the blank line
+                    while True:
+                        t = await src.readuntil(b"\r\n")
+                        dst.write(t)
+                        if t == b"\r\n":
+                            return
+                dst.write(await src.readexactly(size + 2))
+                await dst.drain()
+        if "content-length" in fields:
+            left = int(fields["content-length"])
+            while left > 0:
+                piece = await src.read(min(left, 1 << 20))
+                if not piece:
+                    raise ConnectionError("body cut short")
+                dst.write(piece)
+                left -= len(piece)
+                await dst.drain()
+            return
+        if until_eof:
+            while piece := await src.read(1 << 20):
+                dst.write(piece)
+                await dst.drain()
+
+    async def _handle(self, reader: Any, writer: Any) -> None:
+        import asyncio
+
+        up_reader = up_writer = None
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the client closed its connection
+                request_line, fields = self._headers(head)
+                method = request_line.split(" ", 1)[0].upper()
+                body = bytearray()
+
+                class _Buf:  # collects the request body, so the delay comes before any byte goes on
+                    def write(self, b: bytes) -> None:
+                        body.extend(b)
+
+                    async def drain(self) -> None:
+                        return None
+
+                await self._relay_body(reader, _Buf(), fields, until_eof=False)
+                await asyncio.sleep(self.delay)
+                if up_writer is None:
+                    up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+                up_writer.write(head + bytes(body))
+                await up_writer.drain()
+                self.requests += 1
+                while True:  # informational (1xx) responses come before the real one
+                    rhead = await up_reader.readuntil(b"\r\n\r\n")
+                    status_line, rfields = self._headers(rhead)
+                    status = int(status_line.split(" ", 2)[1])
+                    writer.write(rhead)
+                    if status >= 200 or status == 101:
+                        break
+                no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+                closing = "close" in rfields.get("connection", "").lower() or "close" in fields.get("connection", "").lower()
+                if not no_body:
+                    await self._relay_body(up_reader, writer, rfields, until_eof=True)
+                await writer.drain()
+                if closing or (not no_body and "content-length" not in rfields
+                               and "chunked" not in rfields.get("transfer-encoding", "").lower()):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+            return
+        except asyncio.CancelledError:  # stop(): end quietly (asyncio would log a cancelled handler)
+            return
+        finally:
+            for w in (writer, up_writer):
+                if w is not None:
+                    w.close()
