@@ -632,6 +632,8 @@ def evaluate(
 
     images_np = st.load(split_name, "images")
     labels_np = st.load(split_name, "labels")
+    # A store rebuilt or replaced while it was read: never score a mix of two versions.
+    st.check_unchanged([st.array_key(split_name, "images"), st.array_key(split_name, "labels")])
     total = int(images_np.shape[0])
     if cfg.samples is not None and cfg.samples < total:
         rng = np.random.default_rng(cfg.seed)
