@@ -110,6 +110,8 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     assert (tmp_path / "voc-seg.png").stat().st_size > 1000
     assert (tmp_path / "gcpp.png").stat().st_size > 1000
     # the teacher is scored before its maps are made, and it is good enough not to be warned about
+    gc = said["satdata gc digits.zarr"]  # the gbp map's first version, replaced just before
+    assert "removed train/saliency/gbp." in gc and "freed" in gc, gc
     sal = said["satdata saliency digits.zarr --teacher runs/teacher --method gradcampp --name gcpp"]
     assert "teacher accuracy on test" in sal and "warning" not in sal.lower(), sal
     assert "headline (strong protocol): autoattack@8/255" in said["sattrain eval runs/digits-sat --store digits.zarr"]
