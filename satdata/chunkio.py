@@ -1,5 +1,9 @@
 """Whole-chunk reads with bounded concurrency, for stores that are not on a local disk.
 
+Used by ``StreamingSplit`` (sattrain/data.py) for the blocks of a store at a URL, by
+``read_rows_into`` (satdata/store.py) for whole slabs and arrays of such stores, and by
+``satdata verify`` (satdata/verify.py) for every store.
+
 Reading chunk after chunk costs one round trip each: over a network (S3, HTTP) the time
 goes to waiting, not to moving bytes. Here many whole chunks are requested at once, at
 most ``concurrency`` in flight, on zarr's own event loop (where the store's network
@@ -74,16 +78,18 @@ def _coords(arr: "zarr.Array", i: int) -> tuple[int, ...]:
 async def _get_bytes(arr: "zarr.Array", i: int) -> Any:
     """The stored bytes of chunk ``i`` as a zarr Buffer, or None where no file exists.
 
-    Asked for as the range "from byte 0" (HTTP ``Range: bytes=0-``): the whole file in
-    one request. A plain whole-object read through s3fs first asks the object's size
-    (a HEAD, to split large objects into parallel ranges), which doubles the round trips
-    and the per-request work for chunk-sized objects.
+    Over fsspec (URLs) it is asked for as the range "from byte 0" (HTTP ``Range:
+    bytes=0-``): the whole file in one request. A plain whole-object read through s3fs
+    first asks for the object's size (a HEAD, to split large objects into parallel
+    ranges), which doubles the round trips and the per-request work for chunk-sized
+    objects (bench/remote.py).
     """
     from zarr.abc.store import OffsetByteRequest
     from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import FsspecStore
 
     key = f"{arr.path}/{arr.metadata.encode_chunk_key(_coords(arr, i))}"
-    whole = None if is_local(arr) else OffsetByteRequest(0)
+    whole = OffsetByteRequest(0) if isinstance(arr.store, FsspecStore) else None
     return await arr.store.get(key, prototype=default_buffer_prototype(), byte_range=whole)
 
 
@@ -145,6 +151,39 @@ def read_chunks(wanted: Iterable[tuple["zarr.Array", int]], *, concurrency: int 
     if not pairs:
         return []
     return _submit(_bounded([job(a, i) for a, i in pairs], concurrency)).result()
+
+
+def read_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray, *,
+              chunk_digests: Sequence[str] | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+    """Rows ``[start, stop)`` of ``arr`` into ``out`` (shape ``(stop - start, ...)``), the
+    chunks they span fetched and decoded ``concurrency`` at a time, each copied into
+    ``out`` as it arrives (memory: ``out`` plus the chunks in flight).
+
+    A chunk without a file reads as the fill value only where ``chunk_digests`` (the
+    array's recorded chunk digests, when given) say none was written ("absent");
+    otherwise it is a ``MissingChunk`` error naming the array, the chunk and its samples.
+    """
+    step = int(arr.chunks[0])
+    if stop <= start:
+        return
+
+    def job(i: int) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            buf = await _get_bytes(arr, i)
+            if buf is None and chunk_digests is not None and (i >= len(chunk_digests) or chunk_digests[i] != "absent"):
+                a, b = chunk_rows(arr, i)
+                raise MissingChunk(f"array {arr.path} chunk {i} (samples [{a}, {b})): the chunk file is missing")
+            values = await _decode(arr, i, buf)
+            a, b = max(start, i * step), min(stop, (i + 1) * step)
+            out[a - start:b - start] = values[a - i * step:b - i * step]
+
+        return run
+
+    _submit(_bounded([job(i) for i in range(start // step, (stop - 1) // step + 1)], concurrency)).result()
+
+
+class MissingChunk(LookupError):
+    """A chunk that the digests say was written has no file."""
 
 
 def iter_chunk_files(

@@ -133,6 +133,23 @@ def test_attack_strength_smoke(tmp_path: Path, digits_store: Path) -> None:
     assert isinstance(m["doubling_changes_at_most_tolerance"], bool) and m["sanity"]["pgd-beats-fgsm"]
 
 
+def test_remote_smoke(tmp_path: Path) -> None:
+    """bench/remote.py at 2,048 samples: its own S3 server and delaying proxy, every row, ratios from the seconds."""
+    out = tmp_path / "remote.json"
+    res = run_bench("remote.py", "--samples", "2048", "--repeats", "1", "--memory-budget", "1M", "--no-before",
+                    "--data", str(tmp_path / "data"), "--json", str(out), tmp_path=tmp_path)
+    assert json.loads(out.read_text()) == res
+    assert res["benchmark"] == "remote" and res["samples"] == 2048 and res["proxy_requests"] > 0
+    assert set(res["results"]) == {"fetch", "stream", "load", "verify"}
+    for what, rows in res["results"].items():
+        assert set(rows) == {"local", "s3", "s3_delayed"}, what
+        for name, v in rows.items():
+            assert v["seconds"] > 0 and math.isclose(v["vs_local"], rows["local"]["seconds"] / v["seconds"],
+                                                     rel_tol=1e-2, abs_tol=1e-3), (what, name)
+    assert res["results"]["stream"]["local"]["block_samples"] < 2048  # it really streamed
+    assert res["goal_met"] == all(g["goal_met"] for g in res["goals"].values())
+
+
 @pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py", "attack_strength.py"])
 def test_help(script: str) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=60)

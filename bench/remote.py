@@ -1,0 +1,298 @@
+"""Reading a store over S3 against reading the same store from the local disk.
+
+Writes (once; cached with --data) a synthetic store of --samples samples of --size x --size
+with ``satdata.store.StoreWriter`` (random uint8 images, a binary rectangle mask per
+image, 10 classes, one split), starts a SeaweedFS S3 server on 127.0.0.1
+(``tests/s3server.py``, the ``weed`` binary of the dev extra), uploads the store to it,
+and starts a forwarding proxy in front of the server that waits --delay-ms before each
+request (``tests/s3server.py``, ``DelayProxy``: a far-away server made of a near one).
+Then, for the store on the local disk (**the baseline**), over S3 on loopback, and over
+S3 behind the proxy:
+
+* ``stream``: one epoch of ``StreamingSplit`` batches (images + map + labels), with a
+  --memory-budget small enough to force streaming (blocks of whole chunks, read by a
+  background thread while the previous block is consumed); samples per second;
+* ``load``: ``open_store`` + ``load_split`` of the whole split (images, labels, map);
+* ``verify``: ``open_store`` + ``verify_digests`` (every chunk fetched, hashed, decoded).
+
+Each is timed --repeats times (median); ratios are local seconds / remote seconds (for
+streaming: remote samples/s over local samples/s), so 1.0 means "as fast as the local
+disk". The goals: streaming from S3 >= 0.8x local, and >= 0.5x with the added delay.
+``fetch`` is the transfer limit: every chunk file of the images and the map fetched, 16
+in flight, nothing decoded. ``*_before`` rows (unless --no-before) measure, in the same
+run, how satkit read before ``satdata/chunkio.py``: streaming with each block read one
+chunk after another through zarr, and verify fetching each chunk twice, one at a time.
+
+    python bench/remote.py                                  # 200,000 samples of 16x16
+    python bench/remote.py --samples 4096 --repeats 1 --data /tmp/remote-data
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from unittest import mock
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, machine, median  # noqa: E402
+
+CLASSES = 10
+MAP = "mask"
+BUCKET = "bench"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_store(base: Path, n: int, size: int, seed: int = 0) -> Path:
+    """A synthetic store of ``n`` samples of ``size`` x ``size`` in ``base`` (cached: a second
+    call with the same n and size returns at once)."""
+    from satdata.store import MapInfo, StoreWriter
+
+    path = base / "store.zarr"
+    stamp = base / f".complete-{n}-{size}"
+    if stamp.exists():
+        return path
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    w = StoreWriter(path, dataset="synthetic", classes=[str(i) for i in range(CLASSES)], image_size=(size, size),
+                    label_kind="single", maps={MAP: MapInfo(name=MAP, encoding="binary", kind="mask")})
+    w.create_split("train", n)
+    step = w.split_chunk["train"]
+    rows, cols = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        k = b - a
+        images = rng.integers(0, 256, size=(k, size, size, 3), dtype=np.uint8)
+        labels = rng.integers(0, CLASSES, size=k).astype(np.int64)
+        y0, x0 = rng.integers(0, size // 2, k), rng.integers(0, size // 2, k)
+        hh, ww = rng.integers(2, size // 2 + 1, k), rng.integers(2, size // 2 + 1, k)
+        maps = ((rows >= y0[:, None, None]) & (rows < (y0 + hh)[:, None, None])
+                & (cols >= x0[:, None, None]) & (cols < (x0 + ww)[:, None, None])).astype(np.uint8)
+        w.write("train", a, images, labels, [f"s{i}" for i in range(a, b)], {MAP: maps})
+    w.close_split("train", n)
+    w.finish({"source": "bench/remote.py synthetic"})
+    stamp.touch()
+    return path
+
+
+def du(path: Path) -> tuple[int, int]:
+    """Bytes and files under ``path``."""
+    files = [f for f in path.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+@contextlib.contextmanager
+def sequential_reads() -> Iterator[None]:
+    """Streaming as satkit read blocks before satdata/chunkio.py: one chunk after another
+    (the local-disk branch of StreamingSplit._read_block, taken for every store)."""
+    from satdata import chunkio
+
+    with mock.patch.object(chunkio, "is_local", lambda arr: True):
+        yield
+
+
+def stream_epoch(opener: Callable[[], Any], n: int, bs: int, budget: int) -> Callable[[], dict[str, Any]]:
+    """One timed epoch of StreamingSplit batches; the split is opened outside the timing."""
+    import torch
+
+    from sattrain.data import StreamingSplit, make_generator
+
+    st = opener()
+    split = StreamingSplit(st, "train", (MAP,), np.arange(n), torch.device("cpu"), budget)
+    epoch = [0]
+
+    def run() -> dict[str, Any]:
+        g = make_generator("cpu", 1000 + epoch[0])
+        epoch[0] += 1
+        seen = 0
+        t = time.perf_counter()
+        for raw in split.batches(bs, g, MAP):
+            seen += raw.images.shape[0]
+        dt = time.perf_counter() - t
+        assert seen >= n - 1, f"an epoch yielded {seen} of {n} samples"
+        return {"seconds": dt, "block_samples": split.block_samples}
+
+    return run
+
+
+def load_whole(opener: Callable[[], Any], n: int) -> Callable[[], dict[str, Any]]:
+    from sattrain.data import load_split
+
+    def run() -> dict[str, Any]:
+        t = time.perf_counter()
+        host = load_split(opener(), "train", (MAP,), np.arange(n), progress=False)
+        dt = time.perf_counter() - t
+        return {"seconds": dt, "bytes": host.nbytes}
+
+    return run
+
+
+def verify(opener: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
+    from satdata.verify import verify_digests
+
+    def run() -> dict[str, Any]:
+        t = time.perf_counter()
+        rep = verify_digests(opener())
+        dt = time.perf_counter() - t
+        assert rep.ok, [str(p) for p in rep.problems]
+        return {"seconds": dt, "arrays": len(rep.checked)}
+
+    return run
+
+
+def verify_before(opener: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
+    """``satdata verify`` as it was before satdata/chunkio.py: chunk after chunk, each chunk
+    fetched twice (its stored bytes for the file digest, then decoded again through zarr).
+    The report is not built; the same bytes are fetched and hashed."""
+    import hashlib
+
+    from satdata.store import _canonical_bytes, chunk_file_digest, iter_chunks, read_chunk_file
+
+    def run() -> dict[str, Any]:
+        t = time.perf_counter()
+        st = opener()
+        for path in sorted(st.info.digests):
+            arr = st.group[path]
+            whole = hashlib.sha256()
+            for i, (a, b) in enumerate(iter_chunks(arr)):
+                chunk_file_digest(read_chunk_file(arr, i))
+                whole.update(_canonical_bytes(np.asarray(arr[a:b])))
+        return {"seconds": time.perf_counter() - t, "arrays": len(st.info.digests)}
+
+    return run
+
+
+def fetch_all(opener: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
+    """The transfer limit: every chunk file of the images and the map fetched (16 in flight),
+    nothing decoded or hashed; the store is opened outside the timing."""
+    from satdata.chunkio import iter_chunk_files
+    from satdata.store import iter_chunks
+
+    st = opener()
+    arrays = [st.array("train", "images"), st.array("train", "saliency", MAP)]
+
+    def run() -> dict[str, Any]:
+        t = time.perf_counter()
+        got = 0
+        for _, _, stored, _ in iter_chunk_files(((a, i) for a in arrays for i in range(len(list(iter_chunks(a))))),
+                                                decode=False):
+            got += len(stored or b"")
+        return {"seconds": time.perf_counter() - t, "bytes": got}
+
+    return run
+
+
+def timed(fn: Callable[[], dict[str, Any]], repeats: int) -> dict[str, Any]:
+    runs = [fn() for _ in range(repeats)]
+    secs = [r["seconds"] for r in runs]
+    out = {k: v for k, v in runs[0].items() if k != "seconds"}
+    out.update({"seconds": round(median(secs), 4), "runs": [round(s, 4) for s in secs]})
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=200_000)
+    ap.add_argument("--size", type=int, default=16, help="image side (the chunk holds 1,024 samples at 16x16)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--memory-budget", default="32M", help="StreamingSplit's budget (forces streaming)")
+    ap.add_argument("--delay-ms", type=float, default=20.0, help="added before every request by the proxy")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per contender (median)")
+    ap.add_argument("--no-before", action="store_true",
+                    help="skip the rows that measure the reads before satdata/chunkio.py (the slowest part)")
+    ap.add_argument("--data", type=Path, default=None, help="cache the generated store here")
+    ap.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from satdata.chunkio import DEFAULT_CONCURRENCY
+    from satdata.store import open_store
+    from sattrain.config import parse_size_bytes
+    from tests.s3server import DelayProxy, SeaweedS3
+
+    budget = parse_size_bytes(args.memory_budget)
+    tmp = Path(tempfile.mkdtemp(prefix="satkit-bench-remote-"))
+    try:
+        t = time.perf_counter()
+        local = make_store(args.data or tmp / "data", args.samples, args.size)
+        gen_s = time.perf_counter() - t
+        nbytes, nfiles = du(local)
+        with SeaweedS3() as s3, DelayProxy(s3.endpoint, args.delay_ms / 1000) as proxy:
+            t = time.perf_counter()
+            s3.make_bucket(BUCKET)
+            s3.upload(local, f"{BUCKET}/store.zarr")
+            upload_s = time.perf_counter() - t
+            url = f"s3://{BUCKET}/store.zarr"
+            slow_opts = {**s3.storage_options(readonly=True), "endpoint_url": proxy.endpoint}
+            where: dict[str, Callable[[], Any]] = {
+                "local": lambda: open_store(local),
+                "s3": lambda: open_store(url, storage_options=s3.storage_options(readonly=True)),
+                "s3_delayed": lambda: open_store(url, storage_options=slow_opts),
+            }
+            n, r = args.samples, args.repeats
+            res: dict[str, dict[str, Any]] = {"fetch": {}, "stream": {}, "load": {}, "verify": {}}
+            for name, opener in where.items():
+                res["fetch"][name] = timed(fetch_all(opener), r)
+                res["stream"][name] = timed(stream_epoch(opener, n, args.batch_size, budget), r)
+                res["load"][name] = timed(load_whole(opener, n), r)
+                res["verify"][name] = timed(verify(opener), r)
+            if not args.no_before:
+                for name in ("s3", "s3_delayed"):
+                    with sequential_reads():
+                        res["stream"][f"{name}_before"] = timed(stream_epoch(where[name], n, args.batch_size, budget), 1)
+                    res["verify"][f"{name}_before"] = timed(verify_before(where[name]), 1)
+            requests_delayed = proxy.requests
+
+        for what, rows in res.items():
+            base = rows["local"]["seconds"]
+            for v in rows.values():
+                v["vs_local"] = round(base / v["seconds"], 3)
+                if what == "stream":
+                    v["samples_per_s"] = round(n / v["seconds"], 0)
+        s3_ratio, slow_ratio = res["stream"]["s3"]["vs_local"], res["stream"]["s3_delayed"]["vs_local"]
+        result = {
+            "benchmark": "remote",
+            "samples": n,
+            "image_size": [args.size, args.size],
+            "batch_size": args.batch_size,
+            "memory_budget_bytes": budget,
+            "delay_ms": args.delay_ms,
+            "concurrency": DEFAULT_CONCURRENCY,
+            "store": {"bytes": nbytes, "files": nfiles, "generate_seconds": round(gen_s, 1),
+                      "upload_seconds": round(upload_s, 1)},
+            "server": "SeaweedFS `weed server -s3` on 127.0.0.1 (tests/s3server.py); s3fs client, default settings",
+            "proxy_requests": requests_delayed,
+            "results": res,
+            "goals": {
+                "stream_s3_vs_local": {"goal": 0.8, "value": s3_ratio, "goal_met": s3_ratio >= 0.8},
+                "stream_s3_delayed_vs_local": {"goal": 0.5, "value": slow_ratio, "goal_met": slow_ratio >= 0.5},
+            },
+            "goal_met": s3_ratio >= 0.8 and slow_ratio >= 0.5,
+            "machine": machine(),
+        }
+        emit(result, args.json)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
