@@ -271,7 +271,8 @@ class DelayProxy:
     (keep-alive on both sides, no pipelining); bodies are relayed by Content-Length or
     chunked transfer encoding. Meant for reads (GET, HEAD): a request that expects
     ``100-continue`` is not supported. Runs an asyncio loop in a background thread;
-    ``requests`` counts the requests forwarded.
+    ``requests`` counts the requests forwarded, ``max_in_flight`` the most that were
+    waiting for an answer at once.
 
         with SeaweedS3() as s3, DelayProxy(s3.endpoint, 0.020) as slow:
             opts = {**s3.storage_options(), "endpoint_url": slow.endpoint}
@@ -285,7 +286,9 @@ class DelayProxy:
             raise ValueError(f"DelayProxy: upstream must be http://HOST:PORT, not {upstream!r}")
         self.upstream = (u.hostname, u.port)
         self.delay = float(delay)
-        self.requests = 0
+        self.requests = 0  # requests forwarded
+        self.in_flight = 0  # requests forwarded and not yet answered
+        self.max_in_flight = 0
         self.port = 0
         self._loop: Any = None
         self._thread: Any = None
@@ -402,24 +405,29 @@ class DelayProxy:
                         return None
 
                 await self._relay_body(reader, _Buf(), fields, until_eof=False)
-                await asyncio.sleep(self.delay)
-                if up_writer is None:
-                    up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-                up_writer.write(head + bytes(body))
-                await up_writer.drain()
-                self.requests += 1
-                while True:  # informational (1xx) responses come before the real one
-                    rhead = await up_reader.readuntil(b"\r\n\r\n")
-                    status_line, rfields = self._headers(rhead)
-                    status = int(status_line.split(" ", 2)[1])
-                    writer.write(rhead)
-                    if status >= 200 or status == 101:
-                        break
-                no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-                closing = "close" in rfields.get("connection", "").lower() or "close" in fields.get("connection", "").lower()
-                if not no_body:
-                    await self._relay_body(up_reader, writer, rfields, until_eof=True)
-                await writer.drain()
+                self.in_flight += 1  # one event loop thread: no lock needed
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    await asyncio.sleep(self.delay)
+                    if up_writer is None:
+                        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+                    up_writer.write(head + bytes(body))
+                    await up_writer.drain()
+                    self.requests += 1
+                    while True:  # informational (1xx) responses come before the real one
+                        rhead = await up_reader.readuntil(b"\r\n\r\n")
+                        status_line, rfields = self._headers(rhead)
+                        status = int(status_line.split(" ", 2)[1])
+                        writer.write(rhead)
+                        if status >= 200 or status == 101:
+                            break
+                    no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+                    closing = "close" in rfields.get("connection", "").lower() or "close" in fields.get("connection", "").lower()
+                    if not no_body:
+                        await self._relay_body(up_reader, writer, rfields, until_eof=True)
+                    await writer.drain()
+                finally:
+                    self.in_flight -= 1
                 if closing or (not no_body and "content-length" not in rfields
                                and "chunked" not in rfields.get("transfer-encoding", "").lower()):
                     return
