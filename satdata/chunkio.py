@@ -119,8 +119,13 @@ async def _decode(arr: "zarr.Array", i: int, buf: Any) -> np.ndarray:
     return values[: b - a]
 
 
-async def _bounded(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency: int) -> list[T]:
-    sem = asyncio.Semaphore(max(1, concurrency))
+def _limit(concurrency: int | None) -> int:
+    """``concurrency``, or the module's DEFAULT_CONCURRENCY (read at call time) when None."""
+    return max(1, DEFAULT_CONCURRENCY if concurrency is None else int(concurrency))
+
+
+async def _bounded(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency: int | None) -> list[T]:
+    sem = asyncio.Semaphore(_limit(concurrency))
 
     async def one(job: Callable[[], Awaitable[T]]) -> T:
         async with sem:
@@ -133,7 +138,7 @@ async def _bounded(jobs: Sequence[Callable[[], Awaitable[T]]], concurrency: int)
     return list(results)  # type: ignore[arg-type]
 
 
-def read_chunks(wanted: Iterable[tuple["zarr.Array", int]], *, concurrency: int = DEFAULT_CONCURRENCY) -> list[np.ndarray]:
+def read_chunks(wanted: Iterable[tuple["zarr.Array", int]], *, concurrency: int | None = None) -> list[np.ndarray]:
     """The values of each (array, chunk index) in ``wanted`` (rows ``[a, b)`` of that
     chunk), in order; at most ``concurrency`` chunks fetched and decoded at once.
 
@@ -153,8 +158,32 @@ def read_chunks(wanted: Iterable[tuple["zarr.Array", int]], *, concurrency: int 
     return _submit(_bounded([job(a, i) for a, i in pairs], concurrency)).result()
 
 
+def take_rows(wanted: Iterable[tuple["zarr.Array", int, np.ndarray, np.ndarray]], *,
+              concurrency: int | None = None) -> None:
+    """For each ``(array, chunk index, rows, out)``: rows ``rows`` (offsets within the
+    chunk) of that chunk into ``out`` (``len(rows)`` rows), each chunk copied as soon as it
+    arrives, while later ones are still in flight; at most ``concurrency`` at once.
+
+    The first failure is raised once every request has finished.
+    """
+
+    def job(arr: "zarr.Array", i: int, rows: np.ndarray, out: np.ndarray) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            values = await _decode(arr, i, await _get_bytes(arr, i))
+            if len(rows) == len(values) and (len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(rows) - 1)):
+                out[...] = values  # the whole chunk (rows are sorted and distinct)
+            else:
+                np.take(values, rows, axis=0, out=out)
+
+        return run
+
+    jobs = [job(*w) for w in wanted]
+    if jobs:
+        _submit(_bounded(jobs, concurrency)).result()
+
+
 def read_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray, *,
-              chunk_digests: Sequence[str] | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+              chunk_digests: Sequence[str] | None = None, concurrency: int | None = None) -> None:
     """Rows ``[start, stop)`` of ``arr`` into ``out`` (shape ``(stop - start, ...)``), the
     chunks they span fetched and decoded ``concurrency`` at a time, each copied into
     ``out`` as it arrives (memory: ``out`` plus the chunks in flight).
@@ -189,7 +218,7 @@ class MissingChunk(LookupError):
 def iter_chunk_files(
     wanted: Iterable[tuple["zarr.Array", int]],
     *,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int | None = None,
     decode: bool = True,
 ) -> Iterator[tuple["zarr.Array", int, bytes | None, np.ndarray | BaseException | None]]:
     """``(array, i, stored bytes or None, values)`` for each (array, chunk index) of
@@ -221,7 +250,7 @@ def iter_chunk_files(
     try:
         for arr, i in wanted:
             window.append(_submit(one(arr, i)))
-            if len(window) >= max(1, concurrency):
+            if len(window) >= _limit(concurrency):
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from satdata.chunkio import DEFAULT_CONCURRENCY, iter_chunk_files
+from satdata.chunkio import iter_chunk_files
 from satdata.store import Store, _canonical_bytes, chunk_file_digest, iter_chunks
 
 
@@ -46,14 +46,15 @@ class VerifyReport:
 
 
 def verify_digests(store: Store, progress: Callable[[str], None] | None = None, *,
-                   concurrency: int = DEFAULT_CONCURRENCY) -> VerifyReport:
+                   concurrency: int | None = None) -> VerifyReport:
     """Re-read every array chunk by chunk and compare with the recorded digests.
 
     Each chunk file is fetched once (satdata/chunkio.py): its stored bytes give the
     chunk-file digest, and the same bytes, decoded through the array's codec pipeline,
-    feed the array's sha256. Up to ``concurrency`` chunks (across arrays) are fetched
-    while earlier ones are hashed, so a store over the network is not read one round
-    trip at a time; the report is the same as a sequential pass would give.
+    feed the array's sha256. Up to ``concurrency`` chunks (across arrays; default
+    ``satdata.chunkio.DEFAULT_CONCURRENCY``) are fetched while earlier ones are hashed,
+    so a store over the network is not read one round trip at a time; the report is the
+    same as a sequential pass would give.
     """
     rep = VerifyReport(store.path)
     info = store.info

@@ -470,15 +470,18 @@ class StreamingSplit:
         arrs = [self.images_arr] + ([self.map_arrs[map_name]] if map_name is not None else [])
         step = int(self.images_arr.chunks[0])
         if not chunkio.is_local(self.images_arr) and all(int(x.chunks[0]) == step for x in arrs):
-            # over a network: every chunk of the block (images and map) requested at once,
-            # a bounded number in flight (satdata/chunkio.py), not one round trip per chunk
-            got = iter(chunkio.read_chunks([(x, self.chunks[c][0] // step) for c in block for x in arrs]))
+            # over a network: every chunk of the block (images and map) requested at once, a
+            # bounded number in flight, each copied into place as it arrives (satdata/chunkio.py)
+            n = sum(len(self.chunks[c][2]) for c in block)
+            outs = [np.empty((n,) + tuple(x.shape[1:]), dtype=x.dtype) for x in arrs]
+            jobs, start = [], 0
             for c in block:
                 a, b, sel, p = self.chunks[c]
-                imgs.append(next(got)[sel - a])
-                if map_name is not None:
-                    qs.append(next(got)[sel - a])
+                jobs += [(x, a // step, sel - a, o[start : start + len(sel)]) for x, o in zip(arrs, outs)]
                 pos.append(p)
+                start += len(sel)
+            chunkio.take_rows(jobs)
+            imgs, qs = outs[:1], outs[1:]
         else:  # a local disk: one chunk after another is as fast
             for c in block:
                 a, b, sel, p = self.chunks[c]
@@ -486,8 +489,8 @@ class StreamingSplit:
                 if map_name is not None:
                     qs.append(np.asarray(self.map_arrs[map_name][a:b])[sel - a])
                 pos.append(p)
-        images = torch.from_numpy(np.concatenate(imgs))
-        maps = torch.from_numpy(np.concatenate(qs)) if qs else None
+        images = torch.from_numpy(imgs[0] if len(imgs) == 1 else np.concatenate(imgs))
+        maps = torch.from_numpy(qs[0] if len(qs) == 1 else np.concatenate(qs)) if qs else None
         positions = torch.from_numpy(np.concatenate(pos))
         if self.device.type == "cuda":
             images = images.pin_memory()

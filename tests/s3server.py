@@ -268,11 +268,13 @@ class DelayProxy:
     Requests and responses pass through unchanged, the ``Host`` header included (so S3
     signatures, which cover it, still verify upstream): point a client at ``.endpoint``
     instead of the server's. Each client connection gets its own upstream connection
-    (keep-alive on both sides, no pipelining); bodies are relayed by Content-Length or
-    chunked transfer encoding. Meant for reads (GET, HEAD): a request that expects
-    ``100-continue`` is not supported. Runs an asyncio loop in a background thread;
-    ``requests`` counts the requests forwarded, ``max_in_flight`` the most that were
-    waiting for an answer at once.
+    (keep-alive on both sides). Only the requests are parsed (head, Content-Length body),
+    to delay each one; response bytes are handed on as they arrive (asyncio protocols,
+    no copies through stream readers), so the proxy adds the delay and little CPU.
+    Meant for reads (GET, HEAD); a request body in chunked encoding is forwarded as it
+    comes, with one delay. Runs an asyncio loop in a background thread; ``requests``
+    counts the requests forwarded, ``max_in_flight`` the most forwarded and not yet
+    answered at once (response heads are followed to know where each response ends).
 
         with SeaweedS3() as s3, DelayProxy(s3.endpoint, 0.020) as slow:
             opts = {**s3.storage_options(), "endpoint_url": slow.endpoint}
@@ -293,6 +295,7 @@ class DelayProxy:
         self._loop: Any = None
         self._thread: Any = None
         self._server: Any = None
+        self._conns: set = set()
 
     @property
     def endpoint(self) -> str:
@@ -307,9 +310,13 @@ class DelayProxy:
         self._thread.start()
 
         async def serve() -> Any:
-            return await asyncio.start_server(self._handle, HOST, 0)
+            return await asyncio.get_running_loop().create_server(lambda: _ProxyConnection(self), HOST, 0)
 
-        self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=10)
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(timeout=10)
+        except BaseException:
+            self.stop()
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -321,11 +328,10 @@ class DelayProxy:
             return
 
         async def shutdown() -> None:
-            self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._server is not None:
+                self._server.close()
+            for c in list(self._conns):
+                c.close()
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
@@ -340,102 +346,198 @@ class DelayProxy:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    # ------------------------------------------------------------------ relaying
 
-    @staticmethod
-    def _headers(head: bytes) -> tuple[str, dict[str, str]]:
-        lines = head.decode("latin-1").split("\r\n")
-        fields = {}
-        for line in lines[1:]:
-            if ":" in line:
-                k, v = line.split(":", 1)
-                fields[k.strip().lower()] = v.strip()
-        return lines[0], fields
+def _header(head: bytes, name: bytes) -> bytes | None:
+    """The value of header ``name`` (lower case) in an HTTP message head, or None."""
+    for line in head.split(b"\r\n")[1:]:
+        k, sep, v = line.partition(b":")
+        if sep and k.strip().lower() == name:
+            return v.strip()
+    return None
 
-    @staticmethod
-    async def _relay_body(src: Any, dst: Any, fields: dict[str, str], *, until_eof: bool) -> None:
-        """Copy one message body from ``src`` to ``dst`` as framed by ``fields``."""
-        if "chunked" in fields.get("transfer-encoding", "").lower():
-            while True:
-                line = await src.readuntil(b"\r\n")
-                dst.write(line)
-                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:  # trailers, then the blank line
-                    while True:
-                        t = await src.readuntil(b"\r\n")
-                        dst.write(t)
-                        if t == b"\r\n":
-                            return
-                dst.write(await src.readexactly(size + 2))
-                await dst.drain()
-        if "content-length" in fields:
-            left = int(fields["content-length"])
-            while left > 0:
-                piece = await src.read(min(left, 1 << 20))
-                if not piece:
-                    raise ConnectionError("body cut short")
-                dst.write(piece)
-                left -= len(piece)
-                await dst.drain()
-            return
-        if until_eof:
-            while piece := await src.read(1 << 20):
-                dst.write(piece)
-                await dst.drain()
 
-    async def _handle(self, reader: Any, writer: Any) -> None:
+class _Upstream:
+    """The proxy's connection to the server: response bytes go straight to the client."""
+
+    def __init__(self, down: "_ProxyConnection") -> None:
+        self.down = down
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        self.down.from_upstream(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Any) -> None:
+        self.down.close()
+
+    def pause_writing(self) -> None:  # the server reads slowly: stop reading the client
+        if self.down.transport is not None:
+            self.down.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.down.transport is not None:
+            self.down.transport.resume_reading()
+
+
+class _ProxyConnection:
+    """One client connection of a DelayProxy (an asyncio Protocol)."""
+
+    MAX_HEAD = 64 * 1024
+
+    def __init__(self, proxy: DelayProxy) -> None:
+        import collections
+
+        self.proxy = proxy
+        self.transport: Any = None
+        self.up: Any = None  # the upstream transport, once connected
+        self.buf = bytearray()  # client bytes not yet cut into requests
+        self.raw = False  # a chunked request body: forward the rest as it comes
+        self.due: collections.deque = collections.deque()  # requests waiting out their delay, in order
+        self.unsent: list[bytes] = []  # delayed requests waiting for the upstream connection
+        self.methods: collections.deque = collections.deque()  # methods of requests not yet answered
+        self.rbuf = bytearray()  # a response head being read
+        self.body_left = 0  # bytes of the current response body still to pass
+        self.untracked = False  # a response without Content-Length: stop following responses
+        self.closed = False
+
+    # client side
+    def connection_made(self, transport: Any) -> None:
         import asyncio
 
-        up_reader = up_writer = None
+        self.transport = transport
+        self.proxy._conns.add(self)
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        import asyncio
+
         try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # the client closed its connection
-                request_line, fields = self._headers(head)
-                method = request_line.split(" ", 1)[0].upper()
-                body = bytearray()
-
-                class _Buf:  # collects the request body, so the delay comes before any byte goes on
-                    def write(self, b: bytes) -> None:
-                        body.extend(b)
-
-                    async def drain(self) -> None:
-                        return None
-
-                await self._relay_body(reader, _Buf(), fields, until_eof=False)
-                self.in_flight += 1  # one event loop thread: no lock needed
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                try:
-                    await asyncio.sleep(self.delay)
-                    if up_writer is None:
-                        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-                    up_writer.write(head + bytes(body))
-                    await up_writer.drain()
-                    self.requests += 1
-                    while True:  # informational (1xx) responses come before the real one
-                        rhead = await up_reader.readuntil(b"\r\n\r\n")
-                        status_line, rfields = self._headers(rhead)
-                        status = int(status_line.split(" ", 2)[1])
-                        writer.write(rhead)
-                        if status >= 200 or status == 101:
-                            break
-                    no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-                    closing = "close" in rfields.get("connection", "").lower() or "close" in fields.get("connection", "").lower()
-                    if not no_body:
-                        await self._relay_body(up_reader, writer, rfields, until_eof=True)
-                    await writer.drain()
-                finally:
-                    self.in_flight -= 1
-                if closing or (not no_body and "content-length" not in rfields
-                               and "chunked" not in rfields.get("transfer-encoding", "").lower()):
-                    return
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, ValueError):
+            up, _ = await asyncio.get_running_loop().create_connection(lambda: _Upstream(self), *self.proxy.upstream)
+        except OSError:
+            self.close()
             return
-        except asyncio.CancelledError:  # stop(): end quietly (asyncio would log a cancelled handler)
+        if self.closed:
+            up.close()
             return
-        finally:
-            for w in (writer, up_writer):
-                if w is not None:
-                    w.close()
+        self.up = up
+        for req in self.unsent:
+            up.write(req)
+        self.unsent.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.raw:
+            self._delay(bytes(data), None)
+            return
+        self.buf += data
+        while self.buf:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > self.MAX_HEAD:
+                    self.close()
+                break
+            head = bytes(self.buf[: end + 4])
+            method = head.split(b" ", 1)[0].upper()
+            if b"chunked" in (_header(head, b"transfer-encoding") or b"").lower():
+                self.raw = True
+                self._delay(bytes(self.buf), method)
+                self.buf.clear()
+                break
+            total = end + 4 + int(_header(head, b"content-length") or b"0")
+            if len(self.buf) < total:
+                break
+            self._delay(bytes(self.buf[:total]), method)
+            del self.buf[:total]
+
+    def _delay(self, data: bytes, method: bytes | None) -> None:
+        import asyncio
+
+        self.due.append((data, method))
+        asyncio.get_running_loop().call_later(self.proxy.delay, self._forward_oldest)
+
+    def _forward_oldest(self) -> None:
+        """One delay is over: forward the oldest waiting request (same delays: FIFO keeps order)."""
+        if self.closed or not self.due:
+            return
+        data, method = self.due.popleft()
+        if method is not None:
+            p = self.proxy
+            p.requests += 1
+            if not self.untracked:
+                self.methods.append(method)
+                p.in_flight += 1
+                p.max_in_flight = max(p.max_in_flight, p.in_flight)
+        if self.up is None:
+            self.unsent.append(data)
+        else:
+            self.up.write(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Any) -> None:
+        self.close()
+
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading the server
+        if self.up is not None:
+            self.up.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.resume_reading()
+
+    # server side
+    def from_upstream(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+        self._follow(memoryview(data))
+
+    def _follow(self, data: memoryview) -> None:
+        """Find where responses end (heads and Content-Length), to count requests answered."""
+        while len(data) and not self.untracked:
+            if self.body_left:
+                k = min(self.body_left, len(data))
+                self.body_left -= k
+                data = data[k:]
+                if not self.body_left:
+                    self._answered()
+                continue
+            self.rbuf += data
+            end = self.rbuf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.rbuf[: end + 4])
+            data = memoryview(bytes(self.rbuf[end + 4 :]))
+            self.rbuf.clear()
+            status = int(head.split(b" ", 2)[1])
+            if 100 <= status < 200:
+                continue  # an informational response precedes the real one
+            method = self.methods[0] if self.methods else b"GET"
+            length = _header(head, b"content-length")
+            if method == b"HEAD" or status in (204, 304) or length == b"0":
+                self._answered()
+            elif length is not None:
+                self.body_left = int(length)
+            else:  # chunked or until close: stop following (the counts stay approximate)
+                self.untracked = True
+                self.proxy.in_flight -= len(self.methods)
+                self.methods.clear()
+
+    def _answered(self) -> None:
+        if self.methods:
+            self.methods.popleft()
+            self.proxy.in_flight -= 1
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.in_flight -= len(self.methods)
+        self.methods.clear()
+        self.proxy._conns.discard(self)
+        for t in (self.transport, self.up):
+            if t is not None:
+                t.close()
