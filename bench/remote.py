@@ -6,8 +6,9 @@ image, 10 classes, one split), starts a SeaweedFS S3 server on 127.0.0.1
 (``tests/s3server.py``, the ``weed`` binary of the dev extra), uploads the store to it,
 and starts a forwarding proxy in front of the server that waits --delay-ms before each
 request (``tests/s3server.py``, ``DelayProxy``: a far-away server made of a near one).
-Then, for the store on the local disk (**the baseline**), over S3 on loopback, and over
-S3 behind the proxy:
+Then, for the store on the local disk (**the baseline**), over S3 on loopback, over S3
+behind the proxy, and behind the proxy with a larger S3 connection pool (--pool; s3fs
+keeps 10 connections unless told otherwise):
 
 * ``stream``: one epoch of ``StreamingSplit`` batches (images + map + labels), with a
   --memory-budget small enough to force streaming (blocks of whole chunks, read by a
@@ -18,8 +19,8 @@ S3 behind the proxy:
 Each is timed --repeats times (median); ratios are local seconds / remote seconds (for
 streaming: remote samples/s over local samples/s), so 1.0 means "as fast as the local
 disk". The goals: streaming from S3 >= 0.8x local, and >= 0.5x with the added delay.
-``fetch`` is the transfer limit: every chunk file of the images and the map fetched, 16
-in flight, nothing decoded. ``*_before`` rows (unless --no-before) measure, in the same
+``fetch`` is the transfer limit: every chunk file of the images and the map fetched,
+``satdata.chunkio.DEFAULT_CONCURRENCY`` in flight, nothing decoded. ``*_before`` rows (unless --no-before) measure, in the same
 run, how satkit read before ``satdata/chunkio.py``: streaming with each block read one
 chunk after another through zarr, loading through zarr's own reads (a whole-object GET
 through s3fs asks for the object's size first: two requests per chunk), and verify
@@ -180,7 +181,7 @@ def verify_before(opener: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
 
 
 def fetch_all(opener: Callable[[], Any]) -> Callable[[], dict[str, Any]]:
-    """The transfer limit: every chunk file of the images and the map fetched (16 in flight),
+    """The transfer limit: every chunk file of the images and the map fetched (chunkio's window),
     nothing decoded or hashed; the store is opened outside the timing."""
     from satdata.chunkio import iter_chunk_files
     from satdata.store import iter_chunks
@@ -224,6 +225,8 @@ def main() -> None:
     ap.add_argument("--memory-budget", default="32M", help="StreamingSplit's budget (forces streaming)")
     ap.add_argument("--delay-ms", type=float, default=20.0, help="added before every request by the proxy")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per contender (median)")
+    ap.add_argument("--pool", type=int, default=32,
+                    help="connections of the extra s3_delayed_poolN contender (s3fs config_kwargs.max_pool_connections)")
     ap.add_argument("--no-before", action="store_true",
                     help="skip the rows that measure the reads before satdata/chunkio.py (the slowest part)")
     ap.add_argument("--data", type=Path, default=None, help="cache the generated store here")
@@ -252,10 +255,13 @@ def main() -> None:
             upload_s = time.perf_counter() - t
             url = f"s3://{BUCKET}/store.zarr"
             slow_opts = {**s3.storage_options(readonly=True), "endpoint_url": proxy.endpoint}
+            pool_opts = {**slow_opts, "config_kwargs": {"max_pool_connections": args.pool}}
             where: dict[str, Callable[[], Any]] = {
                 "local": lambda: open_store(local),
                 "s3": lambda: open_store(url, storage_options=s3.storage_options(readonly=True)),
                 "s3_delayed": lambda: open_store(url, storage_options=slow_opts),
+                # what a user gets with -S config_kwargs.max_pool_connections=N (s3fs keeps 10 by default)
+                f"s3_delayed_pool{args.pool}": lambda: open_store(url, storage_options=pool_opts),
             }
             n, r = args.samples, args.repeats
             res: dict[str, dict[str, Any]] = {"fetch": {}, "stream": {}, "load": {}, "verify": {}}
@@ -289,7 +295,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "memory_budget_bytes": budget,
             "delay_ms": args.delay_ms,
-            "concurrency": DEFAULT_CONCURRENCY,
+            "concurrency": DEFAULT_CONCURRENCY,  # satdata.chunkio.DEFAULT_CONCURRENCY
             "store": {"bytes": nbytes, "files": nfiles, "generate_seconds": round(gen_s, 1),
                       "upload_seconds": round(upload_s, 1)},
             "server": "SeaweedFS `weed server -s3` on 127.0.0.1 (tests/s3server.py)",

@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # Requests in flight at once. Over a network the time of a chunk is mostly latency, so
-# more in flight means proportionally more bytes per second, until the link or the
-# server saturates; 16 keeps the memory held by chunks in flight small (16 chunks of at
-# most 2 MiB of images, docs/store-format.md). Note that an S3 client may hold fewer
-# connections than this (s3fs: botocore's max_pool_connections, 10 unless
-# storage_options={"config_kwargs": {"max_pool_connections": N}}); requests beyond its
+# more in flight means proportionally more bytes per second, until the link, the server
+# or the client's CPU saturates (bench/remote.py: with 20 ms per request, 32 in flight
+# fetch a store about 1.5x faster than 10). Memory: at most 32 chunks of at most 2 MiB
+# of images (docs/store-format.md) beyond what the caller keeps. An S3 client may hold
+# fewer connections than this: s3fs keeps botocore's max_pool_connections, 10 unless
+# storage_options={"config_kwargs": {"max_pool_connections": N}}; requests beyond its
 # pool wait for a connection.
-DEFAULT_CONCURRENCY = 16
+DEFAULT_CONCURRENCY = 32
 
 
 def is_local(arr: "zarr.Array") -> bool:

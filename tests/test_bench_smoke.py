@@ -142,7 +142,7 @@ def test_remote_smoke(tmp_path: Path) -> None:
     assert res["benchmark"] == "remote" and res["samples"] == 2048 and res["proxy_requests"] > 0
     assert set(res["results"]) == {"fetch", "stream", "load", "verify"}
     for what, rows in res["results"].items():
-        assert set(rows) == {"local", "s3", "s3_delayed"}, what
+        assert set(rows) == {"local", "s3", "s3_delayed", "s3_delayed_pool32"}, what
         for name, v in rows.items():
             assert v["seconds"] > 0 and math.isclose(v["vs_local"], rows["local"]["seconds"] / v["seconds"],
                                                      rel_tol=1e-2, abs_tol=1e-3), (what, name)
