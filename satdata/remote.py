@@ -152,6 +152,10 @@ def network_problem(e: BaseException) -> str | None:
 def classify(e: BaseException, url: str) -> StoreError:
     """A one-line StoreError for a failure reading ``url`` (see :func:`network_problem`)."""
     problem = network_problem(e)
+    m = re.search(r"unexpected keyword argument '([^']+)'", str(e)) if isinstance(e, TypeError) else None
+    if m:  # s3fs and aiohttp take their options late, on the first request
+        return StoreError(f"--storage-option {m.group(1)}: the {scheme(url)}:// backend does not take this option "
+                          f"(reading {redact(url)})")
     if problem is None:
         return StoreError(f"{redact(url)}: cannot be read ({type(e).__name__}: {str(e).strip()[:160]})")
     return StoreError(f"{redact(url)}: {problem}")
@@ -166,13 +170,34 @@ def _missing_backend(url: str, e: ImportError) -> StoreError:
 # --------------------------------------------------------------------------- opening
 
 
+def backend_options(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``storage_options`` with satkit's defaults for the URL's backend (the user's values win).
+
+    s3fs answers a whole-object read with a HEAD (for the size) and then the GET unless
+    ``max_concurrency`` is 1; a store is read in whole chunk files of a few MB, many at a
+    time, so the HEAD only doubles the round trips: satkit sets it to 1.
+    """
+    opts = dict(storage_options or {})
+    if scheme(url) in ("s3", "s3a") and "max_concurrency" not in opts:
+        try:
+            import inspect
+
+            import s3fs
+
+            if "max_concurrency" in inspect.signature(s3fs.S3FileSystem.__init__).parameters:
+                opts["max_concurrency"] = 1
+        except ImportError:
+            pass  # filesystem() names the missing extra
+    return opts
+
+
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None, *, asynchronous: bool = False) -> tuple[Any, str]:
     """(fsspec file system, path in it) for ``url``; a missing backend names the extra to install."""
     try:
         import fsspec.core
     except ImportError as e:
         raise _missing_backend(url, e) from None
-    opts = dict(storage_options or {})
+    opts = backend_options(url, storage_options)
     if asynchronous:
         opts.setdefault("asynchronous", True)
     try:
@@ -227,7 +252,7 @@ def open_group(url: str, storage_options: Mapping[str, Any] | None = None) -> An
             zfs = fsspec.filesystem("zip", fo=fs.open(path, "rb", block_size=1 << 20))
             store = FsspecStore(fs=_make_async(zfs), path="", read_only=True)
         else:
-            store = FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=True)
+            store = FsspecStore.from_url(url, storage_options=backend_options(url, storage_options), read_only=True)
         return zarr.open_group(store, mode="r")
     except StoreError:
         raise

@@ -252,9 +252,46 @@ def test_s3_errors_name_the_problem(s3, bucket: str, tmp_path: Path) -> None:
     assert code == 1 and "nothing-here.zarr: not found on the server" in text, text
     code, text = satdata("info", bucket, *s_opts({**so, "endpoint_url": "http://127.0.0.1:9"}))
     assert code == 1 and "unreachable" in text, text
+    code, text = satdata("info", bucket, *s_opts({**so, "no_such_option": 1}))
+    assert code == 1 and "--storage-option no_such_option: the s3:// backend does not take this option" in text, text
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(PYTHONPATH=str(REPO), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
                AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path))
     res = subprocess.run([str(BIN / "satdata"), "info", bucket, "-S", f"endpoint_url={so['endpoint_url']}"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "no credentials" in res.stderr and "AWS_ACCESS_KEY_ID" in res.stderr, res.stderr
+
+
+def test_s3_fetch_interrupted_midway_resumes_with_what_is_missing(s3, bucket: str, tmp_path: Path,
+                                                                 digits_store: Path) -> None:
+    """The S3 server drops out of reach in the middle of a fetch (its proxy stops); the same
+    command run again fetches only what the first run did not verify, and the store matches."""
+    import threading
+    import time
+
+    from satdata.share import fetch, fetch_partial
+    from tests.s3server import DelayProxy
+
+    out = tmp_path / "d.zarr"
+    chunks = sum(1 for p in digits_store.rglob("*") if p.is_file() and "/c/" in p.as_posix())
+    metadata = sum(1 for p in digits_store.rglob("zarr.json"))
+    with DelayProxy(s3.endpoint, 0.005) as proxy:
+        def cut() -> None:  # stop answering once a part of the store has come through
+            while proxy.requests < metadata + 4:  # the metadata, then a few chunks
+                time.sleep(0.001)
+            proxy.stop()
+
+        cutter = threading.Thread(target=cut, daemon=True)
+        cutter.start()
+        with pytest.raises(SatkitError, match=r"s3://remote-test/d.zarr/\S+: unreachable"):
+            fetch(bucket, out, storage_options={**s3.storage_options(), "endpoint_url": proxy.endpoint,
+                                                 "config_kwargs": {"retries": {"max_attempts": 1}}},
+                  jobs=2, retries=0, progress=False)
+        cutter.join(timeout=10)
+    assert not out.exists() and fetch_partial(out).is_dir()  # nothing opens at --out; the download is kept
+    with pytest.raises(StoreError):
+        open_store(fetch_partial(out))  # the partial never opens as a store
+    res = fetch(bucket, out, storage_options=s3.storage_options(), progress=False)
+    assert 0 < res.downloaded < chunks and res.reused > 0, res
+    assert store_digest(open_store(out).info) == store_digest(open_store(digits_store).info)
+    assert not fetch_partial(out).exists()
