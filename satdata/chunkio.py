@@ -1,8 +1,9 @@
 """Whole-chunk reads with bounded concurrency, for stores that are not on a local disk.
 
-Used by ``StreamingSplit`` (sattrain/data.py) for the blocks of a store at a URL, by
-``read_rows_into`` (satdata/store.py) for whole slabs and arrays of such stores, and by
-``satdata verify`` (satdata/verify.py) for every store.
+Used by ``StreamingSplit`` (sattrain/data.py) for the blocks of a store at a URL, and by
+``satdata verify`` (satdata/verify.py) for every store. (Whole-split loading needs none:
+zarr already fetches the chunks of a slab concurrently, and bench/remote.py measured no
+gain from reading slabs here.)
 
 Reading chunk after chunk costs one round trip each: over a network (S3, HTTP) the time
 goes to waiting, not to moving bytes. Here many whole chunks are requested at once, at
@@ -181,39 +182,6 @@ def take_rows(wanted: Iterable[tuple["zarr.Array", int, np.ndarray, np.ndarray]]
     jobs = [job(*w) for w in wanted]
     if jobs:
         _submit(_bounded(jobs, concurrency)).result()
-
-
-def read_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray, *,
-              chunk_digests: Sequence[str] | None = None, concurrency: int | None = None) -> None:
-    """Rows ``[start, stop)`` of ``arr`` into ``out`` (shape ``(stop - start, ...)``), the
-    chunks they span fetched and decoded ``concurrency`` at a time, each copied into
-    ``out`` as it arrives (memory: ``out`` plus the chunks in flight).
-
-    A chunk without a file reads as the fill value only where ``chunk_digests`` (the
-    array's recorded chunk digests, when given) say none was written ("absent");
-    otherwise it is a ``MissingChunk`` error naming the array, the chunk and its samples.
-    """
-    step = int(arr.chunks[0])
-    if stop <= start:
-        return
-
-    def job(i: int) -> Callable[[], Awaitable[None]]:
-        async def run() -> None:
-            buf = await _get_bytes(arr, i)
-            if buf is None and chunk_digests is not None and (i >= len(chunk_digests) or chunk_digests[i] != "absent"):
-                a, b = chunk_rows(arr, i)
-                raise MissingChunk(f"array {arr.path} chunk {i} (samples [{a}, {b})): the chunk file is missing")
-            values = await _decode(arr, i, buf)
-            a, b = max(start, i * step), min(stop, (i + 1) * step)
-            out[a - start:b - start] = values[a - i * step:b - i * step]
-
-        return run
-
-    _submit(_bounded([job(i) for i in range(start // step, (stop - 1) // step + 1)], concurrency)).result()
-
-
-class MissingChunk(LookupError):
-    """A chunk that the digests say was written has no file."""
 
 
 def iter_chunk_files(

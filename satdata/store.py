@@ -465,14 +465,6 @@ def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray,
     """
     root = _plain_chunk_dir(arr)
     if root is None:
-        from satdata import chunkio
-
-        if not chunkio.is_local(arr) and arr.ndim:  # not a local disk: many chunks in flight (satdata/chunkio.py)
-            try:
-                chunkio.read_into(arr, start, stop, out, chunk_digests=chunk_digests)
-            except chunkio.MissingChunk as e:
-                raise StoreError(f"{getattr(arr.store, 'path', arr.store)}: {e}; the store is damaged") from None
-            return
         out[...] = arr[start:stop]
         return
     step = arr.chunks[0]
