@@ -175,7 +175,7 @@ def take_rows(wanted: Iterable[tuple["zarr.Array", int, np.ndarray, np.ndarray]]
             if len(rows) == len(values) and (len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(rows) - 1)):
                 out[...] = values  # the whole chunk (rows are sorted and distinct)
             else:
-                np.take(values, rows, axis=0, out=out)
+                np.take(values, rows, axis=0, out=out, mode="clip")  # rows are in range; "raise" would buffer
 
         return run
 
@@ -195,9 +195,9 @@ def iter_chunk_files(
 
     Each chunk is fetched once: its stored bytes (None where no file exists) and, with
     ``decode``, its values decoded from those same bytes (rows ``[a, b)``). Where the
-    fetch or the decoding fails (a damaged chunk, a network error), the exception takes
-    the place of the values (and the bytes are None), so the caller can report the chunk
-    and go on. Up to ``concurrency`` chunks are in flight ahead of the one being consumed
+    fetch or the decoding fails (a network error, a damaged chunk), the exception takes
+    the place of the values (after a failed fetch the bytes are None too), so the caller
+    can report the chunk and go on. Up to ``concurrency`` chunks are in flight ahead of the one being consumed
     (across arrays: ``wanted`` may span several), so the caller's work on a chunk
     (hashing) overlaps the next fetches, and memory stays bounded by that window.
     """

@@ -121,6 +121,9 @@ class SeaweedS3:
             except RuntimeError as e:
                 last = str(e)
                 self.stop()
+            except BaseException:  # Ctrl-C while waiting: nothing left running
+                self.stop()
+                raise
         raise RuntimeError(f"SeaweedFS S3 did not start after {self.attempts} attempts: {last}")
 
     def _start_once(self) -> None:
