@@ -161,17 +161,23 @@ def read_chunks(wanted: Iterable[tuple["zarr.Array", int]], *, concurrency: int 
 
 
 def take_rows(wanted: Iterable[tuple["zarr.Array", int, np.ndarray, np.ndarray]], *,
-              concurrency: int | None = None) -> None:
+              concurrency: int | None = None,
+              missing: Callable[["zarr.Array", int], None] | None = None) -> None:
     """For each ``(array, chunk index, rows, out)``: rows ``rows`` (offsets within the
     chunk) of that chunk into ``out`` (``len(rows)`` rows), each chunk copied as soon as it
     arrives, while later ones are still in flight; at most ``concurrency`` at once.
 
+    ``missing(array, i)`` is called for a chunk that has no file, before its fill value is
+    used: it raises where the chunk should exist (a store that lost it, or changed).
     The first failure is raised once every request has finished.
     """
 
     def job(arr: "zarr.Array", i: int, rows: np.ndarray, out: np.ndarray) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            values = await _decode(arr, i, await _get_bytes(arr, i))
+            buf = await _get_bytes(arr, i)
+            if buf is None and missing is not None:
+                missing(arr, i)
+            values = await _decode(arr, i, buf)
             if len(rows) == len(values) and (len(rows) == 0 or (rows[0] == 0 and rows[-1] == len(rows) - 1)):
                 out[...] = values  # the whole chunk (rows are sorted and distinct)
             else:

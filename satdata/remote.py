@@ -175,9 +175,16 @@ def backend_options(url: str, storage_options: Mapping[str, Any] | None = None) 
 
     s3fs answers a whole-object read with a HEAD (for the size) and then the GET unless
     ``max_concurrency`` is 1; a store is read in whole chunk files of a few MB, many at a
-    time, so the HEAD only doubles the round trips: satkit sets it to 1.
+    time, so the HEAD only doubles the round trips: satkit sets it to 1. botocore's pool
+    of 10 connections is raised to 32 (``config_kwargs.max_pool_connections``), as many as
+    satkit keeps requests in flight (BENCHMARKS.md, section 2c).
     """
     opts = dict(storage_options or {})
+    if scheme(url) in ("s3", "s3a"):
+        # botocore keeps 10 connections; satkit has 16 to 32 chunk requests in flight
+        cfg = opts.get("config_kwargs")
+        if cfg is None or isinstance(cfg, dict):
+            opts["config_kwargs"] = {"max_pool_connections": 32, **(cfg or {})}
     if scheme(url) in ("s3", "s3a") and "max_concurrency" not in opts:
         try:
             import inspect

@@ -496,9 +496,23 @@ def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray,
 
 
 async def _exists_all(store: Any, keys: Sequence[str], limit: int = 64) -> list[bool]:
-    """Whether each key exists in a zarr store, at most ``limit`` requests in flight."""
-    import asyncio
+    """Whether each key exists in a zarr store, at most ``limit`` requests in flight.
 
+    On an object store that lists (S3), one listing of the keys' common prefix replaces a
+    request per key; over HTTP, which cannot list, each key is asked for.
+    """
+    import asyncio
+    import os.path
+
+    fs = getattr(store, "fs", None)
+    protocol = getattr(fs, "protocol", ())
+    if keys and any(p in ("s3", "s3a") for p in ((protocol,) if isinstance(protocol, str) else protocol)):
+        prefix = os.path.commonpath([k for k in keys]) if len(keys) > 1 else keys[0].rsplit("/", 1)[0]
+        try:
+            found = {k async for k in store.list_prefix(prefix.rstrip("/") + "/")}
+            return [k in found for k in keys]
+        except Exception:  # noqa: BLE001 - a listing refused (no List permission): ask per key
+            pass
     sem = asyncio.Semaphore(limit)
 
     async def one(k: str) -> bool:

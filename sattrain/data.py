@@ -465,6 +465,17 @@ class StreamingSplit:
             blocks.append(cur)
         return blocks
 
+    def _missing_chunk(self, arr: Any, i: int) -> None:
+        """A chunk without a file that the digests say was written: the store lost it or changed."""
+        want = self.store._chunk_digests(arr) or []
+        if i < len(want) and want[i] != "absent":
+            from satdata.store import StoreChangedError
+
+            step = int(arr.chunks[0])
+            raise StoreChangedError(f"{self.store.path}: array {arr.path} chunk {i} (samples [{i * step}, "
+                                    f"{min(arr.shape[0], (i + 1) * step)})) is missing on the server; stopping "
+                                    "rather than reading fill values (`satdata verify` lists every damaged chunk)")
+
     def _read_block(self, block: list[int], map_name: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         imgs, qs, pos = [], [], []
         arrs = [self.images_arr] + ([self.map_arrs[map_name]] if map_name is not None else [])
@@ -480,7 +491,7 @@ class StreamingSplit:
                 jobs += [(x, a // step, sel - a, o[start : start + len(sel)]) for x, o in zip(arrs, outs)]
                 pos.append(p)
                 start += len(sel)
-            chunkio.take_rows(jobs)
+            chunkio.take_rows(jobs, missing=self._missing_chunk)
             imgs, qs = outs[:1], outs[1:]
         else:  # a local disk: one chunk after another is as fast
             for c in block:

@@ -295,3 +295,21 @@ def test_s3_fetch_interrupted_midway_resumes_with_what_is_missing(s3, bucket: st
     assert 0 < res.downloaded < chunks and res.reused > 0, res
     assert store_digest(open_store(out).info) == store_digest(open_store(digits_store).info)
     assert not fetch_partial(out).exists()
+
+
+def test_a_chunk_deleted_on_the_server_under_a_streaming_split_stops_it(served, digits_store: Path) -> None:
+    """Streaming from a URL: a chunk that vanished from the server after the store was opened
+    is an error naming it, never a block of fill values."""
+    import torch
+
+    from sattrain.data import StreamingSplit, open_train_split, select_indices
+
+    http, root = served
+    shutil.copytree(digits_store, root / "vanish.zarr")
+    st = open_store(http.url + "/vanish.zarr")
+    split = open_train_split(st, "train", ["ink"], select_indices(st.info.splits["train"], None, 0),
+                             torch.device("cpu"), 64 * 1024, progress=False)
+    assert isinstance(split, StreamingSplit)
+    (root / "vanish.zarr" / "train" / "saliency" / "ink" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(SatkitError, match=r"train/saliency/ink chunk 1 \(samples \[1024, 1442\)\) is missing on the server"):
+        list(split.batches(64, torch.Generator().manual_seed(0), "ink"))
