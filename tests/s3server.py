@@ -90,12 +90,18 @@ def _die_with_parent() -> None:
 
 
 class SeaweedS3:
-    """``weed server -s3`` on 127.0.0.1, free ports, a temporary directory; a context manager."""
+    """``weed server -s3`` on 127.0.0.1, free ports, a temporary directory; a context manager.
+
+    ``s3_port`` puts the S3 endpoint on a given port (the README's sharing section names
+    http://127.0.0.1:8333); every other port is a free one.
+    """
 
     PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 
-    def __init__(self, *, start_timeout: float = 60.0, attempts: int = 3, log: bool = False) -> None:
+    def __init__(self, *, start_timeout: float = 60.0, attempts: int = 3, log: bool = False,
+                 s3_port: int | None = None) -> None:
         self.weed = find_weed()
+        self.s3_port = s3_port
         self.start_timeout = start_timeout
         self.attempts = attempts
         self.log = log
@@ -133,6 +139,8 @@ class SeaweedS3:
         config = self.dir / "s3.json"
         config.write_text(json.dumps(identities()))
         self.ports = dict(zip(self.PORTS, free_ports(len(self.PORTS))))
+        if self.s3_port is not None:
+            self.ports["s3"] = self.s3_port
         p = self.ports
         args = [
             self.weed, "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
