@@ -96,17 +96,20 @@ def check_map_name(name: str) -> str:
     return name
 
 
-def local_store_dir(path: str | Path) -> Path:
-    """The store's directory, or SatkitError if it is not a local directory store."""
+def local_store_dir(path: str | Path, doing: str = "maps can only be added to a local store directory",
+                    remote_hint: str = "(not a .zip or URL); unpack or copy it first") -> Path:
+    """The store's directory, or SatkitError if it is not a local directory store.
+
+    ``doing`` says what needs a local directory; ``remote_hint`` what to do about a .zip or URL.
+    """
     s = str(path)
     if "://" in s or s.endswith(".zip"):
-        raise SatkitError(f"{s}: maps can only be added to a local store directory "
-                          "(not a .zip or URL); unpack or copy it first")
+        raise SatkitError(f"{s}: {doing} {remote_hint}")
     p = Path(s)
     if not p.exists():
         raise StoreError(f"{s}: no such store")
     if not p.is_dir():
-        raise SatkitError(f"{s}: maps can only be added to a local store directory, and this is a file")
+        raise SatkitError(f"{s}: {doing}, and this is a file")
     return p
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from satdata.addmap import refuse_links
-from satdata.errors import SatkitError, StoreError
+from satdata.addmap import local_store_dir, refuse_links
+from satdata.errors import SatkitError
 from satdata.outputs import store_lock
 from satdata.store import (
     TARGETS_GROUP,
@@ -67,16 +67,8 @@ def _noop(msg: str) -> None:
 
 def local_store(path: str | Path) -> Path:
     """The store's directory, or SatkitError if it is not a local directory store."""
-    s = str(path)
-    if "://" in s or s.endswith(".zip"):
-        raise SatkitError(f"{s}: `satdata gc` collects local store directories only (a .zip or URL store is "
-                          "never changed in place, so it holds nothing to collect)")
-    p = Path(s)
-    if not p.exists():
-        raise StoreError(f"{s}: no such store")
-    if not p.is_dir():
-        raise SatkitError(f"{s}: `satdata gc` collects local store directories, and this is a file")
-    return p
+    return local_store_dir(path, "`satdata gc` collects local store directories only",
+                           "(a .zip or URL store is never changed in place, so it holds nothing to collect)")
 
 
 def unreferenced(path: Path, info: StoreInfo) -> list[Path]:
