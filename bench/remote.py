@@ -111,36 +111,15 @@ def before_chunkio() -> Iterator[None]:
         yield
 
 
-def stream_epoch(opener: Callable[[], Any], n: int, bs: int, budget: int) -> Callable[[], dict[str, Any]]:
-    """One timed epoch of StreamingSplit batches; the split is opened outside the timing."""
-    import torch
+def stream_epoch(opener: Callable[[], Any], n: int, bs: int, budget: int, *, train: bool = False,
+                 seed: int = 1000) -> Callable[[], dict[str, Any]]:
+    """One timed epoch of StreamingSplit batches over the first ``n`` samples; the split is
+    opened outside the timing.
 
-    from sattrain.data import StreamingSplit, make_generator
-
-    st = opener()
-    split = StreamingSplit(st, "train", (MAP,), np.arange(n), torch.device("cpu"), budget)
-    epoch = [0]
-
-    def run() -> dict[str, Any]:
-        g = make_generator("cpu", 1000 + epoch[0])
-        epoch[0] += 1
-        seen = 0
-        t = time.perf_counter()
-        for raw in split.batches(bs, g, MAP):
-            seen += raw.images.shape[0]
-        dt = time.perf_counter() - t
-        assert seen >= n - 1, f"an epoch yielded {seen} of {n} samples"
-        return {"seconds": dt, "block_samples": split.block_samples}
-
-    return run
-
-
-def train_epoch(opener: Callable[[], Any], n: int, bs: int, budget: int) -> Callable[[], dict[str, Any]]:
-    """One timed epoch of streamed *training* on the first ``n`` samples: what a user sees.
-
-    Each streamed batch (images + map + labels) takes a SAT-like step of the small CNN (the
-    map's saliency as the perturbation, one forward and one backward pass, Adam), so the next
-    block is read while the model trains on this one, as in ``sattrain run``.
+    With ``train``, each batch (images + map + labels) takes a SAT-like step of the small
+    CNN (the map's saliency as the perturbation, one forward and one backward pass, Adam),
+    so the next block is read while the model trains on this one, as in ``sattrain run``:
+    what a user sees. Without, the epoch only reads.
     """
     import torch
 
@@ -155,22 +134,26 @@ def train_epoch(opener: Callable[[], Any], n: int, bs: int, budget: int) -> Call
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     epoch = [0]
 
+    def step(raw: Any) -> None:
+        x = images_to_float(raw.images)
+        x = (x - (8 / 255) * saliency_from_stored(raw.maps, codec)).clamp(0, 1)
+        loss = torch.nn.functional.cross_entropy(model(x), raw.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     def run() -> dict[str, Any]:
-        g = make_generator("cpu", 2000 + epoch[0])
+        g = make_generator("cpu", seed + epoch[0])
         epoch[0] += 1
         seen = 0
         t = time.perf_counter()
         for raw in split.batches(bs, g, MAP):
-            x = images_to_float(raw.images)
-            x = (x - (8 / 255) * saliency_from_stored(raw.maps, codec)).clamp(0, 1)
-            loss = torch.nn.functional.cross_entropy(model(x), raw.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if train:
+                step(raw)
             seen += raw.images.shape[0]
         dt = time.perf_counter() - t
         assert seen >= n - 1, f"an epoch yielded {seen} of {n} samples"
-        return {"seconds": dt, "samples": seen}
+        return {"seconds": dt, "block_samples": split.block_samples, "samples": seen}
 
     return run
 
@@ -306,7 +289,8 @@ def main() -> None:
             res: dict[str, dict[str, Any]] = {"fetch": {}, "stream": {}, "train": {}, "load": {}, "verify": {}}
             for name, opener in where.items():
                 res["fetch"][name] = timed(fetch_all(opener), r)
-                res["train"][name] = timed(train_epoch(opener, min(n, args.train_samples), args.batch_size, budget), r)
+                res["train"][name] = timed(stream_epoch(opener, min(n, args.train_samples), args.batch_size, budget,
+                                                        train=True, seed=2000), r)
                 res["stream"][name] = timed(stream_epoch(opener, n, args.batch_size, budget), r)
                 res["load"][name] = timed(load_whole(opener, n), r)
                 res["verify"][name] = timed(verify(opener), r)
