@@ -28,6 +28,9 @@ from satdata.errors import SatkitError, StoreError
 EXTRA = 'pip install "satkit[remote]"'
 # scheme -> the package that serves it (beyond fsspec itself), for the missing-extra error
 _BACKENDS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "s3a": "s3fs"}
+# The most bytes of a root zarr.json satkit accepts from a server (it lists every chunk's
+# digest; a million-sample store needs a few MB).
+METADATA_LIMIT = 64 * 1024 * 1024
 _TEXT_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "profile", "endpoint_url"})
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -231,7 +234,7 @@ def probe(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
         if is_zip(url):
             with fs.open(key, "rb") as f:
                 return f.read(4)
-        return fs.cat_file(key)
+        head = fs.cat_file(key, start=0, end=METADATA_LIMIT + 1)  # bounded: a server cannot flood memory
     except FileNotFoundError:
         if is_zip(url):
             raise StoreError(f"{redact(url)}: not found on the server") from None
@@ -239,6 +242,10 @@ def probe(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
                          "check the URL, or the store was never uploaded") from None
     except Exception as e:  # noqa: BLE001 - every backend raises its own types
         raise classify(e, url) from None
+    if len(head) > METADATA_LIMIT:
+        raise StoreError(f"{redact(url)}: its zarr.json is larger than {METADATA_LIMIT:,} bytes, far more than a "
+                         "store's metadata; refusing it (a damaged or hostile server)")
+    return head
 
 
 def open_group(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:

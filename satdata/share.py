@@ -44,6 +44,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Mapping
 
 from satdata.errors import SatkitError, StoreError
+from satdata.remote import METADATA_LIMIT  # the most bytes of a zarr.json taken from a server
 
 DEFAULT_JOBS = 16  # downloads in flight
 DEFAULT_RETRIES = 2  # further attempts per file after a network error (not after 404/401/403)
@@ -70,11 +71,35 @@ class Entry:
     digest: str | None = None  # the recorded chunk digest (None for metadata)
     start: int = 0
     stop: int = 0
+    limit: int = 0  # the most bytes this file may hold (0: METADATA_LIMIT); a larger one is refused
 
     def describe(self) -> str:
         if self.array is None:
             return self.key
         return f"{self.array} chunk {self.index} (samples [{self.start}, {self.stop}))"
+
+
+# The most bytes satkit takes from a server (or a downloaded zip) for one file, before it
+# knows the file's digest: a crafted or broken server cannot make fetch hold gigabytes.
+STRING_CHUNK_LIMIT = 256 * 1024 * 1024  # a chunk of a string array (ids): size not known ahead
+
+
+def chunk_limit(meta: Any) -> int:
+    """The most bytes a stored chunk of an array with metadata ``meta`` can hold: its raw size
+    plus what a codec may add to incompressible data (zstd adds well under 1%)."""
+    try:
+        itemsize = int(meta.data_type.to_native_dtype().itemsize)
+        if meta.data_type.to_native_dtype().kind in "OUST" or itemsize <= 0:
+            return STRING_CHUNK_LIMIT
+    except Exception:  # noqa: BLE001 - a dtype without a fixed size
+        return STRING_CHUNK_LIMIT
+    raw = itemsize * math.prod(int(c) for c in meta.chunk_grid.chunk_shape)
+    return raw + raw // 50 + (1 << 20)
+
+
+def _too_large(name: str, limit: int) -> StoreError:
+    return StoreError(f"{name}: the server sent more than {limit:,} bytes, more than this file can hold; "
+                      "refusing it (a damaged or hostile server)")
 
 
 def _check_key(key: str, where: str) -> str:
@@ -135,7 +160,8 @@ def chunk_entries(path: str, meta_bytes: bytes, rec: Mapping[str, Any], where: s
         if d == "absent":
             continue
         a, b = i * cshape[0], min(shape[0], (i + 1) * cshape[0])
-        out.append(Entry(_check_key(chunk_key(arr, i), where), path, i, d, a, b))  # type: ignore[arg-type]
+        out.append(Entry(_check_key(chunk_key(arr, i), where), path, i, d, a, b,  # type: ignore[arg-type]
+                         chunk_limit(meta)))
     return out
 
 
@@ -337,11 +363,19 @@ class _FsSource:
 
         return redact(f"{self.url}/{key}")
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int = 0) -> bytes:
+        """The file's bytes, at most ``limit`` (METADATA_LIMIT when 0): one ranged GET, so a
+        server cannot send more than that; a larger file is refused."""
         from satdata import remote
 
+        limit = limit or METADATA_LIMIT
         try:
-            return bytes(self.fs.cat_file(f"{self.path}/{key}"))
+            data = bytes(self.fs.cat_file(f"{self.path}/{key}", start=0, end=limit + 1))
+            if len(data) > limit:
+                raise _too_large(self.name(key), limit)
+            return data
+        except StoreError:
+            raise
         except FileNotFoundError:
             raise StoreError(f"{self.name(key)}: not found on the server") from None
         except Exception as e:  # noqa: BLE001 - every backend raises its own types
@@ -368,9 +402,12 @@ class _ZipSource:
 
         return f"{redact(self.url)} (entry {key})"
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int = 0) -> bytes:
+        limit = limit or METADATA_LIMIT
         with self.lock:
             try:
+                if self.zf.getinfo(key).file_size > limit:  # checked before inflating: no zip bomb
+                    raise _too_large(self.name(key), limit)
                 return self.zf.read(key)
             except KeyError:
                 raise StoreError(f"{self.name(key)}: not in the zip") from None
@@ -616,7 +653,7 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
     total_bytes = 0
 
     def one(e: Entry) -> int:
-        data = _with_retries(lambda: source.get(e.key), retries)
+        data = _with_retries(lambda: source.get(e.key, e.limit), retries)
         got = _digest(data)
         if got != e.digest:
             raise StoreError(f"{source.name(e.key)}: {_mismatch(e, got)}: the copy on the server is damaged; "

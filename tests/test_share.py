@@ -164,7 +164,9 @@ def test_fetch_store_directory_and_zip_over_http(store: Path, packed: Path, tmp_
         code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(tmp_path / "d.zarr"), "-q")
         assert code == 0 and "verified" in text, text
         gets = {r.path for r in http.requests}
-        assert all(r.method in ("GET", "HEAD") and r.status == 200 for r in http.requests)
+        # every file one GET, bounded by a Range (a server cannot send more than the file may hold)
+        assert all(r.method == "GET" and r.status == 206 and (r.range or "").startswith("bytes=0-")
+                   for r in http.requests), http.requests
         assert gets == {f"/digits.zarr/{k}" for k in files(store)}  # no listing, nothing extra
         http.clear_requests()
 
@@ -361,3 +363,35 @@ def test_fetch_from_s3(s3, digits_store: Path, packed: Path, tmp_path: Path) -> 
     code, text = run("fetch", "s3://share/digits.zarr", "--out", str(tmp_path / "e.zarr"), *bad)
     line = error_line(text)
     assert code == 1 and "s3://share/digits.zarr" in line and "forbidden" in line, line
+
+
+def test_fetch_refuses_a_file_larger_than_it_can_hold(store: Path, tmp_path: Path) -> None:
+    """A server that answers a chunk with more bytes than the array's chunk can hold (a
+    hostile or broken server): refused after at most that many bytes, nothing at --out."""
+    victim = next(p for p in sorted((store / "train" / "saliency" / "ink" / "c").rglob("*")) if p.is_file())
+    raw = 1024 * 16 * 16  # one chunk of the 16x16 uint8 map: 1,024 samples
+    victim.write_bytes(os.urandom(raw * 2 + (2 << 20)))
+    with serve(store.parent) as http:
+        code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(tmp_path / "d.zarr"), "-q")
+    line = error_line(text)
+    assert code == 1 and "more than" in line and "ink/c" in line and "hostile" in line, line
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_fetch_refuses_a_zip_entry_larger_than_it_can_hold(packed: Path, tmp_path: Path) -> None:
+    """A zip bomb: a chunk entry that inflates far beyond what the chunk can hold is refused
+    from the entry's header, before it is inflated."""
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    with zipfile.ZipFile(packed) as src, zipfile.ZipFile(srv / "bomb.zip", "w") as dst:
+        for info in src.infolist():
+            if info.filename == "train/saliency/ink/c/0/0/0":
+                dst.writestr(info.filename, bytes(64 << 20), compress_type=zipfile.ZIP_DEFLATED)  # 64 MiB of zeros
+            else:
+                dst.writestr(info, src.read(info.filename))
+    assert (srv / "bomb.zip").stat().st_size < (4 << 20)
+    with serve(srv) as http:
+        code, text = run("fetch", f"{http.url}/bomb.zip", "--out", str(tmp_path / "d.zarr"), "-q")
+    line = error_line(text)
+    assert code == 1 and "more than" in line and "train/saliency/ink/c/0/0/0" in line, line
+    assert not (tmp_path / "d.zarr").exists()
