@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -77,22 +78,50 @@ def _coords(arr: "zarr.Array", i: int) -> tuple[int, ...]:
     return (i,) + (0,) * (arr.ndim - 1)
 
 
+# The most bytes a chunk of a string array (ids) may hold: its size is not known ahead.
+STRING_CHUNK_LIMIT = 256 * 1024 * 1024
+
+
+def chunk_limit(meta: Any) -> int:
+    """The most bytes a stored chunk of an array with metadata ``meta`` can hold: its raw size
+    plus what a codec may add to incompressible data (zstd adds well under 1%)."""
+    try:
+        dtype = meta.data_type.to_native_dtype()
+        if dtype.kind in "OUST" or int(dtype.itemsize) <= 0:
+            return STRING_CHUNK_LIMIT
+        itemsize = int(dtype.itemsize)
+    except Exception:  # noqa: BLE001 - a dtype without a fixed size
+        return STRING_CHUNK_LIMIT
+    raw = itemsize * math.prod(int(c) for c in meta.chunk_grid.chunk_shape)
+    return raw + raw // 50 + (1 << 20)
+
+
 async def _get_bytes(arr: "zarr.Array", i: int) -> Any:
     """The stored bytes of chunk ``i`` as a zarr Buffer, or None where no file exists.
 
-    Over fsspec (URLs) it is asked for as the range "from byte 0" (HTTP ``Range:
-    bytes=0-``): the whole file in one request. A plain whole-object read through s3fs
-    first asks for the object's size (a HEAD, to split large objects into parallel
-    ranges), which doubles the round trips and the per-request work for chunk-sized
-    objects (bench/remote.py).
+    Over fsspec (URLs) it is asked for as one bounded range, ``Range: bytes=0-L`` with L
+    what the chunk can hold at most (:func:`chunk_limit`): the whole file in one request,
+    and never more than that from a damaged or hostile server (a longer answer is a
+    StoreError). A plain whole-object read through s3fs would first ask for the object's
+    size (a HEAD, to split large objects into parallel ranges), which doubles the round
+    trips and the per-request work for chunk-sized objects (bench/remote.py).
     """
-    from zarr.abc.store import OffsetByteRequest
+    from zarr.abc.store import RangeByteRequest
     from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import FsspecStore
 
     key = f"{arr.path}/{arr.metadata.encode_chunk_key(_coords(arr, i))}"
-    whole = OffsetByteRequest(0) if isinstance(arr.store, FsspecStore) else None
-    return await arr.store.get(key, prototype=default_buffer_prototype(), byte_range=whole)
+    if not isinstance(arr.store, FsspecStore):
+        return await arr.store.get(key, prototype=default_buffer_prototype())
+    limit = chunk_limit(arr.metadata)
+    buf = await arr.store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, limit + 1))
+    if buf is not None and len(buf) > limit:
+        from satdata.errors import StoreError
+
+        a, b = chunk_rows(arr, i)
+        raise StoreError(f"array {arr.path} chunk {i} (samples [{a}, {b})) is more than {limit:,} bytes on the "
+                         "server, more than it can hold; refusing it (a damaged or hostile server)")
+    return buf
 
 
 async def _decode(arr: "zarr.Array", i: int, buf: Any) -> np.ndarray:

@@ -44,6 +44,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Mapping
 
 from satdata.errors import SatkitError, StoreError
+from satdata.chunkio import chunk_limit
 from satdata.remote import METADATA_LIMIT  # the most bytes of a zarr.json taken from a server
 
 DEFAULT_JOBS = 16  # downloads in flight
@@ -80,23 +81,8 @@ class Entry:
 
 
 # The most bytes satkit takes from a server (or a downloaded zip) for one file, before it
-# knows the file's digest: a crafted or broken server cannot make fetch hold gigabytes.
-STRING_CHUNK_LIMIT = 256 * 1024 * 1024  # a chunk of a string array (ids): size not known ahead
-
-
-def chunk_limit(meta: Any) -> int:
-    """The most bytes a stored chunk of an array with metadata ``meta`` can hold: its raw size
-    plus what a codec may add to incompressible data (zstd adds well under 1%)."""
-    try:
-        itemsize = int(meta.data_type.to_native_dtype().itemsize)
-        if meta.data_type.to_native_dtype().kind in "OUST" or itemsize <= 0:
-            return STRING_CHUNK_LIMIT
-    except Exception:  # noqa: BLE001 - a dtype without a fixed size
-        return STRING_CHUNK_LIMIT
-    raw = itemsize * math.prod(int(c) for c in meta.chunk_grid.chunk_shape)
-    return raw + raw // 50 + (1 << 20)
-
-
+# knows the file's digest (METADATA_LIMIT, chunkio.chunk_limit): a crafted or broken server
+# cannot make fetch hold gigabytes.
 def _too_large(name: str, limit: int) -> StoreError:
     return StoreError(f"{name}: the server sent more than {limit:,} bytes, more than this file can hold; "
                       "refusing it (a damaged or hostile server)")

@@ -313,3 +313,24 @@ def test_a_chunk_deleted_on_the_server_under_a_streaming_split_stops_it(served, 
     (root / "vanish.zarr" / "train" / "saliency" / "ink" / "c" / "1" / "0" / "0").unlink()
     with pytest.raises(SatkitError, match=r"train/saliency/ink chunk 1 \(samples \[1024, 1442\)\) is missing on the server"):
         list(split.batches(64, torch.Generator().manual_seed(0), "ink"))
+
+
+def test_a_flooding_server_is_refused_after_a_bounded_read(served, digits_store: Path) -> None:
+    """A chunk file on the server far larger than the chunk can hold: the streaming read asks
+    for at most that many bytes (one bounded Range) and stops with an error naming the chunk."""
+    import torch
+
+    from sattrain.data import StreamingSplit, open_train_split, select_indices
+
+    http, root = served
+    shutil.copytree(digits_store, root / "flood.zarr")
+    st = open_store(http.url + "/flood.zarr")
+    split = open_train_split(st, "train", ["ink"], select_indices(st.info.splits["train"], None, 0),
+                             torch.device("cpu"), 64 * 1024, progress=False)
+    assert isinstance(split, StreamingSplit)
+    (root / "flood.zarr" / "train" / "saliency" / "ink" / "c" / "1" / "0" / "0").write_bytes(bytes(8 << 20))
+    http.clear_requests()
+    with pytest.raises(SatkitError, match=r"train/saliency/ink chunk 1 \(samples \[1024, 1442\)\) is more than"):
+        list(split.batches(64, torch.Generator().manual_seed(0), "ink"))
+    ranges = [r.range for r in http.requests if r.path.endswith("/ink/c/1/0/0")]
+    assert ranges and all(r and r.startswith("bytes=0-") and int(r.split("-")[1]) < (2 << 20) for r in ranges), ranges
