@@ -297,20 +297,28 @@ def test_s3_fetch_interrupted_midway_resumes_with_what_is_missing(s3, bucket: st
     assert not fetch_partial(out).exists()
 
 
-def test_a_chunk_deleted_on_the_server_under_a_streaming_split_stops_it(served, digits_store: Path) -> None:
-    """Streaming from a URL: a chunk that vanished from the server after the store was opened
-    is an error naming it, never a block of fill values."""
+def streaming_over_http(served, digits_store: Path, name: str):
+    """A copy of digits_store served as /NAME.zarr, its train split opened for streaming (ink map)."""
     import torch
 
     from sattrain.data import StreamingSplit, open_train_split, select_indices
 
     http, root = served
-    shutil.copytree(digits_store, root / "vanish.zarr")
-    st = open_store(http.url + "/vanish.zarr")
+    shutil.copytree(digits_store, root / f"{name}.zarr")
+    st = open_store(f"{http.url}/{name}.zarr")
     split = open_train_split(st, "train", ["ink"], select_indices(st.info.splits["train"], None, 0),
                              torch.device("cpu"), 64 * 1024, progress=False)
     assert isinstance(split, StreamingSplit)
-    (root / "vanish.zarr" / "train" / "saliency" / "ink" / "c" / "1" / "0" / "0").unlink()
+    return split, root / f"{name}.zarr" / "train" / "saliency" / "ink" / "c" / "1" / "0" / "0"
+
+
+def test_a_chunk_deleted_on_the_server_under_a_streaming_split_stops_it(served, digits_store: Path) -> None:
+    """Streaming from a URL: a chunk that vanished from the server after the store was opened
+    is an error naming it, never a block of fill values."""
+    import torch
+
+    split, chunk = streaming_over_http(served, digits_store, "vanish")
+    chunk.unlink()
     with pytest.raises(SatkitError, match=r"train/saliency/ink chunk 1 \(samples \[1024, 1442\)\) is missing on the server"):
         list(split.batches(64, torch.Generator().manual_seed(0), "ink"))
 
@@ -320,15 +328,9 @@ def test_a_flooding_server_is_refused_after_a_bounded_read(served, digits_store:
     for at most that many bytes (one bounded Range) and stops with an error naming the chunk."""
     import torch
 
-    from sattrain.data import StreamingSplit, open_train_split, select_indices
-
-    http, root = served
-    shutil.copytree(digits_store, root / "flood.zarr")
-    st = open_store(http.url + "/flood.zarr")
-    split = open_train_split(st, "train", ["ink"], select_indices(st.info.splits["train"], None, 0),
-                             torch.device("cpu"), 64 * 1024, progress=False)
-    assert isinstance(split, StreamingSplit)
-    (root / "flood.zarr" / "train" / "saliency" / "ink" / "c" / "1" / "0" / "0").write_bytes(bytes(8 << 20))
+    http, _ = served
+    split, chunk = streaming_over_http(served, digits_store, "flood")
+    chunk.write_bytes(bytes(8 << 20))
     http.clear_requests()
     with pytest.raises(SatkitError, match=r"train/saliency/ink chunk 1 \(samples \[1024, 1442\)\) is more than"):
         list(split.batches(64, torch.Generator().manual_seed(0), "ink"))
