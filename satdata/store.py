@@ -507,7 +507,7 @@ async def _exists_all(store: Any, keys: Sequence[str], limit: int = 64) -> list[
     fs = getattr(store, "fs", None)
     protocol = getattr(fs, "protocol", ())
     if keys and any(p in ("s3", "s3a") for p in ((protocol,) if isinstance(protocol, str) else protocol)):
-        prefix = os.path.commonpath([k for k in keys]) if len(keys) > 1 else keys[0].rsplit("/", 1)[0]
+        prefix = os.path.commonpath(list(keys)) if len(keys) > 1 else keys[0].rsplit("/", 1)[0]
         try:
             found = {k async for k in store.list_prefix(prefix.rstrip("/") + "/")}
             return [k in found for k in keys]
@@ -535,9 +535,6 @@ class Store:
         self.group = group
         self.info = info
         self._present_checked: set[str] = set()  # arrays whose chunk files were found present
-        # fsspec options of a store at a URL (endpoint, credentials): what opened it, for
-        # whatever reads it again (a training run's provenance, `satdata fetch`).
-        self.storage_options: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, dataset={self.info.dataset!r}, splits={self.info.splits})"
@@ -1034,9 +1031,7 @@ def open_store(path: str | Path, *, mode: str = "r", storage_options: Mapping[st
         if remote.is_url(where) and remote.network_problem(e) is not None:
             raise remote.classify(e, where) from None
         raise
-    store = Store(where, group, info)
-    store.storage_options = dict(storage_options or {})
-    return store
+    return Store(where, group, info)
 
 
 # --------------------------------------------------------------------------- writing

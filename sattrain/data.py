@@ -286,25 +286,17 @@ def load_split(store: Store, split: str, maps: Sequence[str], indices: np.ndarra
 
         with ThreadPoolExecutor(max_workers=len(zarrs), thread_name_prefix="sattrain-load") as pool:
             data = list(pool.map(lambda a: read_rows(a, indices, _Bar()), zarrs))
-    # What was read is the version the store had when it was opened, or this stops
-    # (docs/store-format.md, "Readers and writers together").
-    check_read(store, [store.array_key(split, f, m) for f, m in arrays], [(a, chunks_of(a, indices)) for a in zarrs])
+    # What was read is the version the store had when it was opened, and every chunk read
+    # that the digests say was written still has its file, or this stops with one line
+    # naming the array (docs/store-format.md, "Readers and writers together").
+    store.check_unchanged([store.array_key(split, f, m) for f, m in arrays],
+                          chunks=[(a, chunks_of(a, indices)) for a in zarrs])
     return HostSplit(split, indices, data[0], data[1], {m: d for m, d in zip(maps, data[2:])})
 
 
 def chunks_of(arr: Any, indices: np.ndarray) -> list[int]:
     """The chunks along N of ``arr`` that hold rows ``indices``."""
     return np.unique(np.asarray(indices, dtype=np.int64) // int(arr.chunks[0])).tolist() if len(indices) else []
-
-
-def check_read(store: Store, paths: Sequence[str], chunks: Sequence[tuple[Any, Sequence[int]]] = ()) -> None:
-    """After a read, before its data is used: stop (StoreChangedError, one line naming the
-    store, the array and the change) unless every array read is still the version the store
-    had when opened, and every chunk read that the digests say was written still has its
-    file (``Store.check_unchanged``): a read that overlapped a rebuild, a replaced map
-    collected by `satdata gc`, or a deleted chunk (which zarr would read as its fill value)
-    is never trained or evaluated on."""
-    store.check_unchanged(paths, chunks=chunks)
 
 
 # --------------------------------------------------------------------------- placement
@@ -416,7 +408,7 @@ class StreamingSplit:
 
     The run keeps reading the version of the store it opened, or stops: the store's reader
     lock is held (so `satdata gc` leaves a replaced map's old arrays in place), and after
-    each block is read, before it is handed to training, ``check_read`` checks that the
+    each block is read, before it is handed to training, ``Store.check_unchanged`` checks that the
     arrays read still have the digests recorded at open (a rebuilt or replaced store
     stops the run with one line naming the array) and that the chunks read still exist.
     """
@@ -438,7 +430,8 @@ class StreamingSplit:
         # the arrays a block reads, pinned to the version opened (docs/store-format.md)
         self.pins = {"images": store.array_key(split, "images"), "labels": store.array_key(split, "labels"),
                      **{m: store.array_key(split, "saliency", m) for m in maps}}
-        check_read(store, [self.pins["images"], self.pins["labels"]], [(labels_arr, chunks_of(labels_arr, indices))])
+        store.check_unchanged([self.pins["images"], self.pins["labels"]],
+                              chunks=[(labels_arr, chunks_of(labels_arr, indices))])
         self.chunks = []  # (start, stop, selected store indices, their positions in `indices`)
         for a, b in iter_chunks(self.images_arr):
             lo, hi = np.searchsorted(indices, [a, b])
@@ -469,12 +462,10 @@ class StreamingSplit:
         """A chunk without a file that the digests say was written: the store lost it or changed."""
         want = self.store._chunk_digests(arr) or []
         if i < len(want) and want[i] != "absent":
-            from satdata.store import StoreChangedError
-
-            step = int(arr.chunks[0])
-            raise StoreChangedError(f"{self.store.path}: array {arr.path} chunk {i} (samples [{i * step}, "
-                                    f"{min(arr.shape[0], (i + 1) * step)})) is missing on the server; stopping "
-                                    "rather than reading fill values (`satdata verify` lists every damaged chunk)")
+            a, b = chunkio.chunk_rows(arr, i)
+            raise StoreChangedError(f"{self.store.path}: array {arr.path} chunk {i} (samples [{a}, {b})) is missing "
+                                    "on the server; stopping rather than reading fill values (`satdata verify` "
+                                    "lists every damaged chunk)")
 
     def _read_block(self, block: list[int], map_name: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         imgs, qs, pos = [], [], []
@@ -519,7 +510,7 @@ class StreamingSplit:
         if map_name is not None:
             paths.append(self.pins[map_name])
             chunks.append((self.map_arrs[map_name], ids(self.map_arrs[map_name])))
-        check_read(self.store, paths, chunks)
+        self.store.check_unchanged(paths, chunks=chunks)
 
     def batches(self, batch_size: int, generator: torch.Generator, map_name: str | None) -> Iterator[RawBatch]:
         """Shuffled batches for one epoch; the random draws all happen before reading starts."""

@@ -98,7 +98,7 @@ import torch.nn as nn
 
 from satdata.errors import SatkitError
 from satdata.outputs import probe_writable
-from satdata.store import Store, StoreChangedError, open_store, store_digest
+from satdata.store import Store, open_store, store_digest
 from sattrain import __version__
 from sattrain.checkpoint import (
     BEST_NAME,
@@ -122,7 +122,6 @@ from sattrain.data import (
     InMemorySplit,
     MapCodec,
     StreamingSplit,
-    check_read,
     choose_maps,
     derive_seed,
     load_split,
@@ -976,13 +975,9 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     log(f"summary: evaluating {run_dir / CHECKPOINT_NAME} with the strong protocol on "
         f"{cfg.summary_samples} {eval_split} samples ({', '.join(('pgd',) if multilabel else SUMMARY_ATTACKS)})")
     try:
+        # evaluate() checks the split it loads is the version this run opened, before any attack
         summary = run_summary(run_dir, store, split=eval_split, samples=cfg.summary_samples, device=device,
                               multilabel=multilabel, log=log)
-        try:  # it loaded the split afresh: from the version this run opened, or it does not count
-            check_read(store, [store.array_key(eval_split, "images"), store.array_key(eval_split, "labels")])
-        except StoreChangedError:
-            (run_dir / SUMMARY_JSON).unlink(missing_ok=True)
-            raise
     except SatkitError as e:
         # e.g. a missing optional attack package: the training is done and saved; say so
         del final["summary_pending"]
