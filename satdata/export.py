@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.outputs import (commit_path, identity, make_parents, output_lock, partial_path, probe_writable,
-                             remove_empty, resolve_out)
+from satdata.outputs import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
+                             probe_writable, remove_empty, resolve_out)
 from satdata.store import Store, iter_chunks
 
 H5_VERSION = 1  # the layout version satdata.sources.h5 documents
@@ -37,7 +37,7 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
     refuse_remote_output(out, "--to", what="an HDF5 file")
     out = resolve_out(Path(out), overwrite=overwrite)  # --overwrite through a link: its target
     info = store.info
-    _check_out(out, overwrite)
+    check_file_out(out, overwrite)
     order = store.select_splits(splits)
     names = sorted(info.maps)
     if maps is not None:
@@ -50,19 +50,11 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
         probe_writable(out.parent, "--to")
         with output_lock(out):
             before = identity(out)  # the commit refuses if this changes meanwhile
-            _check_out(out, overwrite)
+            check_file_out(out, overwrite)
             _write(store, out, order, names, before, progress)
     finally:
         remove_empty(made)
     return out
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
-        if not out.is_file():
-            raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
 
 
 def _write(store: Store, out: Path, order: Sequence[str], names: Sequence[str], before: Any,

@@ -129,6 +129,15 @@ def probe_writable(directory: Path, what: str = "--out", nbytes: int = 1 << 16, 
 # --------------------------------------------------------------------------- locks
 
 
+def check_file_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output file unless ``overwrite``; never replace a directory or other non-file."""
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not out.is_file():
+            raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
+
+
 def _lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 

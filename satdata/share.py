@@ -197,14 +197,6 @@ class PackResult:
     store_digest: str
 
 
-def _check_file_out(out: Path, overwrite: bool, option: str) -> None:
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise SatkitError(f"{out}: already exists (pass --overwrite to replace it)")
-        if not out.is_file():
-            raise SatkitError(f"{out}: exists and is not a file; refusing to replace it")
-
-
 def _zipinfo(key: str, size: int) -> zipfile.ZipInfo:
     zi = zipfile.ZipInfo(key, date_time=ZIP_DATE)
     zi.compress_type = zipfile.ZIP_STORED
@@ -223,8 +215,8 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     zip is written beside ``out`` and renamed into place only when complete.
     """
     from satdata import remote
-    from satdata.outputs import (commit_path, identity, make_parents, output_lock, partial_path, probe_writable,
-                                 remove_empty, resolve_out)
+    from satdata.outputs import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
+                                 probe_writable, remove_empty, resolve_out)
     from satdata.store import open_store, resolve_inside, store_digest
 
     text = str(store)
@@ -241,9 +233,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     # (even if a map is replaced meanwhile), and it goes in last, as read
     root_bytes = _read_local(root, ROOT_KEY, where) if (root / ROOT_KEY).is_file() else b""
     st = open_store(text)
-    hold = getattr(st, "hold_reader_lock", None)
-    if hold is not None:
-        hold()  # `satdata gc` removes no array this pack reads
+    st.hold_reader_lock()  # `satdata gc` removes no array this pack reads
     info = st.info
     if _info_of(root_bytes, where) != info:
         raise SatkitError(f"{where}: changed while pack opened it (a map was added or replaced); run pack again")
@@ -254,7 +244,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
         inside = False
     if inside:
         raise SatkitError(f"OUT {out}: is inside the store {root}; write the .zip elsewhere")
-    _check_file_out(out, overwrite, "OUT")
+    check_file_out(out, overwrite)
 
     # what goes in, in order: every metadata file and recorded chunk, sorted; the root last
     entries: list[Entry] = [Entry(k) for k in metadata_keys(info, where)]
@@ -282,7 +272,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
         probe_writable(out.parent, "OUT")
         with output_lock(out):
             before = identity(out)
-            _check_file_out(out, overwrite, "OUT")
+            check_file_out(out, overwrite)
             tmp = partial_path(out)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -447,7 +437,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
     """
     from satdata import remote
     from satdata.build import check_out
-    from satdata.outputs import make_parents, output_lock, probe_writable, remove_empty, resolve_out
+    from satdata.outputs import check_file_out, make_parents, output_lock, probe_writable, remove_empty, resolve_out
 
     t0 = time.time()
     url = str(url)
@@ -463,7 +453,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
     if jobs < 1:
         raise SatkitError(f"--jobs: must be at least 1, got {jobs}")
     out = resolve_out(Path(out), overwrite=overwrite)
-    checker = (lambda: _check_file_out(out, overwrite, "--out")) if keep_zip else (lambda: check_out(out, overwrite))
+    checker = (lambda: check_file_out(out, overwrite)) if keep_zip else (lambda: check_out(out, overwrite))
     checker()
     source = None if zip_in else _FsSource(url, storage_options)
     made = make_parents(out.parent)
