@@ -11,7 +11,7 @@ COPY pyproject.toml README.md ./
 COPY satdata ./satdata
 COPY sattrain ./sattrain
 # [remote]: stores at URLs (https://, s3://) and `satdata fetch`, as a lab shares them.
-RUN pip install --upgrade pip && pip install ".[remote]"
+RUN pip install --upgrade pip && pip install ".[remote,dask]"
 
 COPY manifests ./manifests
 COPY docs ./docs
