@@ -367,6 +367,13 @@ def map_dtype(encoding: str) -> np.dtype:
 # --------------------------------------------------------------------------- digests
 
 
+def write_unit(arr: "zarr.Array") -> int:
+    """Samples per stored file along axis 0: the unit a writer writes whole (the shard of
+    a sharded array, else the chunk). Distributed builds split work on this unit."""
+    shards = getattr(arr, "shards", None)
+    return int((shards or arr.chunks)[0]) if arr.ndim else 1
+
+
 def iter_chunks(arr: "zarr.Array") -> Iterator[tuple[int, int]]:
     """(start, stop) sample ranges of the chunks along axis 0."""
     n = arr.shape[0]
@@ -1068,6 +1075,7 @@ class StoreWriter:
         label_kind: str,
         maps: dict[str, MapInfo],
         hflip: bool = True,
+        _mode: str = "w-",
     ) -> None:
         if label_kind not in LABEL_KINDS:
             raise ValueError(f"label_kind must be one of {LABEL_KINDS}")
@@ -1076,7 +1084,7 @@ class StoreWriter:
             if not is_plain_name(key) or not is_plain_name(m.array_name):  # they become paths
                 raise StoreError(f"{path}: map name {key!r} is not a plain name (letters, digits, ._+-)")
         self.path = str(path)
-        self.group = zarr.open_group(self.path, mode="w-")
+        self.group = zarr.open_group(self.path, mode=_mode)
         self.dataset = dataset
         self.classes = list(classes)
         self.image_size = (int(image_size[0]), int(image_size[1]))
@@ -1091,6 +1099,25 @@ class StoreWriter:
         self.counts: dict[str, int] = {}
         self.split_chunk: dict[str, int] = {}
         self.has_boxes: set[str] = set()
+
+    @classmethod
+    def reopen(cls, path: str | Path, **kw: Any) -> "StoreWriter":
+        """The writer of a store still being built (arrays created by ``create_split``, no
+        'satkit' attribute yet), opened again: by the tasks of a distributed build, each in
+        its own process, and by the step that finishes it. ``kw``: the same arguments as the
+        writer that created it. Splits are those whose images array exists."""
+        self = cls(path, _mode="r+", **kw)
+        for split in SPLITS:
+            p = array_path(split, "images")
+            try:
+                arr = self.group[p]
+            except KeyError:
+                continue
+            self.split_chunk[split] = write_unit(arr)  # type: ignore[arg-type]
+            self.counts[split] = int(arr.shape[0])  # type: ignore[union-attr]
+            if array_path(split, "boxes") in self.group:
+                self.has_boxes.add(split)
+        return self
 
     def create_split(self, split: str, n: int) -> None:
         """Create a split's arrays for up to n samples (shrunk by ``close_split``)."""
