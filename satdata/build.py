@@ -26,6 +26,7 @@ import numpy as np
 from satdata import __version__
 from satdata.errors import SatkitError, SourceError
 from satdata.geometry import FIT_MODES, apply_boxes, apply_image, apply_map, keep_boxes, plan_fit, rasterize_boxes
+from satdata.ranges import label_row
 from satdata.outputs import (commit_path, identity, is_own_plain_dir, make_parents, make_private_dir, output_lock,
                              partial_path, probe_writable, remove_empty, resolve_out, store_lock)
 from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
@@ -53,6 +54,7 @@ class BuildConfig:
     given_options: tuple[str, ...] = ()  # source options the user set explicitly
     progress: bool = True
     reduced_decode: bool = True  # JPEG DCT-scaled decoding when the store is much smaller
+    dask: str | None = None  # decode and write on Dask workers: "local:N" or a scheduler address
 
 
 @dataclass
@@ -217,27 +219,10 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
                 dynamic_ncols=True, leave=False)
 
 
-def _label_row(label: Any, n_classes: int, kind: str) -> Any:
-    if kind == "single":
-        return int(label)
-    row = np.zeros(n_classes, dtype=np.uint8)
-    row[list(label)] = 1
-    return row
-
-
 def build(cfg: BuildConfig) -> BuildResult:
     """Build a store as cfg says. Raises SatkitError (one line, names file or option)."""
     t0 = time.time()
-    from satdata.remote import refuse_remote_output
-
-    refuse_remote_output(cfg.out, "--out")  # before Path() turns s3://x into a local s3:/x
-    out = Path(cfg.out)
-    if cfg.fit not in FIT_MODES:
-        raise SatkitError(f"--fit: unknown mode {cfg.fit!r} (one of {', '.join(FIT_MODES)})")
-    if min(cfg.size) < 1:
-        raise SatkitError(f"--size: must be positive, got {cfg.size}")
-    out = resolve_out(out, overwrite=cfg.overwrite)  # --overwrite through a link: its target
-    check_out(out, cfg.overwrite)
+    out = check_config(cfg)
     made = make_parents(out.parent)
     try:
         probe_writable(out.parent)
@@ -247,11 +232,29 @@ def build(cfg: BuildConfig) -> BuildResult:
         remove_empty(made)  # only the directories made above, and only if still empty
 
 
-def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
-    """The build proper, with the output lock held: nothing else of satdata writes ``out``."""
-    before = identity(out)  # the commit refuses if this changes while the build runs
+def check_config(cfg: BuildConfig) -> Path:
+    """The checks every build makes before any work; the output path (through a link
+    with --overwrite: its target)."""
+    from satdata.remote import refuse_remote_output
+
+    refuse_remote_output(cfg.out, "--out")  # before Path() turns s3://x into a local s3:/x
+    if cfg.fit not in FIT_MODES:
+        raise SatkitError(f"--fit: unknown mode {cfg.fit!r} (one of {', '.join(FIT_MODES)})")
+    if min(cfg.size) < 1:
+        raise SatkitError(f"--size: must be positive, got {cfg.size}")
+    if cfg.dask:
+        from satdata.dask_build import check_address
+
+        check_address(cfg.dask)
+        if cfg.workers:
+            raise SatkitError("--workers: not with --dask (the Dask workers decode; size the cluster instead)")
+    out = resolve_out(Path(cfg.out), overwrite=cfg.overwrite)
     check_out(out, cfg.overwrite)
-    bad = BadSamples(cfg.skip_bad)
+    return out
+
+
+def open_source(cfg: BuildConfig, bad: BadSamples) -> tuple[Source, list[str], dict[str, list[Record]], dict[str, MapInfo]]:
+    """The source, the splits to build, their records and the maps the store will hold."""
     source = make_source(cfg.source, cfg.root, cfg.options, bad, cfg.given_options)
     available = source.available_splits()
     splits = list(cfg.splits) if cfg.splits else available
@@ -272,6 +275,39 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
                           provenance={"source": cfg.source, "from": "boxes" if spec.from_boxes else "annotations",
                                       **({"imported": spec.provenance} if spec.provenance else {})})
             for name, spec in source.maps.items()}
+    return source, splits, records, maps
+
+
+def provenance(cfg: BuildConfig, source: Source, splits: list[str], bad: BadSamples, counts: dict[str, int],
+               t0: float, **extra: Any) -> dict[str, Any]:
+    """The store's provenance record (how it was built; not part of any array's digest)."""
+    return {
+        "source": cfg.source,
+        "root": str(Path(cfg.root).resolve()) if cfg.root and getattr(source, "needs_root", True) else None,
+        "size": list(cfg.size),
+        "fit": cfg.fit,
+        "splits": splits,
+        "options": cfg.options.non_default(),
+        "skip_bad": cfg.skip_bad,
+        "reduced_decode": cfg.reduced_decode,
+        "skipped": [list(b) for b in bad.items[:MAX_BAD_RECORDED]],
+        "skipped_count": len(bad.items),
+        "counts": dict(counts),
+        "notes": {s: dict(v) for s, v in getattr(source, "notes", {}).items()},
+        **extra,
+        "tool": f"satkit {__version__}",
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t0, 3),
+    }
+
+
+def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
+    """The build proper, with the output lock held: nothing else of satdata writes ``out``."""
+    before = identity(out)  # the commit refuses if this changes while the build runs
+    check_out(out, cfg.overwrite)
+    bad = BadSamples(cfg.skip_bad)
+    source, splits, records, maps = open_source(cfg, bad)
     remove_stale(out)
     tmp = partial_path(out)
     pool = None
@@ -280,53 +316,72 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
         with sigterm_as_interrupt():
             make_private_dir(tmp)
             created = True
-            if cfg.workers > 0:
-                ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-                # not multiprocessing.Pool: a worker that dies (a crash in a decoder, the
-                # OOM killer) must end the build with a message, not hang it (satdata.workers)
-                try:
-                    pool = DecodePool(cfg.workers, ctx, _process, initializer=_init_worker,
-                                      initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
-                except WorkerDied as e:
-                    raise SatkitError(_WORKER_DIED.format(how=e)) from None
+            extra: dict[str, Any] = {}
+            if cfg.dask:
+                writer, extra = _build_dask(cfg, tmp, source, records, maps, bad)
             else:
-                _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
-            writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
-                                 image_size=cfg.size, label_kind=source.label_kind, maps=maps,
-                                 hflip=bool(source.hflip))
-            for s in splits:
-                _build_split(writer, source, s, records[s], pool, bad, cfg)
-            if pool is not None:
-                pool.close()
-                pool = None
-            provenance = {
-                "source": cfg.source,
-                "root": str(Path(cfg.root).resolve()) if cfg.root and getattr(source, "needs_root", True) else None,
-                "size": list(cfg.size),
-                "fit": cfg.fit,
-                "splits": splits,
-                "options": cfg.options.non_default(),
-                "skip_bad": cfg.skip_bad,
-                "reduced_decode": cfg.reduced_decode,
-                "skipped": [list(b) for b in bad.items[:MAX_BAD_RECORDED]],
-                "skipped_count": len(bad.items),
-                "counts": dict(writer.counts),
-                "notes": {s: dict(v) for s, v in getattr(source, "notes", {}).items()},
-                "tool": f"satkit {__version__}",
-                "versions": _versions(),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": round(time.time() - t0, 3),
-            }
-            info = writer.finish(provenance)
+                if cfg.workers > 0:
+                    ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
+                    # not multiprocessing.Pool: a worker that dies (a crash in a decoder, the
+                    # OOM killer) must end the build with a message, not hang it (satdata.workers)
+                    try:
+                        pool = DecodePool(cfg.workers, ctx, _process, initializer=_init_worker,
+                                          initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
+                    except WorkerDied as e:
+                        raise SatkitError(_WORKER_DIED.format(how=e)) from None
+                else:
+                    _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
+                writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
+                                     image_size=cfg.size, label_kind=source.label_kind, maps=maps,
+                                     hflip=bool(source.hflip))
+                for s in splits:
+                    _build_split(writer, source, s, records[s], pool, bad, cfg)
+                if pool is not None:
+                    pool.close()
+                    pool = None
+            info = writer.finish(provenance(cfg, source, splits, bad, dict(writer.counts), t0, **extra))
             commit(tmp, out, before)
     except BaseException:
         if pool is not None:
             pool.terminate()
         if created:  # only what this process made: never a planted path under that name
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_partial(tmp)
         raise
     return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0,
                        notes=dict(info.provenance.get("notes", {})))
+
+
+def remove_partial(tmp: Path) -> None:
+    """Remove a build's directory, its zarr.json first: a task of a distributed build
+    still running checks for it before each write and stops (satdata.ranges)."""
+    try:
+        (tmp / "zarr.json").unlink()
+    except OSError:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, list[Record]],
+                maps: dict[str, MapInfo], bad: BadSamples) -> tuple[StoreWriter, dict[str, Any]]:
+    """Decode and write on Dask workers (satdata.dask_build), then close holes and boxes."""
+    from satdata import ranges
+    from satdata.dask_build import run_ranges
+
+    args = ranges.writer_args(source, cfg.size, maps)
+    writer = ranges.prepare(tmp, args, records)
+    counts = {s: len(r) for s, r in records.items()}
+    plan = ranges.plan_ranges(writer, counts)
+    results = run_ranges(cfg.dask or "", tmp, args, plan, records, source, size=cfg.size, fit=cfg.fit,
+                         reduced_decode=cfg.reduced_decode, stop_at_bad=not cfg.skip_bad,
+                         progress=lambda: _progress(sum(counts.values()), "build (dask)", cfg.progress))
+    if not cfg.skip_bad:
+        for r in results:
+            for path, problem in r.bad:
+                bad(path, problem)  # raises: the first bad sample fails the build
+    ranges.check_complete(results, plan)
+    ranges.finish_splits(writer, counts, results, bad, cfg.root,
+                         boxes_always=any(spec.from_boxes for spec in source.maps.values()))
+    return writer, {"built_by": {"dask": cfg.dask, "tasks": len(plan)}}
 
 
 _WORKER_DIED = ("a build worker died ({how}): killed, out of memory, or a crash in an image decoder; "
@@ -387,7 +442,7 @@ def _build_split(writer: StoreWriter, source: Source, split: str, records: list[
             if len(bx):
                 boxes.append(np.concatenate([np.full((len(bx), 1), idx, dtype=np.float64), bx], axis=1))
             imgs.append(img)
-            labels.append(_label_row(rec.label, n_classes, source.label_kind))
+            labels.append(label_row(rec.label, n_classes, source.label_kind))
             ids.append(rec.id)
             for name, arr in m.items():
                 maps[name].append(arr)

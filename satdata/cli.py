@@ -60,6 +60,12 @@ def main() -> None:
 @click.option("--splits", default=None, help="Comma-separated splits to build, e.g. train,val.  [default: all the source has]")
 @click.option("--workers", "-j", type=click.IntRange(min=0), default=0, show_default=True,
               help="Processes that decode images in parallel (0: decode in this process).")
+@click.option("--dask", "dask_address", default=None, metavar="ADDRESS",
+              help="Decode and write on Dask workers: local:N starts N on this machine, or a scheduler's "
+                   "address (tcp://host:8786) whose workers all mount --out's file system. Needs satkit[dask].")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Write only part I of N (counted from 1) into a hidden shared directory beside --out, "
+                   "for job arrays without a scheduler; then `satdata finalize OUT` makes the store.")
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it is an existing store (through a symlink: the store it names), only once "
                    "the new one is complete and only if nothing else changed it meanwhile.")
@@ -76,7 +82,8 @@ def main() -> None:
                    "same geometry, several times faster, pixels within a few grey levels.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def build(source: str | None, root: Path | None, out: str, manifest: Path | None, size: str | None,
-          fit: str | None, splits: str | None, workers: int, overwrite: bool, skip_bad: bool,
+          fit: str | None, splits: str | None, workers: int, dask_address: str | None, shard: str | None,
+          overwrite: bool, skip_bad: bool,
           label: str | None, drop_difficult: bool | None, unmasked: str | None, year: str | None,
           full_decode: bool, quiet: bool) -> None:
     """Build a store from a dataset on disk.
@@ -84,6 +91,13 @@ def build(source: str | None, root: Path | None, out: str, manifest: Path | None
     Images and maps are resized together to --size, written in whole chunks to a hidden
     temporary directory, digested, and renamed onto --out only when complete: a failed or
     interrupted build leaves no store behind and never touches an existing one.
+
+    \b
+    On many workers (the same store, byte for byte, as one process writes):
+      satdata build ... --dask local:4            # a Dask cluster on this machine
+      satdata build ... --dask tcp://sched:8786    # an existing Dask scheduler
+      satdata build ... --shard 2/3                # one job of an array; then:
+      satdata finalize OUT                         # commits once all shards are done
     """
     def go() -> None:
         from satdata.build import BuildConfig, build as do_build, parse_size, resolve_splits
@@ -124,6 +138,7 @@ def build(source: str | None, root: Path | None, out: str, manifest: Path | None
             fit=fit or base.get("fit", "stretch"),
             splits=resolve_splits(splits) or (tuple(base["splits"]) if base.get("splits") else None),
             workers=workers,
+            dask=dask_address,
             overwrite=overwrite,
             skip_bad=skip_bad,
             options=opts,
@@ -133,29 +148,76 @@ def build(source: str | None, root: Path | None, out: str, manifest: Path | None
         )
         if man is not None:
             man.check_config(cfg)
-        res = do_build(cfg)
-        if man is not None:
-            from satdata.manifest import check_store
-            from satdata.store import open_store
+        if shard is not None:
+            from satdata.shards import build_shard, parse_shard
 
-            problems = check_store(open_store(res.path), man)
-            if problems:
-                raise SatkitError(f"{out}: built, but does not match {manifest}: " + "; ".join(problems))
-        info = res.info
-        counts = ", ".join(f"{s} {n:,}" for s, n in info.splits.items())
-        click.echo(f"wrote {res.path}: {counts} ({len(info.classes)} classes, "
-                   f"{info.image_size[0]}x{info.image_size[1]}, maps: {', '.join(info.maps) or 'none'}) "
-                   f"in {res.seconds:.1f} s")
-        for split, note in res.notes.items():
-            if note:
-                click.echo(f"  {split}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" if isinstance(v, int)
-                                                      else f"{k.replace('_', ' ')} {v}" for k, v in note.items()))
-        if res.bad:
-            click.echo(f"skipped {len(res.bad)} bad samples:", err=True)
-            for path, problem in res.bad[:50]:
-                click.echo(f"  {path}: {problem}", err=True)
-            if len(res.bad) > 50:
-                click.echo(f"  ... and {len(res.bad) - 50} more (satdata info --json lists them)", err=True)
+            r = build_shard(cfg, parse_shard(shard))
+            left = r.shards - len(r.done)
+            click.echo(f"shard {r.shard}/{r.shards}: wrote {r.samples:,} samples ({r.ranges} range{'s' if r.ranges != 1 else ''}) into {r.path} "
+                       f"in {r.seconds:.1f} s; " + (f"{left} of {r.shards} shards still to run, then "
+                                                   if left else "all shards done: run ") + f"`satdata finalize {out}`")
+            _echo_bad(r.bad)
+            return
+        _report_build(do_build(cfg), out, manifest, man)
+
+    run_cli(go)
+
+
+def _report_build(res: Any, out: str | Path, manifest: Path | None, man: Any) -> None:
+    """Check a finished build against its manifest (if any) and print what was written."""
+    if man is not None:
+        from satdata.manifest import check_store
+        from satdata.store import open_store
+
+        problems = check_store(open_store(res.path), man)
+        if problems:
+            raise SatkitError(f"{out}: built, but does not match {manifest}: " + "; ".join(problems))
+    info = res.info
+    counts = ", ".join(f"{s} {n:,}" for s, n in info.splits.items())
+    click.echo(f"wrote {res.path}: {counts} ({len(info.classes)} classes, "
+               f"{info.image_size[0]}x{info.image_size[1]}, maps: {', '.join(info.maps) or 'none'}) "
+               f"in {res.seconds:.1f} s")
+    for split, note in res.notes.items():
+        if note:
+            click.echo(f"  {split}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" if isinstance(v, int)
+                                                  else f"{k.replace('_', ' ')} {v}" for k, v in note.items()))
+    _echo_bad(res.bad)
+
+
+def _echo_bad(bad: list[tuple[str, str]]) -> None:
+    if bad:
+        click.echo(f"skipped {len(bad)} bad samples:", err=True)
+        for path, problem in bad[:50]:
+            click.echo(f"  {path}: {problem}", err=True)
+        if len(bad) > 50:
+            click.echo(f"  ... and {len(bad) - 50} more (satdata info --json lists them)", err=True)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also check the finished store against this manifest.")
+def finalize(out: str, manifest: Path | None) -> None:
+    """Make the store OUT from a build run as shards (`satdata build ... --shard I/N`).
+
+    Checks that every shard has finished, closes the gaps of samples skipped with
+    --skip-bad, writes digests and provenance and renames the store onto OUT, as a
+    one-process build does. Until then nothing at OUT opens as a store.
+
+    \b
+    Example (three jobs, e.g. a SLURM array with --array=1-3):
+      satdata build --source digits --out digits.zarr --shard $SLURM_ARRAY_TASK_ID/3
+      satdata finalize digits.zarr
+    """
+    def go() -> None:
+        from satdata.shards import finalize as do_finalize
+
+        man = None
+        if manifest is not None:
+            from satdata.manifest import load_manifest
+
+            man = load_manifest(manifest)
+        _report_build(do_finalize(out), out, manifest, man)
 
     run_cli(go)
 
