@@ -365,15 +365,16 @@ def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, 
                 maps: dict[str, MapInfo], bad: BadSamples) -> tuple[StoreWriter, dict[str, Any]]:
     """Decode and write on Dask workers (satdata.dask_build), then close holes and boxes."""
     from satdata import ranges
-    from satdata.dask_build import run_ranges
+    from satdata.dask_build import client_for, run_ranges, worker_threads
 
     args = ranges.writer_args(source, cfg.size, maps)
     writer = ranges.prepare(tmp, args, records)
     counts = {s: len(r) for s, r in records.items()}
-    plan = ranges.plan_ranges(writer, counts)
-    results = run_ranges(cfg.dask or "", tmp, args, plan, records, source, size=cfg.size, fit=cfg.fit,
-                         reduced_decode=cfg.reduced_decode, stop_at_bad=not cfg.skip_bad,
-                         progress=lambda: _progress(sum(counts.values()), "build (dask)", cfg.progress))
+    with client_for(cfg.dask or "") as client:
+        plan = ranges.plan_ranges(writer, counts, worker_threads(client))
+        results = run_ranges(client, tmp, args, plan, records, source, size=cfg.size, fit=cfg.fit,
+                             reduced_decode=cfg.reduced_decode, stop_at_bad=not cfg.skip_bad,
+                             progress=lambda: _progress(sum(counts.values()), "build (dask)", cfg.progress))
     if not cfg.skip_bad:
         for r in results:
             for path, problem in r.bad:

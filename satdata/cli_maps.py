@@ -69,11 +69,14 @@ Each map is stored with the class it was computed for (`satdata preview` shows i
               help="Grad-CAM layer (a module name of the teacher).  [default: the last conv stage, or the "
                    "last stage of at least 2x2]")
 @click.option("--seed", type=int, default=0, show_default=True, help="SmoothGrad's noise seed.")
+@click.option("--dask", "dask_address", default=None, metavar="ADDRESS",
+              help="Compute on Dask workers: local:N starts N on this machine, or a scheduler's address; every "
+                   "worker must see the store and the teacher at the same paths. Same maps as one process.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing map of that name (once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Path | None, method: str,
                  name: str | None, splits: str | None, target: str, batch_size: int, device: str,
-                 layer: str | None, seed: int, overwrite: bool, quiet: bool) -> None:
+                 layer: str | None, seed: int, dask_address: str | None, overwrite: bool, quiet: bool) -> None:
     """Add maps from a frozen teacher to a local store.
 
     The maps are computed in batches on the device and written under a fresh name, then
@@ -87,7 +90,7 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
         cfg = SaliencyConfig(store=store, method=method, name=name, teacher=teacher, arch=arch,
                              weights=str(weights) if weights else None, splits=_split_list(splits),
                              target=target, batch_size=batch_size, device=device, overwrite=overwrite,
-                             layer=layer, seed=seed, progress=not quiet)
+                             layer=layer, seed=seed, progress=not quiet, dask=dask_address)
         res = generate_maps(cfg, log=lambda m: click.echo(m, err=True))
         mi = res.info.maps[res.name]
         computed = mi.provenance.get("splits_computed", [])

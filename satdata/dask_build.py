@@ -91,13 +91,21 @@ def _task(path: str, args: Mapping[str, Any], rng: Range, records: list[Record],
     return write_range(path, args, rng, records, map(b._process, records), stop_at_bad=stop_at_bad)
 
 
-def run_ranges(address: str, path: Path, args: Mapping[str, Any], ranges: Sequence[Range],
+def worker_threads(client: Any) -> int:
+    """How many tasks the cluster runs at once."""
+    try:
+        return max(1, sum(client.nthreads().values()))
+    except Exception:
+        return 1
+
+
+def run_ranges(client: Any, path: Path, args: Mapping[str, Any], ranges: Sequence[Range],
                records: Mapping[str, Sequence[Record]], source: Source, *, size: tuple[int, int], fit: str,
                reduced_decode: bool, stop_at_bad: bool, progress: Any = None) -> list[RangeResult]:
-    """Every range as one task on ``address``'s workers; their results, or a SatkitError.
-    ``progress``: a context manager factory giving a tqdm-like bar (entered once connected)."""
+    """Every range as one task on ``client``'s workers; their results, or a SatkitError.
+    ``progress``: a context manager factory giving a tqdm-like bar."""
     distributed = _need_dask()
-    with client_for(address) as client, (progress() if progress else nullcontext()) as bar:
+    with (progress() if progress else nullcontext()) as bar:
         src = client.scatter(source, broadcast=True)  # once per worker, not once per task
         futures = {}
         for i, r in enumerate(ranges):
@@ -125,11 +133,11 @@ def run_ranges(address: str, path: Path, args: Mapping[str, Any], ranges: Sequen
             pending = [f for f in futures if not f.done()]
             if pending:
                 client.cancel(pending)
-                _wait_stopped(client, [f.key for f in futures])
+                wait_stopped(client, [f.key for f in futures])
         return results
 
 
-def _wait_stopped(client: Any, keys: Sequence[str], timeout: float = 60.0) -> None:
+def wait_stopped(client: Any, keys: Sequence[str], timeout: float = 60.0) -> None:
     """Wait until no worker runs any of ``keys`` (a cancelled task runs on to its end)."""
     end = time.monotonic() + timeout
     want = set(keys)
@@ -143,4 +151,4 @@ def _wait_stopped(client: Any, keys: Sequence[str], timeout: float = 60.0) -> No
         time.sleep(0.2)
 
 
-__all__ = ["check_address", "client_for", "run_ranges"]
+__all__ = ["check_address", "client_for", "run_ranges", "wait_stopped", "worker_threads"]

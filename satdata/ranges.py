@@ -86,12 +86,17 @@ def prepare(path: str | Path, args: Mapping[str, Any], records: Mapping[str, Seq
     return writer
 
 
-def plan_ranges(writer: StoreWriter, counts: Mapping[str, int]) -> list[Range]:
-    """Every split cut into ranges of whole write units, in split order."""
+def plan_ranges(writer: StoreWriter, counts: Mapping[str, int], workers: int = 1) -> list[Range]:
+    """Every split cut into ranges of whole write units, in split order: ranges of at
+    least RANGE_MIN_SAMPLES, made shorter (down to one unit) until there are about four
+    per worker, so that a slow range does not leave the others idle at the end."""
     out = []
+    total = sum(counts.values())
     for split in sorted(counts, key=lambda s: SPLIT_ORDER.get(s, 99)):
         unit = writer.split_chunk[split]
-        step = unit * max(1, -(-RANGE_MIN_SAMPLES // unit))
+        units = max(1, -(-RANGE_MIN_SAMPLES // unit))
+        units = max(1, min(units, total // (4 * max(1, workers) * unit)))
+        step = unit * units
         n = counts[split]
         out += [Range(split, a, min(n, a + step)) for a in range(0, n, step)]
     return out

@@ -701,6 +701,7 @@ class SaliencyConfig:
     layer: str | None = None
     seed: int = 0
     progress: bool = True
+    dask: str | None = None  # compute on Dask workers: "local:N" or a scheduler address
 
 
 @dataclass
@@ -761,6 +762,58 @@ def _versions() -> dict[str, str]:
     return v
 
 
+def noise_seed(seed: int, split: str, start: int) -> int:
+    """The seed of the noise for the batch of ``split`` starting at sample ``start``: a
+    batch's noise does not depend on which process computes it, or in what order."""
+    import hashlib
+
+    h = hashlib.sha256(f"satkit-noise/{seed}/{split}/{start}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def batch_images(images: Any, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B, H, W, 3) images as float (B, 3, H, W) in [0, 1] on ``device``."""
+    import numpy as np
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return x.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def map_batches(model: nn.Module, method: Method, images: Any, labels: Any, *, split: str, start: int,
+                batch_size: int, device: torch.device | str, cam_layer: CamLayer | None,
+                options: MethodOptions, target_rule: str) -> Iterator[tuple[Any, Any, int]]:
+    """Maps for ``images`` (samples ``start``... of ``split``) in batches of ``batch_size``:
+    (stored maps, the class each was computed for, how many the teacher got right).
+    ``start`` must be a multiple of ``batch_size``: every caller then forms the same
+    batches, so a range computed by a Dask worker equals the one-process result."""
+    generator = torch.Generator(device=device) if method.uses_noise else None
+    for a in range(0, len(images), batch_size):
+        b = min(len(images), a + batch_size)
+        x = batch_images(images[a:b], device)
+        y = torch.from_numpy(labels[a:b]).to(device)
+        logits = predict(model, x)
+        target = choose_target(logits, y, target_rule)
+        right = int((logits.argmax(1) == y).sum()) if y.ndim == 1 else 0
+        if generator is not None:
+            generator.manual_seed(noise_seed(options.seed, split, start + a))
+        s = compute(method, model, x, target, cam_layer=cam_layer, options=options, generator=generator)
+        yield to_stored(s, method.encoding).cpu().numpy(), target.cpu().numpy(), right
+
+
+@contextmanager
+def _maps_on_dask(cfg: "SaliencyConfig", store: Any, splits: Sequence[str], cam_layer: CamLayer | None,
+                  bar: Any, accuracy: dict[str, float]) -> Iterator[Any]:
+    """A ``produce`` for add_map that gathers maps computed on Dask workers (satdata.dask_maps),
+    or None without --dask."""
+    if not cfg.dask:
+        yield None
+        return
+    from satdata.dask_maps import maps_on_dask
+
+    with maps_on_dask(cfg, store, splits, cam_layer, bar, accuracy) as produce:
+        yield produce
+
+
 def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: None) -> SaliencyResult:
     """Compute a method's maps with a frozen teacher for a store's splits and add them.
 
@@ -796,6 +849,10 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     name = check_map_name(cfg.name or method.name)
     if cfg.target not in TARGET_RULES:
         raise SatkitError(f"--target: unknown rule {cfg.target!r} (one of {', '.join(TARGET_RULES)})")
+    if cfg.dask:
+        from satdata.dask_build import check_address
+
+        check_address(cfg.dask)
     if cfg.batch_size < 1:
         raise SatkitError(f"--batch-size: must be at least 1, got {cfg.batch_size}")
     if cfg.layer and not method.uses_cam_layer:
@@ -819,29 +876,22 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     else:
         log(f"teacher accuracy: not measured ({why_not})")
 
-    def batch_images(a: int, b: int, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images[a:b])).to(device)
-        return x.permute(0, 3, 1, 2).float().div_(255.0)
-
     cam_layer = None
     if method.uses_cam_layer:
         first = store.array(compute_splits[0], "images")[:1]
-        cam_layer = find_cam_layer(model, batch_images(0, 1, first), cfg.layer)
+        cam_layer = find_cam_layer(model, batch_images(first, device), cfg.layer)
         stage = getattr(model, "features_out", None)
         stage_name = {id(m): n for n, m in model.named_modules()}.get(id(stage))
         if not cfg.layer and stage_name and stage_name != cam_layer.name:
             log(f"Grad-CAM layer: {cam_layer.name} ({cam_layer.hw[0]}x{cam_layer.hw[1]}), because the last "
                 f"conv stage {stage_name} is smaller than 2x2 at {info.image_size[0]}x{info.image_size[1]}")
-    generator = None
-    if method.uses_noise:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
     accuracy: dict[str, float] = {}
     provenance: dict[str, Any] = {
         "teacher": teacher.provenance(),
         "method": method.name,
         "parameters": method_parameters(method, options, cam_layer),
         "target": cfg.target,
-        "device": str(device),
+        "device": str(device) + (f" on Dask workers ({cfg.dask})" if cfg.dask else ""),
         "batch_size": cfg.batch_size,
         "tool": f"satkit {__version__}",
         "versions": _versions(),
@@ -857,30 +907,26 @@ def generate_maps(cfg: SaliencyConfig, log: Callable[[str], None] = lambda m: No
     bar = tqdm(total=total, desc=f"{method.name}", unit="img", disable=not cfg.progress, dynamic_ncols=True,
                leave=False)
 
-    def produce(split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def produce_here(split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         images = store.load(split, "images")
         labels_np = store.load(split, "labels")
         correct = 0
         bar.set_description(f"{method.name} {split}")
-        for a in range(0, len(images), cfg.batch_size):
-            b = min(len(images), a + cfg.batch_size)
-            x = batch_images(a, b, images)
-            labels = torch.from_numpy(labels_np[a:b]).to(device)
-            logits = predict(model, x)
-            target = choose_target(logits, labels, cfg.target)
-            if labels.ndim == 1:
-                correct += int((logits.argmax(1) == labels).sum())
-            s = compute(method, model, x, target, cam_layer=cam_layer, options=options, generator=generator)
-            yield to_stored(s, method.encoding).cpu().numpy(), target.cpu().numpy()
-            bar.update(b - a)
+        for stored, target, right in map_batches(model, method, images, labels_np, split=split, start=0,
+                                                 batch_size=cfg.batch_size, device=device, cam_layer=cam_layer,
+                                                 options=options, target_rule=cfg.target):
+            correct += right
+            yield stored, target
+            bar.update(len(stored))
         if labels_np.ndim == 1 and len(images):
             accuracy[split] = round(correct / len(images), 6)
 
     from satdata.build import sigterm_as_interrupt
 
     try:
-        with sigterm_as_interrupt():
-            committed = add_map(cfg.store, new, produce, splits=compute_splits, overwrite=cfg.overwrite, log=log)
+        with sigterm_as_interrupt(), _maps_on_dask(cfg, store, compute_splits, cam_layer, bar, accuracy) as remote:
+            committed = add_map(cfg.store, new, remote or produce_here, splits=compute_splits,
+                                overwrite=cfg.overwrite, log=log)
     finally:
         bar.close()
     return SaliencyResult(path=cfg.store, name=name, method=method.name, info=committed, device=str(device),
@@ -894,4 +940,5 @@ __all__ = [
     "guided_gradient", "method_parameters", "minmax", "predict", "smoothgrad", "smoothgrad_abs",
     "smoothgrad_gradient", "to_stored", "SaliencyConfig", "SaliencyResult", "generate_maps", "resolve_device",
     "TeacherCheck", "check_teacher_accuracy", "low_accuracy_threshold", "HELDOUT_MAX_SAMPLES",
+    "batch_images", "map_batches", "noise_seed",
 ]

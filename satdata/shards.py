@@ -139,7 +139,7 @@ def _prepared(cfg: BuildConfig, out: Path, source: Any, splits: list[str], recor
             writer = ranges.prepare(tmp, args, records)
             counts = {s: len(r) for s, r in records.items()}
             plan = {"fingerprint": fp, "shards": n, "args": _args_json(args), "counts": counts,
-                    "ranges": [[r.split, r.start, r.stop] for r in ranges.plan_ranges(writer, counts)],
+                    "ranges": [[r.split, r.start, r.stop] for r in ranges.plan_ranges(writer, counts, n)],
                     "boxes_always": any(spec.from_boxes for spec in source.maps.values()),
                     "overwrite": cfg.overwrite, "root": cfg.root, "started": t0,
                     "provenance": provenance(cfg, source, splits, BadSamples(True), counts, t0,
