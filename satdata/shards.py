@@ -40,7 +40,7 @@ from satdata.build import (MAX_BAD_RECORDED, BuildConfig, BuildResult, _init_wor
 from satdata.errors import SatkitError
 from satdata.outputs import identity, make_parents, make_private_dir, output_lock, probe_writable
 from satdata.sources import BadSamples
-from satdata.store import MapInfo, StoreWriter
+from satdata.store import LockBusy, MapInfo, StoreWriter, describe_holders, flock_dir
 from satdata.workers import DecodePool, WorkerDied
 
 PLAN = ".satkit-plan.json"
@@ -148,9 +148,9 @@ def _prepared(cfg: BuildConfig, out: Path, source: Any, splits: list[str], recor
             (tmp / DONE).mkdir()
             try:
                 os.rename(tmp, d)  # fails when another shard's is already there (not empty)
-            except OSError:
-                if not d.is_dir():
-                    raise
+            except OSError as e:
+                if not d.is_dir() or d.is_symlink():
+                    raise SatkitError(f"{d}: is in the way of the sharded build ({e.strerror}); remove it") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if d.is_symlink() or not d.is_dir():
@@ -178,6 +178,21 @@ def build_shard(cfg: BuildConfig, shard: tuple[int, int]) -> ShardResult:
     bad = BadSamples(cfg.skip_bad)
     source, splits, records, maps = open_source(cfg, bad)
     d, plan = _prepared(cfg, out, source, splits, records, maps, n, t0)
+    try:  # shared: shards write side by side; finalize waits for all of them to let go
+        lock = flock_dir(d, exclusive=False)
+    except LockBusy:
+        raise SatkitError(f"{d}: `satdata finalize` is committing this build now; run the shard again "
+                          "only if finalize fails") from None
+    try:
+        return _write_shard(cfg, out, d, plan, records, source, bad, (i, n), t0)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _write_shard(cfg: BuildConfig, out: Path, d: Path, plan: dict[str, Any], records: dict[str, list[Any]],
+                 source: Any, bad: BadSamples, shard: tuple[int, int], t0: float) -> ShardResult:
+    i, n = shard
     args = _args_from_json(plan["args"], d / PLAN)
     mine = [ranges.Range(s, a, b) for s, a, b in plan["ranges"]][i - 1::n]
     results: list[ranges.RangeResult] = []
@@ -244,6 +259,8 @@ def _gather(d: Path, plan: dict[str, Any]) -> list[ranges.RangeResult]:
                               "run that shard again") from None
         for r in rec["ranges"]:
             rng = ranges.Range(r["split"], int(r["start"]), int(r["stop"]))
+            if not all(rng.start <= int(p) < rng.stop for p in r["bad_positions"]):
+                raise SatkitError(f"{d}: shard {k}/{n} reports skipped samples outside {rng}; run it again")
             results.append(ranges.RangeResult(rng, [int(p) for p in r["bad_positions"]],
                                               [(str(a), str(b)) for a, b in r["bad"]],
                                               boxes.get(f"{rng.split}-{rng.start}", np.zeros((0, 6)))))
@@ -252,6 +269,8 @@ def _gather(d: Path, plan: dict[str, Any]) -> list[ranges.RangeResult]:
 
 def finalize(out_text: str | Path, *, progress: bool = True) -> BuildResult:
     """Commit the sharded build of ``out`` once every shard has reported."""
+    from datetime import datetime, timezone
+
     from satdata.outputs import resolve_out
 
     t0 = time.time()
@@ -260,42 +279,51 @@ def finalize(out_text: str | Path, *, progress: bool = True) -> BuildResult:
     if not d.is_dir() or d.is_symlink():
         raise SatkitError(f"{out}: no sharded build to finalize (expected {d}, which "
                           "`satdata build ... --shard I/N` makes)")
-    try:
-        plan = _read_json(d / PLAN, "plan")
-    except FileNotFoundError:
-        raise SatkitError(f"{d}: has no plan; it is not a sharded build satdata made") from None
-    overwrite = bool(plan.get("overwrite"))
-    out = resolve_out(out, overwrite=overwrite)
-    args = _args_from_json(plan["args"], d / PLAN)
-    results = _gather(d, plan)
-    planned = [ranges.Range(s, a, b) for s, a, b in plan["ranges"]]
-    ranges.check_complete(results, planned)
-    if (d / CLOSING).exists():
-        raise SatkitError(f"{d}: an earlier finalize was interrupted while it moved samples; "
-                          f"remove {d} and run the shards again")
-    bad = BadSamples(True)
     with output_lock(out), sigterm_as_interrupt():
-        before = identity(out)
-        check_out(out, overwrite)
-        writer = StoreWriter.reopen(d, **args)
-        counts = {s: int(c) for s, c in plan["counts"].items()}
-        holes = any(r.bad_positions for r in results)
-        if holes:
-            (d / CLOSING).touch()
-        ranges.finish_splits(writer, counts, results, bad, str(plan.get("root", "")),
-                             boxes_always=bool(plan.get("boxes_always")))
-        prov = dict(plan["provenance"])
-        prov.update(skipped=[list(b) for b in bad.items[:MAX_BAD_RECORDED]], skipped_count=len(bad.items),
-                    counts=dict(writer.counts), seconds=round(time.time() - float(plan.get("started", t0)), 3))
-        from datetime import datetime, timezone
-
-        prov["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        info = writer.finish(prov)
-        shutil.rmtree(d / DONE)  # the store is complete: the build's own records go
-        (d / PLAN).unlink()
-        if holes:
-            (d / CLOSING).unlink()
-        commit(d, out, before)
+        try:  # no shard may still be writing (and none starts) while the store is finished
+            lock = flock_dir(d, exclusive=True)
+        except LockBusy as e:
+            raise SatkitError(f"{d}: shards are still writing ({describe_holders(e.holders)}); "
+                              "finalize when they have finished") from None
+        try:
+            if not d.is_dir():  # another finalize committed it while this one waited
+                raise SatkitError(f"{out}: no sharded build to finalize (another finalize just committed it)")
+            try:
+                plan = _read_json(d / PLAN, "plan")
+            except FileNotFoundError:
+                raise SatkitError(f"{d}: has no plan; it is not a sharded build satdata made") from None
+            overwrite = bool(plan.get("overwrite"))
+            out = resolve_out(out, overwrite=overwrite)
+            args = _args_from_json(plan["args"], d / PLAN)
+            results = _gather(d, plan)
+            planned = [ranges.Range(s, a, b) for s, a, b in plan["ranges"]]
+            ranges.check_complete(results, planned)
+            if (d / CLOSING).exists():
+                raise SatkitError(f"{d}: an earlier finalize was interrupted while it moved samples; "
+                                  f"remove {d} and run the shards again")
+            before = identity(out)
+            check_out(out, overwrite)
+            bad = BadSamples(True)
+            writer = StoreWriter.reopen(d, **args)
+            counts = {s: int(c) for s, c in plan["counts"].items()}
+            holes = any(r.bad_positions for r in results)
+            if holes:
+                (d / CLOSING).touch()
+            ranges.finish_splits(writer, counts, results, bad, str(plan.get("root", "")),
+                                 boxes_always=bool(plan.get("boxes_always")))
+            prov = dict(plan["provenance"])
+            prov.update(skipped=[list(b) for b in bad.items[:MAX_BAD_RECORDED]], skipped_count=len(bad.items),
+                        counts=dict(writer.counts), seconds=round(time.time() - float(plan.get("started", t0)), 3),
+                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            info = writer.finish(prov)
+            shutil.rmtree(d / DONE)  # the store is complete: the build's own records go
+            (d / PLAN).unlink()
+            if holes:
+                (d / CLOSING).unlink()
+            commit(d, out, before)
+        finally:
+            if lock is not None:
+                os.close(lock)
     return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0,
                        notes=dict(info.provenance.get("notes", {})))
 

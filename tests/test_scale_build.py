@@ -166,3 +166,35 @@ def test_cli_shards_then_finalize_with_a_manifest(tmp_path: Path) -> None:
     assert "wrote d.zarr: train 1,442, test 355" in r.stdout
     r = _satdata("verify", "d.zarr", "--manifest", str(REPO / "manifests" / "digits.json"), cwd=tmp_path)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_finalize_waits_for_writing_shards_and_refuses_planted_or_damaged_state(tmp_path: Path) -> None:
+    from satdata.store import flock_dir
+
+    out = tmp_path / "d.zarr"
+    cfg = BuildConfig(source="digits", root="", out=str(out), progress=False)
+    build_shard(cfg, (1, 1))
+    fd = flock_dir(shards_dir(out), exclusive=False)  # as a shard does while it writes
+    assert fd is not None
+    try:
+        with pytest.raises(SatkitError, match="shards are still writing"):
+            finalize(out)
+    finally:
+        os.close(fd)
+    record = shards_dir(out) / ".satkit-shards" / "1-of-1.json"
+    good = record.read_text()
+    record.write_text(good[: len(good) // 2])  # a truncated record (a full disk, a crash)
+    with pytest.raises(SatkitError, match="cannot be read"):
+        finalize(out)
+    record.write_text(good.replace('"bad_positions": []', '"bad_positions": [99999]', 1))
+    with pytest.raises(SatkitError, match="outside"):
+        finalize(out)
+    record.write_text(good)
+    assert finalize(out, progress=False).info.splits == {"train": 1442, "test": 355}
+
+    other = tmp_path / "e.zarr"
+    (tmp_path / "elsewhere").mkdir()
+    shards_dir(other).symlink_to(tmp_path / "elsewhere")  # planted: never followed
+    with pytest.raises(SatkitError, match="in the way"):
+        build_shard(BuildConfig(source="digits", root="", out=str(other), progress=False), (1, 2))
+    assert list((tmp_path / "elsewhere").iterdir()) == []
