@@ -198,3 +198,12 @@ def test_finalize_waits_for_writing_shards_and_refuses_planted_or_damaged_state(
     with pytest.raises(SatkitError, match="in the way"):
         build_shard(BuildConfig(source="digits", root="", out=str(other), progress=False), (1, 2))
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_worker_that_cannot_see_the_store_says_so(tmp_path: Path) -> None:
+    """A scheduler's workers on another machine without --out's file system: the task's
+    error names the cause instead of writing a fresh half store where it runs."""
+    rng = ranges.Range("train", 0, 4)
+    with pytest.raises(SatkitError, match="every worker mounts"):
+        ranges.write_range(tmp_path / "not-here.zarr", {"maps": {}}, rng, [], iter(()), stop_at_bad=True)
+    assert not (tmp_path / "not-here.zarr").exists()
