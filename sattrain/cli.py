@@ -86,6 +86,15 @@ Examples:
   sattrain run cifar10.zarr --method pgd+sat --map gbp_adv --model resnet10 --amp
   sattrain run tin.zarr --method sat --map boxes --map mask --epochs 100   # map ensemble
   sattrain run cifar10.zarr --out runs/c10-sat --resume                   # continue a run
+\b
+Many processes (one per GPU, or CPU processes over gloo): launch with torchrun;
+--batch-size is the global batch, split evenly over the processes:
+  torchrun --nproc-per-node 4 -m sattrain run cifar10.zarr --method sat --batch-size 512
+  torchrun --standalone --nproc-per-node 2 -m sattrain run digits.zarr --device cpu --batch-size 64
+Each process loads (or streams) only its part of the training samples; gradients are
+averaged (DistributedDataParallel); rank 0 alone logs and writes the run directory and
+evaluates. --resume under torchrun needs the run's number of processes. A process that
+waits longer than SATKIT_DIST_TIMEOUT seconds (default 1800) for the others stops.
 """
 
 
@@ -196,22 +205,32 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
     with a strong-protocol evaluation (AutoAttack and PGD) of the final model.
     """
     def go() -> None:
+        from satdata.remote import parse_storage_options
+        from sattrain.distributed import PeerFailed, world_from_env
         from sattrain.train import train
 
-        if no_augment and augment not in ("auto", "none"):
-            raise SatkitError(f"--no-augment contradicts --augment {augment}; give one of them")
-        cfg = TrainConfig(
-            store=store, out=out, method=method, maps=tuple(maps), model=model,
-            epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
-            weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
-            steps=steps, step_size=step_size, beta=beta, augment="none" if no_augment else augment, device=device,
-            amp=amp, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
-            eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
-            memory_budget=memory_budget, threads=threads, progress=not quiet,
-        )
-        from satdata.remote import parse_storage_options
-
-        train(cfg, log=lambda msg: click.echo(msg, err=True), storage_options=parse_storage_options(storage_options))
+        world = world_from_env()  # torchrun's processes (one when not launched by torchrun)
+        try:
+            if no_augment and augment not in ("auto", "none"):
+                # the same in every process: rank 0 alone says it (sattrain.distributed)
+                raise (SatkitError if world.main else PeerFailed)(
+                    f"--no-augment contradicts --augment {augment}; give one of them")
+            cfg = TrainConfig(
+                store=store, out=out, method=method, maps=tuple(maps), model=model,
+                epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
+                weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
+                steps=steps, step_size=step_size, beta=beta, augment="none" if no_augment else augment, device=device,
+                amp=amp, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
+                eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
+                memory_budget=memory_budget, threads=threads, progress=not quiet,
+            )
+            train(cfg, log=lambda msg: click.echo(msg, err=True), storage_options=parse_storage_options(storage_options))
+        except PeerFailed:  # another process failed and printed why: one line in all, exit status 1
+            raise SystemExit(1) from None
+        except SatkitError as e:
+            if world.main:
+                raise
+            raise SatkitError(f"{world.who()}: {e}") from None
 
     run_cli(go, interrupted="interrupted: the run directory keeps the last finished epoch; continue with --resume")
 

@@ -94,6 +94,7 @@ DEFAULT_MEMORY_BUDGET = 8 * 1024**3
 # million threads and then crashes; a million epochs is years of training.
 MAX_EPOCHS = 1_000_000
 MAX_THREADS = 1024
+MAX_WORLD_SIZE = 1 << 20
 
 # What each TrainConfig field must be (TrainConfig._check_types).
 _FIELD_KINDS = {
@@ -103,6 +104,7 @@ _FIELD_KINDS = {
     "steps": "int", "step_size": "eps", "beta": "real?", "augment": "augment", "device": "str", "amp": "bool",
     "seed": "int", "resume": "bool", "train_samples": "int?", "eval_samples": "int", "eval_split": "str?",
     "eval_steps": "int", "summary_samples": "int", "memory_budget": "int", "threads": "int?", "progress": "bool",
+    "world_size": "int",
 }
 
 
@@ -231,6 +233,9 @@ class TrainConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True
+    # Processes training together (torchrun: WORLD_SIZE), not an option: sattrain.train.train
+    # sets it from the environment and records it; --batch-size is their global batch.
+    world_size: int = 1
 
     def resolved(self) -> "TrainConfig":
         """Fill the option-dependent defaults and check every value; raises SatkitError.
@@ -279,11 +284,20 @@ class TrainConfig:
             ("--train-samples", self.train_samples, 2, None, ""),
             ("--memory-budget", self.memory_budget, 1, None, ""),
             ("--threads", self.threads, 1, MAX_THREADS, ""),
+            ("world size", self.world_size, 1, MAX_WORLD_SIZE, " (processes: torchrun --nproc-per-node x --nnodes)"),
         ]
         for option, value, lo, hi, why in checks:
             if value is not None and not (value >= lo and (hi is None or value <= hi)):
                 bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
                 raise SatkitError(f"{option}: must be {bound}{why}, got {value!r}")
+        if self.world_size > 1:
+            w, b = self.world_size, self.batch_size
+            if b % w:
+                raise SatkitError(f"--batch-size: {b} does not split evenly over the {w} training processes (torchrun "
+                                  f"--nproc-per-node x --nnodes); give a multiple of {w}, e.g. {max(w, b - b % w)}")
+            if b // w < 2:
+                raise SatkitError(f"--batch-size: {b} over {w} processes is {b // w} sample(s) per process, and batch "
+                                  f"norm needs two; give at least {2 * w}")
         _check_real("--alpha", self.alpha, 0, 1, lo_open=True)
         for name in ("eps0", "eps", "step_size"):
             parse_eps(getattr(self, name), "--" + name.replace("_", "-"))
@@ -313,7 +327,7 @@ class TrainConfig:
         back from a checkpoint, can pass anything): SatkitError naming the option."""
         for f in fields(self):
             value = getattr(self, f.name)
-            option = "--" + f.name.replace("_", "-") if f.name != "maps" else "--map"
+            option = {"maps": "--map", "world_size": "world size"}.get(f.name, "--" + f.name.replace("_", "-"))
             kind = _FIELD_KINDS.get(f.name)
             if kind is None:
                 continue

@@ -10,8 +10,9 @@ Where it goes is decided from its size (``plan_placement``):
   copied;
 * ``stream``: larger than ``--memory-budget``: the split is streamed from the store in
   blocks of whole chunks, in a shuffled chunk order, with a background thread that reads
-  the next block (into pinned memory on CUDA) while the current one trains; samples are
-  shuffled within each block. Per-sample store reads never happen in the loop: random
+  the next block (and on CUDA moves it to the device) while the current one trains;
+  samples are shuffled within each block. The two blocks, each held once, fit the budget
+  (``STREAM_BLOCKS_ALIVE``). Per-sample store reads never happen in the loop: random
   reads from zarr run about 1,000x slower than indexing memory (docs/design.md).
 
 Per batch, on the batch's device: the same random crop (zero padding 4) and, unless the
@@ -28,6 +29,7 @@ reproducible and a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 import zlib
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 
 from satdata import chunkio
 from satdata.errors import SatkitError
-from satdata.store import Store, StoreChangedError, iter_chunks, read_rows_into
+from satdata.store import Store, StoreChangedError, iter_chunks, read_rows_into, write_unit
 
 CROP_PADDING = 4
 # Reads go in slabs of whole chunks of about this many bytes: large enough that zarr reads
@@ -49,6 +51,17 @@ CROP_PADDING = 4
 SLAB_BYTES = 64 * 1024**2
 # Share of the free CUDA memory a split may take; the rest is for the model and activations.
 DEVICE_SHARE = 0.5
+# A streamed split has at most this many blocks in memory at once, each held once (one
+# array per field, filled in place): the one training and the one read ahead. Blocks are
+# at most 1/STREAM_BLOCKS_ALIVE of --memory-budget, so all of them together fit it.
+STREAM_BLOCKS_ALIVE = 2
+# What a streamed epoch holds beyond --memory-budget, the model and one batch's own work
+# (prepare_batch, the step): a chunk per array being decoded, the partial batch carried
+# from one block to the next, the labels and orders, allocator slack (bench/stream_memory.py
+# measures it). Over a network add satdata.chunkio's window of chunks in flight.
+STREAM_CONSTANT_BYTES = 64 * 1024**2
+# A file of which a block needs only some samples is read in pieces of about this size.
+STREAM_PIECE_BYTES = 8 * 1024**2
 
 
 def derive_seed(seed: int, *keys: int | str) -> int:
@@ -194,10 +207,44 @@ def select_indices(n: int, count: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
 
 
+def partition(indices: np.ndarray, world_size: int, rank: int, seed: int) -> np.ndarray:
+    """Process ``rank``'s part of ``indices`` among ``world_size`` processes (torchrun), sorted.
+
+    A seeded permutation of ``indices`` dealt round-robin: the parts are disjoint, cover
+    ``indices``, mix the store's order (no part is a run of it) and differ in size by at
+    most one sample. The same for every epoch (each process loads only its part); all of
+    ``indices`` for one process.
+
+    >>> parts = [partition(np.arange(5), 2, r, seed=0) for r in (0, 1)]
+    >>> [len(p) for p in parts], sorted(np.concatenate(parts).tolist())
+    ([3, 2], [0, 1, 2, 3, 4])
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if world_size == 1:
+        return indices
+    if not 0 <= rank < world_size:
+        raise SatkitError(f"rank {rank}: not one of {world_size} processes")
+    order = np.random.default_rng(seed).permutation(len(indices))
+    return np.sort(indices[order[rank::world_size]])
+
+
+def epoch_samples(n: int, world_size: int) -> int:
+    """Samples each of ``world_size`` processes trains on per epoch when they share ``n``:
+    ceil(n / world_size). A part one sample shorter repeats one of its own samples (drawn
+    anew each epoch, as torch's DistributedSampler pads), so that every process takes the
+    same number of steps, which DistributedDataParallel needs; nothing is dropped but a
+    lone last sample, as in one process (``num_batches``).
+
+    >>> epoch_samples(1442, 1), epoch_samples(1442, 2), epoch_samples(1443, 2)
+    (1442, 721, 722)
+    """
+    return -(-n // world_size)
+
+
 def _slabs(arr: Any) -> list[tuple[int, int]]:
     """Whole-chunk ranges grouped into slabs of about SLAB_BYTES."""
     row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize if arr.ndim > 1 else arr.dtype.itemsize
-    chunk = int(arr.chunks[0])
+    chunk = write_unit(arr)  # samples per file: a chunk, or a shard
     per_slab = max(1, SLAB_BYTES // max(1, row_bytes * chunk)) * chunk
     return [(a, min(arr.shape[0], a + per_slab)) for a in range(0, arr.shape[0], per_slab)]
 
@@ -296,7 +343,7 @@ def load_split(store: Store, split: str, maps: Sequence[str], indices: np.ndarra
 
 def chunks_of(arr: Any, indices: np.ndarray) -> list[int]:
     """The chunks along N of ``arr`` that hold rows ``indices``."""
-    return np.unique(np.asarray(indices, dtype=np.int64) // int(arr.chunks[0])).tolist() if len(indices) else []
+    return np.unique(np.asarray(indices, dtype=np.int64) // write_unit(arr)).tolist() if len(indices) else []
 
 
 # --------------------------------------------------------------------------- placement
@@ -370,8 +417,13 @@ def prepare_batch(
 class InMemorySplit:
     """A split held on the device (or on the host, copied per batch); shuffled batches."""
 
-    def __init__(self, host: HostSplit, device: torch.device, placement: str) -> None:
-        self.n = len(host.indices)
+    def __init__(self, host: HostSplit, device: torch.device, placement: str, *,
+                 epoch_samples: int | None = None) -> None:
+        # n: samples per epoch; more than the part held (by one at most) when this process's
+        # part of a distributed run is the shorter one (sattrain.data.epoch_samples)
+        self.indices = host.indices  # the store's indices of the samples held (sorted)
+        self.part = len(host.indices)
+        self.n = self.part if epoch_samples is None else max(self.part, int(epoch_samples))
         self.device = device
         self.placement = placement
         where = device if placement == "device" else torch.device("cpu")
@@ -382,7 +434,10 @@ class InMemorySplit:
 
     def batches(self, batch_size: int, generator: torch.Generator, map_name: str | None) -> Iterator[RawBatch]:
         """Shuffled batches for one epoch; ``generator`` is a seeded CPU generator."""
-        perm = torch.randperm(self.n, generator=generator).to(self.storage)
+        perm = torch.randperm(self.part, generator=generator)
+        if self.n > self.part:  # a short part of a distributed run: repeat the start of this epoch's order
+            perm = perm[torch.arange(self.n) % max(1, self.part)]
+        perm = perm.to(self.storage)
         m = self.maps[map_name] if map_name is not None else None
         for start in range(0, self.n, batch_size):
             idx = perm[start : start + batch_size]
@@ -395,6 +450,33 @@ class InMemorySplit:
             if self.storage != self.device:
                 raw = RawBatch(*(t.to(self.device, non_blocking=True) if t is not None else None for t in raw))
             yield raw
+
+
+def _read_selected(arr: Any, a: int, b: int, sel: np.ndarray, dst: np.ndarray) -> None:
+    """Rows ``sel`` (sorted, in [a, b): one stored file of ``arr``) into ``dst``, in order.
+
+    A whole file is read straight into ``dst``; a partly selected one in pieces of whole
+    chunks of about STREAM_PIECE_BYTES, each read into a temporary and the selected rows
+    taken from it, so the temporary is a piece, never the file (a shard of 224x224 images
+    is 77 MB). Pieces holding no selected row are not read.
+    """
+    if len(sel) == b - a:
+        read_rows_into(arr, a, b, dst)
+        return
+    inner = int(arr.chunks[0])  # a chunk, or a shard's inner chunk
+    row_bytes = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rows = max(inner, STREAM_PIECE_BYTES // row_bytes // inner * inner)
+    for p in range(a, b, rows):
+        q = min(b, p + rows)
+        lo, hi = (int(i) for i in np.searchsorted(sel, [p, q]))
+        if hi == lo:
+            continue
+        if hi - lo == q - p:
+            read_rows_into(arr, p, q, dst[lo:hi])
+            continue
+        tmp = np.empty((q - p,) + tuple(arr.shape[1:]), dtype=arr.dtype)
+        read_rows_into(arr, p, q, tmp)
+        np.take(tmp, sel[lo:hi] - p, axis=0, out=dst[lo:hi], mode="clip")  # in range; "raise" would buffer
 
 
 class StreamingSplit:
@@ -411,17 +493,30 @@ class StreamingSplit:
     each block is read, before it is handed to training, ``Store.check_unchanged`` checks that the
     arrays read still have the digests recorded at open (a rebuilt or replaced store
     stops the run with one line naming the array) and that the chunks read still exist.
+
+    Several processes (torchrun; ``world_size`` > 1, this one ``rank``): every process
+    draws the same chunk order for the epoch (seeded by ``seed`` and the epoch given to
+    ``set_epoch``), the selected samples in that order are cut into ``world_size`` runs of
+    sizes differing by at most one, and each process reads only the chunks of its run (a
+    chunk at a run's edge is read by the two processes that share it, each taking its own
+    rows), grouped into its own blocks and shuffled with the ``generator`` it is given
+    (``plan``). The run one sample short repeats one of its samples (``epoch_samples``),
+    so every process has the same samples per epoch, ``n``, and takes the same steps.
     """
 
     def __init__(self, store: Store, split: str, maps: Sequence[str], indices: np.ndarray,
-                 device: torch.device, memory_budget: int) -> None:
+                 device: torch.device, memory_budget: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0) -> None:
         check_map_sizes(store, split, maps)
+        if not 0 <= rank < world_size:
+            raise SatkitError(f"rank {rank}: not one of {world_size} processes")
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.store = store
         self.split = split
         self.device = device
         self.placement = "stream"
         self.indices = indices
-        self.n = len(indices)
+        self.n = epoch_samples(len(indices), world_size)  # this process's samples per epoch
         store.hold_reader_lock()
         self.images_arr = store.array(split, "images")
         self.map_arrs = {m: store.array(split, "saliency", m) for m in maps}
@@ -437,13 +532,54 @@ class StreamingSplit:
             lo, hi = np.searchsorted(indices, [a, b])
             if hi > lo:
                 self.chunks.append((a, b, indices[lo:hi], np.arange(lo, hi)))
+        # the whole chunks; a distributed run appends the pieces of chunks it reads in part
+        # (``_piece``), so that a block stays a list of entries of self.chunks
+        self.whole_chunks = len(self.chunks)
+        self._pieces: dict[tuple[int, int, int], int] = {}
         # one map is read per epoch (an ensemble picks one): budget for the largest
         per_sample = max([sample_bytes(store, split, [m]) for m in maps] or [sample_bytes(store, split, [])])
         self.block_samples = max(1, (memory_budget // 2) // max(1, per_sample))
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose plan ``plan`` draws (several processes: their shared chunk order)."""
+        self.epoch = int(epoch)
+
+    def _piece(self, c: int, lo: int, hi: int) -> int:
+        """The entry of self.chunks for rows [lo, hi) of entry ``c``'s selected rows (added once)."""
+        key = (c, lo, hi)
+        if key not in self._pieces:
+            a, b, sel, p = self.chunks[c]
+            self.chunks.append((a, b, sel[lo:hi], p[lo:hi]))
+            self._pieces[key] = len(self.chunks) - 1
+        return self._pieces[key]
+
+    def _my_entries(self, generator: torch.Generator) -> list[int]:
+        """This process's entries of self.chunks this epoch, in a random order (class docstring)."""
+        if self.world_size == 1:
+            return torch.randperm(self.whole_chunks, generator=generator).tolist()
+        shared = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, "stream-partition"))
+        order = torch.randperm(self.whole_chunks, generator=shared).tolist()
+        total = len(self.indices)
+        lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
+        mine: list[int] = []
+        pos = 0
+        for c in order:
+            k = len(self.chunks[c][2])
+            s, e = max(lo, pos), min(hi, pos + k)
+            if s < e:
+                mine.append(c if (s, e) == (pos, pos + k) else self._piece(c, s - pos, e - pos))
+            pos += k
+        if mine and self.n > hi - lo:  # one sample short of the others: repeat the first
+            mine.append(self._piece(mine[0], 0, self.n - (hi - lo)))
+        # this process's own order of its entries (the shared one only decided who reads what)
+        return [mine[i] for i in torch.randperm(len(mine), generator=generator).tolist()]
+
     def plan(self, generator: torch.Generator) -> list[list[int]]:
-        """Chunk ids per block, in this epoch's random order (drawn from ``generator``)."""
-        order = torch.randperm(len(self.chunks), generator=generator).tolist()
+        """Entries of self.chunks per block, in this epoch's random order (drawn from ``generator``).
+
+        One process: every chunk, once. Several: this process's share (class docstring).
+        """
+        order = self._my_entries(generator)
         blocks: list[list[int]] = []
         cur: list[int] = []
         size = 0
@@ -467,42 +603,70 @@ class StreamingSplit:
                                     "on the server; stopping rather than reading fill values (`satdata verify` "
                                     "lists every damaged chunk)")
 
+    @staticmethod
+    def _block_buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An empty array for one field of a block, in its own anonymous memory map.
+
+        Unmapped, so returned to the OS, the moment the block's last reference goes; a
+        malloc'd array of a few MiB to 32 MiB (glibc's largest dynamic mmap threshold) may
+        instead stay in the reader thread's heap, resident, while blocks of another size are
+        read (bench/stream_memory.py measured a budget's worth at 64M). Pages become
+        resident as they are written.
+        """
+        count = int(np.prod(shape, dtype=np.int64))
+        nbytes = count * np.dtype(dtype).itemsize
+        if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # no mmap flags (Windows): the heap
+            return np.empty(shape, dtype=dtype)
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype, count=count).reshape(shape)
+
+    def _block_arrays(self, map_name: str | None) -> list[Any]:
+        """The arrays a block reads: the images, and the map when one is used."""
+        return [self.images_arr] + ([self.map_arrs[map_name]] if map_name is not None else [])
+
+    def block_nbytes(self, block: list[int], map_name: str | None) -> int:
+        """Bytes ``block`` takes in memory once read: its images and map, as stored, held once.
+
+        At most STREAM_BLOCKS_ALIVE blocks are in memory at a time (``batches``), so a
+        streamed epoch holds at most that many times the largest block's bytes of data.
+        """
+        n = sum(len(self.chunks[c][2]) for c in block)
+        return n * sum(int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize for x in self._block_arrays(map_name))
+
     def _read_block(self, block: list[int], map_name: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        imgs, qs, pos = [], [], []
-        arrs = [self.images_arr] + ([self.map_arrs[map_name]] if map_name is not None else [])
-        step = int(self.images_arr.chunks[0])
-        if not chunkio.is_local(self.images_arr) and all(int(x.chunks[0]) == step for x in arrs):
+        """The block's images, the positions of its samples in ``indices``, and its map.
+
+        Each array is allocated once, at the block's size (``_block_buffer``), and every
+        chunk is read straight into its place: no list of chunks to concatenate, so the block
+        exists once in memory (plus, while it is read, what ``_read_selected`` and the
+        store's readers decode through: a piece or a chunk at a time).
+        """
+        arrs = self._block_arrays(map_name)
+        n = sum(len(self.chunks[c][2]) for c in block)
+        outs = [self._block_buffer((n,) + tuple(x.shape[1:]), x.dtype) for x in arrs]
+        step = write_unit(self.images_arr)  # samples per file: a chunk, or a shard
+        start = 0
+        if not chunkio.is_local(self.images_arr) and all(write_unit(x) == step for x in arrs):
             # over a network: every chunk of the block (images and map) requested at once, a
             # bounded number in flight, each copied into place as it arrives (satdata/chunkio.py)
-            n = sum(len(self.chunks[c][2]) for c in block)
-            outs = [np.empty((n,) + tuple(x.shape[1:]), dtype=x.dtype) for x in arrs]
-            jobs, start = [], 0
+            jobs = []
             for c in block:
-                a, b, sel, p = self.chunks[c]
+                a, b, sel, _ = self.chunks[c]
                 jobs += [(x, a // step, sel - a, o[start : start + len(sel)]) for x, o in zip(arrs, outs)]
-                pos.append(p)
                 start += len(sel)
             chunkio.take_rows(jobs, missing=self._missing_chunk)
-            imgs, qs = outs[:1], outs[1:]
         else:  # a local disk: one chunk after another is as fast
             for c in block:
-                a, b, sel, p = self.chunks[c]
-                imgs.append(np.asarray(self.images_arr[a:b])[sel - a])
-                if map_name is not None:
-                    qs.append(np.asarray(self.map_arrs[map_name][a:b])[sel - a])
-                pos.append(p)
-        images = torch.from_numpy(imgs[0] if len(imgs) == 1 else np.concatenate(imgs))
-        maps = torch.from_numpy(qs[0] if len(qs) == 1 else np.concatenate(qs)) if qs else None
-        positions = torch.from_numpy(np.concatenate(pos))
-        if self.device.type == "cuda":
-            images = images.pin_memory()
-            maps = maps.pin_memory() if maps is not None else None
-        return images, positions, maps
+                a, b, sel, _ = self.chunks[c]
+                for x, o in zip(arrs, outs):
+                    _read_selected(x, a, b, sel, o[start : start + len(sel)])
+                start += len(sel)
+        positions = torch.from_numpy(np.concatenate([self.chunks[c][3] for c in block]))
+        return torch.from_numpy(outs[0]), positions, (torch.from_numpy(outs[1]) if len(outs) > 1 else None)
 
     def check_block(self, block: list[int], map_name: str | None) -> None:
         """After reading ``block`` and before training on it: the version opened, or StoreChangedError."""
         def ids(arr: Any) -> list[int]:  # the chunks of arr that the block's sample ranges cover
-            step = int(arr.chunks[0])
+            step = write_unit(arr)
             return sorted({i for c in block for i in range(self.chunks[c][0] // step, (self.chunks[c][1] - 1) // step + 1)})
 
         paths = [self.pins["images"], self.pins["labels"]]
@@ -513,31 +677,56 @@ class StreamingSplit:
         self.store.check_unchanged(paths, chunks=chunks)
 
     def batches(self, batch_size: int, generator: torch.Generator, map_name: str | None) -> Iterator[RawBatch]:
-        """Shuffled batches for one epoch; the random draws all happen before reading starts."""
+        """Shuffled batches for one epoch; the random draws all happen before reading starts.
+
+        The samples come in the order of the blocks, each block's in the order of its
+        permutation, cut into batches of ``batch_size`` (a batch may span two blocks).
+        Memory: at most STREAM_BLOCKS_ALIVE blocks exist at a time, the reader takes a
+        slot before it allocates a block and training gives it back once it holds no
+        reference to the block; a batch is gathered from its block (index_select), never
+        a permuted copy of the block; the few samples left at a block's end are copied out
+        (less than a batch) before the block is released.
+        """
         blocks = self.plan(generator)
         perms = [torch.randperm(sum(len(self.chunks[c][2]) for c in blk), generator=generator) for blk in blocks]
-        q: queue.Queue = queue.Queue(maxsize=1)
+        device = self.device
+        if device.type == "cuda" and device.index is None:  # the reader thread's current device may differ
+            device = torch.device("cuda", torch.cuda.current_device())
+        q: queue.Queue = queue.Queue()  # at most STREAM_BLOCKS_ALIVE blocks, by the slots
+        slots = threading.Semaphore(STREAM_BLOCKS_ALIVE)
         stop = threading.Event()
 
         def reader() -> None:
             try:
                 for blk in blocks:
-                    item: Any = self._read_block(blk, map_name)
-                    self.check_block(blk, map_name)  # before the block is handed over
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    while not slots.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
                     if stop.is_set():
                         return
+                    item: Any = self._read_block(blk, map_name)
+                    self.check_block(blk, map_name)  # before the block is handed over
+                    if device.type == "cuda":  # on the device from here: the host copy goes now
+                        images, positions, maps = item
+                        item = (images.to(device), positions, maps.to(device) if maps is not None else None)
+                        del images, maps
+                    q.put(item)
+                    del item  # the queue and then training hold it, not this frame
             except BaseException as e:  # handed to the consumer, which re-raises it
                 q.put(e)
 
         thread = threading.Thread(target=reader, name=f"sattrain-prefetch-{self.split}", daemon=True)
         thread.start()
-        carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # < batch_size samples, copied
+
+        def take(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+            # index_select, not t[idx]: torch's advanced-indexing kernel is several times
+            # slower for uint8 rows on the CPU (bench/read.py)
+            return t.index_select(0, idx) if t is not None else None
+
+        def join(c: torch.Tensor | None, t: torch.Tensor | None) -> torch.Tensor | None:
+            return torch.cat([c, t]) if c is not None and t is not None else None
+
         try:
             for perm in perms:
                 item = q.get()
@@ -546,19 +735,30 @@ class StreamingSplit:
                 if isinstance(item, BaseException):
                     raise SatkitError(f"{self.store.path}: reading split {self.split} failed ({type(item).__name__}: {item})")
                 images, positions, maps = item
-                dperm = perm.to(self.device)
-                images = images.to(self.device, non_blocking=True).index_select(0, dperm)
-                labels = self.labels.index_select(0, positions.index_select(0, perm)).to(self.device, non_blocking=True)
-                maps = maps.to(self.device, non_blocking=True).index_select(0, dperm) if maps is not None else None
-                if carry is not None:
-                    images = torch.cat([carry[0], images])
-                    labels = torch.cat([carry[1], labels])
-                    maps = torch.cat([carry[2], maps]) if maps is not None and carry[2] is not None else maps
-                full = (images.shape[0] // batch_size) * batch_size
-                for s in range(0, full, batch_size):
-                    yield RawBatch(images[s : s + batch_size], labels[s : s + batch_size],
-                                   maps[s : s + batch_size] if maps is not None else None)
-                carry = (images[full:], labels[full:], maps[full:] if maps is not None else None)
+                del item
+                images = images.to(device, non_blocking=True)
+                maps = maps.to(device, non_blocking=True) if maps is not None else None
+                dperm = perm.to(device)
+                labels = self.labels.index_select(0, positions.index_select(0, perm)).to(device, non_blocking=True)
+                n, s = int(perm.shape[0]), 0
+                if carry is not None:  # complete the batch the previous block began
+                    k = min(batch_size - int(carry[0].shape[0]), n)
+                    idx = dperm[:k]
+                    carry = (torch.cat([carry[0], images.index_select(0, idx)]), torch.cat([carry[1], labels[:k]]),
+                             join(carry[2], take(maps, idx)))
+                    s = k
+                    if carry[0].shape[0] == batch_size:
+                        yield RawBatch(*carry)
+                        carry = None
+                while s + batch_size <= n:
+                    idx = dperm[s : s + batch_size]
+                    yield RawBatch(images.index_select(0, idx), labels[s : s + batch_size], take(maps, idx))
+                    s += batch_size
+                if s < n:  # copied out: the block itself is released below
+                    idx = dperm[s:]
+                    carry = (images.index_select(0, idx), labels[s:].clone(), take(maps, idx))
+                del images, maps, positions, labels, dperm
+                slots.release()  # this block is gone: the reader may allocate the one after the next
             if carry is not None and carry[0].shape[0] >= 2:
                 yield RawBatch(*carry)
         finally:
@@ -591,10 +791,27 @@ def open_train_split(
     memory_budget: int,
     *,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
 ) -> InMemorySplit | StreamingSplit:
-    """The training split, in memory (device or host) or streamed, per ``plan_placement``."""
+    """The training split, in memory (device or host) or streamed, per ``plan_placement``.
+
+    Several processes (torchrun; this one ``rank`` of ``world_size``): whether to stream is
+    decided on the whole of ``indices`` against ``memory_budget``, so every process decides
+    alike. In memory, this process loads only its ``partition`` (seeded by ``seed``) and
+    pads its epochs to ``epoch_samples``; streamed, it reads only its share of each epoch's
+    chunks (StreamingSplit), in blocks sized for ``memory_budget / world_size`` (the
+    processes of one machine stream side by side; conservative on several machines).
+    """
     nbytes = len(indices) * sample_bytes(store, split, maps)
     placement = plan_placement(nbytes, device, memory_budget)
     if placement == "stream":
-        return StreamingSplit(store, split, maps, indices, device, memory_budget)
-    return InMemorySplit(load_split(store, split, maps, indices, progress=progress), device, placement)
+        return StreamingSplit(store, split, maps, indices, device, memory_budget // world_size, rank=rank,
+                              world_size=world_size, seed=seed)
+    if world_size == 1:
+        return InMemorySplit(load_split(store, split, maps, indices, progress=progress), device, placement)
+    part = partition(indices, world_size, rank, seed)
+    placement = plan_placement(len(part) * sample_bytes(store, split, maps), device, memory_budget)
+    return InMemorySplit(load_split(store, split, maps, part, progress=progress), device, placement,
+                         epoch_samples=epoch_samples(len(indices), world_size))

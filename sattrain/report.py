@@ -95,11 +95,12 @@ PROTOCOL_LABELS = {"strong": "strong protocol", "paper": "paper protocol"}
 _PAPER_DESCRIPTION = ("the SAT authors' evaluation: PGD 5 steps of 2/255, 1 random start; overstates robustness, "
                       "quote it only to compare with the paper")
 # config.json options that do not change what a run computes (where it writes, how it
-# shows progress, on which device, how large the end-of-run summary is) and the seed:
-# runs differing only in these are seeds of one configuration. The store path is replaced
-# by the store's content digest (or dataset), so a store that moved still matches.
+# shows progress, on which device or how many processes, how large the end-of-run summary
+# is) and the seed: runs differing only in these are seeds of one configuration. The store
+# path is replaced by the store's content digest (or dataset), so a store that moved still
+# matches.
 NON_SEMANTIC = frozenset({"seed", "out", "resume", "device", "progress", "threads", "memory_budget",
-                          "summary_samples", "store"})
+                          "summary_samples", "store", "world_size"})
 _EPS_KEY = re.compile(r"^pgd@(\d+(?:\.\d+)?)/255$")
 _MONITOR_KEY = re.compile(r"^pgd(\d+)_monitor$")
 _SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_]?\d+$")

@@ -73,6 +73,22 @@ Resuming validates everything it reads before using it (``_restore``): the check
 keys and types, the options it records, its network and classes, finite weights, the
 optimizer, scheduler and scaler states, the best-epoch record, and metrics.jsonl (the
 lines of exactly the epochs done); a refused resume changes nothing in the run directory.
+
+Many processes (``torchrun --nproc-per-node N -m sattrain run ...``; sattrain.distributed,
+docs/design.md): every process runs ``train``. Each trains a DistributedDataParallel replica
+on its part of the training samples (sattrain.data.partition, or its share of each epoch's
+streamed chunks) in batches of ``--batch-size / N``, padded so that all take the same steps;
+shuffling, augmentation, perturbations and attacks are seeded with the rank
+(``Comm.seed``), the epoch's map and the per-batch coin are shared. The loss, accuracy,
+attack share and samples of metrics.jsonl are sums over the processes, and each line
+records the digest of the weights every process held after the epoch ("replicas": checked
+equal, else the run stops). Rank 0 alone logs, writes the run directory, runs the monitor
+(the same function, seed and samples as one process) and the end-of-run summary (after the
+others have left). ``--resume``: rank 0 restores and validates checkpoint.pt and broadcasts
+the model, optimizer, scheduler and scaler states; no RNG state is shared or saved per
+process, since every stream of epoch t is seeded from (seed, t, stream, rank) alone. A run
+resumes only with the number of processes it was trained with (``world_size`` in its
+options): another number would deal other parts and draw other noise.
 """
 
 from __future__ import annotations
@@ -116,6 +132,8 @@ from sattrain.checkpoint import (
 )
 from sattrain.config import TrainConfig, format_eps, resolve_augment, resume_mismatches
 from sattrain.device import resolve_device
+from sattrain.distributed import Comm, PeerFailed, params_digest, rank_device, world_from_env
+from sattrain.distributed import start as start_processes
 from sattrain.metrics import mean_average_precision
 from sattrain.data import (
     EvalSplit,
@@ -124,11 +142,13 @@ from sattrain.data import (
     StreamingSplit,
     choose_maps,
     derive_seed,
+    epoch_samples,
     load_split,
     make_generator,
     map_codec,
     num_batches,
     open_train_split,
+    partition,
     prepare_batch,
     sample_bytes,
     select_indices,
@@ -291,6 +311,7 @@ def train_one_epoch(
     desc: str,
     progress: bool,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    comm: Comm | None = None,
 ) -> dict[str, Any]:
     """One pass over the training split; returns loss, train score, attack share, samples,
     steps, and the learning rate of the first and of the last step (lr, lr_last).
@@ -298,6 +319,11 @@ def train_one_epoch(
     ``augment``: "crop+flip", "crop" or "none" (sattrain.data.prepare_batch).
     ``scheduler``: a per-step learning-rate scheduler (one-cycle), stepped after every
     optimizer step; per-epoch schedulers are the caller's to step.
+    ``comm``: the processes of a distributed run (``model`` is then their
+    DistributedDataParallel, ``data`` this process's part and ``batch_size`` its share of
+    the batch): the non-finite-loss check is agreed by all of them every LOG_EVERY steps
+    (so all stop at the same step), and loss, score, attack share and samples cover every
+    process's samples; ``steps`` is per process (the same in each).
     """
     from tqdm.auto import tqdm
 
@@ -315,13 +341,22 @@ def train_one_epoch(
     steps = 0
     lr_first = lr_last = float(optimizer.param_groups[0]["lr"])
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, unit="batch")
+    shared = comm is not None and comm.world.distributed
 
     def check(step: int) -> None:
         bad = int(first_bad)  # the one host sync per LOG_EVERY steps
+        where, value = "", float(bad_value) if bad >= 0 else 0.0
+        if shared:
+            assert comm is not None
+            found = [(r, b, v) for r, (b, v) in enumerate(comm.gather((bad, value), "checking the training loss"))
+                     if b >= 0]
+            if found:
+                r, bad, value = min(found, key=lambda f: (f[1], f[0]))
+                where = f" (process {r} of {comm.world.size})"
         if bad >= 0:
             raise NonFiniteLoss(
-                f"epoch {ctx.epoch + 1} (t = {ctx.epoch}), step {bad + 1} of {total}: the training loss is not finite "
-                f"(loss is {float(bad_value)}): training diverged; try a lower --lr"
+                f"epoch {ctx.epoch + 1} (t = {ctx.epoch}), step {bad + 1} of {total}{where}: the training loss is not "
+                f"finite (loss is {value}): training diverged; try a lower --lr"
                 f"{', or drop --amp' if scaler is not None else ''}"
             )
         if progress:
@@ -375,6 +410,17 @@ def train_one_epoch(
         bar.close()
     if seen == 0:
         raise SatkitError(f"epoch {ctx.epoch}: no training batch (fewer than 2 samples?)")
+    if shared:  # every process's samples: sums over the processes
+        assert comm is not None
+        loss_total, correct_total, seen_total, attacked_total, steps_total = comm.sum(
+            [float(loss_sum), float(correct), seen, attacked, steps], "adding up the epoch's training metrics")
+        if ctx.multilabel:
+            parts = comm.gather((torch.cat(all_logits).cpu(), torch.cat(all_y).cpu()), "gathering the training scores")
+            train_score = mean_average_precision(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        else:
+            train_score = correct_total / seen_total
+        return {"loss": loss_total / seen_total, "train_acc": train_score, "attack_share": attacked_total / steps_total,
+                "samples": int(seen_total), "steps": steps, "lr": lr_first, "lr_last": lr_last}
     train_score = (mean_average_precision(torch.cat(all_logits), torch.cat(all_y)) if ctx.multilabel
                    else float(correct) / seen)
     return {"loss": float(loss_sum) / seen, "train_acc": train_score, "attack_share": attacked / steps,
@@ -627,7 +673,14 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
         saved_cfg = TrainConfig.from_json(saved).resolved()
     except SatkitError as e:
         raise damaged(f"the run options it records are invalid ({e})") from None
-    diffs = resume_mismatches(saved, cfg.to_json())
+    saved_world = saved_cfg.world_size  # 1 for runs from before world_size was recorded
+    if saved_world != cfg.world_size:
+        how = (f"torchrun --nproc-per-node {saved_world} (x --nnodes: {saved_world} processes in all)"
+               if saved_world > 1 else "one process (without torchrun, or torchrun --nproc-per-node 1)")
+        raise SatkitError(f"{run_dir}: --resume in {cfg.world_size} process(es), but the run was trained in {saved_world}: "
+                          f"each process trains on its own part of the samples with its own noise, so another number "
+                          f"would not continue the same run; resume it in {how}")
+    diffs = resume_mismatches({"world_size": 1, **saved}, cfg.to_json())
     if diffs:
         raise SatkitError(f"{run_dir}: --resume with options other than the run's: " + "; ".join(diffs))
     saved_epochs = saved_cfg.epochs
@@ -741,200 +794,366 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
+def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, cfg: TrainConfig, *,
+                  epoch: int, stats: dict[str, Any], eval_data: EvalSplit, device: torch.device, multilabel: bool,
+                  map_name: str | None, p: float, uses_p: bool, monitor: dict[str, Any], monitor_key: str,
+                  monitor_label: str, score: str, best: dict[str, Any] | None, history: list[dict[str, Any]],
+                  metrics_path: Path, run_dir: Path, model_spec: dict[str, Any], digest: str,
+                  arrays: dict[str, str | None], eval_split: str, t0: float, train_seconds: float,
+                  replicas: dict[str, Any] | None, log: Log) -> dict[str, Any] | None:
+    """The end of an epoch (rank 0's): the held-out monitor, the metrics line, checkpoint.pt and
+    best.pt, the log line; returns the best record so far."""
+    ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.step_size,
+                          multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, epoch, "eval")))
+    rec = {
+        "epoch": epoch,
+        "map": map_name,
+        "p_t": p if uses_p else None,
+        "loss": stats["loss"],
+        "train_acc": stats["train_acc"],
+        "lr": stats["lr"],
+        "lr_last": stats["lr_last"],
+        "clean_acc": ev["clean"],
+        monitor_key: ev[f"pgd@{format_eps(cfg.eps)}"],
+        "monitor": monitor,
+        "metric": "mAP" if multilabel else "accuracy",
+        "attack_share": stats["attack_share"],
+        "samples": stats["samples"],
+        **({"replicas": replicas} if replicas is not None else {}),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "images_per_s": round(stats["samples"] / train_seconds, 1),
+    }
+    value = rec[monitor_key]
+    new_best = math.isfinite(value) and (best is None or value > best[monitor_key])
+    if new_best:  # strictly better: a tie keeps the earlier epoch
+        best = {"epoch": epoch, monitor_key: value, "clean_acc": rec["clean_acc"], "checkpoint": BEST_NAME}
+    history.append(rec)
+    _append_line(metrics_path, json.dumps(rec) + "\n")
+    # metrics line, then checkpoint.pt, then best.pt: a kill before checkpoint.pt redoes
+    # this epoch on resume; a kill between the two is repaired on resume (_sync_best).
+    ckpt = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch + 1,
+        "best": best,
+        "model_spec": model_spec,
+        "config": cfg.to_json(),
+        "rng": _rng_state(device),
+        "extra": {"store_digest": digest, "arrays": arrays, "method": cfg.method, "eval_split": eval_split},
+    }
+    save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
+    if new_best:
+        assert best is not None
+        save_checkpoint(run_dir / BEST_NAME, _best_state(ckpt, best, run_dir))
+    log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
+        f"lr {rec['lr']:.4g}" + (f"..{rec['lr_last']:.4g}" if rec["lr_last"] != rec["lr"] else "")
+        + (f", p_t {p:.3f}" if uses_p else "")
+        + f"; held-out clean {score} {rec['clean_acc']:.4f}, monitor {monitor_label} {value:.4f}"
+        + (" (best)" if new_best else "")
+        + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
+    return best
+
+
+def _silent(msg: str) -> None:
+    """The log of a process other than rank 0: rank 0 alone logs."""
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` (dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _indices_digest(indices: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(indices, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+
+def _check_parts(loaded: list[dict[str, Any]], train_idx: np.ndarray, world_size: int, seed: int) -> dict[str, Any]:
+    """What config.json records of the processes' parts of the training samples, after checking
+    that the parts they loaded are the seeded partition: disjoint, together every sample."""
+    if any(p.get("placement") == "stream" for p in loaded):
+        return {"placement": "stream", "parts": "per epoch: each process reads its run of the epoch's shared "
+                                                 "chunk order (sattrain.data.StreamingSplit)"}
+    want = [partition(train_idx, world_size, r, seed) for r in range(world_size)]
+    for r, (got, part) in enumerate(zip(loaded, want)):
+        if got.get("indices_blake2b") != _indices_digest(part):
+            raise SatkitError(f"process {r} of {world_size} loaded other training samples than its part "
+                              f"({got.get('samples')} samples, expected {len(part)}); the processes disagree")
+    union = np.sort(np.concatenate(want))
+    if not np.array_equal(union, np.sort(np.asarray(train_idx, dtype=np.int64))):
+        raise SatkitError("the processes' parts of the training samples overlap or miss samples")  # a bug if ever
+    return {"placement": loaded[0].get("placement"), "checked": "disjoint; together every training sample once",
+            "parts": [{"samples": int(p["samples"]), "indices_blake2b": p["indices_blake2b"]} for p in loaded]}
+
+
 def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str, Any] | None = None) -> Path:
     """Train per ``cfg``; returns the run directory (see the module docstring for its files).
 
     Raises SatkitError (one line, naming the option or file) for bad options, a store the
     method cannot use, an existing run without --resume, or a non-finite loss.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this ("Many processes" in the
+    module docstring); ``cfg.world_size`` is set from the environment. A process other than
+    rank 0 logs nothing, writes nothing, and raises ``sattrain.distributed.PeerFailed``
+    when another process failed and says why.
     """
     from tqdm.auto import tqdm
 
     log = log or tqdm.write
-    cfg = cfg.resolved()
+    world = world_from_env()
+    if not world.main:
+        log = _silent
+    if cfg.world_size not in (1, world.size):
+        raise SatkitError(f"world size {cfg.world_size}: this process is one of {world.size} (torchrun's WORLD_SIZE); "
+                          "train() records the launch's own")
+    try:
+        cfg = replace(cfg, world_size=world.size).resolved()
+    except SatkitError as e:
+        if world.main:
+            raise
+        # every process has the same options: rank 0 alone says what is wrong with them
+        raise PeerFailed(f"{world.who()}: {e}") from None
     method = get_method(cfg.method)
     if cfg.beta is not None and not method.uses_beta and cfg.beta != 0:
         log(f"note: --beta is not used by --method {cfg.method}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device), world)
     amp_active = cfg.amp and device.type == "cuda"
     if cfg.amp and not amp_active:
         log("note: --amp has no effect on the CPU (float32 is used; CPU autocast to bfloat16 "
             "is rarely faster and would change the numbers)")
+    comm = start_processes(world, device)
+    try:
+        return _train(cfg, method, device, amp_active, comm, log, storage_options)
+    finally:
+        comm.close()
 
-    # storage_options (endpoint, credentials of a store at a URL) are not saved with the run:
-    # they may hold secrets; a resume is given them again.
-    store = open_store(cfg.store, storage_options=storage_options)
-    info = store.info
-    # Hold the store's reader lock for the run: `satdata gc` leaves a replaced map's old
-    # arrays alone meanwhile (docs/store-format.md, "Readers and writers together").
-    store.hold_reader_lock()
-    if "train" not in info.splits:
-        raise SatkitError(f"{store.path}: no train split (splits: {', '.join(info.splits)})")
-    multilabel = info.label_kind == "multi"
-    maps = choose_maps(store, cfg.maps, cfg.method, method.needs_map)
-    codecs = {m: map_codec(store, m) for m in maps}
-    # What the run actually uses is what it records: the maps, and --augment auto resolved
-    # against the store (no flip for images a mirror changes, e.g. digits).
-    cfg = replace(cfg, maps=maps, augment=resolve_augment(str(cfg.augment), bool(getattr(info, "hflip", True))))
-    eval_split = _pick_eval_split(store, cfg.eval_split)
-    digest = store_digest(info)
-    arrays = run_arrays(store, maps, eval_split)
-    num_classes = len(info.classes)
-    model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
-                  "image_size": list(info.image_size), "classes": list(info.classes)}
-    train_idx = select_indices(info.splits["train"], cfg.train_samples, derive_seed(cfg.seed, "train-subset"))
-    steps_per_epoch = num_batches(len(train_idx), cfg.batch_size)
-    # Build the model first: an unknown --model fails before any data is read.
-    torch.manual_seed(derive_seed(cfg.seed, "init"))
-    model = create_model(cfg.model, num_classes).to(device)
-    optimizer = _make_optimizer(cfg, model)
-    assert cfg.schedule is not None
-    scheduler = make_scheduler(cfg.schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
-    per_step = step_per_step(cfg.schedule)
-    scaler = torch.amp.GradScaler("cuda") if amp_active else None
 
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
-    _check_run_dir(run_dir)
-    start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler, scaler,
-                                          device, log, model_spec=model_spec, steps_per_epoch=steps_per_epoch,
-                                          arrays=arrays)
+def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: bool, comm: Comm, log: Log,
+           storage_options: dict[str, Any] | None) -> Path:
+    """train() from the store on, in this process of ``comm`` (for one process, all of it)."""
+    world = comm.world
+    show = cfg.progress and world.main  # progress bars: rank 0's alone
+    with comm.stage("opening the store and the run directory"):
+        # storage_options (endpoint, credentials of a store at a URL) are not saved with the run:
+        # they may hold secrets; a resume is given them again.
+        store = open_store(cfg.store, storage_options=storage_options)
+        info = store.info
+        # Hold the store's reader lock for the run: `satdata gc` leaves a replaced map's old
+        # arrays alone meanwhile (docs/store-format.md, "Readers and writers together").
+        store.hold_reader_lock()
+        if "train" not in info.splits:
+            raise SatkitError(f"{store.path}: no train split (splits: {', '.join(info.splits)})")
+        multilabel = info.label_kind == "multi"
+        maps = choose_maps(store, cfg.maps, cfg.method, method.needs_map)
+        codecs = {m: map_codec(store, m) for m in maps}
+        # What the run actually uses is what it records: the maps, and --augment auto resolved
+        # against the store (no flip for images a mirror changes, e.g. digits).
+        cfg = replace(cfg, maps=maps, augment=resolve_augment(str(cfg.augment), bool(getattr(info, "hflip", True))))
+        eval_split = _pick_eval_split(store, cfg.eval_split)
+        digest = store_digest(info)
+        arrays = run_arrays(store, maps, eval_split)
+        num_classes = len(info.classes)
+        model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
+                      "image_size": list(info.image_size), "classes": list(info.classes)}
+        train_idx = select_indices(info.splits["train"], cfg.train_samples, derive_seed(cfg.seed, "train-subset"))
+        # each process trains on epoch_samples of its part in batches of its share of --batch-size
+        local_batch = cfg.batch_size // world.size
+        steps_per_epoch = num_batches(epoch_samples(len(train_idx), world.size), local_batch)
+        if world.distributed and steps_per_epoch == 0:
+            raise SatkitError(f"--train-samples: {len(train_idx)} training samples over {world.size} processes leave "
+                              "fewer than two per process (batch norm needs two); train on more or in fewer processes")
+        # Build the model first: an unknown --model fails before any data is read.
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = create_model(cfg.model, num_classes).to(device)
+        optimizer = _make_optimizer(cfg, model)
+        assert cfg.schedule is not None
+        scheduler = make_scheduler(cfg.schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+        per_step = step_per_step(cfg.schedule)
+        scaler = torch.amp.GradScaler("cuda") if amp_active else None
+
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
+        start_epoch, best, history = 0, None, []
+        if world.main:  # rank 0 alone reads and writes the run directory
+            _check_run_dir(run_dir)
+            start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler,
+                                                  scaler, device, log, model_spec=model_spec,
+                                                  steps_per_epoch=steps_per_epoch, arrays=arrays)
+            if start_epoch:
+                log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+            _make_run_dir(run_dir)
     metrics_path = run_dir / METRICS_JSONL
-    if start_epoch:
-        log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
-    _make_run_dir(run_dir)
 
-    # Data: the training split (or a seeded subset of it) and a fixed held-out subset.
-    n_eval = info.splits[eval_split]
-    eval_idx = select_indices(n_eval, cfg.eval_samples or None, EVAL_SUBSET_SEED)
-    if len(eval_idx) * sample_bytes(store, eval_split, ()) > cfg.memory_budget:
-        raise SatkitError(f"--eval-samples: {len(eval_idx):,} held-out samples exceed --memory-budget; ask for fewer")
-    train_data = open_train_split(store, "train", maps, train_idx, device, cfg.memory_budget, progress=cfg.progress)
-    eval_data = EvalSplit(load_split(store, eval_split, (), eval_idx, progress=cfg.progress), device)
-    log(f"{store.path}: train {train_data.n:,} samples ({train_data.placement}), "
-        f"held-out {eval_split} {eval_data.n:,}; {cfg.method} on {cfg.model}, {device}"
-        + (f", maps {', '.join(maps)}" if maps else "")
-        + f"; recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule} schedule, "
-          f"attacks in BN {cfg.attack_bn} mode, augment {cfg.augment}")
+    if world.distributed:
+        # the processes must train the same run from the same data (on several machines, each
+        # opened its own copy of the store: its contents must match)
+        comm.same({"options": {k: v for k, v in cfg.to_json().items()
+                               if k not in ("store", "out", "progress", "threads", "memory_budget", "device")},
+                   "arrays": arrays, "train_samples": len(train_idx)}, "the run's options and store")
+        # --resume: rank 0 restored the checkpoint; the others take its state (the model's
+        # weights are also broadcast by DistributedDataParallel when it wraps the model). RNG
+        # states need no sharing: every stream is seeded from (seed, epoch, stream, rank).
+        state = None
+        if world.main and start_epoch:
+            state = _to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict() if scaler is not None else None})
+        shared = comm.broadcast({"start_epoch": start_epoch, "state": state}, "sharing the checkpoint's state")
+        if not world.main:
+            start_epoch = int(shared["start_epoch"])
+            if shared["state"] is not None:
+                st = shared["state"]
+                model.load_state_dict(st["model"])
+                optimizer.load_state_dict(st["optimizer"])
+                scheduler.load_state_dict(st["scheduler"])
+                if scaler is not None and st["scaler"]:
+                    scaler.load_state_dict(st["scaler"])
 
-    write_json_atomic(run_dir / CONFIG_JSON, {
-        "options": cfg.to_json(),
-        "resumed_after_epoch": start_epoch if start_epoch else None,
-        "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "arrays": arrays,
-                  "label_kind": info.label_kind,
-                  "image_size": list(info.image_size), "classes": list(info.classes),
-                  "hflip": bool(getattr(info, "hflip", True)),
-                  "maps": {m: {"kind": c.kind, "encoding": c.encoding} for m, c in codecs.items()}},
-        "data": {"train_split": "train", "train_samples": train_data.n, "placement": train_data.placement,
-                 "eval_split": eval_split, "eval_samples": eval_data.n, "steps_per_epoch": steps_per_epoch},
-        "method": {"name": method.name, "summary": method.summary, "needs_map": method.needs_map},
-        "model_spec": model_spec,
-        "amp_active": amp_active,
-        "environment": environment(device),
-        "git": git_revision(),
-        "command": sys.argv,
-        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    # Data: the training split (or a seeded subset of it; this process's part of it) and, on
+    # rank 0, a fixed held-out subset.
+    partition_seed = derive_seed(cfg.seed, "partition")
+    with comm.stage("loading the data"):
+        if world.main:
+            n_eval = info.splits[eval_split]
+            eval_idx = select_indices(n_eval, cfg.eval_samples or None, EVAL_SUBSET_SEED)
+            if len(eval_idx) * sample_bytes(store, eval_split, ()) > cfg.memory_budget:
+                raise SatkitError(f"--eval-samples: {len(eval_idx):,} held-out samples exceed --memory-budget; "
+                                  "ask for fewer")
+        train_data = open_train_split(store, "train", maps, train_idx, device, cfg.memory_budget, progress=show,
+                                      rank=world.rank, world_size=world.size, seed=partition_seed)
+        if world.main:
+            eval_data = EvalSplit(load_split(store, eval_split, (), eval_idx, progress=show), device)
+    processes: dict[str, Any] = comm.describe()
+    if world.distributed:
+        mine = ({"placement": "stream"} if isinstance(train_data, StreamingSplit) else
+                {"placement": train_data.placement, "samples": int(train_data.part),
+                 "indices_blake2b": _indices_digest(train_data.indices)})
+        loaded = comm.gather(mine, "recording the processes' parts of the data")
+        with comm.stage("checking the processes' parts of the data"):
+            if world.main:
+                processes.update({"batch_size_per_process": local_batch,
+                                  "samples_per_process_per_epoch": epoch_samples(len(train_idx), world.size),
+                                  "padding": "a part one sample short repeats one of its samples each epoch",
+                                  **_check_parts(loaded, train_idx, world.size, partition_seed)})
 
-    write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    if start_epoch < cfg.epochs:
-        # a resumed run with epochs left: the end-of-run files of its earlier end no longer
-        # describe checkpoint.pt (and must not say the run is finished if it now stops early);
-        # they are written again when this run ends
-        for name in (METRICS_JSON, SUMMARY_JSON):
-            (run_dir / name).unlink(missing_ok=True)
-    autocast: Callable[[], ContextManager[Any]] = (
-        (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp_active else nullcontext
-    )
     uses_p = method.needs_map
     score = "mAP" if multilabel else "acc"
     monitor_key = f"pgd{cfg.eval_steps}_monitor"
     monitor_label = f"pgd{cfg.eval_steps}@{format_eps(cfg.eps)}"
-    monitor = {"key": monitor_key, "attack": "pgd", "eps": format_eps(cfg.eps), "steps": cfg.eval_steps,
-               "step_size": format_eps(cfg.step_size), "random_start": True, "restarts": 1,
-               "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
-               "subset_seed": EVAL_SUBSET_SEED}
+    monitor: dict[str, Any] = {}
+    with comm.stage("writing the run's configuration"):
+        if world.main:
+            per = (f" in {world.size} processes ({train_data.n:,} samples and batches of {local_batch} each)"
+                   if world.distributed else "")
+            log(f"{store.path}: train {len(train_idx):,} samples ({train_data.placement}){per}, "
+                f"held-out {eval_split} {eval_data.n:,}; {cfg.method} on {cfg.model}, {device}"
+                + (f", maps {', '.join(maps)}" if maps else "")
+                + f"; recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule} schedule, "
+                  f"attacks in BN {cfg.attack_bn} mode, augment {cfg.augment}")
+            write_json_atomic(run_dir / CONFIG_JSON, {
+                "options": cfg.to_json(),
+                "resumed_after_epoch": start_epoch if start_epoch else None,
+                "store": {"path": store.path, "dataset": info.dataset, "digest": digest, "arrays": arrays,
+                          "label_kind": info.label_kind,
+                          "image_size": list(info.image_size), "classes": list(info.classes),
+                          "hflip": bool(getattr(info, "hflip", True)),
+                          "maps": {m: {"kind": c.kind, "encoding": c.encoding} for m, c in codecs.items()}},
+                "data": {"train_split": "train", "train_samples": len(train_idx), "placement": train_data.placement,
+                         "eval_split": eval_split, "eval_samples": eval_data.n, "steps_per_epoch": steps_per_epoch},
+                "processes": processes,
+                "method": {"name": method.name, "summary": method.summary, "needs_map": method.needs_map},
+                "model_spec": model_spec,
+                "amp_active": amp_active,
+                "environment": environment(device),
+                "git": git_revision(),
+                "command": sys.argv,
+                "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+
+            write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+            if start_epoch < cfg.epochs:
+                # a resumed run with epochs left: the end-of-run files of its earlier end no longer
+                # describe checkpoint.pt (and must not say the run is finished if it now stops early);
+                # they are written again when this run ends
+                for name in (METRICS_JSON, SUMMARY_JSON):
+                    (run_dir / name).unlink(missing_ok=True)
+            monitor = {"key": monitor_key, "attack": "pgd", "eps": format_eps(cfg.eps), "steps": cfg.eval_steps,
+                       "step_size": format_eps(cfg.step_size), "random_start": True, "restarts": 1,
+                       "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
+                       "subset_seed": EVAL_SUBSET_SEED}
+    autocast: Callable[[], ContextManager[Any]] = (
+        (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp_active else nullcontext
+    )
+    net = comm.wrap(model)  # DistributedDataParallel under torchrun; the model itself in one process
 
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            torch.manual_seed(derive_seed(cfg.seed, epoch, "global"))
+            # per process: the global stream, perturbations, shuffling, augmentation (comm.seed
+            # adds the rank); shared: the map of the epoch and the per-batch coin
+            torch.manual_seed(comm.seed(cfg.seed, epoch, "global"))
             map_name = maps[random.Random(derive_seed(cfg.seed, epoch, "map")).randrange(len(maps))] if maps else None
             p = curriculum_p(epoch, cfg.alpha)
             ctx = StepContext(epoch=epoch, p=p, eps0=cfg.eps0, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                               beta=cfg.beta, multilabel=multilabel,
-                              generator=make_generator(device, derive_seed(cfg.seed, epoch, "perturb")),
+                              generator=make_generator(device, comm.seed(cfg.seed, epoch, "perturb")),
                               coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")),
                               attack_bn=str(cfg.attack_bn))
-            stats = train_one_epoch(
-                model, train_data, method, ctx, optimizer, scaler,
-                batch_size=cfg.batch_size, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
-                augment=str(cfg.augment), shuffle_gen=make_generator("cpu", derive_seed(cfg.seed, epoch, "shuffle")),
-                aug_gen=make_generator(device, derive_seed(cfg.seed, epoch, "augment")), autocast=autocast,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=cfg.progress, scheduler=scheduler if per_step else None,
-            )
+            if isinstance(train_data, StreamingSplit):
+                train_data.set_epoch(epoch)
+            with comm.collective(f"training epoch {epoch + 1}"):
+                stats = train_one_epoch(
+                    net, train_data, method, ctx, optimizer, scaler,
+                    batch_size=local_batch, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
+                    augment=str(cfg.augment), shuffle_gen=make_generator("cpu", comm.seed(cfg.seed, epoch, "shuffle")),
+                    aug_gen=make_generator(device, comm.seed(cfg.seed, epoch, "augment")), autocast=autocast,
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=show, scheduler=scheduler if per_step else None,
+                    comm=comm,
+                )
             if not per_step:
                 scheduler.step()
             _check_finite_training(model, optimizer, stats, epoch)
+            replicas = None
+            if world.distributed:  # DistributedDataParallel keeps the replicas equal: checked, not assumed
+                weights = params_digest(model)
+                comm.same(weights, f"the model's weights after epoch {epoch + 1}")
+                replicas = {"processes": world.size, "params_blake2b": weights, "equal": True}
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - t0
-            ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.step_size,
-                                  multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, epoch, "eval")))
-            rec = {
-                "epoch": epoch,
-                "map": map_name,
-                "p_t": p if uses_p else None,
-                "loss": stats["loss"],
-                "train_acc": stats["train_acc"],
-                "lr": stats["lr"],
-                "lr_last": stats["lr_last"],
-                "clean_acc": ev["clean"],
-                monitor_key: ev[f"pgd@{format_eps(cfg.eps)}"],
-                "monitor": monitor,
-                "metric": "mAP" if multilabel else "accuracy",
-                "attack_share": stats["attack_share"],
-                "samples": stats["samples"],
-                "seconds": round(time.perf_counter() - t0, 3),
-                "images_per_s": round(stats["samples"] / train_seconds, 1),
-            }
-            value = rec[monitor_key]
-            new_best = math.isfinite(value) and (best is None or value > best[monitor_key])
-            if new_best:  # strictly better: a tie keeps the earlier epoch
-                best = {"epoch": epoch, monitor_key: value, "clean_acc": rec["clean_acc"], "checkpoint": BEST_NAME}
-            history.append(rec)
-            _append_line(metrics_path, json.dumps(rec) + "\n")
-            # metrics line, then checkpoint.pt, then best.pt: a kill before checkpoint.pt redoes
-            # this epoch on resume; a kill between the two is repaired on resume (_sync_best).
-            ckpt = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1,
-                "best": best,
-                "model_spec": model_spec,
-                "config": cfg.to_json(),
-                "rng": _rng_state(device),
-                "extra": {"store_digest": digest, "arrays": arrays, "method": cfg.method, "eval_split": eval_split},
-            }
-            save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
-            if new_best:
-                assert best is not None
-                save_checkpoint(run_dir / BEST_NAME, _best_state(ckpt, best, run_dir))
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
-                f"lr {rec['lr']:.4g}" + (f"..{rec['lr_last']:.4g}" if rec["lr_last"] != rec["lr"] else "")
-                + (f", p_t {p:.3f}" if uses_p else "")
-                + f"; held-out clean {score} {rec['clean_acc']:.4f}, monitor {monitor_label} {value:.4f}"
-                + (" (best)" if new_best else "")
-                + f" ({rec['seconds']:.1f} s, {rec['images_per_s']:,.0f} img/s)")
+            # rank 0 evaluates and writes; the others wait for it at the end of the stage
+            with comm.stage(f"evaluating and saving epoch {epoch + 1}"):
+                if world.main:
+                    best = _finish_epoch(
+                        model, optimizer, scheduler, scaler, cfg, epoch=epoch, stats=stats, eval_data=eval_data,
+                        device=device, multilabel=multilabel, map_name=map_name, p=p, uses_p=uses_p,
+                        monitor=monitor, monitor_key=monitor_key, monitor_label=monitor_label, score=score, best=best,
+                        history=history, metrics_path=metrics_path, run_dir=run_dir, model_spec=model_spec,
+                        digest=digest, arrays=arrays, eval_split=eval_split, t0=t0, train_seconds=train_seconds,
+                        replicas=replicas, log=log)
     except NonFiniteLoss as e:
+        if not world.main:  # every process stops at the same step; rank 0 says so
+            raise PeerFailed(f"{world.who()}: {e}") from None
         # nothing of the diverged epoch was written: checkpoint.pt (and best.pt) keep the last
         # finite epoch, and no metrics.json claims the run is finished
         kept = (f"{run_dir / CHECKPOINT_NAME} keeps epoch {epoch} (the last finite one)" if epoch > 0
                 else f"no checkpoint was saved in {run_dir}")
         raise NonFiniteLoss(f"{e}; {kept}, and the run is not finished (start a new run with other options)") from None
+
+    if not world.main:
+        return run_dir
+    comm.close()  # the training is over: the other processes may go; the summary is rank 0's alone
 
     last = history[-1] if history else {}
     final: dict[str, Any] = {
