@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 
 
 # Sections whose commands need servers: their own tests start them and run the section.
-OWN_TESTS = {"## Sharing a store": "tests/test_readme_sharing.py"}
+OWN_TESTS = {"## Sharing a store": "tests/test_readme_sharing.py", "## Scaling out": "tests/test_readme_scaling.py"}
 
 
 def readme_commands() -> list[str]:
