@@ -10,7 +10,8 @@ WORKDIR /opt/satkit
 COPY pyproject.toml README.md ./
 COPY satdata ./satdata
 COPY sattrain ./sattrain
-# [remote]: stores at URLs (https://, s3://) and `satdata fetch`, as a lab shares them.
+# [remote]: stores at URLs (https://, s3://) and `satdata fetch`, as a lab shares them;
+# [dask]: `satdata build/saliency --dask` on a Dask cluster (torchrun comes with torch).
 RUN pip install --upgrade pip && pip install ".[remote,dask]"
 
 COPY manifests ./manifests
