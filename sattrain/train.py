@@ -933,14 +933,33 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
         log("note: --amp has no effect on the CPU (float32 is used; CPU autocast to bfloat16 "
             "is rarely faster and would change the numbers)")
     comm = start_processes(world, device)
+    held: list[int] = []  # the run directory's lock (rank 0), released when the run ends
     try:
-        return _train(cfg, method, device, amp_active, comm, log, storage_options)
+        return _train(cfg, method, device, amp_active, comm, log, storage_options, held)
     finally:
+        for fd in held:
+            os.close(fd)
         comm.close()
 
 
+def _lock_run_dir(run_dir: Path, held: list[int]) -> None:
+    """Hold an exclusive lock on the run directory for the run: a second `sattrain run`
+    (or a --resume while a killed launcher's processes still train) is refused, not mixed in."""
+    from satdata.store import LockBusy, describe_holders, flock_dir
+
+    if held or not run_dir.is_dir():
+        return
+    try:
+        fd = flock_dir(run_dir, exclusive=True)
+    except LockBusy as e:
+        raise SatkitError(f"--out: {run_dir} is in use by another run ({describe_holders(e.holders)}); "
+                          "wait for it to end or stop it, then run again") from None
+    if fd is not None:
+        held.append(fd)
+
+
 def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: bool, comm: Comm, log: Log,
-           storage_options: dict[str, Any] | None) -> Path:
+           storage_options: dict[str, Any] | None, held: list[int]) -> Path:
     """train() from the store on, in this process of ``comm`` (for one process, all of it)."""
     world = comm.world
     show = cfg.progress and world.main  # progress bars: rank 0's alone
@@ -986,12 +1005,14 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
         start_epoch, best, history = 0, None, []
         if world.main:  # rank 0 alone reads and writes the run directory
             _check_run_dir(run_dir)
+            _lock_run_dir(run_dir, held)
             start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler,
                                                   scaler, device, log, model_spec=model_spec,
                                                   steps_per_epoch=steps_per_epoch, arrays=arrays)
             if start_epoch:
                 log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
             _make_run_dir(run_dir)
+            _lock_run_dir(run_dir, held)
     metrics_path = run_dir / METRICS_JSONL
 
     if world.distributed:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -617,3 +619,22 @@ def test_summary_with_the_real_strong_evaluation(digits_store: Path, tmp_path: P
     assert head["name"] == "autoattack@8/255" and head["value"] == summary["robust"]["autoattack@8/255"]
     assert all(0 <= v <= summary["clean"] <= 1 for v in summary["robust"].values())
     assert res.output.strip().splitlines()[-1] == f"robust (autoattack@8/255, 12 of 355 samples): {head['value']:.4f}"
+
+
+def test_a_run_directory_in_use_is_refused(digits_store: Path, tmp_path: Path) -> None:
+    """A second `sattrain run --resume` into a directory a run still trains in (a killed
+    torchrun leaves its workers running) is refused while that run holds it."""
+    from satdata.store import flock_dir
+
+    cfg = TrainConfig(store=str(digits_store), out=str(tmp_path / "r"), method="standard", epochs=1, batch_size=64,
+                      train_samples=128, eval_samples=32, summary_samples=0, progress=False)
+    train(cfg)
+    fd = flock_dir(tmp_path / "r", exclusive=True)  # as the run in progress holds it
+    assert fd is not None
+    try:
+        with pytest.raises(SatkitError, match=r"--out: .* is in use by another run"):
+            train(replace(cfg, epochs=2, resume=True))
+    finally:
+        os.close(fd)
+    train(replace(cfg, epochs=2, resume=True))  # free again: it resumes
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
