@@ -186,7 +186,9 @@ def main() -> None:
                    "8/255; minutes on a CPU); 0 skips it (measure later with `sattrain eval`).")
 @click.option("--memory-budget", default=f"{DEFAULT_MEMORY_BUDGET // 1024**3}G", show_default=True, callback=_size,
               help="Host memory a training split may take; larger splits are streamed from the store in "
-                   "shuffled blocks of whole chunks.")
+                   "shuffled blocks of whole chunks (or shards), at most two blocks in memory at once: a "
+                   "streamed run then peaks within the budget (at least two files: about 200 MB at 224x224) + "
+                   "what the model and one batch's work take + 64 MiB (docs/store-format.md).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.  [default: torch's]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @storage_option

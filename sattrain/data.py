@@ -610,8 +610,8 @@ class StreamingSplit:
         Unmapped, so returned to the OS, the moment the block's last reference goes; a
         malloc'd array of a few MiB to 32 MiB (glibc's largest dynamic mmap threshold) may
         instead stay in the reader thread's heap, resident, while blocks of another size are
-        read (bench/stream_memory.py measured a budget's worth at 64M). Pages become
-        resident as they are written.
+        read (at 224x224 and --memory-budget 64M, a streamed epoch peaked a budget's worth
+        higher with np.empty blocks). Pages become resident as they are written.
         """
         count = int(np.prod(shape, dtype=np.int64))
         nbytes = count * np.dtype(dtype).itemsize
@@ -685,7 +685,8 @@ class StreamingSplit:
         slot before it allocates a block and training gives it back once it holds no
         reference to the block; a batch is gathered from its block (index_select), never
         a permuted copy of the block; the few samples left at a block's end are copied out
-        (less than a batch) before the block is released.
+        (less than a batch) before the block is released. On CUDA the reader moves each
+        block to the device once read and checked, so the host holds only the one being read.
         """
         blocks = self.plan(generator)
         perms = [torch.randperm(sum(len(self.chunks[c][2]) for c in blk), generator=generator) for blk in blocks]
