@@ -55,13 +55,18 @@ from satdata.store import (
     Store,
     StoreInfo,
     array_path,
+    create_sample_array,
     digest_array,
+    layout_of,
     map_compressors,
     map_dtype,
     map_shape,
     open_store,
+    read_rows_into,
     validate,
     write_info,
+    write_rows,
+    write_unit,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -205,12 +210,12 @@ def _fresh_array_name(name: str, info: StoreInfo, path: Path) -> str:
 
 def _write_split(arr: zarr.Array, blocks: Iterable[Any], n: int, tail: tuple[int, ...],
                  dtype: np.dtype, where: str, targets: zarr.Array | None = None) -> None:
-    """Write consecutive blocks into arr in whole chunks (one writer per chunk).
+    """Write consecutive blocks into arr in whole files (chunks, or shards: one writer per file).
 
     With ``targets`` (an int64 (n,) array), every block is a pair (stored values, target
     classes) and the targets are written alongside, row for row.
     """
-    chunk = arr.chunks[0]
+    chunk = write_unit(arr)
     pending: list[np.ndarray] = []
     pending_t: list[np.ndarray] = []
     have = 0
@@ -219,7 +224,7 @@ def _write_split(arr: zarr.Array, blocks: Iterable[Any], n: int, tail: tuple[int
     def flush(k: int) -> None:
         nonlocal pending, pending_t, have, written
         buf = np.concatenate(pending)
-        arr[written:written + k] = buf[:k]
+        write_rows(arr, written, buf[:k])
         rest = [buf[k:]] if k < len(buf) else []
         if targets is not None:
             tbuf = np.concatenate(pending_t)
@@ -303,14 +308,14 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
             for split in sorted(info.splits, key=lambda s: SPLIT_ORDER.get(s, 99)):
                 n = info.splits[split]
                 shape = map_shape(mi, n, info.image_size)
-                chunk = int(store.array(split, "images").chunks[0])
+                images = store.array(split, "images")
+                chunk = write_unit(images)  # maps are laid out like their images (chunks, or shards)
                 sal = p / split / "saliency"
                 if not sal.exists():
                     made_groups.append(sal)
                 apath = array_path(split, "saliency", array)
                 created.append(p / apath)
-                arr = root.create_array(apath, shape=shape, dtype=dtype, chunks=(chunk,) + shape[1:],
-                                        compressors=map_compressors(), fill_value=0)
+                arr = create_sample_array(root, apath, shape, dtype, layout_of(images), map_compressors(), 0)
                 tarr = None
                 if new.targets:
                     tgroup = p / split / TARGETS_GROUP
@@ -325,7 +330,9 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
                 else:
                     src = store.array(split, "saliency", new.name)
                     for a in range(0, n, chunk):
-                        arr[a:a + chunk] = src[a:a + chunk]
+                        block = np.empty((min(n, a + chunk) - a,) + shape[1:], dtype=dtype)
+                        read_rows_into(src, a, a + len(block), block, store._chunk_digests(src))
+                        write_rows(arr, a, block)
                     if tarr is not None:
                         old_t = store.map_targets(split, new.name)
                         tarr[...] = old_t if old_t is not None else np.full(n, TARGET_UNKNOWN, TARGETS_DTYPE)

@@ -2,15 +2,17 @@
 
 * :func:`pack` writes a local store directory as one ``.zip`` (docs/store-format.md,
   "Packed stores"): exactly the files the store's attributes name (every array's
-  ``zarr.json`` and recorded chunk files, the groups' ``zarr.json``, the root ``zarr.json``
-  last), stored uncompressed, sorted, with fixed timestamps and permissions, so one store
-  packs to the same bytes anywhere. Every chunk file is checked against its recorded
-  digest on the way in: a damaged store is refused, naming the chunk.
+  ``zarr.json`` and recorded files -- chunks, or the shards of a sharded array -- the
+  groups' ``zarr.json``, the root ``zarr.json`` last), stored uncompressed, sorted, with
+  fixed timestamps and permissions, so one store packs to the same bytes anywhere. Every
+  file is checked against its recorded digest on the way in: a damaged store is refused,
+  naming the file.
 * :func:`fetch` downloads a store from a URL (a store directory over http(s)://, s3:// or
   any fsspec protocol, or a packed ``.zip``) into a local directory (or, for a ``.zip``
   to a ``--out`` ending in ``.zip``, keeps the archive). A store directory on a server
   has no listing: the files to fetch are enumerated from the root ``zarr.json``'s
-  ``satkit`` attribute. Downloads run concurrently; each chunk file is checked against
+  ``satkit`` attribute. Downloads run concurrently (one bounded GET per file, at most
+  about ``chunkio.IN_FLIGHT_BYTES`` held at once); each file is checked against
   its recorded digest as it arrives, the whole store is verified (``satdata verify``'s
   check of the decoded content) before anything is committed, and the root ``zarr.json``
   -- the commit record -- is written last. The download lives in a hidden directory
@@ -44,7 +46,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Mapping
 
 from satdata.errors import SatkitError, StoreError
-from satdata.chunkio import chunk_limit
+from satdata.chunkio import IN_FLIGHT_BYTES, chunk_limit, file_word
 from satdata.remote import METADATA_LIMIT  # the most bytes of a zarr.json taken from a server
 
 DEFAULT_JOBS = 16  # downloads in flight
@@ -64,20 +66,22 @@ _KEY_RE = re.compile(r"[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*")
 
 @dataclass(frozen=True)
 class Entry:
-    """One file of a store: a metadata ``zarr.json``, or chunk ``index`` of ``array``."""
+    """One file of a store: a metadata ``zarr.json``, or file ``index`` of ``array`` (a chunk,
+    or a shard of a sharded array: ``word``)."""
 
     key: str
     array: str | None = None
     index: int = -1
-    digest: str | None = None  # the recorded chunk digest (None for metadata)
+    digest: str | None = None  # the recorded file digest (None for metadata)
     start: int = 0
     stop: int = 0
     limit: int = 0  # the most bytes this file may hold (0: METADATA_LIMIT); a larger one is refused
+    word: str = "chunk"
 
     def describe(self) -> str:
         if self.array is None:
             return self.key
-        return f"{self.array} chunk {self.index} (samples [{self.start}, {self.stop}))"
+        return f"{self.array} {self.word} {self.index} (samples [{self.start}, {self.stop}))"
 
 
 # The most bytes satkit takes from a server (or a downloaded zip) for one file, before it
@@ -118,10 +122,11 @@ def metadata_keys(info: Any, where: str) -> list[str]:
 
 
 def chunk_entries(path: str, meta_bytes: bytes, rec: Mapping[str, Any], where: str) -> list[Entry]:
-    """The chunk files of array ``path`` whose digests record a file (not "absent").
+    """The files (chunks, or shards) of array ``path`` whose digests record a file (not "absent").
 
     Keys come from the array's own metadata (``store.chunk_key``) and the count from the
-    digests; an array whose metadata disagrees with its digests is refused.
+    digests; an array whose metadata disagrees with its digests is refused. The metadata's
+    chunk grid is the file grid: a sharded array's grid is its shards.
     """
     from zarr.core.metadata.v3 import ArrayV3Metadata
 
@@ -141,13 +146,14 @@ def chunk_entries(path: str, meta_bytes: bytes, rec: Mapping[str, Any], where: s
                          f"its recorded digests ({len(chunks)} chunks of {rec.get('chunk_size')}); the store is "
                          "damaged (`satdata verify` names the difference)")
     arr = SimpleNamespace(path=path, metadata=meta, ndim=len(shape))
+    word = file_word(meta)
     out = []
     for i, d in enumerate(chunks):
         if d == "absent":
             continue
         a, b = i * cshape[0], min(shape[0], (i + 1) * cshape[0])
         out.append(Entry(_check_key(chunk_key(arr, i), where), path, i, d, a, b,  # type: ignore[arg-type]
-                         chunk_limit(meta)))
+                         chunk_limit(meta), word))
     return out
 
 
@@ -637,6 +643,8 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
         _write_file(partial, e.key, data)
         return len(data)
 
+    # at most about IN_FLIGHT_BYTES held at once: 16 shards of 224x224 images would be 1.2 GB
+    jobs = max(1, min(jobs, IN_FLIGHT_BYTES // max([e.limit for e in todo] or [1])))
     with _bar(None, f"fetch {len(todo)} files" + (f" ({len(kept)} kept)" if kept else ""), progress) as bar:
         sizes = _run_all([(e.key, e) for e in todo], one, jobs, bar)
     total_bytes = sum(sizes.values())

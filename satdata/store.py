@@ -1,4 +1,4 @@
-"""The satkit store format, version 1: the one module that knows array names and attributes.
+"""The satkit store format, versions 1 and 2: the one module that knows array names and attributes.
 
 A store is a Zarr v3 group (a directory, or a ``.zip`` of one)::
 
@@ -13,7 +13,10 @@ A store is a Zarr v3 group (a directory, or a ``.zip`` of one)::
                           teacher maps; MapInfo.targets says whether a map has one)
 
 Arrays are chunked along N only, by whole samples, so that reading a split is a few
-sequential whole-chunk reads (see ``samples_per_chunk``). Each map records an encoding,
+sequential whole-file reads (see ``samples_per_chunk``). Stores of images larger than
+about 100x100 (ImageNet at 224x224) put their images and maps in shards, Zarr's
+sharding codec: one file of many one-sample chunks and an index (format version 2, see
+``sample_layout``); smaller images keep version 1's one chunk per file. Each map records an encoding,
 and the trainer derives the SAT saliency S from the stored integers q with one affine
 map ``S = scale * q + offset`` (see ``ENCODINGS``):
 
@@ -30,6 +33,7 @@ build side's heavier dependencies.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -44,7 +48,10 @@ import zarr
 
 from satdata.errors import StoreError
 
-FORMAT_VERSION = 1
+# The newest format version this satkit reads and writes. A store says 2 where its images
+# and maps are sharded (``uses_shards``), and 1 otherwise, so that stores of small images
+# stay readable by every satkit that reads version 1 (docs/store-format.md, "Versioning").
+FORMAT_VERSION = 2
 ATTR_KEY = "satkit"
 SPLITS = ("train", "val", "test")
 SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}
@@ -60,8 +67,16 @@ ENCODINGS: dict[str, tuple[str, float, float]] = {
 # Target bytes of one chunk of images: big enough that a split is a few hundred files at
 # most, small enough that a chunk decodes quickly.
 CHUNK_TARGET_BYTES = 2 * 1024 * 1024
-# Per-chunk digests are truncated: they locate corruption, the full sha256 guards content.
+# Per-file digests are truncated: they locate corruption, the full sha256 guards content.
 CHUNK_DIGEST_HEX = 16
+# Sharding (format version 2). Images of more than SHARD_ABOVE_SAMPLE_BYTES (32 KiB, about
+# 104x104 pixels: a 2 MiB chunk would hold fewer than 64 of them) are sharded: one-sample
+# chunks inside shards of the power of two of samples nearest below SHARD_TARGET_BYTES of
+# images. At 224x224 that is 512 samples, 77 MB per shard, so ImageNet's 1,281,167 training
+# images are 2,503 files per array instead of 160,146 chunks; docs/store-format.md says why
+# this size (a shard is the unit of writing, of streaming, of digests and of transfers).
+SHARD_ABOVE_SAMPLE_BYTES = CHUNK_TARGET_BYTES // 64
+SHARD_TARGET_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -347,10 +362,55 @@ def all_arrays(info: StoreInfo) -> list[str]:
 
 
 def samples_per_chunk(image_size: tuple[int, int], channels: int = 3) -> int:
-    """Samples per chunk: a power of two near CHUNK_TARGET_BYTES of images, in [8, 1024]."""
+    """Samples per chunk (unsharded layout): a power of two near CHUNK_TARGET_BYTES of images, in [8, 1024]."""
     per_sample = max(1, image_size[0] * image_size[1] * channels)
     n = max(1, CHUNK_TARGET_BYTES // per_sample)
     return int(min(1024, max(8, 2 ** int(math.floor(math.log2(n))))))
+
+
+def uses_shards(image_size: tuple[int, int]) -> bool:
+    """Whether a store of images of ``image_size`` shards its images and maps (format version 2)."""
+    return image_size[0] * image_size[1] * 3 > SHARD_ABOVE_SAMPLE_BYTES
+
+
+def samples_per_shard(image_size: tuple[int, int]) -> int:
+    """Samples per shard: the power of two nearest below SHARD_TARGET_BYTES of images."""
+    per_sample = max(1, image_size[0] * image_size[1] * 3)
+    return 2 ** int(math.floor(math.log2(max(1, SHARD_TARGET_BYTES // per_sample))))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a split's per-sample arrays (images, maps) are cut along N: chunks of ``chunk``
+    samples, each its own file (``shard`` None), or inside shard files of ``shard`` samples."""
+
+    chunk: int
+    shard: int | None = None
+
+    @property
+    def unit(self) -> int:
+        """Samples per file: the write unit (``StoreWriter.split_chunk``) and the unit of
+        digests, streaming and transfers."""
+        return self.shard or self.chunk
+
+
+def sample_layout(image_size: tuple[int, int], n: int) -> Layout:
+    """The layout of a split of ``n`` samples of ``image_size`` (a split smaller than one file
+    gets a file of its own size: zarr stores a boundary chunk whole)."""
+    n = max(1, int(n))
+    if uses_shards(image_size):
+        return Layout(chunk=1, shard=min(samples_per_shard(image_size), n))
+    return Layout(chunk=min(samples_per_chunk(image_size), n))
+
+
+def layout_of(arr: "zarr.Array") -> Layout:
+    """The layout of an existing per-sample array (a map added later copies its images')."""
+    return Layout(chunk=int(arr.chunks[0]), shard=int(arr.shards[0]) if arr.shards else None)
+
+
+def files_per_array(n: int, image_size: tuple[int, int]) -> int:
+    """Files of a split's images array (and of each map's) for ``n`` samples of ``image_size``."""
+    return math.ceil(max(1, n) / sample_layout(image_size, n).unit)
 
 
 def map_shape(info: MapInfo, n: int, image_size: tuple[int, int]) -> tuple[int, ...]:
@@ -375,9 +435,10 @@ def write_unit(arr: "zarr.Array") -> int:
 
 
 def iter_chunks(arr: "zarr.Array") -> Iterator[tuple[int, int]]:
-    """(start, stop) sample ranges of the chunks along axis 0."""
+    """(start, stop) sample ranges of the files along axis 0: the chunks, or the shards of
+    a sharded array (file ``i`` is ``chunk_key(arr, i)``; ``write_unit`` samples each)."""
     n = arr.shape[0]
-    step = arr.chunks[0] if arr.ndim else 1
+    step = write_unit(arr)
     for a in range(0, n, step):
         yield a, min(n, a + step)
 
@@ -389,12 +450,13 @@ def _canonical_bytes(block: np.ndarray) -> bytes:
 
 
 def chunk_key(arr: "zarr.Array", i: int) -> str:
-    """The store key of the i-th chunk along axis 0 (arrays are chunked along N only)."""
+    """The store key of the i-th file along axis 0 (arrays are cut along N only): chunk
+    ``i``, or shard ``i`` of a sharded array (zarr keys a shard like a chunk of its grid)."""
     return f"{arr.path}/{arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))}"
 
 
 def read_chunk_file(arr: "zarr.Array", i: int) -> bytes | None:
-    """The stored (encoded) bytes of chunk i, or None where no chunk was written."""
+    """The stored (encoded) bytes of file i (chunk, or shard), or None where none was written."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
@@ -407,21 +469,35 @@ def chunk_file_digest(data: bytes | None) -> str:
 
 
 def digest_array(arr: "zarr.Array") -> dict[str, Any]:
-    """Two digests: the meaning of the array, and the bytes of every chunk file.
+    """Two digests: the meaning of the array, and the bytes of every file.
 
     ``sha256`` covers the decoded values (dtype, shape, C-order contents), so it does not
-    depend on the codec and identifies content across machines (manifests use it).
-    ``chunks`` holds a short sha256 of each chunk file as stored, so ``verify`` catches a
-    flipped byte anywhere in a file, including the padding zarr keeps beyond the last
-    sample of a boundary chunk, and names the chunk and its sample range.
+    depend on the codec, the chunking or the sharding, and identifies content across
+    machines (manifests use it). ``chunks`` holds a short sha256 of each file as stored
+    (a chunk, or a shard of a sharded array; ``chunk_size`` samples each), so ``verify``
+    catches a flipped byte anywhere in a file, including the padding zarr keeps beyond the
+    last sample of a boundary chunk and a shard's index, and names the file and its
+    sample range. Each file is read once: its values are decoded from the bytes hashed.
     """
+    from satdata import chunkio
+
+    fmt = chunkio.file_format(arr.metadata)
     whole = hashlib.sha256()
     whole.update(f"{arr.dtype}|{tuple(arr.shape)}|".encode())
     chunks = []
     for i, (a, b) in enumerate(iter_chunks(arr)):
-        whole.update(_canonical_bytes(np.asarray(arr[a:b])))
-        chunks.append(chunk_file_digest(read_chunk_file(arr, i)))
-    return {"sha256": whole.hexdigest(), "chunk_size": int(arr.chunks[0]), "chunks": chunks}
+        data = read_chunk_file(arr, i)
+        if fmt is None:
+            values = np.asarray(arr[a:b])
+        else:
+            values = np.empty((b - a,) + fmt.sample_shape, dtype=fmt.dtype)
+            if data is None:
+                values[...] = fmt.fill_value
+            else:
+                chunkio.decode_rows_into(fmt, data, 0, b - a, values)
+        whole.update(_canonical_bytes(values))
+        chunks.append(chunk_file_digest(data))
+    return {"sha256": whole.hexdigest(), "chunk_size": write_unit(arr), "chunks": chunks}
 
 
 def store_digest(info: StoreInfo) -> str:
@@ -435,71 +511,101 @@ def store_digest(info: StoreInfo) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _plain_chunk_dir(arr: "zarr.Array") -> Path | None:
-    """The directory of an array's chunk files when they hold plain C-order values on a
-    local disk (no filters, no compression, one-byte or little-endian values), else None."""
-    try:
-        from zarr.codecs import BytesCodec
-        from zarr.storage import LocalStore
+def _local_dir(arr: "zarr.Array") -> Path | None:
+    """The store directory of ``arr`` when it is on the local disk (zarr's LocalStore), else None."""
+    from zarr.storage import LocalStore
 
-        if not isinstance(arr.store, LocalStore) or arr.compressors or arr.filters:
-            return None
-        if not isinstance(arr.serializer, BytesCodec) or arr.order != "C":
-            return None
-        if arr.dtype.kind not in "biuf" or (arr.dtype.itemsize > 1 and arr.dtype.byteorder == ">"):
-            return None
-        if getattr(arr.metadata.chunk_key_encoding, "separator", "/") != "/" or arr.ndim < 1:
-            return None
-        return Path(arr.store.root) / arr.path
-    except Exception:  # any other zarr layout: use zarr's own reader
-        return None
+    return Path(arr.store.root) if isinstance(arr.store, LocalStore) else None
+
+
+def _file_format(arr: "zarr.Array") -> Any:
+    """``chunkio.file_format`` of ``arr``, or None (zarr decodes it) for an array not in C order."""
+    from satdata import chunkio
+
+    return chunkio.file_format(arr.metadata) if arr.ndim >= 1 and arr.order == "C" else None
+
+
+# Rows a reading thread takes at once: a chunk of a small-image store is one piece, a shard
+# of 224x224 images (77 MB) five, so the threads share out even a two-shard split.
+READ_PIECE_BYTES = 16 * 1024 * 1024
 
 
 def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray,
                    chunk_digests: Sequence[str] | None = None) -> None:
     """Read rows [start, stop) of an array into ``out`` (shape (stop - start, ...)).
 
-    Uncompressed arrays on a local disk (images, as satdata writes them) are read with
-    ``readinto`` straight from each chunk file into ``out``: one copy, at disk speed,
-    where zarr's general path copies each chunk two more times (about 3x slower for a
-    50,000-image split; bench/read.py). Anything else goes through zarr.
+    The layouts satkit writes (raw values, zstd or blosc chunks, in chunk files or in
+    shards; satdata/chunkio.py) are read and decoded here, straight into ``out``, in
+    pieces of about READ_PIECE_BYTES on ``chunkio.READ_THREADS`` threads: raw images with
+    ``pread`` at disk speed, where zarr's general path copies each chunk two more times
+    (about 3x slower for a 50,000-image split) and decodes a shard inner chunk by inner
+    chunk (16x slower for 224x224 images; bench/read.py). Sharded arrays at a URL or in a
+    .zip are fetched one bounded request per shard, many at once (chunkio.take_rows).
+    Anything else goes through zarr.
 
-    A chunk file of the wrong size (truncated, or appended to) is refused with a
-    StoreError naming the array, the chunk and its samples. A missing chunk file reads
-    as the fill value only where ``chunk_digests`` (the array's recorded chunk digests)
-    says that no file was written ("absent"); given digests that list the chunk, its
-    absence is a StoreError too, never a block of zeros.
+    A file of the wrong size, a shard whose index is damaged and a chunk that does not
+    decode are refused with a StoreError naming the store, the array, the file and its
+    samples. A missing file reads as the fill value only where ``chunk_digests`` (the
+    array's recorded file digests) says that none was written ("absent"); given digests
+    that list the file, its absence is a StoreError too, never a block of zeros.
     """
-    root = _plain_chunk_dir(arr)
-    if root is None:
-        out[...] = arr[start:stop]
+    from satdata import chunkio
+
+    if stop <= start:
         return
-    step = arr.chunks[0]
-    row_bytes = out.dtype.itemsize * int(np.prod(out.shape[1:], dtype=np.int64))
-    chunk_bytes = step * row_bytes
-    flat = out.reshape(-1).view(np.uint8) if out.size else out
-    rest = "/".join("0" for _ in range(arr.ndim - 1))
-    for i in range(start // step, (stop - 1) // step + 1 if stop > start else 0):
-        a, b = max(start, i * step), min(stop, (i + 1) * step)
-        dst = flat[(a - start) * row_bytes:(b - start) * row_bytes]
-        path = root / "c" / (f"{i}/{rest}" if rest else str(i))
-        where = f"{arr.store.root}: array {arr.path} chunk {i} (samples [{i * step}, {min(arr.shape[0], (i + 1) * step)}))"
+    fmt = _file_format(arr)
+    root = _local_dir(arr)
+    if fmt is None or (root is None and not fmt.sharded):
+        out[...] = arr[start:stop]  # zarr fetches the chunks of a URL or a zip concurrently itself
+        return
+    u = fmt.rows
+    word = chunkio.file_word(arr)
+    shown = str(root) if root is not None else str(getattr(arr.store, "path", arr.store))
+
+    def where(i: int) -> str:
+        return f"{shown}: array {arr.path} {word} {i} (samples [{i * u}, {min(arr.shape[0], (i + 1) * u)}))"
+
+    def listed(i: int) -> bool:
+        return chunk_digests is not None and (i >= len(chunk_digests) or chunk_digests[i] != "absent")
+
+    if root is None:  # sharded, at a URL or in a .zip
+        def missing(_arr: Any, i: int) -> None:
+            if listed(i):
+                raise StoreError(f"{where(i)}: the file is missing; the store is damaged")
+
+        jobs = []
+        for i in range(start // u, (stop - 1) // u + 1):
+            a, b = max(start, i * u), min(stop, (i + 1) * u)
+            jobs.append((arr, i, np.arange(a - i * u, b - i * u), out[a - start:b - start]))
         try:
-            with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size != chunk_bytes:
-                    raise StoreError(f"{where}: the chunk file has {size:,} bytes, expected {chunk_bytes:,} "
-                                     "(truncated or damaged; `satdata verify` locates every damaged chunk)")
-                f.seek((a - i * step) * row_bytes)
-                got = f.readinto(memoryview(dst))
-        except FileNotFoundError:  # zarr writes no file for a chunk of fill values
-            if chunk_digests is not None and (i >= len(chunk_digests) or chunk_digests[i] != "absent"):
-                raise StoreError(f"{where}: the chunk file is missing ({path.name} under {arr.path}/c); "
-                                 "the store is damaged") from None
-            out[a - start:b - start] = arr.metadata.fill_value
-            continue
-        if got != len(dst):  # the file changed under us
-            raise StoreError(f"{where}: read {got:,} of {len(dst):,} bytes (the chunk file changed while read)")
+            chunkio.take_rows(jobs, missing=missing)
+        except StoreError as e:  # chunkio names the array and the file; add the store
+            raise (e if str(e).startswith(shown) else StoreError(f"{shown}: {e}")) from None
+        return
+
+    def piece(i: int, a: int, b: int) -> None:
+        path = root / chunk_key(arr, i)
+        dst = out[a - start:b - start]
+        try:
+            chunkio.read_local_rows_into(fmt, path, a - i * u, b - i * u, dst)
+        except FileNotFoundError:  # zarr writes no file for a chunk or shard of fill values
+            if listed(i):
+                raise StoreError(f"{where(i)}: the file is missing ({path.name} under {arr.path}/c); the store is "
+                                 "damaged") from None
+            dst[...] = fmt.fill_value
+        except (ValueError, RuntimeError) as e:  # damaged: a wrong size, a bad index, a chunk that does not decode
+            raise StoreError(f"{where(i)}: {str(e)[:160]}; the store is damaged (`satdata verify` locates every "
+                             "damaged file)") from None
+
+    step = max(fmt.inner, (READ_PIECE_BYTES // max(1, fmt.row_bytes)) // fmt.inner * fmt.inner)
+    jobs = []
+    for i in range(start // u, (stop - 1) // u + 1):
+        a, b = max(start, i * u), min(stop, (i + 1) * u)
+        cuts = [a] + list(range(i * u + -(-(a - i * u) // step) * step, b, step)) + [b]  # at whole chunks
+        for p, q in zip(cuts, cuts[1:]):
+            if q > p:
+                jobs.append(functools.partial(piece, i, p, q))
+    chunkio.run_parallel(jobs)
 
 
 async def _exists_all(store: Any, keys: Sequence[str], limit: int = 64) -> list[bool]:
@@ -537,11 +643,13 @@ class Store:
     >>> s = store.load("train", "saliency", "ink")
     """
 
-    def __init__(self, path: str, group: "zarr.Group", info: StoreInfo) -> None:
+    def __init__(self, path: str, group: "zarr.Group", info: StoreInfo,
+                 arrays: Mapping[str, "zarr.Array"] | None = None) -> None:
         self.path = path
         self.group = group
         self.info = info
-        self._present_checked: set[str] = set()  # arrays whose chunk files were found present
+        self._arrays = dict(arrays or {})  # arrays opened by validate: their metadata is not read again
+        self._present_checked: set[str] = set()  # arrays whose files were found present
 
     def __repr__(self) -> str:
         return f"Store({self.path!r}, dataset={self.info.dataset!r}, splits={self.info.splits})"
@@ -561,12 +669,14 @@ class Store:
         p = array_path(split, field_name, map_name)
         if self._local_root is not None:
             resolve_inside(self._local_root, p)
-        try:
-            arr = self.group[p]
-        except KeyError:
-            raise StoreError(f"{self.path}: lacks array {p}") from None
-        except Exception as e:  # damaged array metadata: zarr raises several types
-            raise StoreError(f"{self.path}: array {p} has unreadable metadata ({type(e).__name__})") from None
+        arr = self._arrays.get(p)
+        if arr is None:
+            try:
+                arr = self._arrays[p] = self.group[p]  # type: ignore[assignment]
+            except KeyError:
+                raise StoreError(f"{self.path}: lacks array {p}") from None
+            except Exception as e:  # damaged array metadata: zarr raises several types
+                raise StoreError(f"{self.path}: array {p} has unreadable metadata ({type(e).__name__})") from None
         if p not in self._present_checked:
             self._check_chunks_present(p, arr)  # type: ignore[arg-type]
             if field_name == "labels":  # small: read once, so every reader gets checked labels
@@ -582,63 +692,71 @@ class Store:
         return Path(self.path)
 
     def _chunk_digests(self, arr: "zarr.Array") -> list[str] | None:
-        """The recorded digests of ``arr``'s chunk files, or None where the record does not
-        describe this array's chunking (another chunk size or count: `verify` reports that)."""
+        """The recorded digests of ``arr``'s files (chunks, or shards), or None where the record
+        does not describe this array's files (another size or count: `verify` reports that)."""
         rec = self.info.digests.get(arr.path, {})
         want = rec.get("chunks")
-        if not want or rec.get("chunk_size") != (arr.chunks[0] if arr.ndim else 1):
+        if not want or rec.get("chunk_size") != write_unit(arr):
             return None
         return want if len(want) == len(list(iter_chunks(arr))) else None
 
     def _check_chunks_present(self, p: str, arr: "zarr.Array") -> None:
-        """Refuse an array one of whose chunk files the digests list is gone.
+        """Refuse an array one of whose files (chunks, or shards) the digests list is gone.
 
-        zarr reads a missing chunk as its fill value (zeros, or -1 for labels): a store
+        zarr reads a missing file as its fill value (zeros, or -1 for labels): a store
         that lost a file would train and evaluate on blank images without a word. The
-        digests say which chunks were written; each of those must exist (a stat per chunk).
+        digests say which files were written; each of those must exist (a stat per file on
+        a local disk, which also finds a file whose size its layout cannot have).
         """
         want = self._chunk_digests(arr)
         if not want:
             return
-        from zarr.core.sync import sync
+        from satdata import chunkio
 
-        plain = _plain_chunk_dir(arr)
-        chunk_bytes = arr.chunks[0] * arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+        root = _local_dir(arr)
+        fmt = _file_format(arr)
+        word = chunkio.file_word(arr)
         exists: list[bool] = []
-        if plain is None:  # a zip or a URL: ask for every chunk at once (one round trip each, overlapped)
+        if root is None:  # a zip or a URL: ask for every file at once (one round trip each, overlapped)
+            from zarr.core.sync import sync
+
             keys = [chunk_key(arr, i) for i in range(len(want))]
             exists = sync(_exists_all(arr.store, keys))
         for i, (a, b) in enumerate(iter_chunks(arr)):
             if want[i] == "absent":
                 continue
-            if plain is None:
-                if not exists[i]:
-                    size = None
-                else:
+            if root is None:
+                if exists[i]:
                     continue
-            else:  # uncompressed: the file's size is known, so a truncated file is found here too
-                rest = "/".join("0" for _ in range(arr.ndim - 1))
+                size = None
+            else:
                 try:
-                    size = (plain / "c" / (f"{i}/{rest}" if rest else str(i))).stat().st_size
+                    size = os.stat(f"{root}/{chunk_key(arr, i)}").st_size
                 except FileNotFoundError:
                     size = None
-                if size == chunk_bytes:
+                if size is not None and (fmt is None or fmt.size_ok(size)):
                     continue
-            what = "is missing" if size is None else f"has {size:,} bytes, expected {chunk_bytes:,} (truncated or damaged)"
-            raise StoreError(f"{self.path}: array {p} chunk {i} (samples [{a}, {b})) {what}; the store "
-                             "is damaged (`satdata verify` lists every damaged chunk)")
+            if size is None:
+                what = "is missing"
+            elif fmt is not None and fmt.codec == "plain" and not fmt.sharded:
+                what = f"has {size:,} bytes, expected {fmt.chunk_bytes:,} (truncated or damaged)"
+            else:
+                what = f"has {size:,} bytes, which no {word} of this array can have (truncated or damaged)"
+            raise StoreError(f"{self.path}: array {p} {word} {i} (samples [{a}, {b})) {what}; the store "
+                             f"is damaged (`satdata verify` lists every damaged {word})")
 
     def load(self, split: str, field_name: str, map_name: str | None = None) -> np.ndarray:
-        """Read a whole array into memory (sequential whole-chunk reads).
+        """Read a whole array into memory (whole files, decoded on several threads).
 
-        A chunk that is missing, truncated or does not decode is a StoreError naming the
-        array and the samples, never a fill value; labels are checked to be class indices
+        A file (chunk, or shard) that is missing, truncated or does not decode is a
+        StoreError naming the array, the file and its samples, never a fill value; labels are checked to be class indices
         in range (single-label) or 0/1 (multi-hot).
         """
         return self._read_all(self.array(split, field_name, map_name))
 
     def _read_all(self, arr: "zarr.Array") -> np.ndarray:
-        """All of ``arr``, checked against its recorded chunk digests (see :meth:`load`)."""
+        """All of ``arr``, checked against its recorded file digests (see :meth:`load`); its
+        files read and decoded on several threads (``read_rows_into``)."""
         digests = self._chunk_digests(arr)
         try:
             if arr.dtype.kind in "biuf" and arr.shape[0]:
@@ -648,17 +766,19 @@ class Store:
             return np.asarray(arr[...])
         except StoreError:
             raise
-        except Exception as e:  # a damaged compressed chunk: name the first one that fails
+        except Exception as e:  # a damaged file that zarr decodes: name the first one that fails
             raise self._decode_error(arr, e) from None
 
     def _decode_error(self, arr: "zarr.Array", e: Exception) -> StoreError:
-        """A StoreError naming the first chunk of ``arr`` that cannot be read (and why)."""
+        """A StoreError naming the first file (chunk, or shard) of ``arr`` that cannot be read (and why)."""
+        from satdata.chunkio import file_word
+
         for i, (a, b) in enumerate(iter_chunks(arr)):
             try:
                 arr[a:b]
             except Exception as ce:
-                return StoreError(f"{self.path}: array {arr.path} chunk {i} (samples [{a}, {b})) cannot be read "
-                                  f"({type(ce).__name__}: {str(ce)[:120]}); the store is damaged")
+                return StoreError(f"{self.path}: array {arr.path} {file_word(arr)} {i} (samples [{a}, {b})) cannot "
+                                  f"be read ({type(ce).__name__}: {str(ce)[:120]}); the store is damaged")
         return StoreError(f"{self.path}: array {arr.path} cannot be read ({type(e).__name__}: {str(e)[:120]})")
 
     def _check_labels(self, split: str, labels: np.ndarray) -> None:
@@ -759,8 +879,9 @@ class Store:
         the attributes still name must have the content digest (``sha256``) recorded when
         this Store was opened (the same content rebuilt is no change); an array they no
         longer name (a superseded version of a replaced map) must still exist. ``chunks``:
-        (array, chunk indices) just read: each chunk the digests say was written must still
-        have its file, so a chunk deleted under a reader is never taken for its fill value.
+        (array, file indices) just read (``iter_chunks`` order: chunks, or the shards of a
+        sharded array): each file the digests say was written must still exist, so a file
+        deleted under a reader is never taken for its fill value.
         Call it after reading and before using what was read: a read that overlapped a
         change is then never used. A .zip store is read through the handle opened with it
         and is not checked.
@@ -786,16 +907,18 @@ class Store:
                     "reading fill values")
         if root is None:
             return
+        from satdata.chunkio import file_word
+
         for arr, ids in chunks:
             want = self._chunk_digests(arr) or []
-            step = int(arr.chunks[0]) if arr.ndim else 1
+            step = write_unit(arr)
             for i in ids:
-                if 0 <= i < len(want) and want[i] != "absent" and not (root / chunk_key(arr, i)).is_file():
+                if 0 <= i < len(want) and want[i] != "absent" and not os.path.isfile(f"{root}/{chunk_key(arr, i)}"):
                     a, b = i * step, min(arr.shape[0], (i + 1) * step)
                     raise StoreChangedError(
-                        f"{self.path}: array {arr.path} chunk {i} (samples [{a}, {b})) is missing: deleted after "
-                        "this process opened the store; stopping rather than reading fill values "
-                        "(`satdata verify` lists every damaged chunk)")
+                        f"{self.path}: array {arr.path} {file_word(arr)} {i} (samples [{a}, {b})) is missing: deleted "
+                        "after this process opened the store; stopping rather than reading fill values "
+                        f"(`satdata verify` lists every damaged {file_word(arr)})")
 
     def _current_digests(self) -> Mapping[str, Any]:
         """The 'digests' of the root zarr.json as it is on disk now (cached while the file is unchanged)."""
@@ -973,9 +1096,10 @@ def read_info(group: "zarr.Group", where: str) -> StoreInfo:
     return StoreInfo.from_json(attrs[ATTR_KEY], where)  # type-checks and checks names
 
 
-def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
+def validate(group: "zarr.Group", info: StoreInfo, where: str) -> dict[str, "zarr.Array"]:
     """Check that every array the attributes promise exists with consistent shapes, and
-    that every name that becomes a path is a plain name (:func:`check_names`)."""
+    that every name that becomes a path is a plain name (:func:`check_names`). Returns
+    the arrays it opened, by path (a Store keeps them: each array's metadata read once)."""
     check_names(info, where)
     if info.label_kind not in LABEL_KINDS:
         raise StoreError(f"{where}: unknown label kind {info.label_kind!r}")
@@ -984,14 +1108,12 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
     h, w = info.image_size
     for m in info.maps.values():
         map_dtype(m.encoding)
+    expect: dict[str, tuple[tuple[int, ...] | None, str | None]] = {}
     for split, n in info.splits.items():
-        expect: dict[str, tuple[tuple[int, ...] | None, str | None]] = {
-            array_path(split, "images"): ((n, h, w, 3), "uint8"),
-            array_path(split, "ids"): ((n,), None),
-            array_path(split, "labels"): (
-                ((n,), "int64") if info.label_kind == "single" else ((n, len(info.classes)), "uint8")
-            ),
-        }
+        expect[array_path(split, "images")] = ((n, h, w, 3), "uint8")
+        expect[array_path(split, "ids")] = ((n,), None)
+        expect[array_path(split, "labels")] = (
+            ((n,), "int64") if info.label_kind == "single" else ((n, len(info.classes)), "uint8"))
         for m in info.maps.values():
             expect[array_path(split, "saliency", m.array_name)] = (
                 map_shape(m, n, info.image_size),
@@ -999,20 +1121,43 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> None:
             )
             if m.targets:
                 expect[array_path(split, TARGETS_GROUP, m.array_name)] = ((n,), TARGETS_DTYPE)
-        for p, (shape, dtype) in expect.items():
-            try:
-                arr = group[p]
-            except KeyError:
-                raise StoreError(f"{where}: lacks array {p}") from None
-            except Exception as e:  # a damaged or crafted zarr.json of the array
-                raise StoreError(f"{where}: array {p} has unreadable metadata ({type(e).__name__}: "
-                                 f"{str(e)[:120]})") from None
-            if not isinstance(arr, zarr.Array):
-                raise StoreError(f"{where}: {p} is a group, not an array")
-            if shape is not None and tuple(arr.shape) != shape:
-                raise StoreError(f"{where}: array {p} has shape {tuple(arr.shape)}, expected {shape}")
-            if dtype is not None and str(arr.dtype) != dtype:
-                raise StoreError(f"{where}: array {p} has dtype {arr.dtype}, expected {dtype}")
+    found = _open_members(group, list(expect))
+    opened: dict[str, zarr.Array] = {}
+    for p, (shape, dtype) in expect.items():
+        arr = found[p]
+        if isinstance(arr, KeyError):
+            raise StoreError(f"{where}: lacks array {p}")
+        if isinstance(arr, Exception):  # a damaged or crafted zarr.json of the array
+            raise StoreError(f"{where}: array {p} has unreadable metadata ({type(arr).__name__}: "
+                             f"{str(arr)[:120]})")
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"{where}: {p} is a group, not an array")
+        if shape is not None and tuple(arr.shape) != shape:
+            raise StoreError(f"{where}: array {p} has shape {tuple(arr.shape)}, expected {shape}")
+        if dtype is not None and str(arr.dtype) != dtype:
+            raise StoreError(f"{where}: array {p} has dtype {arr.dtype}, expected {dtype}")
+        opened[p] = arr
+    return opened
+
+
+def _open_members(group: "zarr.Group", paths: Sequence[str]) -> dict[str, Any]:
+    """``group[p]`` for every path, their metadata read at once (one round trip over a
+    network, not one per array); the exception instead where one cannot be opened."""
+    import asyncio
+
+    from zarr.core.array import AsyncArray
+    from zarr.core.sync import sync
+
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*(group._async_group.getitem(p) for p in paths), return_exceptions=True)
+
+    out: dict[str, Any] = {}
+    for p, obj in zip(paths, sync(all_of())):
+        if isinstance(obj, BaseException) and not isinstance(obj, Exception):
+            raise obj
+        out[p] = zarr.Array(obj) if isinstance(obj, AsyncArray) else zarr.Group(obj) if not isinstance(
+            obj, Exception) else obj
+    return out
 
 
 def open_store(path: str | Path, *, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> Store:
@@ -1031,14 +1176,14 @@ def open_store(path: str | Path, *, mode: str = "r", storage_options: Mapping[st
     shown = remote.redact(where)
     try:
         info = read_info(group, shown)
-        validate(group, info, shown)
+        arrays = validate(group, info, shown)
     except StoreError:
         raise
     except Exception as e:  # a network failure while reading the metadata of the arrays
         if remote.is_url(where) and remote.network_problem(e) is not None:
             raise remote.classify(e, where) from None
         raise
-    return Store(where, group, info)
+    return Store(where, group, info, arrays)
 
 
 # --------------------------------------------------------------------------- writing
@@ -1052,10 +1197,62 @@ def image_compressors() -> Any:
 
 
 def map_compressors() -> Any:
-    # Binary and quantised maps are mostly runs: zstd shrinks them many times.
+    # Maps: blosc's lz4, no shuffle. Binary masks are mostly runs and shrink 40-200x under
+    # any codec, and lz4 decodes at 7-20 GB/s on one core, 2.3-3.5x faster than zstd level 3
+    # (the codec of stores written before), whose decoding was most of the time to load a
+    # split (BENCHMARKS.md section 1). Teacher maps (unit, signed) shrink 2-3.3x instead of
+    # 3.6-4.9x: a 224x224 Grad-CAM map is about 15 KB beside its 150 KB image. Blosc is one of Zarr v3's core
+    # codecs, so every Zarr v3 reader (and every satkit) reads these stores.
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
+
+
+def table_compressors() -> Any:
+    # Multi-hot labels and boxes: small, read once; zstd level 3 shrinks them most.
     from zarr.codecs import ZstdCodec
 
     return ZstdCodec(level=3)
+
+
+def create_sample_array(group: "zarr.Group", path: str, shape: tuple[int, ...], dtype: Any, layout: Layout,
+                        compressors: Any, fill_value: Any) -> "zarr.Array":
+    """Create a per-sample array (images, a map) with ``layout`` along N: chunks of
+    ``layout.chunk`` samples, in shards of ``layout.shard`` where sharded."""
+    kw: dict[str, Any] = {"shards": (layout.shard,) + tuple(shape[1:])} if layout.shard else {}
+    return group.create_array(path, shape=shape, dtype=dtype, chunks=(layout.chunk,) + tuple(shape[1:]),
+                              compressors=compressors, fill_value=fill_value, **kw)
+
+
+def write_rows(arr: "zarr.Array", start: int, values: np.ndarray) -> None:
+    """Write rows [start, start + len(values)) of a per-sample array.
+
+    Whole shards of a sharded array (``start`` a multiple of ``write_unit(arr)``, the end
+    one too or the array's end) are encoded by ``chunkio.encode_file``, byte for byte what
+    zarr writes (tests/test_sharding.py), several times faster: zarr encodes a shard inner
+    chunk by inner chunk in Python, under 1,000 images of 224x224 a second on this
+    project's 2-core machine, which would make it the bottleneck of a build with many
+    decoding workers. Everything else goes through zarr.
+    """
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from satdata import chunkio
+
+    stop = start + len(values)
+    u = write_unit(arr)
+    fmt = _file_format(arr) if arr.shards else None
+    if fmt is None or start % u or (stop % u and stop != arr.shape[0]) or stop > arr.shape[0]:
+        arr[start:stop] = values
+        return
+    for i in range(start // u, -(-stop // u)):
+        a, b = i * u, min(stop, (i + 1) * u)
+        data = chunkio.encode_file(fmt, values[a - start:b - start])
+        key = chunk_key(arr, i)
+        if data is None:  # all fill values: zarr keeps no file
+            sync(arr.store.delete(key))
+        else:
+            sync(arr.store.set(key, default_buffer_prototype().buffer.from_array_like(data)))
 
 
 class StoreWriter:
@@ -1095,7 +1292,10 @@ class StoreWriter:
         if not isinstance(hflip, bool):
             raise ValueError(f"hflip must be a bool, got {hflip!r}")
         self.hflip = hflip
-        self.chunk = samples_per_chunk(self.image_size)
+        # Samples per chunk and per shard (None: unsharded), as ``sample_layout`` gives them;
+        # a split smaller than one file gets a file of its own size (``_layout``).
+        default = sample_layout(self.image_size, 2**62)
+        self.chunk, self.shard = default.chunk, default.shard
         self.counts: dict[str, int] = {}
         self.split_chunk: dict[str, int] = {}
         self.has_boxes: set[str] = set()
@@ -1119,31 +1319,43 @@ class StoreWriter:
                 self.has_boxes.add(split)
         return self
 
+    def _layout(self, n: int) -> Layout:
+        """The layout of a split of ``n`` samples: ``self.chunk`` and ``self.shard`` (a shard a
+        whole number of chunks), each at most the split's size."""
+        n = max(1, n)
+        chunk = min(self.chunk, n)
+        if not self.shard:
+            return Layout(chunk=chunk)
+        return Layout(chunk=chunk, shard=-(-min(self.shard, n) // chunk) * chunk)
+
     def create_split(self, split: str, n: int) -> None:
-        """Create a split's arrays for up to n samples (shrunk by ``close_split``)."""
+        """Create a split's arrays for up to n samples (shrunk by ``close_split``).
+
+        ``split_chunk[split]`` is then the write unit of its images and maps: the samples of
+        one file (the shard, where sharded, else the chunk). Writers write whole units.
+        """
         if split not in SPLITS:
             raise StoreError(f"{self.path}: unknown split {split!r} (one of {', '.join(SPLITS)})")
         h, w = self.image_size
         n = max(n, 1)
-        # A split smaller than one chunk gets a chunk of its own size: zarr stores boundary
+        # A split smaller than one file gets a file of its own size: zarr stores boundary
         # chunks whole, so a 300-sample split in 512-sample chunks would waste 40%.
-        c = self.split_chunk[split] = min(self.chunk, n)
+        layout = self._layout(n)
+        c = self.split_chunk[split] = layout.unit
         g = self.group
-        g.create_array(array_path(split, "images"), shape=(n, h, w, 3), dtype="uint8",
-                       chunks=(c, h, w, 3), compressors=image_compressors(), fill_value=0)
+        create_sample_array(g, array_path(split, "images"), (n, h, w, 3), "uint8", layout,
+                            image_compressors(), 0)
         if self.label_kind == "single":
             g.create_array(array_path(split, "labels"), shape=(n,), dtype="int64",
                            chunks=(max(c, 4096),), fill_value=-1)
         else:
             k = len(self.classes)
             g.create_array(array_path(split, "labels"), shape=(n, k), dtype="uint8",
-                           chunks=(max(c, 4096), k), fill_value=0, compressors=map_compressors())
+                           chunks=(max(c, 4096), k), fill_value=0, compressors=table_compressors())
         g.create_array(array_path(split, "ids"), shape=(n,), dtype=str, chunks=(max(c, 4096),))
         for m in self.maps.values():
-            shape = map_shape(m, n, self.image_size)
-            g.create_array(array_path(split, "saliency", m.array_name), shape=shape,
-                           dtype=map_dtype(m.encoding), chunks=(c,) + shape[1:],
-                           compressors=map_compressors(), fill_value=0)
+            create_sample_array(g, array_path(split, "saliency", m.array_name), map_shape(m, n, self.image_size),
+                                map_dtype(m.encoding), layout, map_compressors(), 0)
         self.counts[split] = 0
 
     def write(
@@ -1155,14 +1367,15 @@ class StoreWriter:
         ids: list[str],
         maps: Mapping[str, np.ndarray],
     ) -> None:
-        """Write samples [start, start + len(images)); callers write whole chunks in order."""
+        """Write samples [start, start + len(images)); callers write whole units
+        (``split_chunk[split]``: chunks, or shards), in any order."""
         stop = start + len(images)
         g = self.group
-        g[array_path(split, "images")][start:stop] = images
+        write_rows(g[array_path(split, "images")], start, images)  # type: ignore[arg-type]
         g[array_path(split, "labels")][start:stop] = labels
         g[array_path(split, "ids")][start:stop] = np.asarray(ids, dtype=object).astype(str)
         for name, m in self.maps.items():
-            g[array_path(split, "saliency", m.array_name)][start:stop] = maps[name]
+            write_rows(g[array_path(split, "saliency", m.array_name)], start, maps[name])  # type: ignore[arg-type]
         self.counts[split] = max(self.counts[split], stop)
 
     def write_boxes(self, split: str, boxes: np.ndarray) -> None:
@@ -1170,7 +1383,7 @@ class StoreWriter:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 6)
         self.group.create_array(array_path(split, "boxes"), shape=boxes.shape, dtype="float32",
                                 chunks=(max(1, min(len(boxes), 65536)), 6),
-                                compressors=map_compressors(), fill_value=0)
+                                compressors=table_compressors(), fill_value=0)
         if len(boxes):
             self.group[array_path(split, "boxes")][...] = boxes
         self.has_boxes.add(split)
@@ -1187,8 +1400,9 @@ class StoreWriter:
 
     def finish(self, provenance: dict[str, Any], progress: Any = None) -> StoreInfo:
         """Compute digests, then write the 'satkit' attribute: the store is now complete."""
+        sharded = any(self.group[array_path(s, "images")].shards for s in self.counts)  # type: ignore[union-attr]
         info = StoreInfo(
-            format_version=FORMAT_VERSION,
+            format_version=2 if sharded else 1,  # version 1 readers read unsharded stores
             dataset=self.dataset,
             classes=self.classes,
             image_size=self.image_size,

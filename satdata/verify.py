@@ -1,4 +1,8 @@
-"""Recompute a store's digests; report which array and which samples differ."""
+"""Recompute a store's digests; report which array, which file and which samples differ.
+
+A file is a chunk, or a shard of a sharded array (format version 2): each is fetched
+once, its stored bytes hashed against the recorded file digest and its decoded values
+fed to the array's sha256 (docs/store-format.md, "Digests")."""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from satdata.chunkio import iter_chunk_files
-from satdata.store import Store, _canonical_bytes, chunk_file_digest, iter_chunks
+from satdata.chunkio import file_word, iter_chunk_files
+from satdata.store import Store, _canonical_bytes, chunk_file_digest, iter_chunks, write_unit
 
 
 @dataclass
@@ -47,12 +51,12 @@ class VerifyReport:
 
 def verify_digests(store: Store, progress: Callable[[str], None] | None = None, *,
                    concurrency: int | None = None) -> VerifyReport:
-    """Re-read every array chunk by chunk and compare with the recorded digests.
+    """Re-read every array file by file (chunks, or shards) and compare with the recorded digests.
 
-    Each chunk file is fetched once (satdata/chunkio.py): its stored bytes give the
-    chunk-file digest, and the same bytes, decoded through the array's codec pipeline,
-    feed the array's sha256. Up to ``concurrency`` chunks (across arrays; default
-    ``satdata.chunkio.DEFAULT_CONCURRENCY``) are fetched while earlier ones are hashed,
+    Each file is fetched once (satdata/chunkio.py): its stored bytes give the file
+    digest, and the same bytes, decoded, feed the array's sha256. Up to ``concurrency``
+    files (across arrays; default ``satdata.chunkio.DEFAULT_CONCURRENCY``, and about
+    ``IN_FLIGHT_BYTES``) are fetched while earlier ones are hashed,
     so a store over the network is not read one round trip at a time; the report is the
     same as a sequential pass would give.
     """
@@ -86,30 +90,32 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None, 
 
 def _check_array(rep: VerifyReport, path: str, rec: dict[str, Any], arr: Any,
                  chunks: list[tuple[int, int]], fetched: Iterator[tuple[Any, int, bytes | None, Any]]) -> None:
-    """Compare one array's chunks (the next ``len(chunks)`` items of ``fetched``) with ``rec``."""
+    """Compare one array's files (the next ``len(chunks)`` items of ``fetched``) with ``rec``."""
     whole = hashlib.sha256()
     whole.update(f"{arr.dtype}|{tuple(arr.shape)}|".encode())
     want = rec.get("chunks", [])
+    word = file_word(arr)  # "chunk", or "shard"
     found_chunk_problem = False
     for i, (a, b) in enumerate(chunks):
         _, _, stored, values = next(fetched)
-        if isinstance(values, BaseException):  # a damaged chunk may not even decode
+        if isinstance(values, BaseException):  # a damaged file may not even decode
             e = values
-            rep.problems.append(Problem(path, f"chunk {i} cannot be read ({type(e).__name__}: {e})", a, b))
+            rep.problems.append(Problem(path, f"{word} {i} cannot be read ({type(e).__name__}: {e})", a, b))
             found_chunk_problem = True
             continue
         got = chunk_file_digest(stored)
         whole.update(_canonical_bytes(np.asarray(values)))
         if i >= len(want):
-            rep.problems.append(Problem(path, f"chunk {i} is not in the recorded digests", a, b))
+            rep.problems.append(Problem(path, f"{word} {i} is not in the recorded digests", a, b))
             found_chunk_problem = True
         elif got != want[i]:
             what = "is missing" if got == "absent" else (
                 "appeared where none was written" if want[i] == "absent" else
                 f"digest mismatch (recorded {want[i]}, found {got})")
-            rep.problems.append(Problem(path, f"chunk {i} file {what}", a, b))
+            rep.problems.append(Problem(path, f"{word} {i} file {what}", a, b))
             found_chunk_problem = True
-    if not found_chunk_problem and len(want) != len(chunks):
-        rep.problems.append(Problem(path, f"has {len(chunks)} chunks, recorded {len(want)}"))
+    if not found_chunk_problem and (len(want) != len(chunks) or rec.get("chunk_size") not in (None, write_unit(arr))):
+        rep.problems.append(Problem(path, f"has {len(chunks)} {word}s of {write_unit(arr)} samples, recorded "
+                                          f"{len(want)} of {rec.get('chunk_size')}"))
     elif not found_chunk_problem and whole.hexdigest() != rec.get("sha256"):
         rep.problems.append(Problem(path, "sha256 mismatch (shape or dtype changed)"))

@@ -247,7 +247,7 @@ ATTRIBUTE_CASES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "format_version 1.9": (_set("format_version", 1.9), "format_version 1.9"),
     "format_version true": (_set("format_version", True), "format_version True"),
     "format_version '1'": (_set("format_version", "1"), "format_version '1'"),
-    "format_version 2": (_set("format_version", 2), "newer"),
+    "format_version 3": (_set("format_version", 3), "newer"),
     "format_version 0": (_set("format_version", 0), "invalid store format version"),
     "format_version null": (_set("format_version", None), "format_version None"),
     "classes duplicate": (_set("classes", ["a", "a", "c"]), "twice"),
