@@ -28,7 +28,7 @@ import numpy as np
 
 from satdata.errors import SatkitError
 from satdata.sources import Record, Source
-from satdata.store import SPLIT_ORDER, MapInfo, StoreWriter, array_path, write_unit
+from satdata.store import SPLIT_ORDER, MapInfo, StoreWriter, array_path, write_rows, write_unit
 
 # A range holds at least this many samples (whole write units): a task's fixed costs (a
 # round trip to the scheduler, opening the store) stay small beside its decoding.
@@ -148,9 +148,9 @@ def write_range(path: str | Path, args: Mapping[str, Any], rng: Range, records: 
         if pos + 1 == a + len(buf):
             if not Path(path, "zarr.json").is_file():  # the build failed and is being removed
                 raise SatkitError(f"{path}: the build was stopped")
-            images[a:pos + 1] = buf
+            write_rows(images, a, buf)  # type: ignore[arg-type]
             for name, arr in map_arrs.items():
-                arr[a:pos + 1] = mbuf[name]
+                write_rows(arr, a, mbuf[name])  # type: ignore[arg-type]
             a, buf = pos + 1, None
     if boxes:
         out.boxes = np.concatenate(boxes)

@@ -67,10 +67,12 @@ def test_digits_one_process_dask_and_shards_write_the_same_store(tmp_path: Path)
 def small_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """Write units of 2 samples and one unit per range: many ranges from a tiny fixture."""
     monkeypatch.setattr(store_mod, "samples_per_chunk", lambda *a, **k: 2)
+    monkeypatch.setattr(store_mod, "samples_per_shard", lambda *a, **k: 2)  # large images: shards of 2
     monkeypatch.setattr(ranges, "RANGE_MIN_SAMPLES", 1)
 
 
-def test_skipped_samples_leave_no_hole_and_boxes_follow(tmp_path: Path, small_units: None) -> None:
+@pytest.mark.parametrize("size", [32, 224])  # chunked (format 1) and sharded (format 2) layouts
+def test_skipped_samples_leave_no_hole_and_boxes_follow(tmp_path: Path, small_units: None, size: int) -> None:
     from tests.fixtures.voc import make_voc
 
     fx = make_voc(tmp_path / "data")
@@ -79,7 +81,7 @@ def test_skipped_samples_leave_no_hole_and_boxes_follow(tmp_path: Path, small_un
     for victim in (ids[1], ids[-2]):  # holes in two different ranges, neither the last sample
         fx.jpg(victim).write_bytes(b"not a jpeg at all")
     root = str(fx.devkit)
-    base = dict(source="voc-boxes", root=root, progress=False, skip_bad=True)
+    base = dict(source="voc-boxes", root=root, progress=False, skip_bad=True, size=(size, size))
     one = build(BuildConfig(out=str(tmp_path / "one.zarr"), **base))
     assert one.info.provenance["skipped_count"] == 2
     cfg = BuildConfig(out=str(tmp_path / "sh.zarr"), **base)
@@ -95,6 +97,9 @@ def test_skipped_samples_leave_no_hole_and_boxes_follow(tmp_path: Path, small_un
     np.testing.assert_array_equal(a.load("train", "boxes"), b.load("train", "boxes"))
     assert list(a.load("train", "ids")) == list(b.load("train", "ids"))
     assert ids[1] not in list(b.load("train", "ids"))
+    images = b.array("train", "images")
+    assert (images.shards is not None) == (size == 224) and b.info.format_version == (2 if size == 224 else 1)
+    assert len(list(store_mod.iter_chunks(images))) >= 2  # several files: samples moved across files
 
 
 def test_a_bad_sample_without_skip_bad_fails_the_dask_build_cleanly(tmp_path: Path, small_units: None) -> None:
