@@ -317,8 +317,9 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
             make_private_dir(tmp)
             created = True
             extra: dict[str, Any] = {}
+            begun: dict[str, Any] = {}
             if cfg.dask:
-                writer, extra = _build_dask(cfg, tmp, source, records, maps, bad)
+                writer, extra, begun = _build_dask(cfg, tmp, source, records, maps, bad)
             else:
                 if cfg.workers > 0:
                     ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
@@ -339,7 +340,7 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
                 if pool is not None:
                     pool.close()
                     pool = None
-            info = writer.finish(provenance(cfg, source, splits, bad, dict(writer.counts), t0, **extra))
+            info = writer.finish(provenance(cfg, source, splits, bad, dict(writer.counts), t0, **extra), digests=begun)
             commit(tmp, out, before)
     except BaseException:
         if pool is not None:
@@ -362,7 +363,7 @@ def remove_partial(tmp: Path) -> None:
 
 
 def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, list[Record]],
-                maps: dict[str, MapInfo], bad: BadSamples) -> tuple[StoreWriter, dict[str, Any]]:
+                maps: dict[str, MapInfo], bad: BadSamples) -> tuple[StoreWriter, dict[str, Any], dict[str, Any]]:
     """Decode and write on Dask workers (satdata.dask_build), then close holes and boxes."""
     from satdata import ranges
     from satdata.dask_build import client_for, run_ranges, worker_threads
@@ -370,11 +371,13 @@ def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, 
     args = ranges.writer_args(source, cfg.size, maps)
     writer = ranges.prepare(tmp, args, records)
     counts = {s: len(r) for s, r in records.items()}
+    digests = ranges.Digests(writer, counts)
     with client_for(cfg.dask or "") as client:
         plan = ranges.plan_ranges(writer, counts, worker_threads(client))
         results = run_ranges(client, tmp, args, plan, records, source, size=cfg.size, fit=cfg.fit,
                              reduced_decode=cfg.reduced_decode, stop_at_bad=not cfg.skip_bad,
-                             progress=lambda: _progress(sum(counts.values()), "build (dask)", cfg.progress))
+                             progress=lambda: _progress(sum(counts.values()), "build (dask)", cfg.progress),
+                             on_result=digests.finished)
     if not cfg.skip_bad:
         for r in results:
             for path, problem in r.bad:
@@ -382,7 +385,7 @@ def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, 
     ranges.check_complete(results, plan)
     ranges.finish_splits(writer, counts, results, bad, cfg.root,
                          boxes_always=any(spec.from_boxes for spec in source.maps.values()))
-    return writer, {"built_by": {"dask": cfg.dask, "tasks": len(plan)}}
+    return writer, {"built_by": {"dask": cfg.dask, "tasks": len(plan)}}, digests.begun(results)
 
 
 _WORKER_DIED = ("a build worker died ({how}): killed, out of memory, or a crash in an image decoder; "

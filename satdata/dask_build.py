@@ -101,9 +101,11 @@ def worker_threads(client: Any) -> int:
 
 def run_ranges(client: Any, path: Path, args: Mapping[str, Any], ranges: Sequence[Range],
                records: Mapping[str, Sequence[Record]], source: Source, *, size: tuple[int, int], fit: str,
-               reduced_decode: bool, stop_at_bad: bool, progress: Any = None) -> list[RangeResult]:
+               reduced_decode: bool, stop_at_bad: bool, progress: Any = None,
+               on_result: Any = None) -> list[RangeResult]:
     """Every range as one task on ``client``'s workers; their results, or a SatkitError.
-    ``progress``: a context manager factory giving a tqdm-like bar."""
+    ``progress``: a context manager factory giving a tqdm-like bar; ``on_result(result)``
+    runs here for each range done, while the others go on."""
     distributed = _need_dask()
     with (progress() if progress else nullcontext()) as bar:
         src = client.scatter(source, broadcast=True)  # once per worker, not once per task
@@ -127,6 +129,8 @@ def run_ranges(client: Any, path: Path, args: Mapping[str, Any], ranges: Sequenc
                     bar.update(r.stop - r.start)
                 if stop_at_bad and res.bad:
                     return results  # the caller reports the bad sample; the rest are cancelled below
+                if on_result is not None:
+                    on_result(res)
         except distributed.client.FutureCancelledError as e:
             raise SatkitError(f"--dask: a task was cancelled ({e})") from None
         finally:

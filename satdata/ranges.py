@@ -28,7 +28,7 @@ import numpy as np
 
 from satdata.errors import SatkitError
 from satdata.sources import Record, Source
-from satdata.store import SPLIT_ORDER, MapInfo, StoreWriter, array_path, write_rows, write_unit
+from satdata.store import SPLIT_ORDER, ArrayDigest, MapInfo, StoreWriter, array_path, write_rows, write_unit
 
 # A range holds at least this many samples (whole write units): a task's fixed costs (a
 # round trip to the scheduler, opening the store) stay small beside its decoding.
@@ -157,6 +157,37 @@ def write_range(path: str | Path, args: Mapping[str, Any], rng: Range, records: 
     return out
 
 
+class Digests:
+    """Digests of the images and maps, begun while the build runs: each time a range is
+    done, every file before the first range still running is hashed (ArrayDigest), so the
+    building process hashes while the workers decode instead of after them."""
+
+    def __init__(self, writer: StoreWriter, counts: Mapping[str, int]) -> None:
+        self.counts = dict(counts)
+        self.done: dict[str, list[tuple[int, int]]] = {s: [] for s in counts}
+        self.arrays: dict[str, dict[str, ArrayDigest]] = {}
+        for split in counts:
+            paths = [array_path(split, "images")]
+            paths += [array_path(split, "saliency", m.array_name) for m in writer.maps.values()]
+            self.arrays[split] = {p: ArrayDigest(writer.group[p]) for p in paths}  # type: ignore[arg-type]
+
+    def finished(self, result: RangeResult) -> None:
+        r = result.range
+        self.done[r.split].append((r.start, r.stop))
+        upto = 0
+        for a, b in sorted(self.done[r.split]):
+            if a > upto:
+                break
+            upto = max(upto, b)
+        for d in self.arrays[r.split].values():
+            d.advance(upto)
+
+    def begun(self, results: Sequence[RangeResult]) -> dict[str, ArrayDigest]:
+        """The digests to finish, less those of splits with holes (moving samples changes them)."""
+        holes = {r.range.split for r in results if r.bad_positions}
+        return {p: d for split, ds in self.arrays.items() if split not in holes for p, d in ds.items()}
+
+
 def close_holes(writer: StoreWriter, split: str, n: int, bad_positions: Sequence[int]) -> int:
     """Move the samples after each hole down so the split is dense, then shrink it.
 
@@ -230,5 +261,5 @@ def iter_ranges(ranges: Sequence[Range], records: Mapping[str, Sequence[Record]]
         yield r, list(records[r.split][r.start:r.stop])
 
 
-__all__ = ["RANGE_MIN_SAMPLES", "Range", "RangeResult", "check_complete", "close_holes", "finish_splits",
+__all__ = ["RANGE_MIN_SAMPLES", "Digests", "Range", "RangeResult", "check_complete", "close_holes", "finish_splits",
            "gather_boxes", "iter_ranges", "label_row", "plan_ranges", "prepare", "write_range", "writer_args"]

@@ -479,25 +479,47 @@ def digest_array(arr: "zarr.Array") -> dict[str, Any]:
     last sample of a boundary chunk and a shard's index, and names the file and its
     sample range. Each file is read once: its values are decoded from the bytes hashed.
     """
-    from satdata import chunkio
+    return ArrayDigest(arr).result()
 
-    fmt = chunkio.file_format(arr.metadata)
-    whole = hashlib.sha256()
-    whole.update(f"{arr.dtype}|{tuple(arr.shape)}|".encode())
-    chunks = []
-    for i, (a, b) in enumerate(iter_chunks(arr)):
-        data = read_chunk_file(arr, i)
-        if fmt is None:
-            values = np.asarray(arr[a:b])
-        else:
-            values = np.empty((b - a,) + fmt.sample_shape, dtype=fmt.dtype)
-            if data is None:
-                values[...] = fmt.fill_value
+
+class ArrayDigest:
+    """:func:`digest_array` computed file by file, in order, as far as asked: a build
+    written by many processes hashes each file once every file before it is final, while
+    the workers still decode (satdata.ranges). The array's shape must not change meanwhile."""
+
+    def __init__(self, arr: "zarr.Array") -> None:
+        from satdata import chunkio
+
+        self.arr = arr
+        self.fmt = chunkio.file_format(arr.metadata)
+        self.whole = hashlib.sha256()
+        self.whole.update(f"{arr.dtype}|{tuple(arr.shape)}|".encode())
+        self.chunks: list[str] = []
+        self.bounds = list(iter_chunks(arr))
+
+    def advance(self, upto: int) -> None:
+        """Hash every file that ends at or before sample ``upto`` and is not hashed yet."""
+        from satdata import chunkio
+
+        arr, fmt = self.arr, self.fmt
+        while len(self.chunks) < len(self.bounds) and self.bounds[len(self.chunks)][1] <= upto:
+            i = len(self.chunks)
+            a, b = self.bounds[i]
+            data = read_chunk_file(arr, i)
+            if fmt is None:
+                values = np.asarray(arr[a:b])
             else:
-                chunkio.decode_rows_into(fmt, data, 0, b - a, values)
-        whole.update(_canonical_bytes(values))
-        chunks.append(chunk_file_digest(data))
-    return {"sha256": whole.hexdigest(), "chunk_size": write_unit(arr), "chunks": chunks}
+                values = np.empty((b - a,) + fmt.sample_shape, dtype=fmt.dtype)
+                if data is None:
+                    values[...] = fmt.fill_value
+                else:
+                    chunkio.decode_rows_into(fmt, data, 0, b - a, values)
+            self.whole.update(_canonical_bytes(values))
+            self.chunks.append(chunk_file_digest(data))
+
+    def result(self) -> dict[str, Any]:
+        self.advance(int(self.arr.shape[0]) if self.arr.ndim else 1)
+        return {"sha256": self.whole.hexdigest(), "chunk_size": write_unit(self.arr), "chunks": self.chunks}
 
 
 def store_digest(info: StoreInfo) -> str:
@@ -1398,8 +1420,10 @@ class StoreWriter:
             arr.resize((n,) + tuple(arr.shape[1:]))
         self.counts[split] = n
 
-    def finish(self, provenance: dict[str, Any], progress: Any = None) -> StoreInfo:
-        """Compute digests, then write the 'satkit' attribute: the store is now complete."""
+    def finish(self, provenance: dict[str, Any], progress: Any = None,
+               digests: Mapping[str, "ArrayDigest"] | None = None) -> StoreInfo:
+        """Compute digests, then write the 'satkit' attribute: the store is now complete.
+        ``digests``: arrays whose digest was begun while they were written (finished here)."""
         sharded = any(self.group[array_path(s, "images")].shards for s in self.counts)  # type: ignore[union-attr]
         info = StoreInfo(
             format_version=2 if sharded else 1,  # version 1 readers read unsharded stores
@@ -1414,9 +1438,10 @@ class StoreWriter:
             hflip=self.hflip,
         )
         paths = all_arrays(info) + [array_path(s, "boxes") for s in sorted(self.has_boxes)]
+        begun = dict(digests or {})
         digests = {}
         for p in paths:
-            digests[p] = digest_array(self.group[p])
+            digests[p] = begun[p].result() if p in begun else digest_array(self.group[p])
             if progress is not None:
                 progress(p)
         info = replace(info, digests=digests)
