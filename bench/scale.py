@@ -17,7 +17,7 @@ counted and extrapolated to ImageNet-1k's 1,281,167 training images. Then DDP tr
 step throughput of the small CNN with 1 and 2 processes on CPU (gloo), from
 bench/ddp_step.py. Prints one JSON object.
 
-    python bench/scale.py --images 1200 --json bench/results/scale.json
+    python bench/scale.py --data /tmp/scale-data --json bench/results/scale.json
     python bench/scale.py --quick          # a smoke run: few images, 1 and 2 workers
 """
 
@@ -83,17 +83,16 @@ def run_build(address: str, root: Path, out: Path, size: int) -> tuple[float, di
 
 
 def files_per_array(store_path: Path, n: int) -> dict[str, Any]:
-    """Stored files of the train images array, and the same layout at ImageNet-1k's size."""
-    from satdata.store import open_store, samples_per_chunk, write_unit
+    """Stored files of the train images array, and of the same layout at ImageNet-1k's size."""
+    from satdata.store import files_per_array as layout_files, open_store, write_unit
 
     st = open_store(store_path)
     arr = st.array("train", "images")
     files = sum(1 for p in (store_path / arr.path).rglob("*") if p.is_file() and p.name != "zarr.json")
-    # a split smaller than one unit gets a unit of its own size: take the layout's full unit
-    full_unit = max(write_unit(arr), samples_per_chunk(tuple(st.info.image_size)))  # type: ignore[arg-type]
-    return {"samples": n, "files": files, "samples_per_file": write_unit(arr),
-            "imagenet_1k_files": math.ceil(IMAGENET_TRAIN / full_unit),
-            "imagenet_1k_samples_per_file": full_unit}
+    size = tuple(st.info.image_size)
+    assert files == layout_files(n, size)  # type: ignore[arg-type]
+    return {"samples": n, "files": files, "samples_per_file": write_unit(arr), "format_version": st.info.format_version,
+            "imagenet_1k_files": layout_files(IMAGENET_TRAIN, size)}  # type: ignore[arg-type]
 
 
 def run_streaming(store_path: Path) -> dict[str, Any]:
@@ -129,7 +128,7 @@ def run_ddp(quick: bool) -> dict[str, Any] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=1200)
+    ap.add_argument("--images", type=int, default=4096, help="JPEGs to build from (224x224: 8 shards of 512)")
     ap.add_argument("--sizes", default="32,64,224")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--data", type=Path, default=None, help="cache the generated VOC tree here")
