@@ -152,7 +152,30 @@ def test_remote_smoke(tmp_path: Path) -> None:
     assert res["goal_met"] == all(g["goal_met"] for g in res["goals"].values())
 
 
-@pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py", "attack_strength.py"])
+def test_scale_smoke(tmp_path: Path) -> None:
+    """bench/scale.py --quick at 32x32 and 224x224: Dask builds on 1 and 2 workers against
+    decode-only, streaming, files per array (224x224: sharded), and bench/ddp_step.py's rows."""
+    pytest.importorskip("distributed")
+    out = tmp_path / "scale.json"
+    res = run_bench("scale.py", "--quick", "--sizes", "32,224", "--data", str(tmp_path / "data"), "--json", str(out),
+                    tmp_path=tmp_path)
+    assert json.loads(out.read_text()) == res and res["images"] == 200
+    for size, v in res["sizes"].items():
+        assert set(v["workers"]) == {"1", "2"}
+        for w in v["workers"].values():
+            assert math.isclose(w["build_vs_decode_only"], w["build_img_per_s"] / w["decode_only_img_per_s"],
+                                rel_tol=0.02)
+        assert v["goal_met"] == all(w["build_vs_decode_only"] >= 0.8 for w in v["workers"].values())
+        assert v["streaming"]["samples"] == 200 and v["streaming"]["img_per_s"] > 0
+    assert res["sizes"]["224"]["files_per_array"]["format_version"] == 2
+    assert res["sizes"]["224"]["files_per_array"]["imagenet_1k_files"] == 2503
+    assert res["sizes"]["32"]["files_per_array"]["format_version"] == 1
+    assert {r["processes"] for r in res["ddp"]["rows"]} == {1, 2}
+    assert res["goal_met"] == all(v["goal_met"] for v in res["sizes"].values())
+
+
+@pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py", "attack_strength.py", "scale.py",
+                                    "ddp_step.py", "stream_memory.py"])
 def test_help(script: str) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "usage" in r.stdout.lower()
