@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -124,3 +125,44 @@ def drop_page_cache(path: Path) -> bool:
         finally:
             os.close(fd)
     return True
+
+
+def synthetic_store(base: Path, n: int, size: int, *, unit: int | None = None, seed: int = 0,
+                    classes: int = 10, map_name: str = "mask") -> Path:
+    """A store of ``n`` random ``size`` x ``size`` samples (``classes`` classes) with a binary
+    rectangle mask named ``map_name``, written file by file (the whole split is never in
+    memory). ``unit``: samples per file (unsharded chunks of that many); None: the writer's
+    own layout for the size. Cached in ``base``: a second call with the same arguments
+    returns at once."""
+    from satdata.store import MapInfo, StoreWriter
+    import numpy as np
+
+    path = base / "store.zarr"
+    stamp = base / f".complete-{n}-{size}-{unit or 'default'}"
+    if stamp.exists():
+        return path
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    w = StoreWriter(path, dataset="synthetic", classes=[str(i) for i in range(classes)], image_size=(size, size),
+                    label_kind="single", maps={map_name: MapInfo(name=map_name, encoding="binary", kind="mask")})
+    if unit:
+        w.chunk, w.shard = unit, None  # the writer's layout: chunks of `unit` samples, no shards
+    w.create_split("train", n)
+    step = w.split_chunk["train"]
+    rows, cols = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        k = b - a
+        images = rng.integers(0, 256, size=(k, size, size, 3), dtype=np.uint8)
+        labels = rng.integers(0, classes, size=k).astype(np.int64)
+        y0, x0 = rng.integers(0, size // 2, k), rng.integers(0, size // 2, k)
+        hh, ww = rng.integers(4, size // 2, k), rng.integers(4, size // 2, k)
+        maps = ((rows >= y0[:, None, None]) & (rows < (y0 + hh)[:, None, None])
+                & (cols >= x0[:, None, None]) & (cols < (x0 + ww)[:, None, None])).astype(np.uint8)
+        w.write("train", a, images, labels, [f"s{i}" for i in range(a, b)], {map_name: maps})
+    w.close_split("train", n)
+    w.finish({"source": "bench synthetic (bench/_common.py)"})
+    stamp.touch()
+    return path

@@ -48,48 +48,13 @@ from unittest import mock
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine, median  # noqa: E402
+from _common import emit, machine, median, synthetic_store  # noqa: E402
 
-CLASSES = 10
 MAP = "mask"
 BUCKET = "bench"
 
 
 # --------------------------------------------------------------------------- data
-
-
-def make_store(base: Path, n: int, size: int, seed: int = 0) -> Path:
-    """A synthetic store of ``n`` samples of ``size`` x ``size`` in ``base`` (cached: a second
-    call with the same n and size returns at once)."""
-    from satdata.store import MapInfo, StoreWriter
-
-    path = base / "store.zarr"
-    stamp = base / f".complete-{n}-{size}"
-    if stamp.exists():
-        return path
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    w = StoreWriter(path, dataset="synthetic", classes=[str(i) for i in range(CLASSES)], image_size=(size, size),
-                    label_kind="single", maps={MAP: MapInfo(name=MAP, encoding="binary", kind="mask")})
-    w.create_split("train", n)
-    step = w.split_chunk["train"]
-    rows, cols = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        k = b - a
-        images = rng.integers(0, 256, size=(k, size, size, 3), dtype=np.uint8)
-        labels = rng.integers(0, CLASSES, size=k).astype(np.int64)
-        y0, x0 = rng.integers(0, size // 2, k), rng.integers(0, size // 2, k)
-        hh, ww = rng.integers(2, size // 2 + 1, k), rng.integers(2, size // 2 + 1, k)
-        maps = ((rows >= y0[:, None, None]) & (rows < (y0 + hh)[:, None, None])
-                & (cols >= x0[:, None, None]) & (cols < (x0 + ww)[:, None, None])).astype(np.uint8)
-        w.write("train", a, images, labels, [f"s{i}" for i in range(a, b)], {MAP: maps})
-    w.close_split("train", n)
-    w.finish({"source": "bench/remote.py synthetic"})
-    stamp.touch()
-    return path
 
 
 def du(path: Path) -> tuple[int, int]:
@@ -270,7 +235,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="satkit-bench-remote-"))
     try:
         t = time.perf_counter()
-        local = make_store(args.data or tmp / "data", args.samples, args.size)
+        local = synthetic_store(args.data or tmp / "data", args.samples, args.size)
         gen_s = time.perf_counter() - t
         nbytes, nfiles = du(local)
         with SeaweedS3() as s3, DelayProxy(s3.endpoint, args.delay_ms / 1000) as proxy:

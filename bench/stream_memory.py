@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, emit, machine  # noqa: E402
+from _common import ROOT, emit, machine, synthetic_store  # noqa: E402
 
 CLASSES = 10
 MAP = "mask"
@@ -59,43 +59,6 @@ MIB = 1024**2
 
 
 # --------------------------------------------------------------------------- data
-
-
-def make_store(base: Path, n: int, size: int, *, unit: int | None = None, seed: int = 0) -> Path:
-    """A store of ``n`` random ``size`` x ``size`` samples with a binary mask, written file
-    by file (the whole split is never in memory). ``unit``: samples per file (unsharded
-    chunks of that many); None: the writer's own layout for the size. Cached in ``base``."""
-    from satdata.store import MapInfo, StoreWriter
-
-    path = base / "store.zarr"
-    stamp = base / f".complete-{n}-{size}-{unit or 'default'}"
-    if stamp.exists():
-        return path
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    w = StoreWriter(path, dataset="synthetic", classes=[str(i) for i in range(CLASSES)], image_size=(size, size),
-                    label_kind="single", maps={MAP: MapInfo(name=MAP, encoding="binary", kind="mask")})
-    if unit:
-        w.chunk, w.shard = unit, None  # the writer's layout: chunks of `unit` samples, no shards
-    w.create_split("train", n)
-    step = w.split_chunk["train"]
-    rows, cols = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        k = b - a
-        images = rng.integers(0, 256, size=(k, size, size, 3), dtype=np.uint8)
-        labels = rng.integers(0, CLASSES, size=k).astype(np.int64)
-        y0, x0 = rng.integers(0, size // 2, k), rng.integers(0, size // 2, k)
-        hh, ww = rng.integers(4, size // 2, k), rng.integers(4, size // 2, k)
-        maps = ((rows >= y0[:, None, None]) & (rows < (y0 + hh)[:, None, None])
-                & (cols >= x0[:, None, None]) & (cols < (x0 + ww)[:, None, None])).astype(np.uint8)
-        w.write("train", a, images, labels, [f"s{i}" for i in range(a, b)], {MAP: maps})
-    w.close_split("train", n)
-    w.finish({"source": "bench/stream_memory.py synthetic"})
-    stamp.touch()
-    return path
 
 
 def unit_samples(store: Path) -> int:
@@ -261,7 +224,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="satkit-bench-stream-memory-"))
     try:
         t = time.perf_counter()
-        store = make_store(args.data or tmp / "data", n, args.size, unit=args.unit)
+        store = synthetic_store(args.data or tmp / "data", n, args.size, unit=args.unit)
         unit_bytes = unit_nbytes(store)
         gen_s = time.perf_counter() - t
         runs = [run_child(store, b, args) for b in budgets]

@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -223,6 +223,8 @@ def build(cfg: BuildConfig) -> BuildResult:
     """Build a store as cfg says. Raises SatkitError (one line, names file or option)."""
     t0 = time.time()
     out = check_config(cfg)
+    if cfg.dask and cfg.root:  # the workers read the records' files from wherever they run
+        cfg = replace(cfg, root=str(Path(cfg.root).resolve()))
     made = make_parents(out.parent)
     try:
         probe_writable(out.parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -109,10 +110,12 @@ def run_ranges(client: Any, path: Path, args: Mapping[str, Any], ranges: Sequenc
     distributed = _need_dask()
     with (progress() if progress else nullcontext()) as bar:
         src = client.scatter(source, broadcast=True)  # once per worker, not once per task
+        where = str(Path(path).resolve())  # workers run elsewhere: never a path relative to here
+        build_id = uuid.uuid4().hex  # task keys unique on a scheduler that other builds share
         futures = {}
         for i, r in enumerate(ranges):
-            fut = client.submit(_task, str(path), args, r, list(records[r.split][r.start:r.stop]), src, size, fit,
-                                reduced_decode, stop_at_bad, key=f"satdata-build-{path.name}-{i}", pure=False)
+            fut = client.submit(_task, where, args, r, list(records[r.split][r.start:r.stop]), src, size, fit,
+                                reduced_decode, stop_at_bad, key=f"satdata-build-{build_id}-{i}", pure=False)
             futures[fut] = r
         results: list[RangeResult] = []
         try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -22,21 +21,13 @@ from pathlib import Path
 import pytest
 
 from satdata.store import open_store
+from tests.test_readme_sharing import section_commands
 
 pytest.importorskip("distributed")
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TITLE = "## Scaling out"
-
-
-def section_commands(title: str = TITLE) -> list[str]:
-    text = (REPO / "README.md").read_text()
-    start = text.index(title + "\n")
-    end = text.find("\n## ", start + len(title))
-    body = text[start:end if end >= 0 else None]
-    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
-            for line in block.splitlines() if line.strip().startswith(("satdata ", "sattrain ", "torchrun "))]
 
 
 def losses(run: Path) -> list[dict]:
@@ -48,7 +39,7 @@ def test_scaling_section_runs_as_written(tmp_path: Path, digits_store32: Path) -
     shutil.copytree(REPO / "manifests", tmp_path / "manifests")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmds = section_commands()
+    cmds = section_commands(TITLE, ("torchrun", "satdata", "sattrain"))
     assert cmds[0].startswith("torchrun --standalone --nproc-per-node 2 -m sattrain run digits.zarr")
     assert sum("--shard" in c for c in cmds) == 3 and any("--dask" in c for c in cmds)
     said = {}

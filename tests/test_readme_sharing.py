@@ -31,14 +31,14 @@ TITLE = "## Sharing a store"
 HTTP_PORT, S3_PORT = 8000, 8333
 
 
-def section_commands(title: str = TITLE) -> list[str]:
-    """satdata/sattrain commands from the bash blocks of one README section, in order."""
+def section_commands(title: str = TITLE, programs: tuple[str, ...] = ("satdata", "sattrain")) -> list[str]:
+    """The commands of ``programs`` from the bash blocks of one README section, in order."""
     text = (REPO / "README.md").read_text()
     start = text.index(title + "\n")
     end = text.find("\n## ", start + len(title))
     body = text[start:end if end >= 0 else None]
     return [line.strip() for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
-            for line in block.splitlines() if line.strip().startswith(("satdata ", "sattrain "))]
+            for line in block.splitlines() if line.strip().startswith(tuple(p + " " for p in programs))]
 
 
 def port_free(port: int) -> bool:
