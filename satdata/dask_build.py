@@ -15,6 +15,7 @@ until none of them is still running, so no late write can bring a half store bac
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
@@ -48,6 +49,24 @@ def check_address(address: str) -> None:
 
 
 @contextmanager
+def _environ_kept() -> Iterator[None]:
+    """Put this process's environment back as it was. Dask's nannies set OMP_NUM_THREADS=1
+    and others (``distributed.nanny.pre-spawn-environ``) in their own process's environment
+    before they start workers; a LocalCluster's nannies live in this process, so without
+    this every later subprocess of the caller (a library user's, a test's) would run with
+    one thread."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for k in [k for k in os.environ if k not in before]:
+            del os.environ[k]
+        for k, v in before.items():
+            if os.environ.get(k) != v:
+                os.environ[k] = v
+
+
+@contextmanager
 def client_for(address: str, *, quiet: bool = True) -> Iterator[Any]:
     """A Dask client: a LocalCluster of N one-thread worker processes on 127.0.0.1 for
     ``local:N``, else a connection to the scheduler at ``address``."""
@@ -55,17 +74,9 @@ def client_for(address: str, *, quiet: bool = True) -> Iterator[Any]:
     distributed = _need_dask()
     level = logging.ERROR if quiet else logging.WARNING
     if address.startswith(LOCAL_PREFIX):
-        n = int(address[len(LOCAL_PREFIX):])
-        try:
-            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                               dashboard_address=None, silence_logs=level)
-        except (RuntimeError, OSError, TimeoutError) as e:
-            raise SatkitError(f"--dask {address}: could not start {n} local workers ({type(e).__name__}: {e})") from None
-        try:
-            with distributed.Client(cluster) as client:
+        with _environ_kept():
+            with _local_client(address, int(address[len(LOCAL_PREFIX):]), level) as client:
                 yield client
-        finally:
-            cluster.close()  # its worker processes end here: no task outlives the build
         return
     try:
         client = distributed.Client(address, timeout="15s")
@@ -75,6 +86,22 @@ def client_for(address: str, *, quiet: bool = True) -> Iterator[Any]:
         yield client
     finally:
         client.close()
+
+
+@contextmanager
+def _local_client(address: str, n: int, level: int) -> Iterator[Any]:
+    """A Client of a LocalCluster of ``n`` one-thread worker processes on 127.0.0.1."""
+    distributed = _need_dask()
+    try:
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                           dashboard_address=None, silence_logs=level)
+    except (RuntimeError, OSError, TimeoutError) as e:
+        raise SatkitError(f"--dask {address}: could not start {n} local workers ({type(e).__name__}: {e})") from None
+    try:
+        with distributed.Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()  # its worker processes end here: no task outlives the build
 
 
 def _task(path: str, args: Mapping[str, Any], rng: Range, records: list[Record], source: Source,

@@ -41,8 +41,12 @@ def _leftovers(d: Path, name: str) -> list[str]:
 
 def test_digits_one_process_dask_and_shards_write_the_same_store(tmp_path: Path) -> None:
     one = build(BuildConfig(source="digits", root="", out=str(tmp_path / "one.zarr"), progress=False))
+    environ = dict(os.environ)
     dask = build(BuildConfig(source="digits", root="", out=str(tmp_path / "dask.zarr"), progress=False,
                              dask="local:2"))
+    # Dask's nannies set OMP_NUM_THREADS=1 (and more) in the process that starts a LocalCluster:
+    # put back, so the caller's later subprocesses keep their threads
+    assert dict(os.environ) == environ
     cfg = BuildConfig(source="digits", root="", out=str(tmp_path / "sharded.zarr"), progress=False)
     reports = [build_shard(cfg, (i, 3)) for i in (3, 1, 2)]  # any order
     assert [r.done for r in reports][-1] == [1, 2, 3]
