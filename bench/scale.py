@@ -48,10 +48,7 @@ def decode_range(source: Any, records: list, size: int) -> int:
     """A Dask task: decode and resize ``records`` exactly as a build does; keep nothing."""
     from satdata import build as b
 
-    b._init_worker_inline(source, (size, size), "stretch", True)
-    import cv2
-
-    cv2.setNumThreads(1)
+    b.init_decoder(source, (size, size), "stretch", True)
     for r in records:
         b._process(r)
     return len(records)

@@ -74,6 +74,12 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(source: Source, out_hw: tuple[int, int], fit_mode: str, reduced_decode: bool = True) -> None:
     # Workers only decode and resize; they never touch zarr (its I/O loop is per process).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_decoder(source, out_hw, fit_mode, reduced_decode)
+
+
+def init_decoder(source: Source, out_hw: tuple[int, int], fit_mode: str, reduced_decode: bool = True) -> None:
+    """Set up this process to decode for a build, one of many doing so (a pool worker, a
+    Dask task): ``_process`` then works here, and OpenCV uses one thread."""
     _init_worker_inline(source, out_hw, fit_mode, reduced_decode)
     import cv2
 
@@ -154,15 +160,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(out: Path) -> list[Path]:
-    """Remove leftovers of builds into ``out`` whose process is gone (killed with SIGKILL).
+def remove_stale(out: Path, kinds: Sequence[str] = ("partial", "old")) -> list[Path]:
+    """Remove leftovers ``.NAME.<kind>-PID`` of builds into ``out`` whose process is gone
+    (killed with SIGKILL).
 
     Call with the output lock held (no live build of ``out`` can own a leftover then, not
-    even one with this process's id from before a restart). Only plain directories owned
-    by this user are removed: a link or someone else's entry under such a name is left.
+    even one with this process's id from before a restart), or for kinds that only this
+    process's own code makes. Only plain directories owned by this user are removed: a
+    link or someone else's entry under such a name is left.
     """
     removed = []
-    for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*"):
+    for pattern in (f".{out.name}.{kind}-*" for kind in kinds):
         for p in out.parent.glob(pattern):
             try:
                 pid = int(p.name.rsplit("-", 1)[1])
@@ -323,17 +331,7 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
             if cfg.dask:
                 writer, extra, begun = _build_dask(cfg, tmp, source, records, maps, bad)
             else:
-                if cfg.workers > 0:
-                    ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
-                    # not multiprocessing.Pool: a worker that dies (a crash in a decoder, the
-                    # OOM killer) must end the build with a message, not hang it (satdata.workers)
-                    try:
-                        pool = DecodePool(cfg.workers, ctx, _process, initializer=_init_worker,
-                                          initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
-                    except WorkerDied as e:
-                        raise SatkitError(_WORKER_DIED.format(how=e)) from None
-                else:
-                    _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
+                pool = start_decoding(cfg, source)
                 writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
                                      image_size=cfg.size, label_kind=source.label_kind, maps=maps,
                                      hflip=bool(source.hflip))
@@ -394,6 +392,29 @@ _WORKER_DIED = ("a build worker died ({how}): killed, out of memory, or a crash 
                 "run again with --workers 0 to find the file that causes it")
 
 
+def start_decoding(cfg: BuildConfig, source: Source) -> DecodePool | None:
+    """The pool of ``cfg.workers`` decoding processes, or None to decode in this process
+    (then set up for it). The caller terminates the pool on failure."""
+    if cfg.workers <= 0:
+        _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
+        return None
+    ctx = mp.get_context("forkserver" if sys.platform != "win32" else "spawn")
+    # not multiprocessing.Pool: a worker that dies (a crash in a decoder, the OOM killer)
+    # must end the build with a message, not hang it (satdata.workers)
+    try:
+        return DecodePool(cfg.workers, ctx, _process, initializer=_init_worker,
+                          initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
+    except WorkerDied as e:
+        raise SatkitError(_WORKER_DIED.format(how=e)) from None
+
+
+def decoded(pool: DecodePool | None, records: list[Record], split: str, workers: int) -> Iterator[tuple[str, Any]]:
+    """``_process`` of each record, in order: on the pool, or here."""
+    if pool is None:
+        return map(_process, records)
+    return _pool_map(pool, records, max(1, min(64, len(records) // (8 * workers) or 1)), split)
+
+
 def _pool_map(pool: DecodePool, records: list[Record], chunksize: int, split: str) -> Iterator[Any]:
     """The pool's results in order; a worker's death becomes a one-line error, not a hang."""
     try:
@@ -432,10 +453,7 @@ def _build_split(writer: StoreWriter, source: Source, split: str, records: list[
         for v in maps.values():
             v.clear()
 
-    if pool is not None:
-        results = _pool_map(pool, records, max(1, min(64, len(records) // (8 * cfg.workers) or 1)), split)
-    else:
-        results = map(_process, records)
+    results = decoded(pool, records, split, cfg.workers)
     with _progress(len(records), f"{split}", cfg.progress) as bar:
         for rec, (status, payload) in zip(records, results):
             bar.update(1)

@@ -109,13 +109,7 @@ def _task(path: str, args: Mapping[str, Any], rng: Range, records: list[Record],
     """One range, in a Dask worker: decode, transform, write whole units."""
     from satdata import build as b
 
-    b._init_worker_inline(source, size, fit, reduced_decode)
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover - opencv is a dependency
-        pass
+    b.init_decoder(source, size, fit, reduced_decode)
     return write_range(path, args, rng, records, map(b._process, records), stop_at_bad=stop_at_bad)
 
 

@@ -34,14 +34,13 @@ from typing import Any
 import numpy as np
 
 from satdata import ranges
-from satdata.build import (MAX_BAD_RECORDED, BuildConfig, BuildResult, _init_worker, _init_worker_inline, _pid_alive, _pool_map,
-                           _process, _progress, _WORKER_DIED, check_config, check_out, commit, config_json,
-                           open_source, provenance, sigterm_as_interrupt)
+from satdata.build import (MAX_BAD_RECORDED, BuildConfig, BuildResult, _progress, check_config, check_out, commit,
+                           config_json, decoded, open_source, provenance, remove_stale, sigterm_as_interrupt,
+                           start_decoding)
 from satdata.errors import SatkitError
 from satdata.outputs import identity, make_parents, make_private_dir, output_lock, probe_writable
 from satdata.sources import BadSamples
 from satdata.store import LockBusy, MapInfo, StoreWriter, describe_holders, flock_dir
-from satdata.workers import DecodePool, WorkerDied
 
 PLAN = ".satkit-plan.json"
 DONE = ".satkit-shards"
@@ -115,16 +114,6 @@ def _args_from_json(d: dict[str, Any], where: Path) -> dict[str, Any]:
                           f"remove {where.parent} and run the shards again") from None
 
 
-def _remove_dead_prepares(out: Path) -> None:
-    for p in out.parent.glob(f".{out.name}.shards-new-*"):
-        try:
-            pid = int(p.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if not _pid_alive(pid) and p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def _prepared(cfg: BuildConfig, out: Path, source: Any, splits: list[str], records: dict[str, list[Any]],
               maps: dict[str, MapInfo], n: int, t0: float) -> tuple[Path, dict[str, Any]]:
     """The shared prepared store and its plan, made now if no shard made it yet."""
@@ -132,7 +121,7 @@ def _prepared(cfg: BuildConfig, out: Path, source: Any, splits: list[str], recor
     fp = _fingerprint(cfg, records, n)
     args = ranges.writer_args(source, cfg.size, maps)
     if not d.exists():
-        _remove_dead_prepares(out)
+        remove_stale(out, kinds=("shards-new",))  # a first shard killed while preparing
         tmp = out.parent / f".{out.name}.shards-new-{os.getpid()}"
         make_private_dir(tmp)
         try:
@@ -199,21 +188,11 @@ def _write_shard(cfg: BuildConfig, out: Path, d: Path, plan: dict[str, Any], rec
     pool = None
     try:
         with sigterm_as_interrupt():
-            if cfg.workers > 0:
-                import multiprocessing as mp
-
-                try:
-                    pool = DecodePool(cfg.workers, mp.get_context("forkserver"), _process, initializer=_init_worker,
-                                      initargs=(source, cfg.size, cfg.fit, cfg.reduced_decode))
-                except WorkerDied as e:
-                    raise SatkitError(_WORKER_DIED.format(how=e)) from None
-            else:
-                _init_worker_inline(source, cfg.size, cfg.fit, cfg.reduced_decode)
+            pool = start_decoding(cfg, source)
             with _progress(sum(r.stop - r.start for r in mine), f"shard {i}/{n}", cfg.progress) as bar:
                 for rng, recs in ranges.iter_ranges(mine, records):
-                    res = (_pool_map(pool, recs, max(1, min(64, len(recs) // (8 * cfg.workers) or 1)), rng.split)
-                           if pool is not None else map(_process, recs))
-                    r = ranges.write_range(d, args, rng, recs, res, stop_at_bad=not cfg.skip_bad)
+                    r = ranges.write_range(d, args, rng, recs, decoded(pool, recs, rng.split, cfg.workers),
+                                           stop_at_bad=not cfg.skip_bad)
                     for path, problem in r.bad:
                         bad(path, problem)  # raises without --skip-bad
                     results.append(r)
