@@ -12,6 +12,30 @@ For epoch t (counted from 0), per element of the batch x (images in [0, 1])::
 authors' plots label the curriculum axis alpha^10, so a paper value "alpha" may mean
 this alpha to the tenth power.
 
+How it is drawn (one random number per element, few kernels): a single
+``u ~ U[0, 1)`` per element of x decides both choices::
+
+    w = u < p                                   # P(w) = p
+    n = +1 if u < p + (1 - p) / 2 else -1       # given not-w, u is uniform on [p, 1): a fair sign
+
+so w is Bernoulli(p) and, given ``not w``, u is uniform on [p, 1) and the sign is +1 or
+-1 with probability 1/2 each, whatever p (up to float32's grid of 2^-24 for u). n is
+only used where w is false, so g has exactly the distribution of the formula above with
+n and w drawn independently: P(g = S) = p, P(g = +1) = P(g = -1) = (1 - p) / 2 where S
+is not +-1, and elements are independent of each other. ``p = 0`` gives pure random
+signs and ``p = 1`` exactly S (u is in [0, 1)). On a device, ``sat_perturb`` is one
+random-number kernel and six elementwise ones (two comparisons, one select of S or +1,
+one in-place fill of -1, ``x - eps * g`` as a single add, the in-place clamp) plus the
+one-element fill behind the select's scalar, where drawing n and w separately took two
+random kernels and seven elementwise ones. Until this change n and w were two
+separate draws, so a seeded SAT run now sees other random numbers (the same
+distribution).
+
+Every result keeps x's shape, dtype, device and memory format (a channels_last batch
+stays channels_last), and the random numbers are float32 whatever x's dtype, so p keeps
+its resolution under reduced precision. The noise functions draw once per element too
+(``uniform_delta``: the same numbers as before, in x's memory format).
+
 Everything here is elementwise on the device: no ``.item()``, no CPU tensors, no
 data-dependent Python control flow, so a CUDA step never waits for the host (the tests
 run the functions on the ``meta`` device, where any of those would raise). Randomness
@@ -48,11 +72,21 @@ def _check_generator(x: torch.Tensor, generator: torch.Generator | None) -> None
         )
 
 
+def _uniform(x: torch.Tensor, generator: torch.Generator | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U[0, 1) per element of x, drawn in one call, in x's memory format (``preserve_format``)."""
+    out = torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
+    return out.uniform_(0.0, 1.0, generator=generator)
+
+
 def rademacher_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Independent +-1 signs (each with probability 1/2), shaped and typed like x."""
+    """Independent +-1 signs (each with probability 1/2), shaped and typed like x.
+
+    The same rule as ``sat_direction`` with p = 0: from one generator state both give the
+    same signs.
+    """
     _check_generator(x, generator)
-    bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return bits.mul_(2).sub_(1)
+    u = _uniform(x, generator)
+    return torch.ones_like(x, memory_format=torch.preserve_format).masked_fill_(u >= 0.5, -1.0)
 
 
 def broadcast_saliency(S: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -75,15 +109,20 @@ def broadcast_saliency(S: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def sat_direction(
     x: torch.Tensor, S: torch.Tensor, *, p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """g = (1 - w) * n + w * S with n Rademacher and w Bernoulli(p), per element of x."""
+    """g = (1 - w) * n + w * S with n Rademacher and w Bernoulli(p), per element of x.
+
+    One uniform draw u per element: w = u < p, and n = +1 if u < p + (1 - p) / 2 else -1
+    (the module docstring says why that is exactly the distribution above).
+    """
     if not 0.0 <= p <= 1.0:
         raise SatkitError(f"perturbation: p must be in [0, 1], got {p}")
     _check_generator(x, generator)
     S = broadcast_saliency(S, x)
-    n = rademacher_like(x, generator)
-    # rand is in [0, 1): with p = 0 no element follows S, with p = 1 every element does.
-    w = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32) < p
-    return torch.where(w, S, n)
+    u = _uniform(x, generator)
+    # u is in [0, 1): with p = 0 no element follows S, with p = 1 every element does.
+    # S where u < p, else +1; then -1 where u >= p + (1 - p) / 2 (never where u < p, as p <= that).
+    # torch.where with a Python scalar keeps S's dtype; masked_fill_ takes its value by value (no kernel).
+    return torch.where(u < p, S, 1.0).masked_fill_(u >= p + (1.0 - p) / 2.0, -1.0)
 
 
 def sat_perturb(
@@ -108,16 +147,21 @@ def sat_perturb(
     if eps < 0:
         raise SatkitError(f"--eps0: must be >= 0, got {eps}")
     g = sat_direction(x, S, p=p, generator=generator)
-    return (x - eps * g).clamp_(0.0, 1.0).detach()
+    # x - eps * g as one kernel (x + alpha * g); may differ from the two-step form by one float ulp
+    return torch.add(x, g, alpha=-float(eps)).clamp_(0.0, 1.0).detach()
 
 
 def uniform_delta(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """U(-eps, eps) noise per element, shaped and typed like x (not added, not clamped)."""
+    """U(-eps, eps) noise per element, shaped, typed and laid out like x (not added, not clamped).
+
+    One draw per element; for a contiguous x the numbers are those of
+    ``torch.rand(x.shape, generator=generator) * 2 eps - eps``, as before the draws kept x's
+    memory format.
+    """
     if eps < 0:
         raise SatkitError(f"noise: eps must be >= 0, got {eps}")
     _check_generator(x, generator)
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return u.mul_(2 * eps).sub_(eps)
+    return _uniform(x, generator, x.dtype).mul_(2 * eps).sub_(eps)
 
 
 def uniform_noise(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:

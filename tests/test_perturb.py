@@ -16,6 +16,7 @@ from sattrain.data import MapCodec, RawBatch, prepare_batch, saliency_from_store
 from sattrain.methods import StepContext, get_method, method_names
 from sattrain.models import create_model
 from sattrain.perturb import (
+    broadcast_saliency,
     curriculum_p,
     rademacher_like,
     sat_direction,
@@ -94,7 +95,8 @@ def test_result_is_clamp_of_x_minus_eps_g(seed: int, p: float, eps: float, encod
     S = saliency_from_stored(q, codec_for(encoding))
     g = sat_direction(x, S, p=p, generator=gen(seed))
     out = sat_perturb(x, S, eps=eps, p=p, generator=gen(seed))
-    assert torch.equal(out, (x - eps * g).clamp(0, 1))
+    # x - eps * g is one fused add in sat_perturb: equal up to one float32 rounding
+    assert torch.allclose(out, (x - eps * g).clamp(0, 1), rtol=0, atol=2e-7)
     assert out.min() >= 0 and out.max() <= 1
     # g is either a random sign or S, element by element (and S is shared by the channels)
     Sx = S.expand_as(x)
@@ -175,6 +177,134 @@ def test_rademacher_and_bernoulli_statistics() -> None:
     f = (g == 0).float()
     both = float((f[:, 0] * f[:, 1]).mean())
     assert abs(both - 0.25) < 0.01
+
+
+def _categories(p: float, seed: int, shape: tuple[int, ...] = (16, 3, 64, 64)) -> torch.Tensor:
+    """sat_direction with S = 0: each element is 0 (follows S), +1 or -1 (a random sign)."""
+    x = torch.full(shape, 0.5)
+    return sat_direction(x, torch.zeros(shape[0], 1, *shape[2:]), p=p, generator=gen(seed))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.4, 0.92])
+def test_one_draw_gives_the_three_way_distribution(p: float) -> None:
+    """P(g = S) = p and P(g = +1) = P(g = -1) = (1 - p) / 2: a chi-square test on 196,608 elements."""
+    g = _categories(p, 11)
+    n = g.numel()
+    counts = [int((g == 0).sum()), int((g == 1).sum()), int((g == -1).sum())]
+    assert sum(counts) == n  # nothing else
+    expected = [p * n, (1 - p) / 2 * n, (1 - p) / 2 * n]
+    chi2 = sum((c - e) ** 2 / e for c, e in zip(counts, expected))
+    assert chi2 < 18.4  # chi-square with 2 degrees of freedom: P(> 18.4) = 1e-4
+    # the sign is balanced among the elements that do not follow S, for this p
+    signs = counts[1] + counts[2]
+    assert abs(counts[1] / signs - 0.5) < 5 * 0.5 / math.sqrt(signs)
+
+
+def test_sign_and_w_independent_across_elements() -> None:
+    """One draw per element and no draw shared: the choice (S or not) of an element says nothing
+    about its neighbours' choices or signs (pairs along the width, and channel 0 against 1)."""
+    p = 0.4
+    g = _categories(p, 12)
+    for a, b in ((g[..., :-1], g[..., 1:]), (g[:, 0], g[:, 1])):
+        wa = a == 0
+        nb_plus, nb_sign = b == 1, b != 0
+        m = float(wa.float().mean())
+        # P(neighbour follows S | this one does) = p, whether this one does or not
+        for cond in (wa, ~wa):
+            k = int(cond.sum())
+            share = float((b[cond] == 0).float().mean())
+            assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / k)
+        # the neighbour's sign is balanced whether this element follows S or not
+        for cond in (wa, ~wa):
+            sel = cond & nb_sign
+            k = int(sel.sum())
+            assert abs(float(nb_plus[sel].float().mean()) - 0.5) < 5 * 0.5 / math.sqrt(k)
+        assert abs(m - p) < 0.01
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_p_zero_and_p_one_are_exact(seed: int) -> None:
+    x = torch.rand(4, 3, 8, 8, generator=gen(100 + seed))
+    S = torch.rand(4, 1, 8, 8, generator=gen(200 + seed)) * 1.6 - 0.8  # never +-1, never 0
+    g0 = sat_direction(x, S, p=0.0, generator=gen(seed))
+    assert torch.all(g0.abs() == 1)  # p = 0: only random signs, S never
+    assert torch.equal(g0, rademacher_like(x, gen(seed)))  # the same rule as rademacher_like
+    g1 = sat_direction(x, S, p=1.0, generator=gen(seed))
+    assert torch.equal(g1, S.expand_as(x))  # p = 1: exactly S, whatever the random numbers
+    out = sat_perturb(x, S, eps=EPS, p=1.0, generator=gen(seed + 7))
+    assert torch.equal(out, sat_perturb(x, S, eps=EPS, p=1.0, generator=gen(seed + 8)))
+    assert torch.allclose(out, (x - EPS * S).clamp(0, 1), rtol=0, atol=2e-7)
+
+
+def test_random_numbers_in_one_call_and_few_kernels() -> None:
+    """Every aten call of sat_perturb: one random draw (uniform_) for both n and w, and at
+    most eight calls that launch a kernel on a device (the fused form; the two-draw form had nine)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.rand(2, 3, 8, 8, generator=gen(1))
+    S = torch.rand(2, 1, 8, 8, generator=gen(2))
+    with Record() as rec:
+        sat_perturb(x, S, eps=EPS, p=0.4, generator=gen(3))
+    random_ops = [o for o in rec.ops if o in ("uniform_", "rand", "randint", "random_", "bernoulli_", "bernoulli",
+                                               "normal_", "randn", "rand_like", "randint_like")]
+    assert random_ops == ["uniform_"], rec.ops
+    no_kernel = {"expand", "empty_like", "detach", "view", "alias"}
+    assert len([o for o in rec.ops if o not in no_kernel]) <= 8, rec.ops
+    with Record() as rec:
+        uniform_noise(x, eps=EPS, generator=gen(3))
+    assert [o for o in rec.ops if o in ("uniform_", "rand", "random_")] == ["uniform_"], rec.ops
+
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_results_keep_memory_format_dtype_and_device(layout: torch.memory_format, dtype: torch.dtype) -> None:
+    x = torch.rand(3, 3, 5, 6, generator=gen(4)).to(dtype).contiguous(memory_format=layout)
+    S1 = torch.rand(3, 1, 5, 6, generator=gen(5)).mul(2).sub(1)
+    S3 = torch.rand(3, 3, 5, 6, generator=gen(6)).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
+    outs = {
+        "sat_perturb": sat_perturb(x, S1, eps=EPS, p=0.5, generator=gen(7)),
+        "sat_perturb (3-channel S)": sat_perturb(x, S3, eps=EPS, p=0.5, generator=gen(7)),
+        "sat_direction": sat_direction(x, S1, p=0.5, generator=gen(7)),
+        "rademacher_like": rademacher_like(x, gen(7)),
+        "uniform_delta": uniform_delta(x, eps=EPS, generator=gen(7)),
+        "uniform_noise": uniform_noise(x, eps=EPS, generator=gen(7)),
+    }
+    for name, out in outs.items():
+        assert out.shape == x.shape and out.dtype == dtype and out.device == x.device, name
+        assert out.is_contiguous(memory_format=layout), (name, out.stride())
+    # where nothing is random (p = 1), the same values in either layout (up to the rounding of
+    # the dtype: CPU kernels for half types round differently in strided and contiguous loops)
+    ref = sat_perturb(x.contiguous(), S1, eps=EPS, p=1.0, generator=gen(8))
+    torch.testing.assert_close(sat_perturb(x, S1, eps=EPS, p=1.0, generator=gen(9)), ref)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_format_kept_on_the_meta_device(layout: torch.memory_format) -> None:
+    x = torch.empty(4, 3, 8, 8, device="meta").contiguous(memory_format=layout)
+    S = torch.empty(4, 1, 8, 8, device="meta")
+    for out in (sat_perturb(x, S, eps=EPS, p=0.3), uniform_noise(x, eps=EPS), rademacher_like(x)):
+        assert out.device.type == "meta" and out.is_contiguous(memory_format=layout)
+    assert broadcast_saliency(S, x).shape == x.shape
+
+
+def test_uniform_delta_numbers_unchanged() -> None:
+    """The noise control keeps its random numbers: for a contiguous batch the same values as
+    torch.rand(shape) * 2 eps - eps from the same generator state, bit for bit."""
+    x = torch.rand(4, 3, 8, 8, generator=gen(1))
+    d = uniform_delta(x, eps=EPS, generator=gen(21))
+    assert torch.equal(d, torch.rand(x.shape, generator=gen(21)).mul_(2 * EPS).sub_(EPS))
 
 
 def test_seeded_and_repeatable() -> None:
