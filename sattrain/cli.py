@@ -48,7 +48,9 @@ def _run_epilog() -> str:
                         for m in method_names())
     models = "\n".join(f"  {m:<16}{model_summary(m)}" for m in model_names())
     recipes = "\n".join(
-        f"  {r.name:<8}{r.optimizer} lr {r.lr:g}, momentum {r.momentum:g}, weight decay {r.weight_decay:g}, "
+        f"  {r.name:<8}{r.optimizer} lr {r.lr:g}"
+        + "".join(f" ({lr:g} for {m})" for m, lr in r.lr_by_method)
+        + f", momentum {r.momentum:g}, weight decay {r.weight_decay:g}, "
         f"--schedule {r.schedule}, --attack-bn {r.attack_bn}" for r in RECIPES.values())
     schedules = "\n".join(f"  {k:<11}{v}" for k, v in SCHEDULE_HELP.items())
     return f"""\b
@@ -66,7 +68,8 @@ Recipes (--recipe; an explicit --optimizer, --lr, --momentum, --weight-decay,
 --schedule or --attack-bn overrides the recipe's value):
 {recipes}
 \b
-Learning-rate schedules (--schedule; epochs t from 0 of E, scaled to --epochs):
+Learning-rate schedules (--schedule; epochs t from 0 of E, scaled to --epochs; onecycle
+and cyclic per optimizer step):
 {schedules}
 \b
 The run directory (--out) gets config.json (every option as resolved), metrics.jsonl
@@ -84,6 +87,8 @@ Examples:
   sattrain run digits.zarr --method standard --train-samples 512 --epochs 2 --summary-samples 0
   sattrain run cifar10.zarr --method pgd --recipe madry --model resnet18 --epochs 200
   sattrain run cifar10.zarr --method pgd+sat --map gbp_adv --model resnet10 --amp
+  sattrain run cifar10.zarr --method fgsm-rs --recipe fast --epochs 15 --early-stop
+  sattrain run cifar10.zarr --method free --recipe fast --epochs 80     # 10 passes x 8 replays
   sattrain run tin.zarr --method sat --map boxes --map mask --epochs 100   # map ensemble
   sattrain run cifar10.zarr --out runs/c10-sat --resume                   # continue a run
 \b
@@ -150,9 +155,17 @@ def main() -> None:
                    "(0 at epoch 0, 0.4 at epoch 10 with 0.6). The authors' plots label this axis alpha^10.")
 @click.option("--eps", default="8/255", show_default=True, callback=_eps("--eps"),
               help="PGD / TRADES ball in training, and the PGD of the per-epoch monitor.")
-@click.option("--steps", type=click.IntRange(min=0), default=5, show_default=True, help="PGD / TRADES steps in training.")
-@click.option("--step-size", default="2/255", show_default=True, callback=_eps("--step-size"),
-              help="PGD / TRADES step size (training and the per-epoch monitor).")
+@click.option("--steps", type=click.IntRange(min=0), default=None,
+              help="PGD / TRADES steps in training.  [default: 5; fgsm-rs takes exactly 1]")
+@click.option("--step-size", default=None, callback=_eps("--step-size"),
+              help="Step size of the training attack (and of the per-epoch monitor for the PGD / TRADES methods).  "
+                   "[default: 2/255; 1.25 x --eps for fgsm-rs (Wong et al.), --eps for free (Shafahi et al.)]")
+@click.option("--replays", type=click.IntRange(min=1), default=None,
+              help="free: optimizer steps on each minibatch (Shafahi et al.'s m). The run makes ceil(--epochs / m) "
+                   "passes over the data, so it takes the gradient steps of --epochs epochs.  [default: 8]")
+@click.option("--early-stop", is_flag=True,
+              help="Stop when the per-epoch monitor falls by more than 0.2 in one epoch (catastrophic overfitting of "
+                   "FGSM training; Wong et al.'s remedy); the summary then evaluates best.pt.")
 @click.option("--beta", type=float, default=None,
               help="TRADES weight of the KL term.  [default: 6 for trades, 1 for trades+sat and trades+noise]")
 @click.option("--augment", type=click.Choice(list(AUGMENTS)), default="auto", show_default=True,
@@ -194,8 +207,8 @@ def main() -> None:
 @storage_option
 def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int, batch_size: int, recipe: str,
         optimizer: str | None, lr: float | None, momentum: float | None, weight_decay: float | None,
-        schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int,
-        step_size: float, beta: float | None, augment: str, no_augment: bool, device: str, amp: bool, seed: int,
+        schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int | None,
+        step_size: float | None, replays: int | None, early_stop: bool, beta: float | None, augment: str, no_augment: bool, device: str, amp: bool, seed: int,
         out: str | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
         eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool,
         storage_options: tuple[str, ...]) -> None:
@@ -221,7 +234,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
                 store=store, out=out, method=method, maps=tuple(maps), model=model,
                 epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
                 weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
-                steps=steps, step_size=step_size, beta=beta, augment="none" if no_augment else augment, device=device,
+                steps=steps, step_size=step_size, replays=replays, early_stop=early_stop, beta=beta, augment="none" if no_augment else augment, device=device,
                 amp=amp, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
                 eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
                 memory_budget=memory_budget, threads=threads, progress=not quiet,

@@ -17,6 +17,12 @@ recipe's values; ``resolved()`` records both the recipe and every value it resol
 >>> cfg = TrainConfig(store="cifar10.zarr", method="pgd", recipe="madry").resolved()
 >>> cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.attack_bn
 ('sgd', 0.1, 0.9, 0.0005, 'multistep', 'eval')
+>>> cfg = TrainConfig(store="cifar10.zarr", method="fgsm-rs", recipe="fast").resolved()
+>>> cfg.steps, round(cfg.step_size * 255, 6), cfg.lr, cfg.schedule, cfg.attack_bn
+(1, 10.0, 0.2, 'cyclic', 'train')
+>>> cfg = TrainConfig(store="cifar10.zarr", method="free", recipe="fast", epochs=30).resolved()
+>>> cfg.replays, cfg.passes, round(cfg.step_size * 255, 6), cfg.lr
+(8, 4, 8.0, 0.04)
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from satdata.errors import SatkitError
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 # Learning-rate schedules (sattrain.schedule has the formulas).
-SCHEDULES = ("constant", "multistep", "trades", "cosine", "onecycle")
+SCHEDULES = ("constant", "multistep", "trades", "cosine", "onecycle", "cyclic")
 # Batch norm mode while training-time attacks (PGD, TRADES) craft their examples.
 ATTACK_BN = ("train", "eval")
 # --augment: "auto" is resolved against the store (crop+flip when its images may be
@@ -56,6 +62,12 @@ class Recipe:
     weight_decay: float
     schedule: str
     attack_bn: str
+    # the learning rate of particular methods where the source's own script differs
+    # (Wong et al. run Free-AT at 0.04 and FGSM-RS at 0.2 in the same recipe)
+    lr_by_method: tuple[tuple[str, float], ...] = ()
+
+    def lr_for(self, method: str) -> float:
+        return dict(self.lr_by_method).get(method, self.lr)
 
 
 # paper: the SAT authors' scripts (student*.py, teacher*.py): Adam with torch's defaults
@@ -68,6 +80,11 @@ class Recipe:
 #   momentum 0.9, weight decay 2e-4, x0.1 at epochs 75, 90 and 100 of 100 (scaled to
 #   --epochs). Both literature recipes craft attacks in eval mode, as the TRADES
 #   reference does (its trades_loss calls model.eval() before the KL maximisation).
+# fast: Wong, Rice and Kolter, "Fast is better than free" (2020; locuslab/fast_adversarial,
+#   CIFAR10/train_fgsm.py and train_free.py): SGD, momentum 0.9, weight decay 5e-4, the
+#   cyclic learning rate (per step, 0 up to the peak at half of the steps and back to 0),
+#   peak 0.2 (0.04 for Free-AT, as their train_free.py), the model left in train mode
+#   while the FGSM example is crafted.
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -79,12 +96,40 @@ RECIPES: dict[str, Recipe] = {
         Recipe("trades", "the TRADES reference: SGD lr 0.1, momentum 0.9, weight decay 2e-4, "
                "x0.1 at 75%, 90% and 100% of the epochs, attacks in BN eval mode",
                "sgd", 0.1, 0.9, 2e-4, "trades", "eval"),
+        Recipe("fast", "Wong et al.'s FGSM-RS / Free-AT: SGD peak lr 0.2 (0.04 for free), momentum 0.9, weight "
+               "decay 5e-4, cyclic lr per step (0 -> peak at half the steps -> 0), attacks in BN train mode",
+               "sgd", 0.2, 0.9, 5e-4, "cyclic", "train", (("free", 0.04),)),
     )
 }
 
 # Default TRADES beta per method (docs/method.md: beta = 6 for plain TRADES, beta = 1 when TRADES
 # is mixed with SAT or with noise). Methods without a KL term have no beta.
 DEFAULT_BETA = {"trades": 6.0, "trades+sat": 1.0, "trades+noise": 1.0}
+
+# Attack steps and step size of training-time attacks when --steps / --step-size are not
+# given: PGD-AT and TRADES 5 steps of 2/255 (at --eps 8/255); FGSM with random start one
+# step of 1.25 eps (Wong et al.); Free-AT steps of eps (Shafahi et al.).
+DEFAULT_STEPS = 5
+SINGLE_STEP_METHODS = frozenset({"fgsm-rs", "fgsm-rs+sat"})
+FGSM_RS_STEP = Fraction(5, 4)  # x eps
+DEFAULT_STEP_SIZE = 2 / 255
+# Free-AT: minibatch replays (Shafahi et al.: m = 8 at eps 8/255).
+REPLAY_METHODS = frozenset({"free"})
+DEFAULT_REPLAYS = 8
+MAX_REPLAYS = 1024
+
+
+def default_step_size(method: str, eps: float) -> float:
+    """--step-size when not given: 1.25 eps for FGSM-RS, eps for Free-AT, 2/255 otherwise.
+
+    >>> round(default_step_size("fgsm-rs", 8 / 255) * 255, 9), round(default_step_size("free", 4 / 255) * 255, 9)
+    (10.0, 4.0)
+    """
+    if method in SINGLE_STEP_METHODS:
+        return float(FGSM_RS_STEP * Fraction(eps))
+    if method in REPLAY_METHODS:
+        return float(eps)
+    return DEFAULT_STEP_SIZE
 
 # Default host-memory budget for a split held in memory (bytes). Larger splits are
 # streamed from the store in shuffled blocks of whole chunks.
@@ -101,10 +146,10 @@ _FIELD_KINDS = {
     "store": "str", "out": "str?", "method": "str", "maps": "maps", "model": "str", "epochs": "int",
     "batch_size": "int", "recipe": "str", "optimizer": "str?", "lr": "real?", "momentum": "real?",
     "weight_decay": "real?", "schedule": "str?", "attack_bn": "str?", "eps0": "eps", "alpha": "real", "eps": "eps",
-    "steps": "int", "step_size": "eps", "beta": "real?", "augment": "augment", "device": "str", "amp": "bool",
+    "steps": "int?", "step_size": "eps?", "replays": "int?", "beta": "real?", "augment": "augment", "device": "str", "amp": "bool",
     "seed": "int", "resume": "bool", "train_samples": "int?", "eval_samples": "int", "eval_split": "str?",
     "eval_steps": "int", "summary_samples": "int", "memory_budget": "int", "threads": "int?", "progress": "bool",
-    "world_size": "int",
+    "world_size": "int", "early_stop": "bool",
 }
 
 
@@ -214,8 +259,10 @@ class TrainConfig:
     eps0: float = 8 / 255  # SAT perturbation size
     alpha: float = 0.6  # SAT curriculum: p_t = 1 - alpha ** (epoch / 10)
     eps: float = 8 / 255  # PGD / TRADES ball (and the PGD evaluation during training)
-    steps: int = 5
-    step_size: float = 2 / 255
+    steps: int | None = None  # None: 1 for fgsm-rs(+sat), DEFAULT_STEPS otherwise
+    step_size: float | None = None  # None: default_step_size(method, eps)
+    replays: int | None = None  # Free-AT's minibatch replays m; None: DEFAULT_REPLAYS for free
+    early_stop: bool = False  # stop when the held-out monitor collapses (Wong et al.'s remedy)
     beta: float | None = None  # None: DEFAULT_BETA[method] for TRADES methods
     # AUGMENTS: random crop (pad 4), with or without a horizontal flip, image and map
     # together. "auto" stays "auto" in resolved() (it needs the store; the trainer records
@@ -299,15 +346,13 @@ class TrainConfig:
                 raise SatkitError(f"--batch-size: {b} over {w} processes is {b // w} sample(s) per process, and batch "
                                   f"norm needs two; give at least {2 * w}")
         _check_real("--alpha", self.alpha, 0, 1, lo_open=True)
-        for name in ("eps0", "eps", "step_size"):
+        for name in ("eps0", "eps"):
             parse_eps(getattr(self, name), "--" + name.replace("_", "-"))
-        if ("pgd" in self.method or "trades" in self.method) and parse_eps(self.step_size, "--step-size") == 0:
-            raise SatkitError(f"--step-size: must be > 0 for --method {self.method} (an attack whose step is zero "
-                              f"never leaves its start), got {self.step_size!r}")
+        steps, step_size, replays = self._attack_settings()
         if self.lr is not None:
             lr = self.lr
         elif optimizer == recipe.optimizer:
-            lr = recipe.lr
+            lr = recipe.lr_for(self.method)
         else:
             lr = DEFAULT_LR[optimizer]
         _check_real("--lr", lr, 0, None, lo_open=True)
@@ -320,7 +365,59 @@ class TrainConfig:
             _check_real("--beta", beta, 0, None)
         return replace(self, optimizer=optimizer, lr=float(lr), momentum=float(momentum),
                        weight_decay=float(weight_decay), schedule=schedule, attack_bn=attack_bn, augment=augment,
-                       beta=None if beta is None else float(beta), maps=tuple(self.maps))
+                       beta=None if beta is None else float(beta), maps=tuple(self.maps), steps=steps,
+                       step_size=step_size, replays=replays)
+
+    def _attack_settings(self) -> tuple[int, float, int | None]:
+        """(steps, step size, replays) of the training-time attack, defaults filled per method."""
+        single = self.method in SINGLE_STEP_METHODS
+        if self.steps is None:
+            steps = 1 if single else DEFAULT_STEPS
+        else:
+            steps = self.steps
+            if single and steps != 1:
+                raise SatkitError(f"--steps: --method {self.method} takes exactly one FGSM step, got {steps} "
+                                  f"(for more steps use --method {self.method.replace('fgsm-rs', 'pgd')} --steps {steps})")
+        if self.step_size is None:
+            step_size = default_step_size(self.method, parse_eps(self.eps, "--eps"))
+        else:
+            step_size = parse_eps(self.step_size, "--step-size")
+        if (("pgd" in self.method or "trades" in self.method or single or self.method in REPLAY_METHODS)
+                and step_size == 0):
+            raise SatkitError(f"--step-size: must be > 0 for --method {self.method} (an attack whose step is zero "
+                              f"never leaves its start), got {self.step_size!r}")
+        if self.method in REPLAY_METHODS:
+            replays = DEFAULT_REPLAYS if self.replays is None else self.replays
+            if not 1 <= replays <= MAX_REPLAYS:
+                raise SatkitError(f"--replays: must be in [1, {MAX_REPLAYS}], got {replays!r}")
+        elif self.replays is not None and self.replays != 1:
+            raise SatkitError(f"--replays: only --method {', '.join(sorted(REPLAY_METHODS))} replays each minibatch "
+                              f"(--method {self.method} takes one step per batch)")
+        else:
+            replays = None
+        return steps, step_size, replays
+
+    @property
+    def passes(self) -> int:
+        """Passes over the training data: --epochs, or for Free-AT ceil(epochs / replays), so
+        that replaying each minibatch m times takes the gradient steps of --epochs epochs."""
+        if self.replays and self.method in REPLAY_METHODS:
+            return -(-self.epochs // self.replays)
+        return self.epochs
+
+    @property
+    def replays_per_batch(self) -> int:
+        return self.replays if self.replays and self.method in REPLAY_METHODS else 1
+
+    @property
+    def monitor_step_size(self) -> float:
+        """Step of the per-epoch held-out PGD monitor: --step-size for the multi-step attack
+        methods (and the methods without an attack, whose --step-size is the PGD default),
+        eps/4 for FGSM-RS and Free-AT, whose step is an FGSM step of about eps."""
+        if self.method in SINGLE_STEP_METHODS or self.method in REPLAY_METHODS:
+            return parse_eps(self.eps, "--eps") / 4
+        assert self.step_size is not None, "resolved() first"
+        return parse_eps(self.step_size, "--step-size")
 
     def _check_types(self) -> None:
         """Each option of the Python type it must have (a library caller, or a config read
@@ -340,12 +437,14 @@ class TrainConfig:
                 "str?": value is None or isinstance(value, str),
                 "bool": isinstance(value, bool),
                 "eps": _is_real(value) or isinstance(value, str),
+                "eps?": value is None or _is_real(value) or isinstance(value, str),
                 "augment": isinstance(value, (str, bool)),
                 "maps": isinstance(value, (tuple, list)) and all(isinstance(m, str) for m in value),
             }[kind]
             if not ok:
                 want = {"int": "an integer", "int?": "an integer", "real": "a number", "real?": "a number",
                         "str": "a string", "str?": "a string", "bool": "true or false", "eps": "an epsilon",
+                        "eps?": "an epsilon",
                         "augment": "a string", "maps": "a list of map names"}[kind]
                 raise SatkitError(f"{option}: must be {want}, got {repr(value)[:60]}")
 
@@ -380,7 +479,7 @@ class TrainConfig:
 # evaluation. The store may move: a resumed run checks the store's content digest
 # instead of its path.
 RESUMABLE_CHANGES = frozenset({"store", "out", "epochs", "resume", "device", "progress", "threads", "memory_budget",
-                               "summary_samples"})
+                               "summary_samples", "early_stop"})
 
 
 def resume_mismatches(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

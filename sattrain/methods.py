@@ -16,12 +16,24 @@ trades+sat    CE(f(x), y) + beta * KL(f(x_pick) || f(x)),  x_pick = clamp(x - ep
               or x_trades by a coin  (beta 1)
 pgd+noise     coin: CE(f(clamp(x + U(-eps0, eps0))), y)  or  CE(f(x_pgd), y)
 trades+noise  as trades+sat with x_pick = clamp(x + U(-eps0, eps0))  (beta 1)
+fgsm-rs       CE(f(x_fgsm), y)                                       FGSM-RS (Wong et al.)
+fgsm-rs+sat   coin: as pgd+sat with x_fgsm for x_pgd
+free          m replays of each batch: CE(f(clamp(x + delta)), y), one backward pass
+              giving both the weight step and delta <- clip(delta + step * sign(grad_delta),
+              -eps, eps); delta persists across replays and batches (Shafahi et al.)
 ============  =====================================================================
 
 x_pgd: PGD with random start, ``steps`` steps of ``step_size`` in the eps-ball;
-x_trades: the TRADES KL maximisation (sattrain.attacks). The coin is fair and drawn per
-batch from a CPU generator, so it costs no device synchronisation; half the batches then
-need no attack.
+x_trades: the TRADES KL maximisation (sattrain.attacks); x_fgsm: x_pgd with one step of
+1.25 eps (uniform start in the eps-ball, one signed-gradient step, projection onto the
+ball and [0, 1]). The coin is fair and drawn per batch from a CPU generator, so it costs
+no device synchronisation; half the batches then need no attack.
+
+Cost (``Method.passes``): forward-backward passes per training example per epoch of
+budget, counting an attack step as one pass: 1 for standard, noise, sat and free (free
+takes m optimizer steps per batch over epochs / m passes), steps + 1 for pgd and
+fgsm-rs (2), steps + 2 for trades (the attack, then the clean and adversarial passes of
+its loss), and for the coin methods the attack's share of that on top of the one pass.
 
 Batch norm while an attack crafts its example (``ctx.attack_bn``, ``--attack-bn``):
 
@@ -45,8 +57,8 @@ Multi-label stores train with BCE-with-logits instead of CE (and the multi-label
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -55,6 +67,8 @@ import torch.nn.functional as F
 from satdata.errors import SatkitError
 from sattrain.data import Batch
 from sattrain.perturb import sat_perturb, uniform_delta, uniform_noise
+
+__all__ = ["Method", "StepContext", "StepResult", "get_method", "method_names", "register_method", "task_loss"]
 
 
 @dataclass
@@ -72,14 +86,18 @@ class StepContext:
     generator: torch.Generator | None  # on the batch's device: perturbations and attacks
     coin: torch.Generator  # on the CPU: per-batch choices, without a device sync
     attack_bn: str = "eval"  # batch norm mode while an attack crafts its example: "train" or "eval"
+    # what a method keeps from step to step for the whole run (Free-AT's perturbation)
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 class StepResult(NamedTuple):
-    """The loss to minimise, the logits train accuracy is measured on, and whether an attack ran."""
+    """The loss to minimise, the logits train accuracy is measured on, whether an attack ran,
+    and what to do once the loss is backpropagated (before the optimizer step)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     attacked: bool
+    after_backward: Callable[[], None] | None = None
 
 
 MethodFn = Callable[[nn.Module, Batch, StepContext], StepResult]
@@ -93,17 +111,46 @@ class Method:
     needs_map: bool  # uses the saliency map S
     uses_beta: bool  # has a TRADES KL term
     attacks: bool  # runs a gradient attack on (some) batches
+    cost: Callable[[int, float], float]  # (steps, attack share) -> passes, see passes()
+
+    def passes(self, steps: int, attack_share: float = 1.0) -> float:
+        """Forward-backward passes per training example per epoch of budget (the module
+        docstring): ``steps`` the training attack's steps, ``attack_share`` the share of
+        batches attacked (metrics.jsonl's attack_share; 0.5 in expectation for the coin
+        methods).
+
+        >>> get_method("pgd").passes(5), get_method("fgsm-rs").passes(1), get_method("pgd+sat").passes(5, 0.5)
+        (6.0, 2.0, 3.5)
+        """
+        return float(self.cost(steps, attack_share))
+
+
+def _one_pass(steps: int, share: float) -> float:
+    return 1.0
+
+
+def _attack_then_pass(steps: int, share: float) -> float:
+    return 1.0 + share * steps
+
+
+def _trades_passes(steps: int, share: float) -> float:
+    return 2.0 + share * steps
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, summary: str, *, needs_map: bool = False, uses_beta: bool = False,
-                    attacks: bool = False) -> Callable[[MethodFn], MethodFn]:
+                    attacks: bool = False, cost: Callable[[int, float], float] | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn`` as method ``name``; ``cost`` defaults to one pass, plus the attack's
+    steps on attacked batches for attacking methods, plus one for a TRADES loss."""
+    if cost is None:
+        cost = _trades_passes if uses_beta else _attack_then_pass if attacks else _one_pass
+
     def deco(fn: MethodFn) -> MethodFn:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = Method(name, summary, fn, needs_map, uses_beta, attacks)
+        _METHODS[name] = Method(name, summary, fn, needs_map, uses_beta, attacks, cost)
         return fn
 
     return deco
@@ -241,15 +288,21 @@ def trades(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
     return StepResult(loss, logits.detach(), True)
 
 
+def _coin_sat(model: nn.Module, batch: Batch, ctx: StepContext, method: str) -> StepResult:
+    """pgd+sat and fgsm-rs+sat: the coin picks the attack's example (PGD with ctx.steps, one
+    step for fgsm-rs) or SAT from the attack's uniform start."""
+    if flip_coin(ctx):
+        return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+    _require_map(batch, method)
+    # The SAT branch starts from x + U(-eps, eps) (PGD's random start) and is clamped once, at the end.
+    start = batch.x + uniform_delta(batch.x, eps=ctx.eps, generator=ctx.generator)
+    return _on(model, _sat_batch(batch, ctx, start, method), batch, ctx, False)
+
+
 @register_method("pgd+sat", "a coin per batch: SAT from a uniform-noise start, or a PGD example",
                  needs_map=True, attacks=True)
 def pgd_sat(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
-    if flip_coin(ctx):
-        return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
-    _require_map(batch, "pgd+sat")
-    # The SAT branch starts from x + U(-eps, eps) (PGD's random start) and is clamped once, at the end.
-    start = batch.x + uniform_delta(batch.x, eps=ctx.eps, generator=ctx.generator)
-    return _on(model, _sat_batch(batch, ctx, start, "pgd+sat"), batch, ctx, False)
+    return _coin_sat(model, batch, ctx, "pgd+sat")
 
 
 @register_method("trades+sat", "a coin per batch: x - eps0 * g or the TRADES example, in the TRADES loss (beta 1)",
@@ -277,3 +330,51 @@ def trades_noise(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult
               else uniform_noise(batch.x, eps=ctx.eps0, generator=ctx.generator))
     loss, logits = _trades_loss(model, batch, x_pick, ctx)
     return StepResult(loss, logits.detach(), attacked)
+
+
+@register_method("fgsm-rs", "FGSM with a random start (Wong et al. 2020): uniform start in the --eps ball, one step "
+                 "of --step-size (1.25 eps), projection", attacks=True)
+def fgsm_rs(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    # PGD with one step from a uniform start is exactly FGSM-RS (sattrain.config resolves
+    # --steps 1 and --step-size 1.25 eps for this method)
+    return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+
+
+@register_method("fgsm-rs+sat", "a coin per batch: SAT from a uniform-noise start, or an FGSM-RS example",
+                 needs_map=True, attacks=True)
+def fgsm_rs_sat(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    return _coin_sat(model, batch, ctx, "fgsm-rs+sat")
+
+
+FREE_DELTA = "free_delta"
+
+
+@register_method("free", "Free adversarial training (Shafahi et al. 2019): each batch replayed --replays times, one "
+                 "backward pass updating both the weights and a persistent perturbation", attacks=True,
+                 cost=_one_pass)
+def free(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
+    """One replay: the loss on clamp(x + delta, 0, 1) with delta a leaf that requires grad;
+    after the trainer's backward pass, delta <- clip(delta + step_size * sign(grad), -eps, eps).
+
+    delta is kept in ``ctx.state`` for the whole run, shaped as the largest batch so far
+    (Shafahi et al.'s global noise): a batch uses its first rows, and the next batch starts
+    from where this one left it. It starts at zero.
+    """
+    x = batch.x
+    delta = ctx.state.get(FREE_DELTA)
+    if delta is None or delta.shape[1:] != x.shape[1:] or delta.shape[0] < x.shape[0] or delta.device != x.device:
+        grown = torch.zeros((x.shape[0], *x.shape[1:]), device=x.device, dtype=torch.float32)
+        if delta is not None and delta.shape[1:] == x.shape[1:] and delta.device == x.device:
+            grown[: delta.shape[0]] = delta
+        delta = ctx.state[FREE_DELTA] = grown
+    b = x.shape[0]
+    d = delta[:b].clone().requires_grad_(True)
+    logits = model((x + d.to(x.dtype)).clamp(0.0, 1.0))
+    loss = task_loss(logits, batch.y, ctx.multilabel)
+
+    def update() -> None:
+        # a scaled gradient (--amp) has the same signs; a non-finite one moves nothing
+        g = torch.nan_to_num(d.grad, nan=0.0, posinf=0.0, neginf=0.0) if d.grad is not None else torch.zeros_like(d)
+        delta[:b] = (d.detach() + ctx.step_size * g.sign()).clamp_(-ctx.eps, ctx.eps)
+
+    return StepResult(loss, logits.detach(), True, update)

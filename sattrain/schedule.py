@@ -16,6 +16,12 @@ cosine     (1 + cos(pi * t / E)) / 2: cosine annealing towards 0, as
            once per epoch (epoch 0 at lr; 0 would be reached at t = E, after the run)
 =========  ===========================================================================
 
+``cyclic`` changes the learning rate every optimizer step: with ``T`` the run's optimizer
+steps, step ``s`` (from 0) runs at ``lr * min(s, T - s) / (T / 2)``, a triangle from 0 up
+to lr at half of the steps and back down to 0 at the end: Wong et al.'s cyclic schedule
+("Fast is better than free", their ``CyclicLR(base_lr=0, max_lr=lr, step_size_up=T/2,
+step_size_down=T/2)``), as a closed form.
+
 ``onecycle`` changes the learning rate every optimizer step: it *is*
 ``torch.optim.lr_scheduler.OneCycleLR(max_lr=lr, total_steps=E * steps_per_epoch)``
 with its defaults (warm-up over the first 30% of the steps from lr/25, cosine annealing
@@ -42,13 +48,14 @@ DECAY_EXPONENT_BASE = 10.0
 MULTISTEP_MILESTONES = (Fraction(1, 2), Fraction(3, 4))
 TRADES_MILESTONES = (Fraction(3, 4), Fraction(9, 10), Fraction(1))
 # Schedules stepped after every optimizer step rather than after every epoch.
-PER_STEP = frozenset({"onecycle"})
+PER_STEP = frozenset({"onecycle", "cyclic"})
 
 SCHEDULE_HELP = {
     "constant": "the same lr every epoch (the SAT authors')",
     "multistep": "x0.1 at 50% and 75% of the epochs (Madry et al., Rice et al.'s piecewise)",
     "trades": "x0.1 at 75%, 90% and 100% of the epochs (the TRADES reference: epochs 75, 90, 100 of 100)",
     "cosine": "cosine annealing from lr towards 0 over the epochs, per epoch",
+    "cyclic": "per step, 0 -> lr at half of the steps -> 0 (Wong et al.'s cyclic schedule)",
     "onecycle": "torch's OneCycleLR, per step: warm-up to lr over 30% of the steps, then cosine down "
                 "(momentum not cycled)",
 }
@@ -77,6 +84,16 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     raise SatkitError(f"--schedule: unknown schedule {schedule!r}")
 
 
+def cyclic_factor(step: int, total: int) -> float:
+    """The triangle of ``cyclic``: 0 at step 0, 1 at total / 2, 0 at ``total``.
+
+    >>> [cyclic_factor(s, 8) for s in range(9)]
+    [0.0, 0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+    half = total / 2
+    return max(0.0, min(step, total - step) / half) if half > 0 else 1.0
+
+
 def make_scheduler(schedule: str, optimizer: torch.optim.Optimizer, *, epochs: int,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The scheduler for ``schedule``; build it before loading a checkpoint's optimizer state.
@@ -88,6 +105,9 @@ def make_scheduler(schedule: str, optimizer: torch.optim.Optimizer, *, epochs: i
         lrs = [g["lr"] for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=epochs * max(1, steps_per_epoch),
                                                    cycle_momentum=False)
+    if schedule == "cyclic":
+        total = epochs * max(1, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cyclic_factor(step, total))
     lr_factor(schedule, 0, epochs)  # refuses an unknown name here, not at the first step
 
     def factor(epoch: int) -> float:

@@ -106,7 +106,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -312,9 +312,15 @@ def train_one_epoch(
     progress: bool,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     comm: Comm | None = None,
+    replays: int = 1,
 ) -> dict[str, Any]:
     """One pass over the training split; returns loss, train score, attack share, samples,
     steps, and the learning rate of the first and of the last step (lr, lr_last).
+
+    ``replays``: optimizer steps per batch (Free-AT's minibatch replays, ``--replays``): the
+    method is called, backpropagated and stepped that many times on each batch; the loss and
+    score of a batch are those of its last replay, ``samples`` counts each sample once, and
+    ``steps`` and the attack share count optimizer steps.
 
     ``augment``: "crop+flip", "crop" or "none" (sattrain.data.prepare_batch).
     ``scheduler``: a per-step learning-rate scheduler (one-cycle), stepped after every
@@ -338,7 +344,8 @@ def train_one_epoch(
     all_y: list[torch.Tensor] = []
     seen = 0
     attacked = 0
-    steps = 0
+    steps = 0  # optimizer steps (batches x replays)
+    batches = 0
     lr_first = lr_last = float(optimizer.param_groups[0]["lr"])
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, unit="batch")
     shared = comm is not None and comm.world.distributed
@@ -368,26 +375,11 @@ def train_one_epoch(
     try:
         for step, raw in enumerate(data.batches(batch_size, shuffle_gen, map_name)):
             batch = prepare_batch(raw, codec, multilabel=ctx.multilabel, augment=augment, generator=aug_gen)
-            with autocast():
-                res = method.fn(model, batch, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            lr_last = float(optimizer.param_groups[0]["lr"])  # a Python float: no device sync
-            if scaler is not None:
-                scaler.scale(res.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                res.loss.backward()
-                optimizer.step()
-            if scheduler is not None:
-                if scaler is not None:
-                    # a step the scaler skipped (inf/nan gradients while it calibrates) still
-                    # advances the schedule, as it must to stay on its total; torch warns about it
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                        scheduler.step()
-                else:
-                    scheduler.step()
+            for _ in range(replays):
+                res = _optimizer_step(model, batch, method, ctx, optimizer, scaler, scheduler, autocast)
+                attacked += int(res.attacked)
+                steps += 1
+            lr_last = res.lr
             b = batch.x.shape[0]
             loss_d = res.loss.detach().float()
             newly_bad = ~torch.isfinite(loss_d) & (first_bad < 0)
@@ -400,12 +392,11 @@ def train_one_epoch(
             else:
                 correct += (res.logits.argmax(dim=1) == batch.y).sum()
             seen += b
-            attacked += int(res.attacked)
-            steps += 1
+            batches += 1
             bar.update(1)
-            if steps % LOG_EVERY == 0:
+            if batches % LOG_EVERY == 0:
                 check(step)
-        check(steps - 1)
+        check(batches - 1)
     finally:
         bar.close()
     if seen == 0:
@@ -425,6 +416,44 @@ def train_one_epoch(
                    else float(correct) / seen)
     return {"loss": float(loss_sum) / seen, "train_acc": train_score, "attack_share": attacked / steps,
             "samples": seen, "steps": steps, "lr": lr_first, "lr_last": lr_last}
+
+
+class _Stepped(NamedTuple):
+    loss: torch.Tensor
+    logits: torch.Tensor
+    attacked: bool
+    lr: float  # the learning rate this step was taken with
+
+
+def _optimizer_step(model: nn.Module, batch: Any, method: Method, ctx: StepContext, optimizer: torch.optim.Optimizer,
+                    scaler: Any, scheduler: Any, autocast: Callable[[], ContextManager[Any]]) -> _Stepped:
+    """One optimizer step of ``method`` on ``batch``: the loss, backward, the method's own
+    after-backward update (Free-AT's perturbation), the step, the per-step schedule."""
+    with autocast():
+        res = method.fn(model, batch, ctx)
+    optimizer.zero_grad(set_to_none=True)
+    lr = float(optimizer.param_groups[0]["lr"])  # a Python float: no device sync
+    if scaler is not None:
+        scaler.scale(res.loss).backward()
+        if res.after_backward is not None:
+            res.after_backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        res.loss.backward()
+        if res.after_backward is not None:
+            res.after_backward()
+        optimizer.step()
+    if scheduler is not None:
+        if scaler is not None:
+            # a step the scaler skipped (inf/nan gradients while it calibrates) still
+            # advances the schedule, as it must to stay on its total; torch warns about it
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
+        else:
+            scheduler.step()
+    return _Stepped(res.loss, res.logits, res.attacked, lr)
 
 
 # --------------------------------------------------------------------------- the run
@@ -636,7 +665,7 @@ def _check_same_arrays(run_dir: Path, ckpt_path: Path, extra: dict[str, Any], ar
 def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, model: nn.Module,
              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
              device: torch.device, log: Log, *, model_spec: dict[str, Any] | None = None,
-             steps_per_epoch: int = 1,
+             steps_per_epoch: int = 1, method_states: list[dict[str, Any]] | None = None,
              arrays: dict[str, str | None] | None = None) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
     """(epochs already done in run_dir, best record so far, metrics.jsonl records of those
     epochs): (0, None, []) for a new run; otherwise the model, optimizer, scheduler and
@@ -688,10 +717,10 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
         raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has a {cfg.schedule} schedule over "
                           f"{saved_epochs} epochs, and changing the epochs would change the learning rates of epochs "
                           f"already done; resume with --epochs {saved_epochs} or start a new run")
-    done = ckpt["epoch"]  # an integer >= 0 (check_checkpoint)
-    if done > saved_epochs:
-        raise damaged(f"'epoch' says {done} epochs are done of a run of {saved_epochs}")
-    if done > cfg.epochs:
+    done = ckpt["epoch"]  # an integer >= 0 (check_checkpoint): passes over the data (epochs but for Free-AT)
+    if done > saved_cfg.passes:
+        raise damaged(f"'epoch' says {done} epochs are done of a run of {saved_cfg.passes}")
+    if done > cfg.passes:
         raise SatkitError(f"--epochs {cfg.epochs}: the run in {run_dir} has already done {done} epochs")
     spec = ckpt["model_spec"]
     for key, want in (model_spec or {}).items():
@@ -731,9 +760,28 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
             obj.load_state_dict(state)
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
             raise damaged(f"the {what} state does not load ({type(e).__name__}: {str(e)[:120]})") from None
+    saved_states = ckpt.get("method_state")
+    if saved_states is not None and method_states is not None:
+        method_states[:] = _check_method_states(saved_states, cfg, damaged)
     history = _read_metrics_lines(run_dir / METRICS_JSONL, done)
     _sync_best(run_dir, ckpt, log)
     return done, best, history
+
+
+def _check_method_states(states: Any, cfg: TrainConfig, damaged: Callable[[str], SatkitError]) -> list[dict[str, Any]]:
+    """A checkpoint's per-process method state (Free-AT's perturbation): one dict of named
+    finite tensors per process, each within the --eps ball."""
+    if not (isinstance(states, list) and len(states) == cfg.world_size and all(
+            isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
+            for d in states)):
+        raise damaged(f"'method_state' is {repr(states)[:80]}; expected one dict of named tensors per process "
+                      f"({cfg.world_size})")
+    for d in states:
+        for k, v in d.items():
+            fits = v.is_floating_point() and v.dim() == 4 and v.numel() > 0
+            if not (fits and bool(torch.isfinite(v).all()) and float(v.abs().max()) <= float(cfg.eps) + 1e-6):
+                raise damaged(f"'method_state' {k!r} is not a finite perturbation within --eps of NCHW shape")
+    return states
 
 
 def _score(v: Any) -> bool:
@@ -756,10 +804,26 @@ def _check_finite_training(model: nn.Module, optimizer: torch.optim.Optimizer, s
                                 "training diverged; try a lower --lr")
 
 
+# --early-stop: Wong et al.'s test for catastrophic overfitting of FGSM training (their
+# train_fgsm.py: PGD accuracy down by more than 0.2 from the epoch before), on the monitor.
+COLLAPSE_DROP = 0.2
+
+
+def _collapsed(history: list[dict[str, Any]], monitor_key: str) -> dict[str, Any] | None:
+    """The drop of the held-out monitor over the last epoch when it exceeds COLLAPSE_DROP."""
+    if len(history) < 2:
+        return None
+    before, now = history[-2].get(monitor_key), history[-1].get(monitor_key)
+    if not (isinstance(before, float) and isinstance(now, float)) or not before - now > COLLAPSE_DROP:
+        return None
+    return {"epoch": history[-1]["epoch"], "from": before, "to": now, "rule": f"the monitor fell by more than "
+            f"{COLLAPSE_DROP} in one epoch (Wong et al.'s early stopping)"}
+
+
 def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device: torch.device, multilabel: bool,
-                log: Log) -> dict[str, Any]:
-    """Evaluate the run's checkpoint.pt with the strong protocol (sattrain.evaluate) into
-    summary.json; returns metrics.json's "summary" entry.
+                log: Log, checkpoint: str = CHECKPOINT_NAME) -> dict[str, Any]:
+    """Evaluate the run's ``checkpoint`` (checkpoint.pt; best.pt after an early stop) with the
+    strong protocol (sattrain.evaluate) into summary.json; returns metrics.json's "summary" entry.
 
     AutoAttack and PGD at 8/255 on ``samples`` samples of ``split`` (a
     seeded subset, seed 0, so every run of a store is summarised on the same images).
@@ -773,7 +837,7 @@ def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device
         # a subset is the point here, and the summary line states its size
         if partial is not None:
             warnings.simplefilter("ignore", partial)
-        result = ev_mod.evaluate(run_dir, store, protocol="strong", split=split, samples=samples, seed=SUMMARY_SEED, device=str(device),
+        result = ev_mod.evaluate(run_dir / checkpoint, store, protocol="strong", split=split, samples=samples, seed=SUMMARY_SEED, device=str(device),
                                  attacks=attacks, eps=SUMMARY_EPS, out=run_dir / SUMMARY_JSON,
                                  progress=lambda line: log(f"summary: {line}"))
     return {
@@ -800,10 +864,11 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
                   monitor_label: str, score: str, best: dict[str, Any] | None, history: list[dict[str, Any]],
                   metrics_path: Path, run_dir: Path, model_spec: dict[str, Any], digest: str,
                   arrays: dict[str, str | None], eval_split: str, t0: float, train_seconds: float,
-                  replicas: dict[str, Any] | None, log: Log) -> dict[str, Any] | None:
+                  replicas: dict[str, Any] | None, log: Log,
+                  method_states: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The end of an epoch (rank 0's): the held-out monitor, the metrics line, checkpoint.pt and
     best.pt, the log line; returns the best record so far."""
-    ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.step_size,
+    ev = evaluate_heldout(model, eval_data, eps_list=(cfg.eps,), steps=cfg.eval_steps, step_size=cfg.monitor_step_size,
                           multilabel=multilabel, generator=make_generator(device, derive_seed(cfg.seed, epoch, "eval")))
     rec = {
         "epoch": epoch,
@@ -820,8 +885,11 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
         "attack_share": stats["attack_share"],
         "samples": stats["samples"],
         **({"replicas": replicas} if replicas is not None else {}),
+        **({"replays": cfg.replays_per_batch} if cfg.replays_per_batch > 1 else {}),
         "seconds": round(time.perf_counter() - t0, 3),
-        "images_per_s": round(stats["samples"] / train_seconds, 1),
+        # training images per second; with Free-AT's replays each replay is one more image
+        # trained on (a forward-backward pass), so the number compares with other methods'
+        "images_per_s": round(stats["samples"] * cfg.replays_per_batch / train_seconds, 1),
     }
     value = rec[monitor_key]
     new_best = math.isfinite(value) and (best is None or value > best[monitor_key])
@@ -842,12 +910,13 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
         "config": cfg.to_json(),
         "rng": _rng_state(device),
         "extra": {"store_digest": digest, "arrays": arrays, "method": cfg.method, "eval_split": eval_split},
+        **({"method_state": method_states} if method_states and any(method_states) else {}),
     }
     save_checkpoint(run_dir / CHECKPOINT_NAME, ckpt)
     if new_best:
         assert best is not None
         save_checkpoint(run_dir / BEST_NAME, _best_state(ckpt, best, run_dir))
-    log(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
+    log(f"epoch {epoch + 1}/{cfg.passes}: loss {rec['loss']:.4f}, train {score} {rec['train_acc']:.4f}, "
         f"lr {rec['lr']:.4g}" + (f"..{rec['lr_last']:.4g}" if rec["lr_last"] != rec["lr"] else "")
         + (f", p_t {p:.3f}" if uses_p else "")
         + f"; held-out clean {score} {rec['clean_acc']:.4f}, monitor {monitor_label} {value:.4f}"
@@ -997,20 +1066,26 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
         model = create_model(cfg.model, num_classes).to(device)
         optimizer = _make_optimizer(cfg, model)
         assert cfg.schedule is not None
-        scheduler = make_scheduler(cfg.schedule, optimizer, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+        # per-step schedules count optimizer steps: Free-AT takes --replays of them per batch
+        scheduler = make_scheduler(cfg.schedule, optimizer, epochs=cfg.passes,
+                                   steps_per_epoch=steps_per_epoch * cfg.replays_per_batch)
         per_step = step_per_step(cfg.schedule)
         scaler = torch.amp.GradScaler("cuda") if amp_active else None
 
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
         start_epoch, best, history = 0, None, []
+        # what the method keeps for the run (Free-AT's perturbation), per process: checkpointed
+        # with the run so that --resume continues it exactly
+        method_states: list[dict[str, Any]] = [{} for _ in range(world.size)]
         if world.main:  # rank 0 alone reads and writes the run directory
             _check_run_dir(run_dir)
             _lock_run_dir(run_dir, held)
             start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler,
                                                   scaler, device, log, model_spec=model_spec,
-                                                  steps_per_epoch=steps_per_epoch, arrays=arrays)
+                                                  steps_per_epoch=steps_per_epoch * cfg.replays_per_batch,
+                                                  arrays=arrays, method_states=method_states)
             if start_epoch:
-                log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+                log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.passes}")
             _make_run_dir(run_dir)
             _lock_run_dir(run_dir, held)
     metrics_path = run_dir / METRICS_JSONL
@@ -1029,7 +1104,9 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
             state = _to_cpu({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict() if scaler is not None else None})
-        shared = comm.broadcast({"start_epoch": start_epoch, "state": state}, "sharing the checkpoint's state")
+        shared = comm.broadcast({"start_epoch": start_epoch, "state": state, "method_states": method_states},
+                                "sharing the checkpoint's state")
+        method_states = shared["method_states"]
         if not world.main:
             start_epoch = int(shared["start_epoch"])
             if shared["state"] is not None:
@@ -1102,14 +1179,14 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
             })
 
             write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-            if start_epoch < cfg.epochs:
+            if start_epoch < cfg.passes:
                 # a resumed run with epochs left: the end-of-run files of its earlier end no longer
                 # describe checkpoint.pt (and must not say the run is finished if it now stops early);
                 # they are written again when this run ends
                 for name in (METRICS_JSON, SUMMARY_JSON):
                     (run_dir / name).unlink(missing_ok=True)
             monitor = {"key": monitor_key, "attack": "pgd", "eps": format_eps(cfg.eps), "steps": cfg.eval_steps,
-                       "step_size": format_eps(cfg.step_size), "random_start": True, "restarts": 1,
+                       "step_size": format_eps(cfg.monitor_step_size), "random_start": True, "restarts": 1,
                        "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
                        "subset_seed": EVAL_SUBSET_SEED}
     autocast: Callable[[], ContextManager[Any]] = (
@@ -1118,8 +1195,10 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
     net = comm.wrap(model)  # DistributedDataParallel under torchrun; the model itself in one process
 
     epoch = start_epoch
+    stopped: dict[str, Any] | None = None
+    method_state = {k: v.to(device) for k, v in method_states[world.rank].items()}
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, cfg.passes):
             t0 = time.perf_counter()
             # per process: the global stream, perturbations, shuffling, augmentation (comm.seed
             # adds the rank); shared: the map of the epoch and the per-batch coin
@@ -1130,7 +1209,7 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                               beta=cfg.beta, multilabel=multilabel,
                               generator=make_generator(device, comm.seed(cfg.seed, epoch, "perturb")),
                               coin=make_generator("cpu", derive_seed(cfg.seed, epoch, "coin")),
-                              attack_bn=str(cfg.attack_bn))
+                              attack_bn=str(cfg.attack_bn), state=method_state)
             if isinstance(train_data, StreamingSplit):
                 train_data.set_epoch(epoch)
             with comm.collective(f"training epoch {epoch + 1}"):
@@ -1139,8 +1218,8 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                     batch_size=local_batch, codec=codecs.get(map_name) if map_name else None, map_name=map_name,
                     augment=str(cfg.augment), shuffle_gen=make_generator("cpu", comm.seed(cfg.seed, epoch, "shuffle")),
                     aug_gen=make_generator(device, comm.seed(cfg.seed, epoch, "augment")), autocast=autocast,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}", progress=show, scheduler=scheduler if per_step else None,
-                    comm=comm,
+                    desc=f"epoch {epoch + 1}/{cfg.passes}", progress=show, scheduler=scheduler if per_step else None,
+                    comm=comm, replays=cfg.replays_per_batch,
                 )
             if not per_step:
                 scheduler.step()
@@ -1153,6 +1232,9 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - t0
+            states = [_to_cpu(method_state)]
+            if world.distributed and method_state:
+                states = comm.gather(states[0], "gathering the methods' state")
             # rank 0 evaluates and writes; the others wait for it at the end of the stage
             with comm.stage(f"evaluating and saving epoch {epoch + 1}"):
                 if world.main:
@@ -1162,7 +1244,17 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                         monitor=monitor, monitor_key=monitor_key, monitor_label=monitor_label, score=score, best=best,
                         history=history, metrics_path=metrics_path, run_dir=run_dir, model_spec=model_spec,
                         digest=digest, arrays=arrays, eval_split=eval_split, t0=t0, train_seconds=train_seconds,
-                        replicas=replicas, log=log)
+                        replicas=replicas, method_states=states, log=log)
+                    stopped = _collapsed(history, monitor_key) if cfg.early_stop else None
+            if cfg.early_stop:
+                stopped = comm.broadcast(stopped, "deciding whether to stop early") if world.distributed else stopped
+                if stopped is not None:
+                    if world.main:
+                        log(f"early stop after epoch {epoch + 1}: the monitor {monitor_label} fell from "
+                            f"{stopped['from']:.4f} to {stopped['to']:.4f} in one epoch (catastrophic overfitting, "
+                            f"Wong et al.); best.pt keeps epoch {best['epoch'] + 1 if best else '?'}, and the summary "
+                            f"evaluates it")
+                    break
     except NonFiniteLoss as e:
         if not world.main:  # every process stops at the same step; rank 0 says so
             raise PeerFailed(f"{world.who()}: {e}") from None
@@ -1196,6 +1288,7 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
         "attack_bn": cfg.attack_bn,
         "augment": cfg.augment,
         "final_loss": last.get("loss"),
+        **({"stopped_early": {**stopped, "summary_of": BEST_NAME}} if stopped else {}),
         "train_seconds": round(sum(r["seconds"] for r in history), 3),
     }
     if best is not None:
@@ -1217,7 +1310,7 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
     try:
         # evaluate() checks the split it loads is the version this run opened, before any attack
         summary = run_summary(run_dir, store, split=eval_split, samples=cfg.summary_samples, device=device,
-                              multilabel=multilabel, log=log)
+                              multilabel=multilabel, log=log, checkpoint=BEST_NAME if stopped else CHECKPOINT_NAME)
     except SatkitError as e:
         # e.g. a missing optional attack package: the training is done and saved; say so
         del final["summary_pending"]

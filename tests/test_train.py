@@ -47,7 +47,10 @@ def run(*args: str) -> Result:
 @pytest.mark.parametrize("method", method_names())
 def test_every_method_trains_and_writes_its_run(method: str, digits_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    res = run(str(digits_store), "--method", method, "--epochs", "2", "--out", str(out), "--seed", "3", *QUICK)
+    # fgsm-rs takes its one step; free makes ceil(epochs / replays) passes: 4 / 2 = 2 epochs
+    quick = [a for a in QUICK if a not in ("--steps", "2")] if method.startswith("fgsm-rs") else QUICK
+    epochs = ["--epochs", "4", "--replays", "2"] if method == "free" else ["--epochs", "2"]
+    res = run(str(digits_store), "--method", method, *epochs, "--out", str(out), "--seed", "3", *quick)
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "checkpoint.pt", "best.pt",
                                                "metrics.json"}
@@ -67,7 +70,7 @@ def test_every_method_trains_and_writes_its_run(method: str, digits_store: Path,
         assert r["p_t"] == (curriculum_p(r["epoch"], 0.6) if uses_map else None)
         assert r["map"] == ("ink" if uses_map else None)
         share = r["attack_share"]
-        if method in ("pgd", "trades"):
+        if method in ("pgd", "trades", "fgsm-rs", "free"):
             assert share == 1.0
         elif "+" in method:
             assert 0.0 <= share <= 1.0
@@ -441,8 +444,8 @@ def test_help_teaches(digits_store: Path) -> None:
     res = CliRunner().invoke(main, ["run", "--help"])
     assert res.exit_code == 0
     for text in ("trades+sat", "p_t = 1 - alpha**(t/10)", "small-cnn", "Examples:", "--train-samples",
-                 "--memory-budget", "--amp", "--recipe [paper|madry|trades]",
-                 "--schedule [constant|multistep|trades|cosine|onecycle]", "--attack-bn [train|eval]",
+                 "--memory-budget", "--amp", "--recipe [paper|madry|trades|fast]",
+                 "--schedule [constant|multistep|trades|cosine|onecycle|cyclic]", "--attack-bn [train|eval]",
                  "--augment [auto|crop+flip|crop|none]", "--summary-samples", "pgd5_monitor", "best.pt",
                  # the recipes' values, one line each
                  "madry   sgd lr 0.1, momentum 0.9, weight decay 0.0005, --schedule multistep, --attack-bn eval",
@@ -459,7 +462,12 @@ def test_config_defaults_are_pinned() -> None:
         ("sat", "small-cnn", 100, 128, "adam", 1e-3)
     assert (cfg.recipe, cfg.momentum, cfg.weight_decay, cfg.schedule, cfg.attack_bn) == \
         ("paper", 0.9, 0.0, "constant", "train")
-    assert (cfg.eps0, cfg.alpha, cfg.eps, cfg.steps, cfg.step_size) == (8 / 255, 0.6, 8 / 255, 5, 2 / 255)
+    assert (cfg.eps0, cfg.alpha, cfg.eps, cfg.steps, cfg.step_size, cfg.replays) == \
+        (8 / 255, 0.6, 8 / 255, 5, 2 / 255, None)
+    fgsm = TrainConfig(store="s", method="fgsm-rs").resolved()
+    assert (fgsm.steps, fgsm.step_size) == (1, pytest.approx(10 / 255))
+    free = TrainConfig(store="s", method="free", epochs=30).resolved()
+    assert (free.replays, free.passes, free.step_size) == (8, 4, pytest.approx(8 / 255))
     assert (cfg.beta, cfg.augment, cfg.device, cfg.amp, cfg.seed, cfg.eval_samples, cfg.eval_steps) == \
         (None, "auto", "auto", False, 0, 256, 5)
     assert cfg.summary_samples == 500
@@ -553,7 +561,7 @@ def test_summary_calls_the_strong_evaluation_and_states_its_headline(digits_stor
     assert res.exit_code == 0, res.output
     assert len(calls) == 1
     (target, store), kw = calls[0]
-    assert Path(str(target)) == out and getattr(store, "path", store) is not None
+    assert Path(str(target)) == out / "checkpoint.pt" and getattr(store, "path", store) is not None
     assert kw["split"] == "test" and kw["samples"] == 24 and kw["seed"] == 0 and kw["device"] == "cpu"
     assert tuple(kw["attacks"]) == ("autoattack", "pgd") and tuple(kw["eps"]) == (8 / 255,)
     assert Path(str(kw["out"])) == out / "summary.json"
