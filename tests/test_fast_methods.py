@@ -278,3 +278,17 @@ def test_free_resume_continues_the_perturbation_exactly(digits_store: Path, tmp_
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}  # noqa: E731
     whole, cut = ((tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("whole", "cut"))
     assert [strip(json.loads(x)) for x in cut] == [strip(json.loads(x)) for x in whole] and len(whole) == 3
+
+
+def test_fgsm_rs_trains_what_one_step_pgd_trains(digits_store: Path, tmp_path: Path) -> None:
+    """docs/method.md: `--method pgd --steps 1 --step-size 10/255` trains the same model as fgsm-rs."""
+    from sattrain.checkpoint import load_checkpoint
+    from sattrain.train import train
+
+    common = dict(store=str(digits_store), epochs=2, batch_size=64, train_samples=128, eval_samples=32, eval_steps=1,
+                  summary_samples=0, device="cpu", progress=False, seed=2)
+    train(TrainConfig(out=str(tmp_path / "fgsm"), method="fgsm-rs", **common), log=lambda m: None)
+    train(TrainConfig(out=str(tmp_path / "pgd"), method="pgd", steps=1, step_size="10/255", **common),
+          log=lambda m: None)
+    a, b = load_checkpoint(tmp_path / "fgsm")["model"], load_checkpoint(tmp_path / "pgd")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
