@@ -21,6 +21,7 @@ from sattrain.cli_eval import eval_cmd, parse_attacks, parse_eps_list
 from sattrain.evaluate import (
     PartialEvaluationWarning,
     average_precision,
+    default_batch_size,
     evaluate,
     format_eps,
     format_table,
@@ -158,6 +159,16 @@ def test_evaluate_writes_valid_eval_json(run_dir: Path, digits_store: Path) -> N
     assert "paper protocol" in table and "pgd eps=8/255 (5 x 2/255)" in table and "cw-l2" in table
     assert "contrast c=0.1" in table and "seeded subset" in table and "sanity checks:" in table
     assert "authors' scoring" in table
+    # throughput per measurement, next to its seconds: samples (a sweep: per setting) per second
+    assert set(r["samples_per_s"]) == set(r["seconds"]) == {"clean", "pgd", "cw", "distortions", "sanity"}
+    assert on_disk["samples_per_s"] == r["samples_per_s"] and r["config"]["batch_size"] == 64
+    levels = sum(len(rows) for rows in r["distortions"].values())
+    per = {"clean": 120, "pgd": 120 * 2, "cw": 120, "distortions": 120 * levels, "sanity": 120 * (2 + 1)}
+    for k, v in r["samples_per_s"].items():
+        assert v > 0, k
+        if r["seconds"][k] >= 0.05:  # seconds are rounded to the millisecond in eval.json
+            assert math.isclose(v, per[k] / r["seconds"][k], rel_tol=0.03), (k, v, r["seconds"][k])
+    assert "throughput: clean " in table and "samples/s per eps" in table and "(batches of 64)" in table
 
 
 def test_strong_protocol_is_the_default_and_beats_the_paper_protocol(run_dir: Path, digits_store: Path) -> None:
@@ -234,6 +245,8 @@ def test_evaluate_is_reproducible_and_complete_without_subset(run_dir: Path, dig
     b = evaluate(run_dir, digits_store, **kw)
     assert a["complete"] and a["samples"] == 355
     assert a["robust"] == b["robust"]
+    assert a["config"]["batch_size"] == 256  # no batch size given: the CPU's default
+    assert set(a["samples_per_s"]) == {"clean", "pgd"}
     assert not (tmp_path / "eval.json").exists()
     out = tmp_path / "elsewhere.json"
     evaluate(run_dir / "checkpoint.pt", digits_store, eps=(1 / 255,), attacks=("pgd",), samples=16, device="cpu", out=out)
@@ -312,6 +325,24 @@ def test_evaluate_refuses_a_store_with_other_classes(multi_store: Path, run_dir:
 
 
 # --------------------------------------------------------------------------- mAP
+
+
+def test_default_batch_size_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 on the CPU (results unchanged); 1024 on a CUDA device of at least 40 GiB, else 256."""
+    from types import SimpleNamespace
+
+    assert default_batch_size(torch.device("cpu")) == 256
+    assert default_batch_size(torch.device("meta")) == 256
+    for gib, want in ((141, 1024), (40, 1024), (39.5, 256), (16, 256)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda _d, gib=gib: SimpleNamespace(total_memory=int(gib * 2**30)))
+        assert default_batch_size(torch.device("cuda")) == want, gib
+
+    def broken(_d: object) -> None:
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
+    assert default_batch_size(torch.device("cuda:1")) == 256
 
 
 def test_average_precision_matches_scikit_learn() -> None:
