@@ -174,8 +174,52 @@ def test_scale_smoke(tmp_path: Path) -> None:
     assert res["goal_met"] == all(v["goal_met"] for v in res["sizes"].values())
 
 
+def test_gpu_smoke(tmp_path: Path) -> None:
+    """bench/gpu.py --device cpu --quick: every section, the CUDA-only variants skipped with a
+    reason, the goals computed from the rows they name, and the file equal to what was printed."""
+    out = tmp_path / "gpu.json"
+    res = run_bench("gpu.py", "--device", "cpu", "--quick", "--json", str(out), tmp_path=tmp_path)
+    assert json.loads(out.read_text()) == res
+    assert res["benchmark"] == "gpu" and res["complete"] is True and res["quick"] is True
+    assert res["command"].startswith("python bench/gpu.py --device cpu --quick")
+    assert res["device"]["type"] == "cpu" and res["torch"] and res["machine"]["cpus"] >= 1
+    assert set(res["sections"]) == {"headroom", "trainer", "eval"}
+    head = res["sections"]["headroom"]["b16"]
+    assert head["eager_fp32_nchw"]["img_per_s"] > 0
+    for name in ("eager_fp16_nchw", "eager_bf16_cl", "compile_bf16_cl", "cuda_graph_bf16_cl"):
+        assert head[name]["skipped"], name  # CUDA only, with the reason
+    assert head["best"] == {"variant": "eager_fp32_nchw", "img_per_s": head["eager_fp32_nchw"]["img_per_s"]}
+    trainer = res["sections"]["trainer"]
+    assert trainer["accel"]["precision"] == "fp32" and trainer["accel"]["channels_last"] is False
+    rows = trainer["b16"]
+    assert set(rows) == {"standard", "sat", "pgd"}
+    assert all(rows[m]["img_per_s"] > 0 and rows[m]["steps_per_epoch"] == 2 for m in rows)
+    assert rows["pgd"]["attack_share"] == 1.0 and rows["sat"]["attack_share"] == 0.0
+    goals = res["goals"]
+    assert set(goals) == {"standard_vs_best_headroom_b16", "sat_vs_standard_b16", "pgd_cost_b16"}
+    std = rows["standard"]["img_per_s"]
+    assert math.isclose(goals["standard_vs_best_headroom_b16"]["value"], std / head["best"]["img_per_s"], abs_tol=1e-3)
+    assert math.isclose(goals["sat_vs_standard_b16"]["value"], rows["sat"]["img_per_s"] / std, abs_tol=1e-3)
+    assert math.isclose(goals["pgd_cost_b16"]["value"], std / rows["pgd"]["img_per_s"], abs_tol=1e-3)
+    assert res["goal_met"] == all(g["goal_met"] for g in goals.values())
+    ev = res["sections"]["eval"]
+    assert ev["default_batch_size"] == 256 and ev["pgd_fixed"]["rows"]["b16"]["samples_per_s"] > 0
+    assert ev["evaluate"]["clean"] == 1.0  # labels are the model's own predictions
+    assert set(ev["evaluate"]["samples_per_s"]) == {"clean", "pgd"} and ev["autoattack_skipped"] == "--quick"
+
+
+def test_gpu_partial_sections_and_bad_section(tmp_path: Path) -> None:
+    out = tmp_path / "h.json"
+    res = run_bench("gpu.py", "--device", "cpu", "--quick", "--sections", "headroom", "--json", str(out),
+                    tmp_path=tmp_path)
+    assert set(res["sections"]) == {"headroom"} and res["goals"] == {} and res["goal_met"] is False
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--sections", "speed"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and "speed" in r.stderr
+
+
 @pytest.mark.parametrize("script", ["read.py", "step.py", "evidence.py", "attack_strength.py", "scale.py",
-                                    "ddp_step.py", "stream_memory.py"])
+                                    "ddp_step.py", "stream_memory.py", "gpu.py"])
 def test_help(script: str) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "usage" in r.stdout.lower()
