@@ -18,6 +18,7 @@ import click
 from satdata.clikit import SatkitGroup, debug_option, run_cli, storage_option
 from satdata.errors import SatkitError
 from sattrain import __version__
+from sattrain.accel import CHANNELS_LAST, COMPILE_MODES, PRECISIONS
 from sattrain.config import AUGMENTS, DEFAULT_MEMORY_BUDGET, RECIPES, SCHEDULES, TrainConfig, parse_eps, parse_size_bytes
 from sattrain.methods import get_method, method_names
 from sattrain.models import model_names, model_summary
@@ -86,7 +87,7 @@ Examples:
   sattrain run digits.zarr --method sat --map ink --epochs 20 --out runs/digits-sat
   sattrain run digits.zarr --method standard --train-samples 512 --epochs 2 --summary-samples 0
   sattrain run cifar10.zarr --method pgd --recipe madry --model resnet18 --epochs 200
-  sattrain run cifar10.zarr --method pgd+sat --map gbp_adv --model resnet10 --amp
+  sattrain run cifar10.zarr --method pgd+sat --map gbp_adv --model resnet10 --precision bf16
   sattrain run cifar10.zarr --method fgsm-rs --recipe fast --epochs 15 --early-stop
   sattrain run cifar10.zarr --method free --recipe fast --epochs 80     # 10 passes x 8 replays
   sattrain run tin.zarr --method sat --map boxes --map mask --epochs 100   # map ensemble
@@ -175,9 +176,20 @@ def main() -> None:
 @click.option("--no-augment", is_flag=True, help="Same as --augment none.")
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA if available), cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+              help="Arithmetic of training and its attacks (autocast; weights, optimizer and the evaluation stay "
+                   "float32): auto = bf16 on CUDA GPUs with native bfloat16 (Ampere and later), fp16 with a "
+                   "gradient scaler on older ones, fp32 on the CPU (so CPU results do not change). bf16 on the CPU "
+                   "only when asked. config.json records it under accel.")
+@click.option("--channels-last", type=click.Choice(list(CHANNELS_LAST)), default="auto", show_default=True,
+              help="Weights and batches in NHWC order, what tensor-core convolutions use: auto = on for CUDA, "
+                   "off on the CPU.")
+@click.option("--compile", "compile_mode", type=click.Choice(list(COMPILE_MODES)), default="none",
+              show_default=True,
+              help="torch.compile mode for the training steps; none by default (measured slower than eager bf16 "
+                   "+ channels_last on an H200, BENCHMARKS.md) and it compiles again for each new batch shape.")
 @click.option("--amp", is_flag=True,
-              help="CUDA: float16 autocast with a gradient scaler for training and its attacks (evaluation stays "
-                   "float32). On the CPU it has no effect (a note says so).")
+              help="Same as --precision fp16 on CUDA (the older flag); on the CPU it has no effect (a note says so).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds everything: initialisation, subsets, shuffling, augmentation, perturbations, attacks.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
@@ -208,7 +220,8 @@ def main() -> None:
 def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int, batch_size: int, recipe: str,
         optimizer: str | None, lr: float | None, momentum: float | None, weight_decay: float | None,
         schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int | None,
-        step_size: float | None, replays: int | None, early_stop: bool, beta: float | None, augment: str, no_augment: bool, device: str, amp: bool, seed: int,
+        step_size: float | None, replays: int | None, early_stop: bool, beta: float | None, augment: str, no_augment: bool, device: str,
+        precision: str, channels_last: str, compile_mode: str, amp: bool, seed: int,
         out: str | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
         eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool,
         storage_options: tuple[str, ...]) -> None:
@@ -235,7 +248,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
                 epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
                 weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
                 steps=steps, step_size=step_size, replays=replays, early_stop=early_stop, beta=beta, augment="none" if no_augment else augment, device=device,
-                amp=amp, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
+                amp=amp, precision=precision, channels_last=channels_last, compile=compile_mode, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
                 eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
                 memory_budget=memory_budget, threads=threads, progress=not quiet,
             )

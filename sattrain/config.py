@@ -149,7 +149,7 @@ _FIELD_KINDS = {
     "steps": "int?", "step_size": "eps?", "replays": "int?", "beta": "real?", "augment": "augment", "device": "str", "amp": "bool",
     "seed": "int", "resume": "bool", "train_samples": "int?", "eval_samples": "int", "eval_split": "str?",
     "eval_steps": "int", "summary_samples": "int", "memory_budget": "int", "threads": "int?", "progress": "bool",
-    "world_size": "int", "early_stop": "bool",
+    "world_size": "int", "early_stop": "bool", "precision": "str", "channels_last": "str", "compile": "str",
 }
 
 
@@ -269,7 +269,13 @@ class TrainConfig:
     # what it resolved to). For older callers True means "auto" and False "none".
     augment: str | bool = "auto"
     device: str = "auto"
-    amp: bool = False
+    amp: bool = False  # older spelling of precision="fp16" (on CUDA; no effect on the CPU)
+    # sattrain.accel: "auto" is bf16 on CUDA devices with native bfloat16 (fp16 on older
+    # ones), fp32 on the CPU; channels_last "auto" is on for CUDA; compile "none" or a
+    # torch.compile mode. config.json records what they resolved to ("accel").
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: str = "none"
     seed: int = 0
     resume: bool = False
     train_samples: int | None = None  # None: the whole train split
@@ -319,6 +325,15 @@ class TrainConfig:
         augment = ("auto" if self.augment else "none") if isinstance(self.augment, bool) else self.augment
         if augment not in AUGMENTS:
             raise SatkitError(f"--augment: unknown augmentation {augment!r} (known: {', '.join(AUGMENTS)})")
+        from sattrain.accel import CHANNELS_LAST, COMPILE_MODES, PRECISIONS
+
+        for option, value, known in (("--precision", self.precision, PRECISIONS),
+                                     ("--channels-last", self.channels_last, CHANNELS_LAST),
+                                     ("--compile", self.compile, COMPILE_MODES)):
+            if value not in known:
+                raise SatkitError(f"{option}: unknown value {value!r} (known: {', '.join(known)})")
+        if self.amp and self.precision not in ("auto", "fp16"):
+            raise SatkitError(f"--amp is --precision fp16 and contradicts --precision {self.precision}; give one of them")
         if not isinstance(self.device, str) or (self.device not in DEVICES and not self.device.startswith("cuda:")):
             raise SatkitError(f"--device: unknown device {self.device!r} (known: auto, cpu, cuda, cuda:N)")
         checks = [

@@ -102,7 +102,6 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,7 +114,7 @@ import torch.nn as nn
 from satdata.errors import SatkitError
 from satdata.outputs import probe_writable
 from satdata.store import Store, open_store, store_digest
-from sattrain import __version__
+from sattrain import __version__, accel
 from sattrain.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -313,6 +312,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     comm: Comm | None = None,
     replays: int = 1,
+    channels_last: bool = False,
 ) -> dict[str, Any]:
     """One pass over the training split; returns loss, train score, attack share, samples,
     steps, and the learning rate of the first and of the last step (lr, lr_last).
@@ -320,7 +320,8 @@ def train_one_epoch(
     ``replays``: optimizer steps per batch (Free-AT's minibatch replays, ``--replays``): the
     method is called, backpropagated and stepped that many times on each batch; the loss and
     score of a batch are those of its last replay, ``samples`` counts each sample once, and
-    ``steps`` and the attack share count optimizer steps.
+    ``steps`` and the attack share count optimizer steps. ``channels_last``: each batch's
+    images in channels_last order (the model's weights already are, sattrain.accel).
 
     ``augment``: "crop+flip", "crop" or "none" (sattrain.data.prepare_batch).
     ``scheduler``: a per-step learning-rate scheduler (one-cycle), stepped after every
@@ -364,7 +365,7 @@ def train_one_epoch(
             raise NonFiniteLoss(
                 f"epoch {ctx.epoch + 1} (t = {ctx.epoch}), step {bad + 1} of {total}{where}: the training loss is not "
                 f"finite (loss is {value}): training diverged; try a lower --lr"
-                f"{', or drop --amp' if scaler is not None else ''}"
+                f"{', or train in --precision fp32' if scaler is not None else ''}"
             )
         if progress:
             post = {"loss": f"{float(loss_sum) / max(1, seen):.4f}"}
@@ -375,6 +376,8 @@ def train_one_epoch(
     try:
         for step, raw in enumerate(data.batches(batch_size, shuffle_gen, map_name)):
             batch = prepare_batch(raw, codec, multilabel=ctx.multilabel, augment=augment, generator=aug_gen)
+            if channels_last:
+                batch = batch._replace(x=accel.to_memory_format(batch.x, True))
             for _ in range(replays):
                 res = _optimizer_step(model, batch, method, ctx, optimizer, scaler, scheduler, autocast)
                 attacked += int(res.attacked)
@@ -997,14 +1000,18 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = rank_device(resolve_device(cfg.device), world)
-    amp_active = cfg.amp and device.type == "cuda"
-    if cfg.amp and not amp_active:
-        log("note: --amp has no effect on the CPU (float32 is used; CPU autocast to bfloat16 "
-            "is rarely faster and would change the numbers)")
+    precision = cfg.precision
+    if cfg.amp:  # the older flag: fp16 on CUDA
+        if device.type == "cuda":
+            precision = "fp16"
+        elif world.main:
+            log("note: --amp has no effect on the CPU (float32 is used; CPU autocast to bfloat16 "
+                "is rarely faster and would change the numbers)")
+    acc = accel.resolve(device, precision=precision, channels_last=cfg.channels_last, compile=cfg.compile)
     comm = start_processes(world, device)
     held: list[int] = []  # the run directory's lock (rank 0), released when the run ends
     try:
-        return _train(cfg, method, device, amp_active, comm, log, storage_options, held)
+        return _train(cfg, method, acc, comm, log, storage_options, held)
     finally:
         for fd in held:
             os.close(fd)
@@ -1027,9 +1034,10 @@ def _lock_run_dir(run_dir: Path, held: list[int]) -> None:
         held.append(fd)
 
 
-def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: bool, comm: Comm, log: Log,
+def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: Log,
            storage_options: dict[str, Any] | None, held: list[int]) -> Path:
     """train() from the store on, in this process of ``comm`` (for one process, all of it)."""
+    device = acc.device
     world = comm.world
     show = cfg.progress and world.main  # progress bars: rank 0's alone
     with comm.stage("opening the store and the run directory"):
@@ -1063,14 +1071,17 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                               "fewer than two per process (batch norm needs two); train on more or in fewer processes")
         # Build the model first: an unknown --model fails before any data is read.
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = create_model(cfg.model, num_classes).to(device)
+        # channels_last (sattrain.accel) re-lays the weights in place: the optimizer, the
+        # checkpoints and the evaluation use this same module
+        accel.configure_backends(device)
+        model = accel.prepare_model(create_model(cfg.model, num_classes).to(device), channels_last=acc.channels_last)
         optimizer = _make_optimizer(cfg, model)
         assert cfg.schedule is not None
         # per-step schedules count optimizer steps: Free-AT takes --replays of them per batch
         scheduler = make_scheduler(cfg.schedule, optimizer, epochs=cfg.passes,
                                    steps_per_epoch=steps_per_epoch * cfg.replays_per_batch)
         per_step = step_per_step(cfg.schedule)
-        scaler = torch.amp.GradScaler("cuda") if amp_active else None
+        scaler = acc.grad_scaler()  # fp16 only
 
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
         start_epoch, best, history = 0, None, []
@@ -1171,7 +1182,8 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                 "processes": processes,
                 "method": {"name": method.name, "summary": method.summary, "needs_map": method.needs_map},
                 "model_spec": model_spec,
-                "amp_active": amp_active,
+                "accel": acc.describe(),
+                "amp_active": acc.precision != "fp32",  # mixed precision (older readers)
                 "environment": environment(device),
                 "git": git_revision(),
                 "command": sys.argv,
@@ -1189,10 +1201,10 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                        "step_size": format_eps(cfg.monitor_step_size), "random_start": True, "restarts": 1,
                        "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
                        "subset_seed": EVAL_SUBSET_SEED}
-    autocast: Callable[[], ContextManager[Any]] = (
-        (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp_active else nullcontext
-    )
+    autocast: Callable[[], ContextManager[Any]] = acc.autocast
     net = comm.wrap(model)  # DistributedDataParallel under torchrun; the model itself in one process
+    # torch.compile (when asked) around DDP, as torch recommends; the training steps only
+    net = accel.prepare_model(net, channels_last=False, compile_mode=acc.compile)
 
     epoch = start_epoch
     stopped: dict[str, Any] | None = None
@@ -1219,7 +1231,7 @@ def _train(cfg: TrainConfig, method: Method, device: torch.device, amp_active: b
                     augment=str(cfg.augment), shuffle_gen=make_generator("cpu", comm.seed(cfg.seed, epoch, "shuffle")),
                     aug_gen=make_generator(device, comm.seed(cfg.seed, epoch, "augment")), autocast=autocast,
                     desc=f"epoch {epoch + 1}/{cfg.passes}", progress=show, scheduler=scheduler if per_step else None,
-                    comm=comm, replays=cfg.replays_per_batch,
+                    comm=comm, replays=cfg.replays_per_batch, channels_last=acc.channels_last,
                 )
             if not per_step:
                 scheduler.step()
