@@ -40,6 +40,7 @@ BENCHMARKS.md ("On a GPU") says how to install it on an offline GPU machine.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -273,6 +274,9 @@ def run_trainer(res: Results, dev: torch.device, args: argparse.Namespace, work:
                         "(median of --repeats epochs after one warm-up epoch)",
                 "accel": acc.describe(), "pgd_steps": k, "optimizer": "SGD(lr 0.01, momentum 0.9, wd 5e-4)",
                 "augment": "crop+flip", "p_t": round(curriculum_p(epoch, 0.6), 4)})
+    # the trainer's own channels_last for the batches, where train_one_epoch has it (else the model alone is)
+    epoch_kw: dict[str, Any] = ({"channels_last": acc.channels_last}
+                                if "channels_last" in inspect.signature(train_one_epoch).parameters else {})
     n_max = args.steps * max(args.batch_sizes)
     st = open_store(synthetic_store(work / f"store-{args.image_size}", n_max, args.image_size, map_name=MAP))
     codec = map_codec(st, MAP)
@@ -301,7 +305,8 @@ def run_trainer(res: Results, dev: torch.device, args: argparse.Namespace, work:
                         model, split, method, ctx, opt, scaler, batch_size=bs,
                         codec=codec if method.needs_map else None, map_name=MAP if method.needs_map else None,
                         augment="crop+flip", shuffle_gen=make_generator("cpu", 30 + r),
-                        aug_gen=make_generator(dev, 40 + r), autocast=acc.autocast, desc=name, progress=False)
+                        aug_gen=make_generator(dev, 40 + r), autocast=acc.autocast, desc=name, progress=False,
+                        **epoch_kw)
                     sync()
                     if r == 0:
                         setup = time.perf_counter() - t_setup

@@ -13,21 +13,29 @@ does) and the result copied to the device (``sat_host_numpy``), against the same
 ``sattrain.perturb.sat_perturb`` on the device (``sat_device``). On a CPU the copy is free,
 so there the difference is numpy's random numbers against torch's.
 
-Goals: sat within 1.10x of standard; pgd+sat about half way between standard and pgd.
+Goals: sat within 1.10x of standard; pgd+sat about half way between standard and pgd;
+fgsm-rs (one attack step) within 2.1x of standard, where that method exists.
+
+How the model runs is ``sattrain.accel``'s, as in ``sattrain run``: ``--precision``
+(auto: bf16 on CUDA devices with native bfloat16, fp16 on older ones, fp32 on the CPU),
+``--channels-last`` (auto: on for CUDA) and ``--compile`` (none by default). ``--amp`` is
+the older spelling of ``--precision fp16`` on CUDA and does nothing on the CPU. The CPU
+defaults are fp32, NCHW, not compiled: the numbers measured before these options existed.
 
     python bench/step.py                                          # CPU: small-cnn, batch 128
-    python bench/step.py --device cuda --model resnet18 --batch-size 512 --amp   # a GPU
+    python bench/step.py --device cuda --model resnet18 --batch-size 512   # a GPU (bf16, channels_last)
+    python bench/step.py --device cuda --model resnet18 --batch-size 512 --precision fp16 --channels-last off
     python bench/step.py --steps 2 --repeats 1 --methods standard,sat             # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +47,20 @@ from _common import emit, machine, median, timed  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-METHODS = ("standard", "noise", "sat", "pgd", "trades", "pgd+sat", "trades+sat")
+BASE_METHODS = ("standard", "noise", "sat", "pgd", "trades", "pgd+sat", "trades+sat")
+# the fast adversarial-training baselines, measured where sattrain.methods has them
+FAST_METHODS = ("fgsm-rs", "fgsm-rs+sat", "free")
 MAP = "mask"
+
+
+def available_methods() -> tuple[str, ...]:
+    from sattrain.methods import method_names
+
+    known = set(method_names())
+    return BASE_METHODS + tuple(m for m in FAST_METHODS if m in known)
+
+
+METHODS = available_methods()
 
 
 def sat_numpy(x: np.ndarray, S: np.ndarray, *, eps: float, p: float, rng: np.random.Generator) -> np.ndarray:
@@ -60,7 +80,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed epochs per method (median)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", action="store_true", help="CUDA float16 autocast + GradScaler, as sattrain run --amp")
+    ap.add_argument("--precision", default="auto", help="auto|fp32|fp16|bf16, as sattrain run --precision")
+    ap.add_argument("--channels-last", default="auto", help="auto|on|off, as sattrain run --channels-last")
+    ap.add_argument("--compile", default="none", help="none|default|reduce-overhead|max-autotune, as sattrain run")
+    ap.add_argument("--amp", action="store_true", help="the older flag: --precision fp16 on CUDA (nothing on the CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--epoch", type=int, default=50, help="curriculum epoch t for p_t (cost does not depend on it)")
     ap.add_argument("--data", type=Path, default=None, help="cache the generated store here")
@@ -76,19 +99,25 @@ def main() -> None:
     from sattrain.methods import StepContext, get_method
     from sattrain.models import create_model
     from sattrain.perturb import curriculum_p, sat_perturb
+    from sattrain import accel
     from sattrain.train import resolve_device, train_one_epoch
 
-    dev = resolve_device(args.device)
-    amp = args.amp and dev.type == "cuda"
-    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from satdata.errors import SatkitError
 
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
+        dev = resolve_device(args.device)
         for m in methods:
             get_method(m)
+        precision = "fp16" if args.amp and dev.type == "cuda" else args.precision
+        acc = accel.resolve(dev, precision=precision, channels_last=args.channels_last, compile=args.compile)
     except SatkitError as e:
-        raise SystemExit(f"bench/step.py: --methods: {e}") from None
+        raise SystemExit(f"bench/step.py: {e}") from None
+    amp = acc.precision != "fp32"
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    # the trainer's own channels_last option, where train_one_epoch has it (else the model alone is)
+    epoch_kw: dict[str, Any] = ({"channels_last": acc.channels_last}
+                                if "channels_last" in inspect.signature(train_one_epoch).parameters else {})
     n = args.steps * args.batch_size
     tmp = Path(tempfile.mkdtemp(prefix="satkit-bench-step-"))
     try:
@@ -104,12 +133,11 @@ def main() -> None:
 
         def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
             torch.manual_seed(0)
-            model = create_model(args.model, num_classes).to(dev)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-            scaler = torch.amp.GradScaler("cuda") if amp else None
-            return model, opt, scaler
+            model = acc.prepare(create_model(args.model, num_classes).to(dev))
+            opt = torch.optim.Adam(accel.unwrap(model).parameters(), lr=1e-3)
+            return model, opt, acc.grad_scaler()
 
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else nullcontext
+        autocast = acc.autocast
 
         def ctx_for(seed: int, method: str) -> StepContext:
             from sattrain.config import DEFAULT_BETA
@@ -130,7 +158,7 @@ def main() -> None:
                     model, on_dev, method, ctx_for(r, name), opt, scaler, batch_size=args.batch_size,
                     codec=codec if method.needs_map else None, map_name=MAP if method.needs_map else None,
                     augment=True, shuffle_gen=make_generator("cpu", 30 + r), aug_gen=make_generator(dev, 40 + r),
-                    autocast=autocast, desc=name, progress=False)
+                    autocast=autocast, desc=name, progress=False, **epoch_kw)
                 sync()
                 if r:
                     times.append((time.perf_counter() - t) / stats["steps"])
@@ -149,9 +177,10 @@ def main() -> None:
             t = time.perf_counter()
             for raw in split.batches(args.batch_size, make_generator("cpu", 30 + seed), MAP):
                 batch = prepare_batch(raw, codec, multilabel=False, augment=True, generator=g)
+                batch = batch._replace(x=acc.batch(batch.x))
                 if host_sat:
                     xt = sat_numpy(batch.x.numpy(), batch.S.numpy(), eps=eps, p=p, rng=rng)
-                    x_t = torch.from_numpy(xt).to(dev, non_blocking=True)
+                    x_t = acc.batch(torch.from_numpy(xt).to(dev, non_blocking=True))
                     y = batch.y.to(dev, non_blocking=True)
                 else:
                     x_t, y = sat_perturb(batch.x, batch.S, eps=eps, p=p, generator=gen), batch.y
@@ -204,6 +233,9 @@ def main() -> None:
         if "sat" in results and base:
             r = results["sat"]["vs_standard"]
             goals["sat_vs_standard"] = {"goal": "<= 1.10", "value": r, "goal_met": r <= 1.10}
+        if "fgsm-rs" in results and base:
+            r = results["fgsm-rs"]["vs_standard"]
+            goals["fgsm-rs_vs_standard"] = {"goal": "<= 2.1", "value": r, "goal_met": r <= 2.1}
         if all(m in results for m in ("standard", "pgd", "pgd+sat")):
             s, g_, m = (results[k]["ms_per_step_mean"] for k in ("standard", "pgd", "pgd+sat"))
             pos = (m - s) / (g_ - s) if g_ > s else float("nan")
@@ -224,6 +256,7 @@ def main() -> None:
             "image_size": args.image_size,
             "device": str(dev),
             "amp": amp,
+            "accel": acc.describe(),
             "steps_per_epoch": args.steps,
             "repeats": args.repeats,
             "warmup_epochs": 1,

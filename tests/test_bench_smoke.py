@@ -67,6 +67,25 @@ def test_step_smoke(tmp_path: Path) -> None:
     assert res["perturbation_only"]["device_ms"] > 0 and res["perturbation_only"]["host_numpy_and_copy_ms"] > 0
 
 
+def test_step_accel_options_and_fast_methods(tmp_path: Path) -> None:
+    """--precision/--channels-last reach the step (recorded as sattrain.accel resolved them); the
+    fast baselines are measured where sattrain.methods has them; fp16 on the CPU is refused."""
+    from sattrain.methods import method_names
+
+    fast = "fgsm-rs" in method_names()
+    methods = "standard,fgsm-rs" if fast else "standard"
+    res = run_bench("step.py", "--methods", methods, "--steps", "2", "--repeats", "1", "--batch-size", "8",
+                    "--image-size", "16", "--threads", "1", "--channels-last", "on", "--precision", "fp32",
+                    tmp_path=tmp_path)
+    assert res["accel"]["channels_last"] is True and res["accel"]["precision"] == "fp32" and res["amp"] is False
+    if fast:
+        g = res["goals"]["fgsm-rs_vs_standard"]
+        assert g["value"] == res["results"]["fgsm-rs"]["vs_standard"] and g["goal_met"] == (g["value"] <= 2.1)
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--precision", "fp16", "--steps", "1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and "--precision fp16" in r.stderr
+
+
 def test_step_rejects_unknown_method(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "step.py"), "--methods", "standard,nope", "--steps", "1"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
