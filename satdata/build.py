@@ -275,6 +275,7 @@ def open_source(cfg: BuildConfig, bad: BadSamples) -> tuple[Source, list[str], d
             raise SatkitError(
                 f"--splits: {cfg.source} under {cfg.root} has no split {s!r} (it has: {', '.join(available)})"
             )
+    source.prepare(splits)  # every split's files are there (else an error naming them), classes settled
     records = {}
     for s in splits:
         records[s] = source.records(s)
@@ -304,6 +305,8 @@ def provenance(cfg: BuildConfig, source: Source, splits: list[str], bad: BadSamp
         "skipped_count": len(bad.items),
         "counts": dict(counts),
         "notes": {s: dict(v) for s, v in getattr(source, "notes", {}).items()},
+        # --classes: how the class list was made (absent for a source's own list)
+        **({"classes": dict(source.class_provenance)} if getattr(source, "class_provenance", None) else {}),
         **extra,
         "tool": f"satkit {__version__}",
         "versions": _versions(),

@@ -21,17 +21,33 @@ Sources (see `satdata sources`):
   digits               scikit-learn's handwritten digits; needs no --root
   voc-boxes            VOCdevkit/VOC20xx: Annotations, JPEGImages, ImageSets/Main
   voc-masks            VOCdevkit/VOC20xx: SegmentationClass, ImageSets/Segmentation
-  coco-boxes/-masks    annotations/instances_<split>20xx.json + <split>20xx/ images
+  coco-boxes/-masks    annotations/instances_<split>20xx.json + <split>20xx/ images,
+                       or any layout: --annotations SPLIT=FILE --images SPLIT=DIR per split
   tiny-imagenet-boxes  tiny-imagenet-200/ (wnids.txt, train/*/*_boxes.txt, val/)
   flowers17-masks      Oxford 17 Flowers: jpg/ and trimaps/
   folder-masks         images/<class>/x.jpg beside masks/<class>/x.png
   cifar10, cifar100    the python-pickle batches (no maps)
+  h5                   an HDF5 file in satkit's h5 layout (--root is the file)
 
 \b
 Examples:
   satdata build --source digits --out digits.zarr
   satdata build --source voc-boxes --root VOCdevkit --out voc.zarr --workers 2
   satdata build --manifest manifests/voc2012-boxes.json --root VOCdevkit --out voc.zarr
+
+\b
+Your own classes (a VOC-style export of CVAT, Label Studio, ...; or part of COCO):
+  satdata build --source voc-boxes --root export --out mine.zarr --classes auto
+  satdata build --source voc-masks --root export --out mine.zarr --classes classes.txt
+  satdata build --source coco-boxes --root coco --out animals.zarr --classes animals.txt --skip-unknown-classes
+  satdata build --source coco-masks --root export --out mine.zarr \\
+      --annotations train=ann/train.json --images train=img/train \\
+      --annotations val=ann/val.json --images val=img/val
+A class file has one name per line, in class-index order (blank lines and # lines are
+ignored); for voc-masks, mask index i+1 is class i. auto sorts the names the annotations
+use by Unicode code point. Every split expected (VOC: train, val; COCO: train, val, or those
+--annotations names) must have its files: a missing one is an error, never a smaller store
+(--splits builds fewer on purpose).
 """
 
 
@@ -46,7 +62,7 @@ def main() -> None:
     """
 
 
-@main.command()
+@main.command(epilog=EPILOG_BUILD)
 @click.option("--source", "-s", help="Dataset format to read (see `satdata sources`).")
 @click.option("--root", "-r", type=click.Path(path_type=Path), help="The dataset's directory on disk.")
 @click.option("--out", "-o", type=click.Path(), required=True,
@@ -76,6 +92,18 @@ def main() -> None:
 @click.option("--unmasked", type=click.Choice(["skip", "whole"]), default=None,
               help="flowers17-masks: images with no trimap are skipped, or get a whole-image map.  [default: skip]")
 @click.option("--year", default=None, help="voc-*: which VOC20xx under --root.  [default: the only one, or the newest]")
+@click.option("--classes", default=None, metavar="auto|FILE",
+              help="voc-*, coco-*: the class list. auto: the names the annotations use, sorted; FILE: one "
+                   "name per line, in index order (blank and # lines ignored).  [default: PASCAL's 20 "
+                   "classes (VOC), the categories sorted by id (COCO)]")
+@click.option("--skip-unknown-classes", is_flag=True, default=None,
+              help="voc-*, coco-*: leave out objects of classes the list lacks (counted in the store's notes) "
+                   "instead of stopping at the first.")
+@click.option("--annotations", multiple=True, metavar="SPLIT=FILE",
+              help="coco-*: a split's instances JSON, relative to --root, instead of "
+                   "annotations/instances_<split>20xx.json; repeat per split, each with --images.")
+@click.option("--images", multiple=True, metavar="SPLIT=DIR",
+              help="coco-*: the folder the split's file_names are relative to (relative to --root).")
 @click.option("--full-decode", is_flag=True,
               help="Decode every JPEG at full size. By default a JPEG much larger than --size is "
                    "decoded at a reduced DCT scale (still at least twice the resize target): "
@@ -85,7 +113,8 @@ def build(source: str | None, root: Path | None, out: str, manifest: Path | None
           fit: str | None, splits: str | None, workers: int, dask_address: str | None, shard: str | None,
           overwrite: bool, skip_bad: bool,
           label: str | None, drop_difficult: bool | None, unmasked: str | None, year: str | None,
-          full_decode: bool, quiet: bool) -> None:
+          classes: str | None, skip_unknown_classes: bool | None, annotations: tuple[str, ...],
+          images: tuple[str, ...], full_decode: bool, quiet: bool) -> None:
     """Build a store from a dataset on disk.
 
     Images and maps are resized together to --size, written in whole chunks to a hidden
@@ -107,7 +136,10 @@ def build(source: str | None, root: Path | None, out: str, manifest: Path | None
         refuse_remote_output(out, "--out")
 
         given = {k: v for k, v in dict(label=label, drop_difficult=drop_difficult,
-                                       unmasked=unmasked, year=year).items() if v is not None}
+                                       unmasked=unmasked, year=year, classes=classes,
+                                       skip_unknown_classes=skip_unknown_classes,
+                                       annotations=tuple(annotations) or None,
+                                       images=tuple(images) or None).items() if v is not None}
         base: dict[str, Any] = {}
         man = None
         if manifest is not None:

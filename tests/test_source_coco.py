@@ -345,11 +345,12 @@ def test_coco_unusable_dataset(tmp_path: Path) -> None:
         build(_cfg("coco-boxes", fx.root, out))
     fx.ann_files["val"].unlink()
     shutil.rmtree(fx.image_dirs["train"])
-    with pytest.raises(SourceError, match=r"train2017: missing train2017 image folder"):
-        build(_cfg("coco-boxes", fx.root, out))
+    with pytest.raises(SourceError, match=r"train2017: missing train2017 image folder of split 'train'"):
+        build(_cfg("coco-boxes", fx.root, out, splits=("train",)))
+    fx.image_dirs["train"].mkdir()
     fx.ann_files["train"].write_text(json.dumps({"images": []}))
     with pytest.raises(SourceError, match=r"instances_train2017\.json: not a COCO instances file"):
-        build(_cfg("coco-boxes", fx.root, out))
+        build(_cfg("coco-boxes", fx.root, out, splits=("train",)))
     for p in (fx.root / "annotations").iterdir():
         p.unlink()
     with pytest.raises(SourceError, match=r"annotations: has no instances_train20xx\.json"):

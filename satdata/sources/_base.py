@@ -53,6 +53,10 @@ class SourceOptions:
     drop_difficult: bool = False  # VOC: ignore objects marked difficult
     unmasked: str = "skip"  # Flowers-17: images without a mask: "skip" or "whole"
     year: str | None = None  # VOC: which VOC20xx under the root (default: the only/newest)
+    classes: str | None = None  # VOC, COCO: "auto" or a class-list file (default: the dataset's own list)
+    skip_unknown_classes: bool = False  # VOC, COCO: leave out objects of classes the list lacks
+    annotations: tuple[str, ...] = ()  # COCO: "SPLIT=FILE" per split (instead of annotations/instances_*.json)
+    images: tuple[str, ...] = ()  # COCO: "SPLIT=DIR" per split (instead of <split>20xx/)
 
     def non_default(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)
@@ -137,9 +141,20 @@ class Source(abc.ABC):
     def decode(self, record: Record) -> Decoded:
         """Read one sample's image and masks (in a worker), at the source's own resolution."""
 
+    def prepare(self, splits: Sequence[str]) -> None:
+        """Called by the builder with the splits it will build, before any ``records``.
+
+        A source checks here that each split's files exist (an error naming the missing
+        file, never a smaller store) and settles its class list. Default: nothing.
+        """
+
     @property
     def dataset(self) -> str:
         return self.name
+
+    # How the class list was chosen, for the store's provenance (None: the source's own
+    # list, as it has always been; see ClassList.provenance).
+    class_provenance: dict[str, Any] | None = None
 
 
 _REGISTRY: dict[str, type[Source]] = {}

@@ -50,11 +50,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -76,9 +77,19 @@ from satdata.sources._base import (
     require_dir,
     short,
 )
+from satdata.sources._classes import (
+    AUTO,
+    ClassList,
+    auto_classes,
+    check_classes_option,
+    missing_split_file,
+    read_class_file,
+    refuse_names,
+)
 
 LABEL_MODES = ("multi", "largest")
-SPLIT_ORDER = ("train", "val")
+SPLIT_ORDER = ("train", "val")  # of the COCO tree
+CUSTOM_SPLITS = ("train", "val", "test")  # what --annotations/--images may name
 _ANN_FILE = re.compile(r"instances_(train|val)(\d{4})\.json")
 # A box may overshoot the image by rounding in the annotation tool; further out is an error.
 BOX_TOLERANCE_PX = 1.0
@@ -319,6 +330,22 @@ def annotation_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
     return seg  # compressed RLE
 
 
+def _split_paths(values: Sequence[str], flag: str) -> dict[str, str]:
+    """{split: path} of repeated ``SPLIT=PATH`` values; a malformed or repeated one is an error."""
+    out: dict[str, str] = {}
+    for v in values:
+        split, sep, path = str(v).partition("=")
+        split = split.strip()
+        if not sep or not split or not path.strip():
+            raise SatkitError(f"{flag} {v}: expected SPLIT=PATH, e.g. {flag} train=...")
+        if split not in CUSTOM_SPLITS:
+            raise SatkitError(f"{flag} {v}: unknown split {split!r} (one of {', '.join(CUSTOM_SPLITS)})")
+        if split in out:
+            raise SatkitError(f"{flag}: split {split!r} given twice ({out[split]}, {path})")
+        out[split] = path.strip()
+    return out
+
+
 def _check_label_mode(opts: SourceOptions) -> str:
     if opts.label not in LABEL_MODES:
         raise SatkitError(f"--label: unknown mode {opts.label!r} (one of {', '.join(LABEL_MODES)})")
@@ -326,15 +353,39 @@ def _check_label_mode(opts: SourceOptions) -> str:
 
 
 class _CocoBase(Source):
-    """What coco-boxes and coco-masks share: files, index, records."""
+    """What coco-boxes and coco-masks share: files, index, classes, records."""
 
-    options = ("label",)
+    options = ("label", "classes", "skip_unknown_classes", "annotations", "images")
     with_masks = False
 
     def __init__(self, root: Path, opts: SourceOptions, bad: BadSamples) -> None:
         super().__init__(root, opts, bad)
         self.label_mode = _check_label_mode(opts)
         self.label_kind = "single" if self.label_mode == "largest" else "multi"
+        self.year: str | None = None
+        # split -> its annotation file, its image folder, and that folder relative to the root
+        # (the prefix of the store's ids): every split declared, present or not.
+        self.files: dict[str, Path] = {}
+        self.img_dirs: dict[str, Path] = {}
+        self.id_prefix: dict[str, str] = {}
+        if opts.annotations or opts.images:
+            self._given_files(opts)
+        else:
+            self._tree_files()
+        # Indexed files not yet turned into records (classes may need one before records()).
+        self._pending: dict[str, CocoIndex] = {}
+        self._classes: list[str] | None = None
+        self._categories_from: Path | None = None
+        self._choice = check_classes_option(opts.classes)
+        self.class_list: ClassList | None = None  # a --classes list, once settled
+        self._kept: set[str] | None = None  # the splits to build (prepare): other indices are let go
+        # Per split: images listed, left out for having no annotation, boxes (and, for masks,
+        # segmentations) without area.
+        self.notes: dict[str, dict[str, Any]] = {}
+
+    def _tree_files(self) -> None:
+        """The COCO tree: annotations/instances_{train,val}<year>.json of the newest year, and
+        <split><year>/; both splits are declared as soon as either file of that year is there."""
         ann_dir = require_dir(self.root / "annotations", "annotations folder")
         found: dict[str, dict[str, Path]] = {}
         for p in sorted(ann_dir.iterdir()):
@@ -346,21 +397,56 @@ class _CocoBase(Source):
         if not found:
             raise SourceError(ann_dir, "has no instances_train20xx.json or instances_val20xx.json")
         self.year = max(found)
-        self.files = {s: found[self.year][s] for s in SPLIT_ORDER if s in found[self.year]}
-        # Indexed files not yet turned into records (classes may need one before records()).
-        self._pending: dict[str, CocoIndex] = {}
-        self._classes: list[str] | None = None
-        self._categories_from: Path | None = None
-        # Per split: images listed, left out for having no annotation, boxes (and, for masks,
-        # segmentations) without area.
-        self.notes: dict[str, dict[str, Any]] = {}
+        for s in SPLIT_ORDER:
+            self.files[s] = ann_dir / f"instances_{s}{self.year}.json"
+            self.img_dirs[s] = self.root / f"{s}{self.year}"
+            self.id_prefix[s] = f"{s}{self.year}"
+
+    def _given_files(self, opts: SourceOptions) -> None:
+        """--annotations SPLIT=FILE and --images SPLIT=DIR, paths relative to --root (or absolute inside it)."""
+        files = _split_paths(opts.annotations, "--annotations")
+        dirs = _split_paths(opts.images, "--images")
+        for split in files.keys() - dirs.keys():
+            raise SatkitError(f"--annotations {split}=...: no --images {split}=DIR for split {split!r} "
+                              "(give both per split)")
+        for split in dirs.keys() - files.keys():
+            raise SatkitError(f"--images {split}=...: no --annotations {split}=FILE for split {split!r} "
+                              "(give both per split)")
+        for split in CUSTOM_SPLITS:
+            if split in files:
+                self.files[split] = self._inside_root(files[split], "--annotations", split)
+                self.img_dirs[split] = d = self._inside_root(dirs[split], "--images", split)
+                self.id_prefix[split] = "" if d == self.root else d.relative_to(self.root).as_posix()
+
+    def _inside_root(self, value: str, flag: str, split: str) -> Path:
+        shown = f"{flag} {split}={value}"
+        if "\x00" in value:
+            raise SatkitError(f"{shown}: the path holds a NUL character")
+        if os.path.isabs(value):
+            real, base = os.path.realpath(value), os.path.realpath(self.root)
+            if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+                raise SatkitError(f"{shown}: not inside --root {self.root} (give a path relative to --root, "
+                                  "or an absolute one inside it)")
+            return self.root / os.path.relpath(real, base) if real != base else self.root
+        rel = posixpath.normpath(value)
+        if rel == ".":
+            return self.root
+        if rel == ".." or rel.startswith("../"):
+            raise SatkitError(f"{shown}: leads outside --root {self.root} (paths are relative to --root)")
+        problem = relative_name_problem(rel)
+        if problem:
+            raise SatkitError(f"{shown}: the path {problem}")
+        return self.root / rel
 
     # The class list comes from the annotation files; read lazily so that a build parses
     # each (possibly 450 MB) file once.
     @property
     def classes(self) -> list[str]:  # type: ignore[override]
+        if self._choice is not None:
+            return list(self._custom_classes().names)
         if self._classes is None:
-            split = next(iter(self.files))
+            present = [s for s in self.files if os.path.lexists(self.files[s])]
+            split = present[0] if present else next(iter(self.files))
             self._pending[split] = self._index(split)
         return list(self._classes or [])
 
@@ -376,30 +462,110 @@ class _CocoBase(Source):
 
     @property
     def dataset(self) -> str:
-        return f"coco{self.year}"
+        return f"coco{self.year}" if self.year else "coco"
 
     def available_splits(self) -> list[str]:
+        """The declared splits: train and val of the tree (whether or not their files are
+        there: a missing one is an error when built), or those --annotations names."""
         return list(self.files)
+
+    def prepare(self, splits: Sequence[str]) -> None:
+        self._kept = set(splits)
+        for split in splits:
+            self._require_files(split)
+        if self._choice is not None:
+            self._custom_classes()
+
+    def _require_files(self, split: str) -> None:
+        """A missing annotation file or image folder of a split: an error naming it and what looks like it."""
+        present = [s for s in self.files if os.path.lexists(self.files[s]) and os.path.lexists(self.img_dirs[s])]
+        if not os.path.lexists(self.files[split]):
+            others = {p.name for s, p in self.files.items() if s != split}
+            raise missing_split_file(self.files[split], "annotation file", split, present, lambda n: n in others)
+        img_dir = self.img_dirs[split]
+        if not img_dir.is_dir():
+            if img_dir.exists():
+                raise SourceError(img_dir, f"{self._img_what(split)} is not a directory")
+            others = {p.name for s, p in self.img_dirs.items() if s != split}
+            raise missing_split_file(img_dir, self._img_what(split), split, present, lambda n: n in others)
+
+    def _img_what(self, split: str) -> str:
+        return f"{split}{self.year} image folder" if self.year else "image folder"
+
+    def _custom_classes(self) -> ClassList:
+        """The --classes list: every present split's file is indexed (once: the indices wait in
+        _pending for records), so that the list never depends on --splits."""
+        if self.class_list is not None:
+            return self.class_list
+        assert self._choice is not None
+        wanted = read_class_file(self._choice) if self._choice != AUTO else None
+        declared: dict[str, set[str]] = {}  # category name -> the files declaring it
+        used: set[str] = set()
+        scanned: list[str] = []
+        for split, path in self.files.items():
+            if not os.path.lexists(path):
+                continue  # an error when that split is built
+            idx = self._pending.get(split) or self._index(split)
+            if self._kept is None or split in self._kept:
+                self._pending[split] = idx
+            names = dict(idx.categories)
+            for _, name in idx.categories:
+                declared.setdefault(name, set()).add(path.name)
+            used.update(names[a["category_id"]] for anns in idx.by_image.values() for a in anns)
+            scanned.append(self._rel(path))
+        if not scanned:
+            raise SourceError(next(iter(self.files.values())), "missing annotation file (no split has one)")
+        if wanted is None:
+            self.class_list = auto_classes(used, scanned, self.files[next(iter(self.files))])
+        else:
+            shown = ", ".join(scanned)
+            refuse_names(wanted, lambda n: None if n in declared else (
+                f"not a category of {shown} (they have: "
+                + ", ".join(repr(c) for c in sorted(declared)[:12]) + (", ..." if len(declared) > 12 else "") + ")"))
+            self.class_list = wanted
+        self.class_provenance = self.class_list.provenance()
+        return self.class_list
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
 
     def _index(self, split: str) -> CocoIndex:
         idx = index_coco(self.files[split], self.bad, self.root)
+        if self._choice is not None:  # categories are matched to the list by name, per file
+            return idx
         names = [n for _, n in idx.categories]
         if self._classes is None:
             self._classes, self._categories_from = names, idx.path
         elif names != self._classes:
             raise SourceError(idx.path, f"categories differ from those of {self._categories_from} "
-                                        "(a store has one class list)")
+                                        "(a store has one class list; --classes FILE matches categories by name)")
         return idx
+
+    def _cat_index(self, idx: CocoIndex) -> dict[Any, int]:
+        """Category id -> class index (a custom list: only the categories it names)."""
+        if self._choice is None:
+            return {cid: i for i, (cid, _) in enumerate(idx.categories)}
+        index = self._custom_classes().index()
+        return {cid: index[name] for cid, name in idx.categories if name in index}
 
     def records(self, split: str) -> list[Record]:
         """One record per image with at least one annotation, in the file's order."""
+        self._require_files(split)
+        if self._choice is not None:
+            self._custom_classes()
         idx = self._pending.pop(split, None) or self._index(split)
-        img_dir = require_dir(self.root / f"{split}{self.year}", f"{split}{self.year} image folder")
+        img_dir = require_dir(self.img_dirs[split], self._img_what(split))
         listing = set(os.listdir(img_dir))  # one listing, not a stat per image
-        cat_index = {cid: i for i, (cid, _) in enumerate(idx.categories)}
+        cat_index = self._cat_index(idx)
+        custom, skip_unlisted = self._choice is not None, self.opts.skip_unknown_classes
+        cat_names = dict(idx.categories)
         out: list[Record] = []
-        empty = no_area = no_mask = 0
+        empty = no_area = no_mask = unlisted = only_unlisted = 0
         json_name, json_path, dir_prefix = idx.path.name, str(idx.path), str(img_dir) + os.sep
+        id_prefix = self.id_prefix[split] + "/" if self.id_prefix[split] else ""
         for im in idx.images:
             iid = im["id"]
             if iid in idx.unusable:  # already reported as bad (--skip-bad)
@@ -408,6 +574,20 @@ class _CocoBase(Source):
             if not anns:
                 empty += 1
                 continue
+            if custom:
+                kept = [a for a in anns if a["category_id"] in cat_index]
+                if len(kept) < len(anns):
+                    if not skip_unlisted:
+                        a = next(a for a in anns if a["category_id"] not in cat_index)
+                        name = cat_names[a["category_id"]]
+                        self.bad(idx.path, f"annotation {short(a['id'])}: category id {short(a['category_id'])}: "
+                                           + self._custom_classes().unknown(name, "the categories"))
+                        continue
+                    unlisted += len(anns) - len(kept)
+                    if not kept:
+                        only_unlisted += 1
+                        continue
+                    anns = kept
             fname = im["file_name"]
             problem = relative_name_problem(fname)
             if problem:
@@ -430,12 +610,14 @@ class _CocoBase(Source):
             boxes, segs, label, n_no_area, n_no_mask = got
             no_area += n_no_area
             no_mask += n_no_mask
-            out.append(Record(id=f"{split}{self.year}/{fname}", label=label,
+            out.append(Record(id=id_prefix + fname, label=label,
                               data=(img_path, json_path, im["height"], im["width"], boxes, segs)))
         self.notes[split] = {"images": len(idx.images), "images_without_annotations": empty,
                              "boxes_without_area": no_area}
         if self.with_masks:
             self.notes[split]["segmentations_without_area"] = no_mask
+        if skip_unlisted:
+            self.notes[split].update(objects_of_unlisted_classes=unlisted, images_only_unlisted_classes=only_unlisted)
         return out
 
     def _image_objects(self, path: Path, iid: Any, anns: list[dict[str, Any]], cat_index: dict[Any, int],
