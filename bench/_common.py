@@ -134,7 +134,7 @@ def synthetic_store(base: Path, n: int, size: int, *, unit: int | None = None, s
     memory). ``unit``: samples per file (unsharded chunks of that many); None: the writer's
     own layout for the size. Cached in ``base``: a second call with the same arguments
     returns at once."""
-    from satdata.store import MapInfo, StoreWriter
+    from satdata.store import MapInfo, ArrayWriter
     import numpy as np
 
     path = base / "store.zarr"
@@ -145,7 +145,7 @@ def synthetic_store(base: Path, n: int, size: int, *, unit: int | None = None, s
         shutil.rmtree(base)
     base.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    w = StoreWriter(path, dataset="synthetic", classes=[str(i) for i in range(classes)], image_size=(size, size),
+    w = ArrayWriter(path, dataset="synthetic", classes=[str(i) for i in range(classes)], image_size=(size, size),
                     label_kind="single", maps={map_name: MapInfo(name=map_name, encoding="binary", kind="mask")})
     if unit:
         w.chunk, w.shard = unit, None  # the writer's layout: chunks of `unit` samples, no shards

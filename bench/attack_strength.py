@@ -4,7 +4,7 @@ For each run directory given, on the same split and samples, robust accuracy at 
 --eps under:
 
 - the paper protocol's PGD (5 steps of 2/255, one random start) and FGSM, the weak baselines;
-- the strong protocol's PGD (``sattrain.evaluate.STRONG_STEPS`` steps of eps/4,
+- the strong protocol's PGD (``sattrain.evaluation.STRONG_STEPS`` steps of eps/4,
   ``STRONG_RESTARTS`` random starts);
 - a 50-step, 3-start PGD of step eps/4 (the reference point of the issue's criterion);
 - the same PGD with steps and starts doubled (and, with --quadruple, quadrupled): the
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from sattrain.cli_eval import parse_eps_list
-    from sattrain.evaluate import STRONG_RESTARTS, STRONG_STEPS, PartialEvaluationWarning, evaluate
+    from sattrain.evaluation import STRONG_RESTARTS, STRONG_STEPS, PartialEvaluationWarning, evaluate
 
     eps = parse_eps_list(args.eps)
     budgets = {

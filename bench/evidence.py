@@ -9,7 +9,7 @@ digits (real, offline):
    --method gradcampp`` from each (maps ``gcpp_std``, ``gcpp_adv``), and ``satdata
    compare`` of each against the ink mask (how well the generated map finds the digit);
 3. every configuration below, for each seed, with ``sattrain.train.train`` and then
-   ``sattrain.evaluate.evaluate`` on the whole test split: the strong protocol
+   ``sattrain.evaluation.evaluate`` on the whole test split: the strong protocol
    (AutoAttack at 8/255, PGD with 50 steps of eps/4 and 2 random starts at each --eps,
    the gradient-masking sanity checks; eval.json), which the claims are judged on, and the
    paper protocol's PGD (5 steps of 2/255; eval-paper.json), shown labelled for
@@ -146,12 +146,12 @@ class Job:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train one configuration with sattrain.train.train and evaluate it with sattrain.evaluate."""
+    """Train one configuration with sattrain.train.train and evaluate it with sattrain.evaluation."""
     import torch
 
     torch.set_num_threads(1)
     from sattrain.config import TrainConfig
-    from sattrain.evaluate import EVAL_VERSION, evaluate
+    from sattrain.evaluation import EVAL_VERSION, evaluate
     from sattrain.train import METRICS_JSONL, train
 
     out = Path(job.out)
@@ -505,9 +505,9 @@ def main() -> None:
                                     f"epochs={args.epochs}, batch_size={args.batch_size}, alpha=..., "
                                     f"augment={'auto' if args.augment else 'none'}, device='cpu', seed=..., "
                                     "eval_samples=64, summary_samples=0, threads=1)); "
-                                    "sattrain.evaluate.evaluate(run, store, eps=..., attacks=('autoattack', 'pgd', "
+                                    "sattrain.evaluation.evaluate(run, store, eps=..., attacks=('autoattack', 'pgd', "
                                     "'sanity'), device='cpu')  # strong protocol -> eval.json; "
-                                    "sattrain.evaluate.evaluate(run, store, protocol='paper', eps=..., "
+                                    "sattrain.evaluation.evaluate(run, store, protocol='paper', eps=..., "
                                     "attacks=('pgd',), device='cpu')  # -> eval-paper.json"],
             "seconds": {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - t_all, 1)},
         }

@@ -20,7 +20,7 @@ cut short still leaves what it measured; ``"complete": true`` once all sections 
     standard (images/s), pgd's step <= (k + 1)x standard's.
 (c) eval: the evaluation attacks' throughput on an untrained model: a fixed-cost PGD
     (``sattrain.attacks.pgd``, 50 steps, no early exit) at several batch sizes, and
-    ``sattrain.evaluate.evaluate`` itself (AutoAttack standard and the strong PGD at
+    ``sattrain.evaluation.evaluate`` itself (AutoAttack standard and the strong PGD at
     8/255, its default batch size for the device) on a store whose labels are the
     model's own predictions, so that every sample is attacked (clean accuracy 1). The
     attacks stop early on the samples they fool, so those figures depend on how many
@@ -356,7 +356,7 @@ def compute_goals(res: Results, batch_sizes: list[int]) -> None:
 
 def _labelled_store(path: Path, model: torch.nn.Module, dev: torch.device, n: int, size: int) -> None:
     """A store of n random images whose labels are ``model``'s predictions (a 'test' split)."""
-    from satdata.store import StoreWriter
+    from satdata.store import ArrayWriter
 
     if path.exists():
         shutil.rmtree(path)
@@ -365,7 +365,7 @@ def _labelled_store(path: Path, model: torch.nn.Module, dev: torch.device, n: in
     with torch.no_grad():
         x = torch.from_numpy(images).to(dev).permute(0, 3, 1, 2).float().div_(255)
         labels = torch.cat([model(x[a:a + 256]).argmax(1) for a in range(0, n, 256)]).cpu().numpy().astype(np.int64)
-    w = StoreWriter(path, dataset="gpu-bench", classes=[str(i) for i in range(NUM_CLASSES)], image_size=(size, size),
+    w = ArrayWriter(path, dataset="gpu-bench", classes=[str(i) for i in range(NUM_CLASSES)], image_size=(size, size),
                     label_kind="single", maps={})
     w.create_split("test", n)
     step = w.split_chunk["test"]
@@ -380,7 +380,7 @@ def run_eval(res: Results, dev: torch.device, args: argparse.Namespace, work: Pa
     from satdata.store import open_store
     from sattrain.attacks import pgd
     from sattrain.checkpoint import save_checkpoint
-    from sattrain.evaluate import STRONG_STEPS, default_batch_size, evaluate
+    from sattrain.evaluation import STRONG_STEPS, default_batch_size, evaluate
     from sattrain.models import create_model
 
     sec = res.section("eval")
@@ -422,7 +422,7 @@ def run_eval(res: Results, dev: torch.device, args: argparse.Namespace, work: Pa
                   file=sys.stderr, flush=True)
             res.save()
     model.to(memory_format=torch.contiguous_format)
-    # (c2) sattrain.evaluate end to end, its default batch size for the device
+    # (c2) sattrain.evaluation end to end, its default batch size for the device
     try:
         run = work / "eval-run"
         run.mkdir(parents=True, exist_ok=True)
@@ -440,7 +440,7 @@ def run_eval(res: Results, dev: torch.device, args: argparse.Namespace, work: Pa
             sec["autoattack_skipped"] = "--quick" if args.quick else "--no-autoattack"
         kw: dict[str, Any] = {"steps": 5} if args.quick else {}
         r = evaluate(run, st, attacks=attacks, eps=(8 / 255,), device=str(dev), write=False, **kw)
-        sec["evaluate"] = {"what": "sattrain.evaluate.evaluate, strong protocol at 8/255 (labels = the untrained "
+        sec["evaluate"] = {"what": "sattrain.evaluation.evaluate, strong protocol at 8/255 (labels = the untrained "
                                    "model's predictions, so clean is 1; attacks stop early on the samples they fool, "
                                    "so the figures depend on how many that is: 1 - robust)",
                            "samples": r["samples"], "batch_size": r["config"]["batch_size"], "clean": r["clean"],

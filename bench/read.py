@@ -1,7 +1,7 @@
 """Read speed: shuffled minibatches (images + maps + labels, as torch tensors) per second.
 
 Generates (once; cached with --data) a synthetic 32x32 store of --samples samples with
-``satdata.store.StoreWriter`` (random uint8 images, a binary rectangle mask per image, 10
+``satdata.store.ArrayWriter`` (random uint8 images, a binary rectangle mask per image, 10
 classes), plus the same bytes as raw ``.npy`` files and as a chunked HDF5 file. Then, for
 shuffled batches of --batch-size, measures batches per second of:
 
@@ -69,7 +69,7 @@ def make_data(base: Path, n: int, *, size: int = H, seed: int = 0, h5: bool = Tr
     Cached in ``base``: a second call with the same n and size returns at once.
     """
     H = W = size  # noqa: N806 (the module's defaults, shadowed for this size)
-    from satdata.store import MapInfo, StoreWriter
+    from satdata.store import MapInfo, ArrayWriter
 
     paths = {"store": base / "store.zarr", "npy": base / "npy", "h5": base / "data.h5"}
     stamp = base / f".complete-{n}-{size}-{int(h5)}-v{DATA_VERSION}"
@@ -89,7 +89,7 @@ def make_data(base: Path, n: int, *, size: int = H, seed: int = 0, h5: bool = Tr
     maps[:] = ((rows >= y0[:, None, None]) & (rows < (y0 + hh)[:, None, None])
                & (cols >= x0[:, None, None]) & (cols < (x0 + ww)[:, None, None]))
 
-    w = StoreWriter(paths["store"], dataset="synthetic", classes=[str(i) for i in range(CLASSES)],
+    w = ArrayWriter(paths["store"], dataset="synthetic", classes=[str(i) for i in range(CLASSES)],
                     image_size=(H, W), label_kind="single",
                     maps={MAP: MapInfo(name=MAP, encoding="binary", kind="mask")})
     w.create_split("train", n)

@@ -1,7 +1,7 @@
 """Reading a store over S3 against reading the same store from the local disk.
 
 Writes (once; cached with --data) a synthetic store of --samples samples of --size x --size
-with ``satdata.store.StoreWriter`` (random uint8 images, a binary rectangle mask per
+with ``satdata.store.ArrayWriter`` (random uint8 images, a binary rectangle mask per
 image, 10 classes, one split), starts a SeaweedFS S3 server on 127.0.0.1
 (``tests/s3server.py``, the ``weed`` binary of the dev extra), uploads the store to it,
 and starts a forwarding proxy in front of the server that waits --delay-ms before each

@@ -1,7 +1,7 @@
 """Memory of the streaming path: peak RSS of a streamed epoch against --memory-budget.
 
 Writes (once; cached with --data) a synthetic store of --size x --size samples (default
-224x224) with ``satdata.store.StoreWriter`` (random uint8 images, a binary rectangle mask
+224x224) with ``satdata.store.ArrayWriter`` (random uint8 images, a binary rectangle mask
 per image, 10 classes, one split), large enough that the split is several times the
 largest budget tried. Then, each **in a fresh process** (so nothing one run allocated is
 still held by the allocator for the next), importing satkit, creating the model (--model,

@@ -31,7 +31,7 @@ from satdata.outputs import (commit_path, identity, is_own_plain_dir, make_paren
                              partial_path, probe_writable, remove_empty, resolve_out, store_lock)
 from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
 from satdata.sources._base import check_box, image_hw, set_reduced_decode
-from satdata.store import SPLITS, MapInfo, StoreInfo, StoreWriter, read_info
+from satdata.store import SPLITS, ArrayWriter, MapInfo, StoreInfo, read_info
 from satdata.workers import DecodePool, WorkerDied
 
 MAX_BAD_RECORDED = 1000
@@ -335,7 +335,7 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
                 writer, extra, begun = _build_dask(cfg, tmp, source, records, maps, bad)
             else:
                 pool = start_decoding(cfg, source)
-                writer = StoreWriter(tmp, dataset=source.dataset, classes=source.classes,
+                writer = ArrayWriter(tmp, dataset=source.dataset, classes=source.classes,
                                      image_size=cfg.size, label_kind=source.label_kind, maps=maps,
                                      hflip=bool(source.hflip))
                 for s in splits:
@@ -366,7 +366,7 @@ def remove_partial(tmp: Path) -> None:
 
 
 def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, list[Record]],
-                maps: dict[str, MapInfo], bad: BadSamples) -> tuple[StoreWriter, dict[str, Any], dict[str, Any]]:
+                maps: dict[str, MapInfo], bad: BadSamples) -> tuple[ArrayWriter, dict[str, Any], dict[str, Any]]:
     """Decode and write on Dask workers (satdata.dask_build), then close holes and boxes."""
     from satdata import ranges
     from satdata.dask_build import client_for, run_ranges, worker_threads
@@ -432,7 +432,7 @@ def _init_worker_inline(source: Source, out_hw: tuple[int, int], fit_mode: str,
     set_reduced_decode(out_hw if reduced_decode else None, fit_mode)
 
 
-def _build_split(writer: StoreWriter, source: Source, split: str, records: list[Record],
+def _build_split(writer: ArrayWriter, source: Source, split: str, records: list[Record],
                  pool: Any, bad: BadSamples, cfg: BuildConfig) -> None:
     n_classes = len(source.classes)
     writer.create_split(split, len(records))

@@ -28,7 +28,7 @@ import numpy as np
 
 from satdata.errors import SatkitError
 from satdata.sources import Record, Source
-from satdata.store import SPLIT_ORDER, ArrayDigest, MapInfo, StoreWriter, array_path, write_rows, write_unit
+from satdata.store import SPLIT_ORDER, ArrayDigest, ArrayWriter, MapInfo, array_path, write_rows, write_unit
 
 # A range holds at least this many samples (whole write units): a task's fixed costs (a
 # round trip to the scheduler, opening the store) stay small beside its decoding.
@@ -58,7 +58,7 @@ class RangeResult:
 
 
 def writer_args(source: Source, size: tuple[int, int], maps: Mapping[str, MapInfo]) -> dict[str, Any]:
-    """The StoreWriter arguments of a build (passed to every task that reopens the store)."""
+    """The ArrayWriter arguments of a build (passed to every task that reopens the store)."""
     return dict(dataset=source.dataset, classes=list(source.classes), image_size=tuple(size),
                 label_kind=source.label_kind, maps=dict(maps), hflip=bool(source.hflip))
 
@@ -72,9 +72,9 @@ def label_row(label: Any, n_classes: int, kind: str) -> Any:
     return row
 
 
-def prepare(path: str | Path, args: Mapping[str, Any], records: Mapping[str, Sequence[Record]]) -> StoreWriter:
+def prepare(path: str | Path, args: Mapping[str, Any], records: Mapping[str, Sequence[Record]]) -> ArrayWriter:
     """Create the store's arrays at full size and write every split's labels and ids."""
-    writer = StoreWriter(path, **args)
+    writer = ArrayWriter(path, **args)
     n_classes = len(writer.classes)
     for split, recs in records.items():
         writer.create_split(split, len(recs))
@@ -86,7 +86,7 @@ def prepare(path: str | Path, args: Mapping[str, Any], records: Mapping[str, Seq
     return writer
 
 
-def plan_ranges(writer: StoreWriter, counts: Mapping[str, int], workers: int = 1) -> list[Range]:
+def plan_ranges(writer: ArrayWriter, counts: Mapping[str, int], workers: int = 1) -> list[Range]:
     """Every split cut into ranges of whole write units, in split order: ranges of at
     least RANGE_MIN_SAMPLES, made shorter (down to one unit) until there are about four
     per worker, so that a slow range does not leave the others idle at the end."""
@@ -162,7 +162,7 @@ class Digests:
     done, every file before the first range still running is hashed (ArrayDigest), so the
     building process hashes while the workers decode instead of after them."""
 
-    def __init__(self, writer: StoreWriter, counts: Mapping[str, int]) -> None:
+    def __init__(self, writer: ArrayWriter, counts: Mapping[str, int]) -> None:
         self.counts = dict(counts)
         self.done: dict[str, list[tuple[int, int]]] = {s: [] for s in counts}
         self.arrays: dict[str, dict[str, ArrayDigest]] = {}
@@ -188,7 +188,7 @@ class Digests:
         return {p: d for split, ds in self.arrays.items() if split not in holes for p, d in ds.items()}
 
 
-def close_holes(writer: StoreWriter, split: str, n: int, bad_positions: Sequence[int]) -> int:
+def close_holes(writer: ArrayWriter, split: str, n: int, bad_positions: Sequence[int]) -> int:
     """Move the samples after each hole down so the split is dense, then shrink it.
 
     Each array is rewritten from the write unit holding the first hole on, a unit at a
@@ -224,7 +224,7 @@ def gather_boxes(results: Iterable[RangeResult], kept: np.ndarray | None = None)
     return boxes
 
 
-def finish_splits(writer: StoreWriter, counts: Mapping[str, int], results: Sequence[RangeResult],
+def finish_splits(writer: ArrayWriter, counts: Mapping[str, int], results: Sequence[RangeResult],
                   bad_call: Any, root: str, *, boxes_always: bool) -> None:
     """Every range written: report bad samples (``bad_call`` raises without --skip-bad),
     close the holes, write each split's boxes (always where a map is drawn from boxes,

@@ -40,7 +40,7 @@ from satdata.build import (MAX_BAD_RECORDED, BuildConfig, BuildResult, _progress
 from satdata.errors import SatkitError
 from satdata.outputs import identity, make_parents, make_private_dir, output_lock, probe_writable
 from satdata.sources import BadSamples
-from satdata.store import LockBusy, MapInfo, StoreWriter, describe_holders, flock_dir
+from satdata.store import LockBusy, MapInfo, ArrayWriter, describe_holders, flock_dir
 
 PLAN = ".satkit-plan.json"
 DONE = ".satkit-shards"
@@ -283,7 +283,7 @@ def finalize(out_text: str | Path, *, progress: bool = True) -> BuildResult:
             before = identity(out)
             check_out(out, overwrite)
             bad = BadSamples(True)
-            writer = StoreWriter.reopen(d, **args)
+            writer = ArrayWriter.reopen(d, **args)
             counts = {s: int(c) for s, c in plan["counts"].items()}
             holes = any(r.bad_positions for r in results)
             if holes:

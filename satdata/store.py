@@ -64,6 +64,23 @@ ENCODINGS: dict[str, tuple[str, float, float]] = {
     "signed": ("int8", 1.0 / 127.0, 0.0),
 }
 
+
+
+def encode_map(S: np.ndarray, encoding: str) -> np.ndarray:
+    """Maps in S units, (N, H, W) or (N, H, W, C), to a store's integers (the inverse of
+    ``MapInfo.affine`` up to rounding): binary uint8 (S > 0); unit uint8 round(255 S), S in
+    [0, 1]; signed int8 round(127 S), S in [-1, 1]. Values outside the range are clipped."""
+    if encoding not in ENCODINGS:
+        raise StoreError(f"unknown map encoding {encoding!r} (one of {', '.join(ENCODINGS)})")
+    S = np.asarray(S)
+    if S.dtype == bool or encoding == "binary":
+        return (S > 0).astype(np.uint8) if S.dtype != bool else S.astype(np.uint8)
+    S = S.astype(np.float32)
+    if encoding == "unit":
+        return np.clip(np.rint(S * 255), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(S * 127), -127, 127).astype(np.int8)
+
+
 # Target bytes of one chunk of images: big enough that a split is a few hundred files at
 # most, small enough that a chunk decodes quickly.
 CHUNK_TARGET_BYTES = 2 * 1024 * 1024
@@ -389,7 +406,7 @@ class Layout:
 
     @property
     def unit(self) -> int:
-        """Samples per file: the write unit (``StoreWriter.split_chunk``) and the unit of
+        """Samples per file: the write unit (``ArrayWriter.split_chunk``) and the unit of
         digests, streaming and transfers."""
         return self.shard or self.chunk
 
@@ -1277,7 +1294,7 @@ def write_rows(arr: "zarr.Array", start: int, values: np.ndarray) -> None:
             sync(arr.store.set(key, default_buffer_prototype().buffer.from_array_like(data)))
 
 
-class StoreWriter:
+class ArrayWriter:
     """Creates a store's arrays and, last, its attributes. Used by every writer of stores.
 
     The writer never makes a store look complete before ``finish``: the 'satkit'
@@ -1310,7 +1327,7 @@ class StoreWriter:
         self.label_kind = label_kind
         self.maps = dict(maps)
         if any(m.targets for m in self.maps.values()):
-            raise ValueError("StoreWriter writes no map targets; add teacher maps with satdata.addmap")
+            raise ValueError("ArrayWriter writes no map targets; add teacher maps with satdata.addmap")
         if not isinstance(hflip, bool):
             raise ValueError(f"hflip must be a bool, got {hflip!r}")
         self.hflip = hflip
@@ -1323,7 +1340,7 @@ class StoreWriter:
         self.has_boxes: set[str] = set()
 
     @classmethod
-    def reopen(cls, path: str | Path, **kw: Any) -> "StoreWriter":
+    def reopen(cls, path: str | Path, **kw: Any) -> "ArrayWriter":
         """The writer of a store still being built (arrays created by ``create_split``, no
         'satkit' attribute yet), opened again: by the tasks of a distributed build, each in
         its own process, and by the step that finishes it. ``kw``: the same arguments as the

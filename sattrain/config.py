@@ -282,7 +282,7 @@ class TrainConfig:
     eval_samples: int = 256  # 0: the whole held-out split
     eval_split: str | None = None  # None: val if the store has it, else test
     eval_steps: int = 5  # PGD steps of the per-epoch held-out monitor (cheap, not the robustness)
-    summary_samples: int = 500  # end-of-run strong evaluation (sattrain.evaluate); 0: skipped
+    summary_samples: int = 500  # end-of-run strong evaluation (sattrain.evaluation); 0: skipped
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True

@@ -167,3 +167,34 @@ def uniform_delta(x: torch.Tensor, *, eps: float, generator: torch.Generator | N
 def uniform_noise(x: torch.Tensor, *, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The noise control: clamp(x + U(-eps, eps), 0, 1), per element."""
     return (x + uniform_delta(x, eps=eps, generator=generator)).clamp_(0.0, 1.0).detach()
+
+
+class SATPerturbation:
+    """The SAT perturbation as an object for one's own training loop (docs/api.md).
+
+    ``SATPerturbation(eps0=8/255, alpha=0.6)(x, S, epoch, generator)`` is
+    ``sat_perturb(x, S, eps=eps0, p=curriculum_p(epoch, alpha), generator=generator)``:
+    x (B, C, H, W) in [0, 1], S (B, 1 or C, H, W) in [-1, 1] on x's device, epoch from 0.
+
+    >>> sat = SATPerturbation(eps0=0.25)
+    >>> sat(torch.full((1, 3, 2, 2), 0.5), torch.ones(1, 1, 2, 2), epoch=0).shape
+    torch.Size([1, 3, 2, 2])
+    """
+
+    def __init__(self, eps0: float = 8 / 255, alpha: float = 0.6) -> None:
+        if not (isinstance(eps0, (int, float)) and 0 <= eps0 <= 1):
+            raise SatkitError(f"eps0: must be a number in [0, 1], got {eps0!r}")
+        curriculum_p(0, alpha)  # checks alpha
+        self.eps0 = float(eps0)
+        self.alpha = float(alpha)
+
+    def __repr__(self) -> str:
+        return f"SATPerturbation(eps0={self.eps0!r}, alpha={self.alpha!r})"
+
+    def p(self, epoch: int) -> float:
+        """The curriculum probability p_t of epoch ``epoch``."""
+        return curriculum_p(epoch, self.alpha)
+
+    def __call__(self, x: torch.Tensor, S: torch.Tensor, epoch: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        return sat_perturb(x, S, eps=self.eps0, p=curriculum_p(epoch, self.alpha), generator=generator)

@@ -14,7 +14,7 @@ A run directory holds::
                     states), loadable with weights_only=True; --resume continues it
     best.pt         the epoch with the highest pgd<N>_monitor so far (same format, no
                     optimizer state)
-    summary.json    the end-of-run evaluation with the strong protocol (sattrain.evaluate:
+    summary.json    the end-of-run evaluation with the strong protocol (sattrain.evaluation:
                     AutoAttack and PGD at 8/255 on --summary-samples held-out
                     samples) of checkpoint.pt; absent with --summary-samples 0
     metrics.json    at the end: "summary" (that evaluation's protocol, samples, split,
@@ -161,7 +161,7 @@ CONFIG_JSON = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_JSON = "metrics.json"
 SUMMARY_JSON = "summary.json"
-# The end-of-run summary (sattrain.evaluate, strong protocol): AutoAttack (the headline) and
+# The end-of-run summary (sattrain.evaluation, strong protocol): AutoAttack (the headline) and
 # the strong PGD at 8/255, its cross-check; the eps sweep, CW, distortions and the sanity
 # checks are `sattrain eval` (a sweep of strong PGD costs minutes on a CPU, and a summary
 # runs after every training run).
@@ -826,13 +826,13 @@ def _collapsed(history: list[dict[str, Any]], monitor_key: str) -> dict[str, Any
 def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device: torch.device, multilabel: bool,
                 log: Log, checkpoint: str = CHECKPOINT_NAME) -> dict[str, Any]:
     """Evaluate the run's ``checkpoint`` (checkpoint.pt; best.pt after an early stop) with the
-    strong protocol (sattrain.evaluate) into summary.json; returns metrics.json's "summary" entry.
+    strong protocol (sattrain.evaluation) into summary.json; returns metrics.json's "summary" entry.
 
     AutoAttack and PGD at 8/255 on ``samples`` samples of ``split`` (a
     seeded subset, seed 0, so every run of a store is summarised on the same images).
     Multi-label models get PGD alone (AutoAttack is defined for single-label classifiers).
     """
-    from sattrain import evaluate as ev_mod
+    from sattrain import evaluation as ev_mod
 
     attacks = ("pgd",) if multilabel else SUMMARY_ATTACKS
     partial = getattr(ev_mod, "PartialEvaluationWarning", None)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from satdata.cli_maps import compare_cmd
 from satdata.compare import compare_maps
 from satdata.errors import SatkitError
-from satdata.store import MapInfo, StoreWriter, open_store
+from satdata.store import MapInfo, ArrayWriter, open_store
 
 H = W = 8
 
@@ -53,7 +53,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.n
         "const": MapInfo("const", "unit", "test"), "signed3": MapInfo("signed3", "signed", "test", channels=3),
     }
     path = tmp_path_factory.mktemp("cmp") / "made.zarr"
-    w = StoreWriter(path, dataset="made", classes=["a", "b"], image_size=(H, W), label_kind="single", maps=infos)
+    w = ArrayWriter(path, dataset="made", classes=["a", "b"], image_size=(H, W), label_kind="single", maps=infos)
     w.create_split("test", n)
     labels = np.array([0, 0, 1, 1, 1, 0], np.int64)
     w.write("test", 0, np.zeros((n, H, W, 3), np.uint8), labels, [f"s{i}" for i in range(n)], maps)
@@ -116,7 +116,7 @@ def test_known_answers(made: tuple[Path, dict]) -> None:
 def test_multi_label_images_count_for_each_class(tmp_path: Path) -> None:
     obj = objects()[:3]
     path = tmp_path / "multi.zarr"
-    w = StoreWriter(path, dataset="m", classes=["a", "b", "c"], image_size=(H, W), label_kind="multi",
+    w = ArrayWriter(path, dataset="m", classes=["a", "b", "c"], image_size=(H, W), label_kind="multi",
                     maps={"obj": MapInfo("obj", "binary", "mask")})
     w.create_split("train", 3)
     labels = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 0]], np.uint8)

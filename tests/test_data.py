@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from satdata.errors import SatkitError, StoreError
-from satdata.store import MapInfo, Store, StoreWriter, array_path, open_store, read_info
+from satdata.store import MapInfo, Store, ArrayWriter, array_path, open_store, read_info
 from sattrain import data as D
 from sattrain.data import (
     EvalSplit,
@@ -38,7 +38,7 @@ def indexed_store(path: Path, n: int = 150, chunk: int = 16, size: int = 6) -> P
     """A store whose samples carry their own index: image pixel (0, 0) = (i % 256, i // 256, 7),
     label i % 5, and map 'idx' = 1 on row 0 iff i is odd (so a map can be checked against its image).
     Small chunks, so a tiny split spans many chunks."""
-    w = StoreWriter(path, dataset="indexed", classes=[f"c{k}" for k in range(5)], image_size=(size, size),
+    w = ArrayWriter(path, dataset="indexed", classes=[f"c{k}" for k in range(5)], image_size=(size, size),
                     label_kind="single", maps={"idx": MapInfo(name="idx", encoding="binary", kind="mask")})
     w.chunk = chunk  # small chunks: a tiny split still spans many (the format allows any chunk size)
     for split, count in (("train", n), ("test", 40)):
@@ -186,7 +186,7 @@ def test_choose_maps(digits_store: Path, istore: Store, tmp_path: Path) -> None:
     codec = map_codec(st, "box")
     assert (codec.scale, codec.offset, codec.encoding) == (2.0, -1.0, "binary")
     # a store without maps: fine for standard, a clear error for sat
-    w = StoreWriter(tmp_path / "nomaps.zarr", dataset="plain", classes=["a", "b"], image_size=(4, 4),
+    w = ArrayWriter(tmp_path / "nomaps.zarr", dataset="plain", classes=["a", "b"], image_size=(4, 4),
                     label_kind="single", maps={})
     w.create_split("train", 4)
     w.write("train", 0, np.zeros((4, 4, 4, 3), np.uint8), np.array([0, 1, 0, 1]), list("abcd"), {})

@@ -1,4 +1,4 @@
-"""sattrain.evaluate: eval.json from a real checkpoint, mAP, and the eval CLI (the
+"""sattrain.evaluation: eval.json from a real checkpoint, mAP, and the eval CLI (the
 distortion definitions are tested in test_distortions.py)."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from satdata.errors import SatkitError
-from satdata.store import StoreWriter, open_store
+from satdata.store import ArrayWriter, open_store
 from sattrain.checkpoint import save_checkpoint
 from sattrain.cli_eval import eval_cmd, parse_attacks, parse_eps_list
-from sattrain.evaluate import (
+from sattrain.evaluation import (
     PartialEvaluationWarning,
     average_precision,
     default_batch_size,
@@ -30,7 +30,7 @@ from sattrain.evaluate import (
 from sattrain.models import create_model
 
 # Subset evaluations warn by design; the tests that check the warning capture it explicitly.
-pytestmark = pytest.mark.filterwarnings("ignore::sattrain.evaluate.PartialEvaluationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::sattrain.evaluation.PartialEvaluationWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -87,11 +87,11 @@ def run_dir(digits_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def multi_store(digits_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A multi-label store written with StoreWriter from the digits: classes 'small' (digit < 5),
+    """A multi-label store written with ArrayWriter from the digits: classes 'small' (digit < 5),
     'even', and 'loop' (0, 6, 8, 9), multi-hot uint8 labels."""
     src = open_store(digits_store)
     out = tmp_path_factory.mktemp("stores") / "digits-multi.zarr"
-    w = StoreWriter(out, dataset="digits-multi", classes=["small", "even", "loop"],
+    w = ArrayWriter(out, dataset="digits-multi", classes=["small", "even", "loop"],
                     image_size=src.info.image_size, label_kind="multi", maps={})
     for split in ("train", "test"):
         images = src.load(split, "images")
@@ -188,7 +188,7 @@ def test_strong_protocol_is_the_default_and_beats_the_paper_protocol(run_dir: Pa
 
 
 def test_sanity_checks_flag_a_weak_attack_and_a_masked_model(run_dir: Path, digits_store: Path) -> None:
-    from sattrain.evaluate import GradientMaskingWarning
+    from sattrain.evaluation import GradientMaskingWarning
 
     # 2 steps of 1/255 cannot reach 8/255: flagged before any number is trusted
     with pytest.warns(GradientMaskingWarning, match="pgd-reaches-eps"):
@@ -203,12 +203,12 @@ def test_masked_gradients_fail_the_sanity_checks(digits_store: Path, tmp_path: P
     """A model whose input gradient is zero almost everywhere (inputs quantised to 4 levels with a
     straight rounding) resists PGD and FGSM alike but not a large radius or, here, monotonicity:
     at least one check must fire."""
-    from sattrain.evaluate import GradientMaskingWarning
+    from sattrain.evaluation import GradientMaskingWarning
 
     st = open_store(digits_store)
     model = _train(_images(st, "train"), torch.from_numpy(st.load("train", "labels")).long(), 10, multi=False)
     run = _save_run(tmp_path / "masked", model, st, "single")
-    import sattrain.evaluate as ev
+    import sattrain.evaluation as ev
 
     real_load = ev.load_model
 

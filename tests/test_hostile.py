@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 
 from satdata.cli import main as satdata_main
 from satdata.clikit import DEBUG_HINT, error_line, format_error, one_line
-from satdata.store import MapInfo, StoreWriter, is_plain_name, open_store, resolve_inside
+from satdata.store import MapInfo, ArrayWriter, is_plain_name, open_store, resolve_inside
 from sattrain.checkpoint import save_checkpoint
 from sattrain.cli import main as sattrain_main
 from sattrain.models import create_model
@@ -55,7 +55,7 @@ HYPO = settings(max_examples=12, deadline=None, derandomize=True,
 def make_store(path: Path) -> Path:
     """A complete tiny store: splits train 16 / test 8 of 4x4 images, map 'ink' (binary)."""
     rng = np.random.default_rng(0)
-    w = StoreWriter(path, dataset="tiny", classes=CLASSES, image_size=SIZE, label_kind="single",
+    w = ArrayWriter(path, dataset="tiny", classes=CLASSES, image_size=SIZE, label_kind="single",
                     maps={"ink": MapInfo(name="ink", encoding="binary", kind="mask")})
     for split, n in SPLITS.items():
         w.create_split(split, n)

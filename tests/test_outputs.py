@@ -364,7 +364,7 @@ def test_eval_onto_a_full_disk_is_refused_before_attacking(small_disk: Path, run
 
 def test_eval_results_survive_a_write_that_fails_at_the_end(tmp_path: Path, run_dir: Path, digits8: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import sattrain.evaluate as ev
+    import sattrain.evaluation as ev
 
     def full_disk(path: Any, obj: Any, **kw: Any) -> None:
         raise OSError(28, "No space left on device")
@@ -384,7 +384,7 @@ def test_eval_results_survive_a_write_that_fails_at_the_end(tmp_path: Path, run_
 
 
 def test_eval_refuses_an_output_that_is_a_directory_or_nowhere(tmp_path: Path, run_dir: Path, digits8: Path) -> None:
-    from sattrain.evaluate import _check_dest
+    from sattrain.evaluation import _check_dest
 
     (tmp_path / "d.json").mkdir()
     line = one_error_line(run(sattrain_main, ["eval", run_dir, "--store", digits8, "-o", tmp_path / "d.json"]))

@@ -13,7 +13,7 @@ from PIL import Image
 from satdata.cli import main
 from satdata.errors import SatkitError, StoreError
 from satdata.preview import OBJECT_TINT, OUTLINE, WRONG, contact_sheet, make_sheet, overlay
-from satdata.store import MapInfo, StoreWriter, open_store
+from satdata.store import MapInfo, ArrayWriter, open_store
 
 
 def sheet_array(path: Path) -> np.ndarray:
@@ -46,7 +46,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gbp = np.stack([np.stack([g, g, g], axis=-1)] * n)
     maps = {"cam": MapInfo("cam", "unit", "gradcampp"), "gbp": MapInfo("gbp", "signed", "gbp", channels=3)}
     for name, mp in (("maps.zarr", maps), ("plain.zarr", {})):
-        wr = StoreWriter(root / name, dataset="synthetic", classes=["cat", "dog", "pottedplant"],
+        wr = ArrayWriter(root / name, dataset="synthetic", classes=["cat", "dog", "pottedplant"],
                          image_size=(h, w), label_kind="multi", maps=mp)
         wr.create_split("val", n)
         wr.write("val", 0, images, labels, [f"s{i}" for i in range(n)],

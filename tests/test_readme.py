@@ -85,7 +85,7 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
         m = metrics(run)
         assert m["last"]["clean_acc"] > floor, (run, m["last"])
         assert m["summary"] is None and "summary_skipped" in m, run
-    from sattrain.evaluate import evaluate
+    from sattrain.evaluation import evaluate
 
     # PGD-AT + SAT buys robustness that SAT alone does not (the strong protocol's PGD at 8/255)
     strong_pgd = dict(attacks=("pgd",), eps=(8 / 255,), samples=100, device="cpu", write=False)

@@ -202,7 +202,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digits_store: Path) -> P
 
 
 def test_train_and_eval_from_a_url(served, tmp_path: Path, local_run: Path) -> None:
-    from sattrain.evaluate import evaluate
+    from sattrain.evaluation import evaluate
     from sattrain.train import TrainConfig, train
 
     http, _ = served

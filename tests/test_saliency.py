@@ -19,7 +19,7 @@ from satdata import saliency as S
 from satdata.cli_maps import METHOD_NAMES, saliency_cmd
 from satdata.errors import SatkitError
 from satdata.gc import collect
-from satdata.store import MapInfo, StoreWriter, open_store
+from satdata.store import MapInfo, ArrayWriter, open_store
 from satdata.teacher import ImageNetNormalized, load_teacher
 from satdata.verify import verify_digests
 from sattrain.checkpoint import save_checkpoint
@@ -32,7 +32,7 @@ CLASSES = [str(i) for i in range(10)]
 def small_store(src: Path, out: Path, counts: dict[str, int]) -> Path:
     """The first samples of each split of the digits store, with its ink map."""
     st = open_store(src)
-    w = StoreWriter(out, dataset="digits", classes=st.info.classes, image_size=st.info.image_size,
+    w = ArrayWriter(out, dataset="digits", classes=st.info.classes, image_size=st.info.image_size,
                     label_kind="single", maps={"ink": MapInfo("ink", "binary", "mask")})
     for split, n in counts.items():
         w.create_split(split, n)

@@ -18,7 +18,7 @@ import zarr
 
 from satdata import chunkio
 from satdata.errors import StoreError
-from satdata.store import (FORMAT_VERSION, Layout, MapInfo, StoreWriter, chunk_key, files_per_array, iter_chunks,
+from satdata.store import (FORMAT_VERSION, Layout, MapInfo, ArrayWriter, chunk_key, files_per_array, iter_chunks,
                            open_store, read_rows_into, sample_layout, samples_per_shard, uses_shards, write_rows,
                            write_unit)
 from satdata.verify import verify_digests
@@ -44,7 +44,7 @@ def indexed(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def write_store(path: Path, shard: int | None = SHARD, order: str = "forward") -> dict[str, tuple]:
-    w = StoreWriter(path, dataset="big", classes=["a", "b", "c"], image_size=(H, W), label_kind="single",
+    w = ArrayWriter(path, dataset="big", classes=["a", "b", "c"], image_size=(H, W), label_kind="single",
                     maps={"mask": MapInfo(name="mask", encoding="binary", kind="mask")})
     if shard is not None:
         w.shard = shard
@@ -312,7 +312,7 @@ def test_version_1_stores_still_read(digits_store: Path, tmp_path: Path) -> None
 
     st = open_store(digits_store)
     assert st.info.format_version == 1 and st.array("train", "images").shards is None
-    w = StoreWriter(tmp_path / "v1.zarr", dataset="v1", classes=["a", "b"], image_size=(8, 8),
+    w = ArrayWriter(tmp_path / "v1.zarr", dataset="v1", classes=["a", "b"], image_size=(8, 8),
                     label_kind="single", maps={"m": MapInfo(name="m", encoding="unit", kind="cam")})
     w.chunk = 16
     rng = np.random.default_rng(0)

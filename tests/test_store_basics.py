@@ -107,7 +107,7 @@ def test_hflip_says_whether_a_mirror_keeps_the_class(digits_store: Path, tmp_pat
     from click.testing import CliRunner
 
     from satdata.cli import main
-    from satdata.store import MapInfo, StoreWriter
+    from satdata.store import MapInfo, ArrayWriter
 
     st = open_store(digits_store)
     assert st.info.hflip is False  # digits declare it: a mirrored 2 is not a 2
@@ -118,7 +118,7 @@ def test_hflip_says_whether_a_mirror_keeps_the_class(digits_store: Path, tmp_pat
     assert json.loads(res.output)["hflip"] is False
 
     # other writers default to True; a store written before the key existed reads as True
-    w = StoreWriter(tmp_path / "w.zarr", dataset="x", classes=["a", "b"], image_size=(2, 2), label_kind="single",
+    w = ArrayWriter(tmp_path / "w.zarr", dataset="x", classes=["a", "b"], image_size=(2, 2), label_kind="single",
                     maps={"m": MapInfo("m", "binary", "mask")})
     w.create_split("train", 2)
     w.write("train", 0, np.zeros((2, 2, 2, 3), np.uint8), np.array([0, 1]), ["p", "q"],
@@ -138,7 +138,7 @@ def test_hflip_says_whether_a_mirror_keeps_the_class(digits_store: Path, tmp_pat
         msg = str(e.value)
         assert str(old) in msg and f"hflip={bad!r}" in msg and "\n" not in msg
     with pytest.raises(ValueError, match="hflip must be a bool"):
-        StoreWriter(tmp_path / "v.zarr", dataset="x", classes=["a"], image_size=(2, 2), label_kind="single",
+        ArrayWriter(tmp_path / "v.zarr", dataset="x", classes=["a"], image_size=(2, 2), label_kind="single",
                     maps={}, hflip="yes")  # type: ignore[arg-type]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from satdata.store import MapInfo, Store, StoreWriter, open_store, samples_per_chunk
+from satdata.store import MapInfo, Store, ArrayWriter, open_store, samples_per_chunk
 from sattrain import data as D
 from sattrain.data import (
     STREAM_BLOCKS_ALIVE,
@@ -43,7 +43,7 @@ def random_store(path: Path, size: int) -> Store:
     rng = np.random.default_rng(size)
     step = samples_per_chunk((size, size))
     n = FILES * step
-    w = StoreWriter(path, dataset="memory", classes=["a", "b"], image_size=(size, size), label_kind="single",
+    w = ArrayWriter(path, dataset="memory", classes=["a", "b"], image_size=(size, size), label_kind="single",
                     maps={"m": MapInfo(name="m", encoding="binary", kind="mask")})
     w.chunk, w.shard = step, None  # chunk files, also where the writer would shard this size
     w.create_split("train", n)

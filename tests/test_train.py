@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner, Result
 
 from satdata.errors import SatkitError
-from satdata.store import MapInfo, StoreWriter, open_store, store_digest
+from satdata.store import MapInfo, ArrayWriter, open_store, store_digest
 from sattrain.attacks import pgd, trades_adv, trades_kl
 from sattrain.checkpoint import load_checkpoint, load_model
 from sattrain.cli import main
@@ -325,7 +325,7 @@ def multilabel_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16x16 images with up to three coloured squares (red, green, blue at fixed places);
     multi-hot labels say which; the map 'objects' is the union of the squares."""
     path = tmp_path_factory.mktemp("ml") / "squares.zarr"
-    w = StoreWriter(path, dataset="squares", classes=["red", "green", "blue"], image_size=(16, 16),
+    w = ArrayWriter(path, dataset="squares", classes=["red", "green", "blue"], image_size=(16, 16),
                     label_kind="multi", maps={"objects": MapInfo(name="objects", encoding="binary", kind="mask")})
     rng = np.random.default_rng(0)
     places = [(1, 1), (1, 9), (9, 5)]
@@ -385,7 +385,7 @@ def test_missing_map_and_store_without_maps(digits_store: Path, tmp_path: Path) 
     assert res.exit_code == 1
     assert "--map: " in res.output and "has no map 'edges' (maps in the store: ink, box)" in res.output
     plain = tmp_path / "plain.zarr"
-    w = StoreWriter(plain, dataset="plain", classes=["a", "b"], image_size=(8, 8), label_kind="single", maps={})
+    w = ArrayWriter(plain, dataset="plain", classes=["a", "b"], image_size=(8, 8), label_kind="single", maps={})
     for split in ("train", "test"):
         w.create_split(split, 8)
         w.write(split, 0, np.zeros((8, 8, 8, 3), np.uint8), np.arange(8) % 2, [str(i) for i in range(8)], {})
@@ -538,9 +538,9 @@ def test_best_pt_holds_the_weights_of_the_recorded_epoch(digits_store: Path, tmp
 
 def test_summary_calls_the_strong_evaluation_and_states_its_headline(digits_store: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """The plumbing, with sattrain.evaluate.evaluate replaced by a recorder: what the run
+    """The plumbing, with sattrain.evaluation.evaluate replaced by a recorder: what the run
     asks for, what metrics.json keeps, and the console's last line."""
-    import sattrain.evaluate as ev_mod
+    import sattrain.evaluation as ev_mod
 
     calls: list[tuple[tuple, dict]] = []
 
@@ -586,7 +586,7 @@ def test_summary_skipped_says_so(digits_store: Path, tmp_path: Path) -> None:
 
 def test_a_failed_summary_keeps_the_training_and_resume_redoes_only_the_summary(
         digits_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sattrain.evaluate as ev_mod
+    import sattrain.evaluation as ev_mod
 
     def broken(*args: object, **kw: object) -> dict:
         raise SatkitError("autoattack: the attack package is not installed")
@@ -610,7 +610,7 @@ def test_a_failed_summary_keeps_the_training_and_resume_redoes_only_the_summary(
 
 
 def test_summary_with_the_real_strong_evaluation(digits_store: Path, tmp_path: Path) -> None:
-    """End to end with sattrain.evaluate: summary.json is written, metrics.json holds its
+    """End to end with sattrain.evaluation: summary.json is written, metrics.json holds its
     numbers apart from the monitor's, and the last line quotes the headline."""
     out = tmp_path / "real"
     args = [a for a in QUICK if a not in ("--summary-samples", "0")]

@@ -529,7 +529,7 @@ def _sanity(cfg: EvalConfig, model: nn.Module, data: _Data, gen: torch.Generator
     def check(name: str, passed: bool, detail: str) -> None:
         checks.append({"name": name, "passed": bool(passed), "detail": detail})
         if not passed:
-            warnings.warn(f"sanity check {name} failed: {detail}", GradientMaskingWarning, stacklevel=3)
+            warnings.warn(f"sanity check {name} failed: {detail}", GradientMaskingWarning, stacklevel=4)
 
     # 1. reach: a PGD whose steps cannot reach the edge of its ball understates the attack
     short = [e for e in cfg.eps if cfg.steps * cfg.step_for(e) < e - 1e-12]
@@ -580,9 +580,44 @@ def _sanity(cfg: EvalConfig, model: nn.Module, data: _Data, gen: torch.Generator
             "tolerance": tol}
 
 
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: a model trained on normalised inputs, as a model of [0, 1]
+    images (what every attack here perturbs). ``mean`` and ``std`` per channel."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        m, s = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if m.dim() != 1 or m.shape != s.shape or not bool(torch.isfinite(m).all()) or not bool((s > 0).all()):
+            raise SatkitError(f"normalize: expected (mean, std) with one finite mean and one std > 0 per channel, "
+                              f"got {repr(mean)[:40]}, {repr(std)[:40]}")
+        self.model = model
+        self.register_buffer("mean", m.view(1, -1, 1, 1))
+        self.register_buffer("std", s.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+def _data_source(store: Any, split: str | None) -> tuple[Any, str | None]:
+    """A store (path, URL or Store), or a StoreDataset / StoreLoader: the store and its split."""
+    from sattrain.loader import StoreDataset, StoreLoader
+
+    if isinstance(store, StoreLoader):
+        return store.store, split or store.split
+    if isinstance(store, StoreDataset):
+        return store.store_path, split or store.split
+    return store, split
+
+
+def _own_model(model: nn.Module, normalize: tuple[Sequence[float], Sequence[float]] | None,
+               dev: torch.device) -> nn.Module:
+    net = Normalized(model, *normalize) if normalize is not None else model
+    return net.to(dev)
+
+
 def evaluate(
-    target: str | Path,
-    store: str | Path | Store,
+    target: str | Path | nn.Module,
+    store: str | Path | Store | Any,
     *,
     protocol: str = "strong",
     split: str | None = None,
@@ -605,11 +640,18 @@ def evaluate(
     write: bool = True,
     progress: Callable[[str], None] | None = None,
     storage_options: dict[str, Any] | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run dir or checkpoint on a store split; write and return the eval.json dict.
+    """Evaluate a model on a store split; write and return the eval.json dict.
 
-    ``target``: a run directory (its checkpoint.pt) or a checkpoint file. ``store``: a
-    store path or an open :class:`Store`. ``protocol``: "strong" (default) or "paper";
+    ``target``: a run directory (its checkpoint.pt), a checkpoint file, or any
+    ``nn.Module`` that maps [0, 1] images (N, 3, H, W) to logits (a torchvision, timm or
+    RobustBench model; ``normalize=(mean, std)`` puts a per-channel normalisation in front
+    of it). A module is evaluated in eval mode on ``device`` and given back in its own
+    mode, with its parameters' requires_grad as they were; nothing is written unless
+    ``out`` is given. ``store``: a store path or URL, an open :class:`Store`, or a
+    ``sattrain.StoreDataset`` / ``sattrain.StoreLoader`` (its store, and its split unless
+    ``split`` is given). ``protocol``: "strong" (default) or "paper";
     options left as None take the protocol's values (see the module docstring), options
     given override them and are recorded. ``step_size`` is absolute (2/255) or a string
     fraction of each eps ("eps/4"). The result is written to ``out`` (default
@@ -628,12 +670,46 @@ def evaluate(
     dev = resolve_device(cfg.device)
     if batch_size is None:
         cfg = replace(cfg, batch_size=default_batch_size(dev))
-    ckpt_path = resolve_checkpoint(target)
-    dest = Path(out) if out is not None else _default_out(target)
+    own = isinstance(target, nn.Module)
+    store, split_arg = _data_source(store, cfg.split)
+    cfg = replace(cfg, split=split_arg)
+    if own:
+        write = write and out is not None
+        ckpt_path = None
+        dest = Path(out) if out is not None else Path(EVAL_NAME)
+    else:
+        ckpt_path = resolve_checkpoint(target)
+        dest = Path(out) if out is not None else _default_out(target)
     if write:
         _check_dest(dest)  # before minutes of attacks, not after
     st = store if isinstance(store, Store) else open_store(store, storage_options=storage_options)
     info = st.info
+    if own:
+        assert isinstance(target, nn.Module)
+        was_training = target.training
+        grads = [(p, p.requires_grad) for p in target.parameters()]
+        try:
+            return _evaluate(cfg, proto, say, dev, None, _own_model(target, normalize, dev),
+                             {"name": type(target).__name__, "num_classes": len(info.classes),
+                              "label_kind": info.label_kind, "image_size": list(info.image_size),
+                              "normalize": None if normalize is None else [list(map(float, v)) for v in normalize]},
+                             st, dest if write else None)
+        finally:
+            target.train(was_training)
+            for p, g in grads:
+                p.requires_grad_(g)
+    model, spec = load_model(ckpt_path, dev)
+    if normalize is not None:
+        raise SatkitError("normalize: a satkit checkpoint's model already takes [0, 1] images")
+    return _evaluate(cfg, proto, say, dev, ckpt_path, model, spec, st, dest if write else None)
+
+
+def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev: torch.device,
+              ckpt_path: Path | None, model: nn.Module, spec: dict[str, Any], st: Store,
+              dest: Path | None) -> dict[str, Any]:
+    """evaluate() once the model and the store are open (``dest`` None: nothing written)."""
+    info = st.info
+    what = ckpt_path if ckpt_path is not None else f"model {spec['name']}"
 
     if cfg.split is not None:
         if cfg.split not in info.splits:
@@ -646,21 +722,21 @@ def evaluate(
     else:
         raise SatkitError(f"{st.path}: no test or val split to evaluate on (it has: {', '.join(info.splits)}); pass --split")
 
-    model, spec = load_model(ckpt_path, dev)
-    for p in model.parameters():  # our own copy: no weight gradients needed anywhere below
+    model.eval()
+    for p in model.parameters():  # no weight gradients needed anywhere below (a caller's own are restored)
         p.requires_grad_(False)
     multi = spec.get("label_kind", "single") == "multi"
     num_classes = int(spec["num_classes"])
     if spec.get("label_kind", "single") != info.label_kind:
-        raise SatkitError(f"{ckpt_path}: model is {spec.get('label_kind')}-label but store {st.path} is {info.label_kind}-label")
+        raise SatkitError(f"{what}: model is {spec.get('label_kind')}-label but store {st.path} is {info.label_kind}-label")
     if num_classes != len(info.classes):
-        raise SatkitError(f"{ckpt_path}: model has {num_classes} classes but store {st.path} has {len(info.classes)}")
+        raise SatkitError(f"{what}: model has {num_classes} classes but store {st.path} has {len(info.classes)}")
     if spec.get("classes") and list(spec["classes"]) != list(info.classes):
-        raise SatkitError(f"{ckpt_path}: model was trained on classes {spec['classes'][:5]}... which differ from store {st.path}'s")
+        raise SatkitError(f"{what}: model was trained on classes {spec['classes'][:5]}... which differ from store {st.path}'s")
     if spec.get("image_size") and tuple(spec["image_size"]) != tuple(info.image_size):
         warnings.warn(
             f"model was trained at {tuple(spec['image_size'])} but store {st.path} is {tuple(info.image_size)}",
-            stacklevel=2,
+            stacklevel=3,
         )
 
     images_np = st.load(split_name, "images")
@@ -680,7 +756,7 @@ def evaluate(
             f"evaluated {n} of the {total} samples of split {split_name!r} (a seeded subset): "
             "the numbers are estimates for the split",
             PartialEvaluationWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     labels_eval = labels_np.astype(np.int64) if not multi else (labels_np > 0).astype(np.uint8)
     data = _Data(images_np, labels_eval, multi, cfg.batch_size, dev)
@@ -700,6 +776,10 @@ def evaluate(
     with torch.no_grad():
         for i, x, y in data:
             logits = model(x)
+            if logits.dim() != 2 or logits.shape[1] != num_classes:
+                raise SatkitError(f"{what}: gives outputs of shape {tuple(logits.shape)} for a batch of "
+                                  f"{x.shape[0]}; expected logits ({x.shape[0]}, {num_classes}), one per class of "
+                                  f"store {st.path}")
             clean.add(logits, y, None)
             if not multi:
                 data.clean_ok[i] = logits.argmax(1) == y
@@ -823,8 +903,9 @@ def evaluate(
         "protocol": cfg.protocol,
         "protocol_label": proto.label,
         "protocol_description": proto.description,
-        "checkpoint": str(ckpt_path),
+        "checkpoint": None if ckpt_path is None else str(ckpt_path),
         "model": {k: spec.get(k) for k in ("name", "num_classes", "label_kind", "image_size")},
+        **({"normalize": spec["normalize"]} if spec.get("normalize") else {}),
         "store": {"path": str(st.path), "dataset": info.dataset, "digest": store_digest(info)},
         "split": split_name,
         "samples": n,
@@ -846,7 +927,7 @@ def evaluate(
     full["headline"] = _headline(full)
     _check_result(full)
     say("throughput: " + _format_throughput(full))
-    if write:
+    if dest is not None:
         _write_result(dest, full)
         say(f"wrote {dest}")
     return full
@@ -941,7 +1022,7 @@ def format_table(r: dict[str, Any]) -> str:
     label = r.get("protocol_label", "paper protocol")
     lines = [
         f"model {m.get('name')} ({m.get('label_kind')}-label, {m.get('num_classes')} classes) "
-        f"from {r['checkpoint']}",
+        + (f"from {r['checkpoint']}" if r.get("checkpoint") else "(a module given to evaluate)"),
         f"store {r['store']['path']} ({r['store']['dataset']}), split {r['split']}: "
         f"{r['samples']} of {r['split_size']} samples" + ("" if r["complete"] else " (seeded subset)"),
         f"protocol: {label} ({r.get('protocol_description', '')})",
