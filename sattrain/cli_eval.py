@@ -61,7 +61,7 @@ def parse_eps_list(text: str, option: str = "--eps") -> list[float]:
 
 
 def parse_attacks(text: str) -> list[str]:
-    from sattrain.evaluate import ATTACKS
+    from sattrain.evaluation import ATTACKS
 
     names = [p.strip().lower() for p in text.split(",") if p.strip()]
     for name in names:
@@ -75,7 +75,7 @@ def parse_attacks(text: str) -> list[str]:
 def parse_step_size(text: str) -> float | str:
     """'2/255' -> 2/255 (absolute); 'eps/4' -> 'eps/4' (a fraction of each eps, checked here)."""
     from sattrain.config import parse_eps
-    from sattrain.evaluate import parse_step_fraction
+    from sattrain.evaluation import parse_step_fraction
 
     if "eps" in text.lower():
         parse_step_fraction(text)
@@ -133,7 +133,7 @@ def eval_cmd(
     """
     from satdata.remote import parse_storage_options
     from sattrain.config import parse_eps
-    from sattrain.evaluate import evaluate, format_table, paper_out
+    from sattrain.evaluation import evaluate, format_table, paper_out
 
     def go() -> None:
         progress = None if quiet else (lambda line: click.echo(line, err=True))
@@ -164,6 +164,7 @@ Examples:
   sattrain report runs/std runs/sat-boxes --out report
   sattrain report runs/sat-s0 runs/sat-s1 runs/sat-s2 runs/std --out report   # seeds averaged
   sattrain report runs/sat-s* --out report --no-aggregate                      # one row per run
+  sattrain report runs/*-s* --out report --frontier                           # robustness against cost
 
 \b
 Layout of report.md:
@@ -172,8 +173,16 @@ Layout of report.md:
   runs that differ only in --seed are one configuration (mean +- std over seeds, n),
   never averaged across different sources; a sanity column (ok / FAILED (checks));
   plots: accuracy per epoch (the held-out monitor, not a robustness measure), robust
-  accuracy against eps (one panel per protocol), distortions; the protocols; per-run
-  numbers; training (monitor) table.
+  accuracy against eps (one panel per protocol), distortions; the frontier (below); the
+  protocols; per-run numbers; training (monitor) table.
+
+\b
+The frontier (frontier.png and its table; bench/frontier.py draws the same):
+  AutoAttack (strong protocol) and the strong PGD sweep against training cost:
+  forward-backward passes per example per epoch of budget (1 standard, noise, sat, free;
+  steps + 1 pgd, fgsm-rs; steps + 2 trades; the coin methods by their attack share) and
+  measured training images/s (metrics.jsonl), clean accuracy beside, mean +- std over
+  seeds, the Pareto-optimal points marked. Drawn when some run has both numbers.
 """
 
 
@@ -188,8 +197,13 @@ Layout of report.md:
 @click.option("--strict", is_flag=True,
               help="Stop at the first unreadable run (a damaged or foreign file) instead of skipping it "
                    "with a warning and reporting the others.")
-def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None, strict: bool) -> None:
-    """Compare runs: markdown tables per protocol and plots (accuracy per epoch, robustness against eps).
+@click.option("--frontier/--no-frontier", default=None,
+              help="Robust accuracy against training cost (frontier.png and a table): --frontier requires it (an "
+                   "error when no run has a strong evaluation with AutoAttack and a measured training speed), "
+                   "--no-frontier leaves it out.  [default: drawn when some run has both]")
+def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None, strict: bool,
+               frontier: bool | None) -> None:
+    """Compare runs: markdown tables per protocol and plots (accuracy per epoch, robustness against eps and cost).
 
     Reads each RUN_DIR's config.json, metrics.jsonl, metrics.json (its end-of-run summary),
     eval.json and eval-paper.json (when `sattrain eval` has run) and writes OUT/report.md
@@ -199,5 +213,5 @@ def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None, st
     """
     from sattrain.report import write_report
 
-    path = run_cli(lambda: write_report(list(run_dirs), out, aggregate=aggregate, strict=strict))
+    path = run_cli(lambda: write_report(list(run_dirs), out, aggregate=aggregate, strict=strict, frontier=frontier))
     click.echo(f"wrote {path}")

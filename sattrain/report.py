@@ -19,6 +19,16 @@ and writes into ``out``:
     accuracy_per_epoch.png    train / held-out clean / held-out monitor per epoch
     robust_vs_eps.png         PGD robust accuracy against eps, one panel per protocol
     distortions.png           contrast, low-pass, high-pass sweeps (when an eval has them)
+    frontier.png              robust accuracy against training cost (when runs have a strong
+                              evaluation with AutoAttack and metrics.jsonl has images_per_s;
+                              ``frontier=True`` asks for it, ``False`` leaves it out)
+
+The frontier (``cost_frontier(runs)``, also drawn by bench/frontier.py): per configuration, the
+AutoAttack headline and the strong PGD sweep against two costs: forward-backward passes per
+training example per epoch of budget (``sattrain.methods.Method.passes`` with the run's own
+attack share from metrics.jsonl) and the measured training images per second (metrics.jsonl
+``samples`` x ``replays`` / ``images_per_s``, summed over epochs), clean accuracy beside,
+mean ± std over seeds, and which points are Pareto-optimal on each cost axis.
 
 Why it is laid out this way (the issue "Robustness numbers a reviewer would trust"):
 
@@ -80,12 +90,18 @@ __all__ = [
     "mean_std",
     "NON_SEMANTIC",
     "PROTOCOL_LABELS",
+    "cost_frontier",
+    "Frontier",
+    "FrontierRow",
+    "run_cost",
+    "RunCost",
 ]
 
 REPORT_NAME = "report.md"
 PLOT_EPOCHS = "accuracy_per_epoch.png"
 PLOT_EPS = "robust_vs_eps.png"
 PLOT_DISTORTIONS = "distortions.png"
+PLOT_FRONTIER = "frontier.png"
 EVAL_JSON = "eval.json"
 PAPER_EVAL_JSON = "eval-paper.json"
 SUMMARY_JSON = "summary.json"
@@ -461,6 +477,10 @@ def _check_epoch_record(rec: dict[str, Any]) -> None:
         if key in ("train_acc", "clean_acc", "pgd_acc") or _MONITOR_KEY.match(key):
             _want(rec, key, "score~")
     _want(rec, "seconds", "num+")
+    _want(rec, "images_per_s", "num+")
+    _want(rec, "samples", "int")
+    _want(rec, "replays", "int")
+    _want(rec, "attack_share", "score")
     _want(rec, "monitor", "dict")
     _want(rec, "metric", "str")
 
@@ -473,6 +493,8 @@ def _check_config(data: dict[str, Any]) -> None:
     for key in ("method", "model"):
         _want(opts, key, "str", "options: ")
     _want(opts, "maps", "strs", "options: ")
+    for key in ("epochs", "steps", "replays"):
+        _want(opts, key, "int", "options: ")
     if opts.get("seed") is not None and not (isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool)
                                              and abs(opts["seed"]) < 2**64):
         raise ValueError(f"options: 'seed' is {_short_repr(opts['seed'])}; expected an integer or null")
@@ -1181,6 +1203,334 @@ def _plot_distortions(configs: list[Configuration], dest: Path) -> tuple[bool, l
     return True, old
 
 
+# --------------------------------------------------------------------------- the cost frontier
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """What one run's training cost, from its metrics.jsonl and config.json.
+
+    ``images_per_s``: training images per second of training time (the held-out check
+    excluded), a Free-AT replay counted as one more image, as the trainer counts them;
+    ``budget_epochs``: epochs of budget trained (epochs run x replays: a Free-AT run of
+    --epochs 8 with 8 replays runs 1 pass over the data, 8 epochs of budget);
+    ``passes``: forward-backward passes per training example per epoch of budget,
+    ``sattrain.methods.Method.passes(steps, attack_share)`` with the run's own attack
+    share (None when the method is not one this sattrain knows).
+    """
+
+    images_per_s: float | None
+    train_seconds: float | None
+    epochs_run: int
+    budget_epochs: float | None
+    replays: int
+    attack_share: float | None
+    passes: float | None
+
+    @property
+    def total_passes(self) -> float | None:
+        """Forward-backward passes per training example over the whole run."""
+        if self.passes is None or self.budget_epochs is None:
+            return None
+        return self.passes * self.budget_epochs
+
+
+def run_cost(run: RunSummary) -> RunCost:
+    """The training cost of ``run`` (see :class:`RunCost`); fields the run did not record are None."""
+    imgs = secs = budget = share_w = share_n = 0.0
+    replays = 1
+    complete = bool(run.epochs)
+    for e in run.epochs:
+        n, ips = e.get("samples"), e.get("images_per_s")
+        rep = e.get("replays") or 1
+        replays = max(replays, int(rep))
+        if not (isinstance(n, int) and n > 0 and _finite(ips) and ips > 0):
+            complete = False
+            continue
+        imgs += n * rep
+        secs += n * rep / float(ips)
+        budget += rep
+        if _finite(e.get("attack_share")):
+            share_w += n * float(e["attack_share"])
+            share_n += n
+    share = share_w / share_n if share_n else None
+    passes = None
+    opts = run.options
+    try:
+        from sattrain.methods import get_method
+
+        method = get_method(run.method)
+    except SatkitError:
+        method = None
+    steps = opts.get("steps")
+    if method is not None and (isinstance(steps, int) or not method.attacks):
+        passes = method.passes(int(steps or 0), 1.0 if share is None else share)
+    return RunCost(images_per_s=imgs / secs if complete and secs > 0 else None,
+                   train_seconds=secs if complete else None, epochs_run=len(run.epochs),
+                   budget_epochs=budget if complete else None, replays=replays, attack_share=share, passes=passes)
+
+
+@dataclass
+class FrontierRow:
+    """One point of the frontier: a configuration's runs (one measurement source), their costs."""
+
+    name: str
+    runs: list[RunSummary]
+    measurements: list[Measurement]
+    costs: list[RunCost]
+    pareto: tuple[str, ...] = ()  # the cost axes on whose frontier the point lies: "passes", "images/s"
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method
+
+    @property
+    def model(self) -> str:
+        return self.runs[0].model
+
+    @property
+    def headline_name(self) -> str:
+        return self.measurements[0].headline_name or ""
+
+    def stat(self, what: str) -> tuple[float, float | None, int] | None:
+        """mean_std of a per-run number: clean, autoattack, pgd@E, passes, total_passes, images_per_s, train_seconds."""
+        if what == "clean":
+            vals = [m.clean for m in self.measurements]
+        elif what == "autoattack":
+            vals = [m.headline for m in self.measurements]
+        elif what.startswith("pgd@"):
+            e = float(what[4:])
+            vals = [m.pgd.get(e) for m in self.measurements]
+        elif what == "total_passes":
+            vals = [c.total_passes for c in self.costs]
+        else:
+            vals = [getattr(c, what) for c in self.costs]
+        return mean_std(vals)
+
+    def mean(self, what: str) -> float | None:
+        st = self.stat(what)
+        return None if st is None else st[0]
+
+    @property
+    def budget(self) -> str:
+        """Epochs of budget, and how a replaying method ran them (``8 (1 pass x 8 replays)``)."""
+        c = self.costs[0]
+        epochs = self.runs[0].options.get("epochs")
+        text = str(epochs) if isinstance(epochs, int) else ("-" if c.budget_epochs is None else f"{c.budget_epochs:g}")
+        if c.replays > 1:
+            text += f" ({c.epochs_run} pass{'es' if c.epochs_run != 1 else ''} x {c.replays} replays)"
+        elif isinstance(epochs, int) and c.epochs_run != epochs:
+            text += f" ({c.epochs_run} run)"
+        return text
+
+
+@dataclass
+class Frontier:
+    """Robust accuracy against training cost, one point per configuration (``cost_frontier(runs)``)."""
+
+    rows: list[FrontierRow]
+    excluded: list[tuple[str, str]]  # (run label, why it is not on the frontier)
+    eps: list[float]  # the PGD sweep's radii (x/255) shared by the rows
+
+    @property
+    def source(self) -> str:
+        sources = list(dict.fromkeys(m.source for r in self.rows for m in r.measurements))
+        return sources[0] if len(sources) == 1 else "several (see the source column)"
+
+    def markdown(self, plot: str | None = PLOT_FRONTIER) -> list[str]:
+        """The frontier's section of a report: what is plotted, the table, the per-run costs."""
+        if not self.rows:
+            return []
+        aa = _headline_name(self.rows[0].headline_name)
+        lines = [f"Robust accuracy ({aa}, strong protocol; the PGD sweep beside) against what training cost: "
+                 "forward-backward passes per training example per epoch of budget (`Method.passes`: 1 for "
+                 "standard, noise, sat and free, steps + 1 for pgd and fgsm-rs, steps + 2 for trades, the attack's "
+                 "share of that on top of one pass for the coin methods, with the run's own attack share) and the "
+                 "measured training images per second (a Free-AT replay counts as an image; the held-out check "
+                 "excluded). Free-AT runs --epochs / replays passes over the data, so every method trains the same "
+                 "number of images. Pareto: the point is on the frontier of that cost axis (no other point is at "
+                 "least as cheap and more robust). Percentages; mean ± sample std over seeds, n seeds.", ""]
+        if plot:
+            lines += [f"![Robust accuracy against training cost]({plot})", ""]
+        std = {r.model: r for r in self.rows if r.method == "standard"}
+        pgd_cols = [f"PGD {_eps_label(e)}" for e in self.eps]
+        head = ["configuration", "method", "model", "n", "epochs (budget)", "passes / example / epoch",
+                "train img/s", "train s", "time vs standard", "source", "clean", aa, *pgd_cols, "sanity", "Pareto"]
+        lines += ["| " + " | ".join(head) + " |",
+                  "|" + "|".join(["---"] * 5 + ["---:"] * 4 + ["---"] + ["---:"] * (2 + len(pgd_cols)) + ["---", "---"]) + "|"]
+        for r in self.rows:
+            base = std.get(r.model)
+            t, t0 = r.mean("train_seconds"), base.mean("train_seconds") if base else None
+            sanity = _sanity_cell(Row(r.name, Configuration(r.name, r.runs, {}), r.runs, r.measurements))
+            cells = [("⚠ " if sanity.startswith("FAILED") else "") + f"`{r.name}`", r.method, r.model, str(len(r.runs)),
+                     r.budget, _cell([c.passes for c in r.costs], scale=1.0),
+                     _cell([c.images_per_s for c in r.costs], scale=1.0, digits=0),
+                     _cell([c.train_seconds for c in r.costs], scale=1.0, digits=1),
+                     f"{t / t0:.2f}x" if t and t0 else "-", r.measurements[0].source,
+                     _cell([m.clean for m in r.measurements]), _cell([m.headline for m in r.measurements])]
+            cells += [_cell([m.pgd.get(e) for m in r.measurements]) for e in self.eps]
+            cells += [sanity, ", ".join(r.pareto) or "-"]
+            lines.append("| " + " | ".join(_escape(c) for c in cells) + " |")
+        lines += ["", "### Frontier, per run", "",
+                  "| run | method | seed | passes / example / epoch | attack share | epochs run | train img/s | "
+                  f"train s | clean | {aa} |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            for run, m, c in zip(r.runs, r.measurements, r.costs):
+                cells = [f"`{run.label}`", run.method, "-" if run.seed is None else str(run.seed),
+                         "-" if c.passes is None else f"{c.passes:.2f}",
+                         "-" if c.attack_share is None else f"{c.attack_share:.2f}", str(c.epochs_run),
+                         "-" if c.images_per_s is None else f"{c.images_per_s:.0f}",
+                         "-" if c.train_seconds is None else f"{c.train_seconds:.1f}", _pct(m.clean), _pct(m.headline)]
+                lines.append("| " + " | ".join(_escape(x) for x in cells) + " |")
+        if self.excluded:
+            lines += ["", "Not on the frontier: " + "; ".join(f"`{_escape(lab)}` ({why})" for lab, why in self.excluded)
+                      + "."]
+        return lines + [""]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The rows as plain data (mean, std, n per number; the runs and their costs)."""
+        def st(r: FrontierRow, what: str) -> dict[str, Any] | None:
+            s = r.stat(what)
+            return None if s is None else {"mean": s[0], "std": s[1], "n": s[2]}
+
+        return [{
+            "configuration": r.name, "method": r.method, "model": r.model, "n": len(r.runs), "budget": r.budget,
+            "source": r.measurements[0].source, "headline": r.headline_name, "pareto": list(r.pareto),
+            **{k: st(r, k) for k in ("passes", "total_passes", "images_per_s", "train_seconds", "clean", "autoattack")},
+            "pgd": {_eps_label(e): st(r, f"pgd@{e}") for e in self.eps},
+            "sanity_failed": sorted({n for m in r.measurements for n in m.sanity_failed}),
+            "runs": [{"run": run.label, "path": str(run.path), "seed": run.seed, "passes": c.passes,
+                      "attack_share": c.attack_share, "epochs_run": c.epochs_run, "budget_epochs": c.budget_epochs,
+                      "images_per_s": c.images_per_s, "train_seconds": c.train_seconds, "clean": m.clean,
+                      "autoattack": m.headline} for run, m, c in zip(r.runs, r.measurements, r.costs)],
+        } for r in self.rows]
+
+    def plot(self, dest: Path, title: str | None = None) -> bool:
+        """frontier.png: the headline against passes and against images/s (clean beside, the Pareto
+        frontier as a grey step line), and the PGD sweep against passes; False when nothing to draw."""
+        return _plot_frontier(self, dest, title)
+
+
+def _pareto(points: list[tuple[float | None, float | None]], cheaper_is_lower: bool) -> set[int]:
+    """Indices of the points (cost, accuracy) no other point dominates (at most as costly and
+    more accurate, or cheaper and as accurate)."""
+    out = set()
+    for i, (c, a) in enumerate(points):
+        if c is None or a is None:
+            continue
+        dominated = False
+        for j, (c2, a2) in enumerate(points):
+            if j == i or c2 is None or a2 is None:
+                continue
+            cheaper_or_same = c2 <= c if cheaper_is_lower else c2 >= c
+            strictly = (c2 < c if cheaper_is_lower else c2 > c) or a2 > a
+            if cheaper_or_same and a2 >= a and strictly:
+                dominated = True
+                break
+        if not dominated:
+            out.add(i)
+    return out
+
+
+def cost_frontier(runs: Sequence[RunSummary], aggregate: bool = True) -> Frontier:
+    """The frontier of ``runs``: the runs with a strong-protocol AutoAttack headline and a measured
+    training speed, one point per configuration and measurement source (seeds averaged when
+    ``aggregate``); the others listed in ``excluded`` with the reason."""
+    excluded: list[tuple[str, str]] = []
+    ok: list[RunSummary] = []
+    costs: dict[int, RunCost] = {}
+    for r in runs:
+        m = r.measurements.get("strong")
+        cost = run_cost(r)
+        if m is None:
+            excluded.append((r.label, "no strong-protocol evaluation: run `sattrain eval`"))
+        elif not (m.headline_name or "").startswith("autoattack@") or m.headline is None:
+            excluded.append((r.label, f"its strong evaluation ({m.file}) has no AutoAttack"))
+        elif cost.images_per_s is None:
+            excluded.append((r.label, "no training speed (images_per_s, samples) in metrics.jsonl"))
+        else:
+            ok.append(r)
+            costs[id(r)] = cost
+    heads = [r.measurements["strong"].headline_name for r in ok]
+    if len(set(heads)) > 1:  # one radius per frontier: the most common one
+        keep = max(set(heads), key=heads.count)
+        excluded += [(r.label, f"AutoAttack at another radius ({_headline_name(h)})") for r, h in zip(ok, heads) if h != keep]
+        ok = [r for r, h in zip(ok, heads) if h == keep]
+    rows: list[FrontierRow] = []
+    for row in _rows(group_runs(ok, aggregate=aggregate), "strong", []):
+        rows.append(FrontierRow(row.name if not any(x.name == row.name for x in rows) else f"{row.name} ({row.first.source})",
+                                row.runs, row.measurements, [costs[id(r)] for r in row.runs]))
+    rows.sort(key=lambda r: (r.mean("passes") if r.mean("passes") is not None else math.inf,
+                             -(r.mean("autoattack") or 0.0), r.name))
+    for axis, key, lower in (("passes", "passes", True), ("images/s", "images_per_s", False)):
+        front = _pareto([(r.mean(key), r.mean("autoattack")) for r in rows], cheaper_is_lower=lower)
+        for i in front:
+            rows[i].pareto += (axis,)
+    eps = sorted(set.intersection(*(set(e for e, v in m.pgd.items() if v is not None)
+                                    for r in rows for m in r.measurements))) if rows else []
+    return Frontier(rows=rows, excluded=excluded, eps=eps)
+
+
+def _plot_frontier(fr: Frontier, dest: Path, title: str | None = None) -> bool:
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in fr.rows if r.mean("autoattack") is not None]
+    if not rows:
+        return False
+    fig, axes = _new_figure(3, width_per=5.4, height=4.8)
+    cmap_configs = [Configuration(r.name, r.runs, {}) for r in rows]
+    colors = _colors(cmap_configs)
+    aa = _headline_name(rows[0].headline_name)
+    panels = [(axes[0], "passes", "forward-backward passes per example per epoch of budget", False),
+              (axes[1], "images_per_s", "measured training images/s (log; right = cheaper)", True)]
+    for ax, key, xlabel, log in panels:
+        pts = []
+        for r in rows:
+            x, xs = r.stat(key), r.stat("autoattack")
+            c = r.stat("clean")
+            if x is None or xs is None:
+                continue
+            px, py = x[0], 100 * xs[0]
+            pts.append((px, py))
+            ax.errorbar([px], [py], xerr=[x[1] or 0.0], yerr=[100 * (xs[1] or 0.0)], color=colors[r.name], marker="o",
+                        ms=6, capsize=3, ls="none", label=f"{r.name} (n={len(r.runs)})")
+            if c is not None:  # clean accuracy beside: a hollow marker above, joined by a dotted line
+                ax.plot([px, px], [py, 100 * c[0]], color=colors[r.name], ls=":", lw=1)
+                ax.plot([px], [100 * c[0]], color=colors[r.name], marker="o", mfc="none", ms=6, ls="none")
+            ax.annotate(r.name, (px, py), textcoords="offset points", xytext=(4, -10), fontsize=6.5,
+                        color=colors[r.name])
+        front = sorted((p for r, p in zip(rows, pts) if ("passes" if key == "passes" else "images/s") in r.pareto),
+                       key=lambda p: p[0], reverse=log)
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="0.5", ls="--", lw=1, zorder=0)
+        if log:
+            ax.set_xscale("log")
+        _style(ax, f"{aa} (strong protocol) against cost", xlabel, "accuracy (%)")
+    ax = axes[2]
+    markers = ["v", "s", "D", "^", "P", "X", "h", "*"]
+    for r in rows:
+        x = r.mean("passes")
+        if x is None:
+            continue
+        ys = [(e, r.mean(f"pgd@{e}")) for e in fr.eps]
+        ys = [(e, y) for e, y in ys if y is not None]
+        ax.plot([x] * len(ys), [100 * y for _e, y in ys], color=colors[r.name], lw=0.8, alpha=0.6)
+        for i, (e, y) in enumerate(ys):
+            ax.plot([x], [100 * y], color=colors[r.name], marker=markers[i % len(markers)], ms=5, ls="none")
+    _style(ax, "PGD sweep (strong: 50 x eps/4, 2 starts) against passes",
+           "forward-backward passes per example per epoch of budget", "accuracy (%)")
+    ax.legend([Line2D([], [], color="0.3", marker=markers[i % len(markers)], ls="none") for i in range(len(fr.eps))],
+              [f"PGD {_eps_label(e)}" for e in fr.eps], fontsize=7, loc="lower right")
+    handles = [Line2D([], [], color="0.3", marker="o", ls="none"), Line2D([], [], color="0.3", marker="o", mfc="none",
+                                                                          ls="none"),
+               Line2D([], [], color="0.5", ls="--")]
+    axes[0].legend(handles, [aa, "clean", "Pareto frontier"], fontsize=7, loc="lower right")
+    _legend(fig, axes[:2])
+    fig.suptitle(title or f"Robust accuracy against training cost ({fr.source}; mean ± std over seeds)", fontsize=11)
+    _save_figure(fig, dest)
+    return True
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1209,6 +1559,7 @@ def _probe(run: RunSummary) -> None:
         _table(_rows(group_runs([run], aggregate=False), proto, []), per_run=True)
     _training_table([run])
     _protocol_section([run], protocols)
+    cost_frontier([run]).markdown()
 
 
 def _load_checked(path: Path, label: str) -> RunSummary:
@@ -1229,11 +1580,17 @@ def _load_checked(path: Path, label: str) -> RunSummary:
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: bool | None = None, *,
-                 strict: bool = False, warn: Callable[[str], None] | None = None) -> Path:
+                 strict: bool = False, warn: Callable[[str], None] | None = None,
+                 frontier: bool | None = None) -> Path:
     """Read the runs, write ``out/report.md`` and its PNGs; return the report's path.
 
     ``aggregate``: one row per configuration (mean ± std over seeds) when True, one per run
     when False; None (the default) aggregates when some configuration has several seeds.
+
+    ``frontier``: the section "Robust accuracy against training cost" and frontier.png
+    (:func:`cost_frontier`). None (the default): when some run has a strong evaluation with
+    AutoAttack and a measured training speed; True: always, SatkitError when no run has
+    both; False: never.
 
     A run directory whose files cannot be read or are malformed (see the module docstring)
     is skipped: ``warn`` gets one line naming the file and the reason (default: a
@@ -1276,6 +1633,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: boo
     configs = by_config if aggregate else group_runs(runs, aggregate=False)
     per_run = group_runs(runs, aggregate=False)
     protocols = [p for p in PROTOCOLS if any(p in r.measurements for r in runs)]
+    fr = cost_frontier(runs, aggregate=aggregate) if frontier is not False else None
+    if frontier and not (fr and fr.rows):
+        raise SatkitError("--frontier: no run has both a strong evaluation with AutoAttack (`sattrain eval RUN_DIR "
+                          "--store STORE`) and a training speed (images_per_s in metrics.jsonl)"
+                          + (" (" + "; ".join(f"{lab}: {why}" for lab, why in fr.excluded[:3]) + ")" if fr else ""))
 
     lines = ["# satkit report", "",
              f"{len(runs)} run(s)" + (f" in {len(configs)} configuration(s)" if aggregate else "")
@@ -1334,6 +1696,10 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: boo
             for proto in protocols:
                 lines += [f"### {PROTOCOL_LABELS[proto].capitalize()}, per run", ""]
                 lines += _table(_rows(per_run, proto, []), per_run=True) + [""]
+    if fr and fr.rows and fr.plot(out / PLOT_FRONTIER):
+        lines += ["## Robust accuracy against training cost (the frontier)", ""] + fr.markdown(PLOT_FRONTIER)
+    elif (out / PLOT_FRONTIER).exists():
+        (out / PLOT_FRONTIER).unlink()  # a stale plot from an earlier report of other runs
     lines += ["## Training (held-out monitor, not a robustness measure)", ""] + _training_table(runs) + [""]
     lines += ["## Runs", ""] + [f"- `{r.label}`: `{r.path}`" for r in runs] + [""]
     if skipped:

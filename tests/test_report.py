@@ -52,7 +52,7 @@ def _options(method: str, seed: int, **over: Any) -> dict[str, Any]:
 
 def _eval(protocol: str, *, clean: float, slope: float, samples: int = 355, split_size: int = 355,
           failed: tuple[str, ...] = (), aa: float | None = None, version: int = 2) -> dict[str, Any]:
-    """An eval.json dict of sattrain.evaluate (version 2) or, with version=1, of the old evaluate."""
+    """An eval.json dict of sattrain.evaluation (version 2) or, with version=1, of the old evaluate."""
     eps = STRONG_EPS if protocol == "strong" else PAPER_EPS
     rows = [{"eps": k / 255, "eps_label": f"{k}/255", "step_size": (k / 255 / 4) if protocol == "strong" else 2 / 255,
              "value": round(clean - k * slope, 6)} for k in eps]
@@ -471,3 +471,103 @@ def test_multilabel_runs_say_map(tmp_path: Path) -> None:
     assert load_run(run).metric == "mAP"
     md = write_report([run], tmp_path / "out").read_text()
     assert _row(_tables(md)["Paper protocol"], "voc")["metric"] == "mAP"
+
+
+# --------------------------------------------------------------------------- the cost frontier
+
+
+def _costed(run: Path, ips: float, *, samples: int = 1000, share: float = 0.0, replays: int | None = None) -> Path:
+    """Add what `sattrain run` records of training speed to each metrics.jsonl line of ``run``."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    for rec in lines:
+        rec.update({"samples": samples, "images_per_s": ips, "attack_share": share})
+        if replays:
+            rec["replays"] = replays
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return run
+
+
+@pytest.fixture
+def costed(tmp_path: Path) -> dict[str, list[Path]]:
+    """standard x3, sat x3, pgd x2, free x1 with known speeds and AutoAttack values."""
+    runs: dict[str, list[Path]] = {"standard": [], "sat": [], "pgd": [], "free": []}
+    for s, ips in enumerate((1000.0, 1100.0, 900.0)):
+        runs["standard"].append(_costed(_make_run(tmp_path, f"standard-s{s}", method="standard", seed=s, evals={
+            "eval.json": _eval("strong", clean=0.9, slope=0.01, aa=0.1 + 0.01 * s)}), ips))
+    for s, ips in enumerate((990.0, 980.0, 1000.0)):
+        runs["sat"].append(_costed(_make_run(tmp_path, f"sat-s{s}", method="sat", seed=s, evals={
+            "eval.json": _eval("strong", clean=0.9, slope=0.01, aa=0.3)}), ips))
+    for s, ips in enumerate((170.0, 190.0)):
+        runs["pgd"].append(_costed(_make_run(tmp_path, f"pgd-s{s}", method="pgd", seed=s, evals={
+            "eval.json": _eval("strong", clean=0.85, slope=0.01, aa=0.6)}), ips, share=1.0))
+    free = _make_run(tmp_path, "free-s0", method="free", seed=0, epochs=2,
+                     options=_options("free", 0, epochs=4, replays=2), evals={
+                         "eval.json": _eval("strong", clean=0.88, slope=0.01, aa=0.2)})
+    runs["free"].append(_costed(free, 1010.0, share=1.0, replays=2))
+    return runs
+
+
+def test_frontier_table_costs_and_pareto(costed: dict[str, list[Path]], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    md = write_report([p for ps in costed.values() for p in ps], out).read_text()
+    tables = _tables(md)
+    fr = tables["Robust accuracy against training cost (the frontier)"]
+    assert [r["method"] for r in fr] == ["sat", "free", "standard", "pgd"]  # by passes, then robustness
+    std, sat, pgd, free = (_row(fr, n) for n in ("standard", "sat", "pgd", "free-s0"))
+    assert std["n"] == "3" and std["train img/s"] == "1000 ± 100" and std["passes / example / epoch"] == "1.00 ± 0.00"
+    assert std["AutoAttack 8/255"] == _pm([0.1, 0.11, 0.12]) and std["clean"] == "90.00 ± 0.00"
+    # 4 epochs of 1000 images at the run's speed
+    assert std["train s"] == f"{statistics.mean([4000 / 1000, 4000 / 1100, 4000 / 900]):.1f} ± " \
+        f"{statistics.stdev([4000 / 1000, 4000 / 1100, 4000 / 900]):.1f}"
+    assert pgd["passes / example / epoch"] == "6.00 ± 0.00" and pgd["n"] == "2"  # 5 steps + 1, every batch attacked
+    t_pgd = statistics.mean([4000 / 170, 4000 / 190])
+    t_std = statistics.mean([4000 / 1000, 4000 / 1100, 4000 / 900])
+    assert pgd["time vs standard"] == f"{t_pgd / t_std:.2f}x"
+    # free: 2 passes over the data, each minibatch replayed twice: 4 epochs of budget, 1 pass per example
+    assert free["epochs (budget)"] == "4 (2 passes x 2 replays)" and free["passes / example / epoch"] == "1.00"
+    assert free["train img/s"] == "1010" and free["train s"] == f"{4000 / 1010:.1f}"
+    # Pareto: on passes sat (1 pass, 30%) and pgd; on images/s free (fastest), sat and pgd
+    assert (std["Pareto"], free["Pareto"], sat["Pareto"], pgd["Pareto"]) == ("-", "images/s", "passes, images/s",
+                                                                             "passes, images/s")
+    per_run = tables["Frontier, per run"]
+    assert {r["run"].strip("`") for r in per_run} == {p.name for ps in costed.values() for p in ps}
+    assert _row(per_run, "pgd-s1")["train img/s"] == "190" and _row(per_run, "free-s0")["epochs run"] == "2"
+    assert "](frontier.png)" in md
+    _nonblank_png(out / "frontier.png")
+
+
+def test_frontier_only_when_asked_or_measured(study: dict[str, Any], costed: dict[str, list[Path]],
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    md = write_report(study["all"], out).read_text()  # no training speed recorded: no frontier
+    assert "the frontier" not in md and not (out / "frontier.png").exists()
+    with pytest.raises(SatkitError, match="--frontier: no run has both"):
+        write_report(study["all"], out, frontier=True)
+    runs = [*costed["standard"], *costed["pgd"]]
+    write_report(runs, out)
+    assert (out / "frontier.png").exists()
+    md = write_report(runs, out, frontier=False).read_text()
+    assert "the frontier" not in md and not (out / "frontier.png").exists()  # the stale plot is removed
+    # a run without AutoAttack and one at another radius are listed, not plotted
+    bare = _costed(_make_run(tmp_path, "noaa", method="noise", evals={"eval.json": _eval("paper", clean=0.8, slope=0.01)}),
+                   500.0)
+    other = _eval("strong", clean=0.8, slope=0.01, aa=0.5)
+    other["autoattack"]["eps_label"], other["headline"]["name"] = "4/255", "autoattack@4/255"
+    far = _costed(_make_run(tmp_path, "aa4", method="noise", seed=5, evals={"eval.json": other}), 500.0)
+    md = write_report([*runs, bare, far], out, frontier=True).read_text()
+    assert "`noaa` (no strong-protocol evaluation: run `sattrain eval`)" in md
+    assert "`aa4` (AutoAttack at another radius (AutoAttack 4/255))" in md
+    res = CliRunner().invoke(report_cmd, [*map(str, study["all"]), "--out", str(out), "--frontier"])
+    assert res.exit_code == 1 and "--frontier: no run has both" in res.output
+
+
+def test_frontier_speed_fields_are_checked(costed: dict[str, list[Path]], tmp_path: Path) -> None:
+    bad = costed["pgd"][1]
+    lines = (bad / "metrics.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["images_per_s"] = -3.0
+    (bad / "metrics.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    warned: list[str] = []
+    md = write_report([*costed["standard"], *costed["pgd"]], tmp_path / "out", warn=warned.append).read_text()
+    assert len(warned) == 1 and "metrics.jsonl:1" in warned[0] and "'images_per_s' is -3.0" in warned[0]
+    assert _row(_tables(md)["Robust accuracy against training cost (the frontier)"], "pgd-s0")["n"] == "1"
