@@ -221,10 +221,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from satdata.clikit import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+    return progress_bar(total, desc, "img", enabled=enabled)
 
 
 def build(cfg: BuildConfig) -> BuildResult:

@@ -230,3 +230,100 @@ class SatkitGroup(click.Group):
 
 __all__ = ["DEBUG_ENV", "DEBUG_HINT", "STORAGE_OPTION_HELP", "SatkitGroup", "debug_option", "debug_requested",
            "error_line", "format_error", "one_line", "open_store_arg", "run_cli", "storage_option"]
+
+
+# --------------------------------------------------------------------------- progress
+
+PROGRESS_ENV = "SATKIT_PROGRESS"  # "bar", "lines" or "off"; unset: a bar on a terminal, lines otherwise
+PROGRESS_LINE_SECONDS = 30.0
+
+
+class ProgressLines:
+    """A progress bar's interface (update, set_postfix, write, close) printing a plain line
+    every PROGRESS_LINE_SECONDS (and one at the end) instead of redrawing a bar: what a log
+    file, a batch job's output or CI should hold, rather than thousands of carriage returns."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0, unit_scale: bool = False,
+                 every: float = PROGRESS_LINE_SECONDS) -> None:
+        import time
+
+        self.total, self.desc, self.unit, self.n, self.scale = total, desc, unit, initial, unit_scale
+        self.every = every
+        self._clock = time.monotonic
+        self._t0 = self._last = self._clock()
+        self._post = ""
+        self._closed = False
+
+    def __enter__(self) -> "ProgressLines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _amount(self, v: float) -> str:
+        if not self.scale:
+            return f"{int(v):,}"
+        for unit in ("", "Ki", "Mi", "Gi", "Ti"):
+            if abs(v) < 1024 or unit == "Ti":
+                return f"{v:.1f} {unit}{self.unit}" if unit else f"{int(v)} {self.unit}"
+            v /= 1024
+        return str(v)  # pragma: no cover
+
+    def _line(self) -> None:
+        elapsed = max(1e-9, self._clock() - self._t0)
+        of = f"/{self._amount(self.total)}" if self.total else ""
+        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        rate = self.n / elapsed
+        unit = "" if self.scale else f" {self.unit}"
+        print(f"{self.desc}: {self._amount(self.n)}{of}{unit}{pct}, {self._amount(rate)}{unit}/s, "
+              f"{elapsed:.0f} s{self._post}", file=sys.stderr, flush=True)
+        self._last = self._clock()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if self._clock() - self._last >= self.every:
+            self._line()
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kw: Any) -> None:
+        items = dict(ordered_dict or {}, **kw)
+        self._post = "; " + ", ".join(f"{k} {v}" for k, v in items.items()) if items else ""
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def refresh(self) -> None:
+        pass
+
+    @staticmethod
+    def write(text: str, file: Any = None) -> None:
+        print(text, file=file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._clock() - self._t0 >= self.every:  # short steps say nothing more than their result
+                self._line()
+
+
+def progress_bar(total: int | None = None, desc: str = "", unit: str = "it", *, enabled: bool = True,
+                 initial: int = 0, unit_scale: bool = False, **tqdm_kw: Any) -> Any:
+    """The progress display of every long step: a tqdm bar on a terminal (stderr a TTY), a
+    plain line every 30 s otherwise (ProgressLines), nothing when ``enabled`` is False.
+    ``SATKIT_PROGRESS=bar|lines|off`` overrides the choice."""
+    from tqdm.auto import tqdm
+
+    mode = os.environ.get(PROGRESS_ENV, "").strip().lower()
+    if not enabled or mode == "off":
+        return tqdm(total=total, disable=True)
+    if mode == "lines" or (mode != "bar" and not _is_tty(sys.stderr)):
+        return ProgressLines(total, desc, unit, initial, unit_scale)
+    kw = {"unit_divisor": 1024} if unit_scale else {}
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit_scale, file=sys.stderr,
+                dynamic_ncols=True, leave=False, **kw, **tqdm_kw)
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -60,7 +60,7 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
 def _write(store: Store, out: Path, order: Sequence[str], names: Sequence[str], before: Any,
            progress: bool) -> None:
     import h5py
-    from tqdm.auto import tqdm
+    from satdata.clikit import progress_bar
 
     from satdata import __version__
 
@@ -78,7 +78,7 @@ def _write(store: Store, out: Path, order: Sequence[str], names: Sequence[str], 
             why = "it is in the way; remove it" if os.path.lexists(tmp) else e
             raise SatkitError(f"{tmp}: cannot create it ({why})") from None
         created = True
-        with f, tqdm(total=len(jobs), desc="export", unit="array", disable=not progress, leave=False) as bar:
+        with f, progress_bar(len(jobs), "export", "array", enabled=progress) as bar:
             f.attrs["satkit_h5_version"] = H5_VERSION
             f.attrs["dataset"] = info.dataset
             f.attrs["classes"] = json.dumps(info.classes, ensure_ascii=False)

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import stat
-import sys
 import threading
 import time
 import zipfile
@@ -186,10 +185,9 @@ def _human(n: float) -> str:
 
 
 def _bar(total: int | None, desc: str, enabled: bool, initial: int = 0) -> Any:
-    from tqdm.auto import tqdm
+    from satdata.clikit import progress_bar
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False)
+    return progress_bar(total, desc, "B", enabled=enabled, initial=initial, unit_scale=True)
 
 
 # --------------------------------------------------------------------------- pack

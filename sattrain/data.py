@@ -294,10 +294,9 @@ def check_map_sizes(store: Store, split: str, maps: Sequence[str]) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from satdata.clikit import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not enabled, leave=False, dynamic_ncols=True)
+    return progress_bar(total, desc, "B", enabled=enabled, unit_scale=True)
 
 
 @dataclass

@@ -332,7 +332,7 @@ def train_one_epoch(
     (so all stop at the same step), and loss, score, attack share and samples cover every
     process's samples; ``steps`` is per process (the same in each).
     """
-    from tqdm.auto import tqdm
+    from satdata.clikit import progress_bar
 
     model.train()
     device = next(model.parameters()).device
@@ -348,7 +348,7 @@ def train_one_epoch(
     steps = 0  # optimizer steps (batches x replays)
     batches = 0
     lr_first = lr_last = float(optimizer.param_groups[0]["lr"])
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, unit="batch")
+    bar = progress_bar(total, desc, "batch", enabled=progress)
     shared = comm is not None and comm.world.distributed
 
     def check(step: int) -> None:
