@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -80,9 +79,9 @@ class Results:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.doc, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, self.path)
+        from satdata.atomic import write_json_atomic
+
+        write_json_atomic(self.path, self.doc, allow_nan=False)
 
 
 def _error(e: BaseException) -> dict[str, Any]:

@@ -31,7 +31,6 @@ committed atomically this way).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -44,9 +43,10 @@ import numpy as np
 import zarr
 
 from satdata.errors import SatkitError, StoreError
-from satdata.outputs import store_lock
+from satdata.atomic import leftover_temps, store_lock
 from satdata.store import (
-    ATTR_KEY,
+    MAP_GROUPS,
+    MAPS_GROUP,
     SPLIT_ORDER,
     TARGET_UNKNOWN,
     TARGETS_DTYPE,
@@ -55,6 +55,7 @@ from satdata.store import (
     Store,
     StoreInfo,
     array_path,
+    committed_map_array,
     create_sample_array,
     digest_array,
     layout_of,
@@ -141,7 +142,7 @@ def cleanup_strays(path: Path, info: StoreInfo) -> list[str]:
 def remove_tmp_files(path: Path) -> list[str]:
     """Remove the ``.zarr.json.tmp-*`` files of killed commits (call with the store lock held)."""
     removed = []
-    for tmp in sorted(path.glob(".zarr.json.tmp-*")):
+    for tmp in leftover_temps(path / "zarr.json"):
         tmp.unlink(missing_ok=True)
         removed.append(tmp.name)
     return removed
@@ -191,7 +192,7 @@ def refuse_links(path: Path, info: StoreInfo) -> None:
     """Refuse to change a store whose groups are symbolic links (they may lead anywhere:
     cleaning up "inside" them could delete someone else's files)."""
     for split in info.splits:
-        for d in (path / split, path / split / "saliency", path / split / TARGETS_GROUP):
+        for d in (path / split, *(path / split / g for g in MAP_GROUPS)):
             if d.is_symlink():
                 raise StoreError(f"{path}: {d.relative_to(path)} is a symbolic link; satdata does not change "
                                  "a store whose groups lead outside it")
@@ -204,7 +205,7 @@ def _fresh_array_name(name: str, info: StoreInfo, path: Path) -> str:
     while True:
         a = f"{name}.{secrets.token_hex(4)}"
         if a not in taken and not any(os.path.lexists(path / s / g / a) for s in info.splits
-                                      for g in ("saliency", TARGETS_GROUP)):
+                                      for g in MAP_GROUPS):
             return a
 
 
@@ -262,11 +263,7 @@ def _write_split(arr: zarr.Array, blocks: Iterable[Any], n: int, tail: tuple[int
 
 def _committed(path: Path, name: str, array: str) -> bool:
     """Whether the store's attributes on disk already name ``array`` for map ``name``."""
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-        return meta["attributes"][ATTR_KEY]["maps"][name]["array"] == array
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return committed_map_array(path, name) == array
 
 
 def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequence[str] | None = None,
@@ -310,7 +307,7 @@ def add_map(path: str | Path, new: NewMap, produce: Producer, *, splits: Sequenc
                 shape = map_shape(mi, n, info.image_size)
                 images = store.array(split, "images")
                 chunk = write_unit(images)  # maps are laid out like their images (chunks, or shards)
-                sal = p / split / "saliency"
+                sal = p / split / MAPS_GROUP
                 if not sal.exists():
                     made_groups.append(sal)
                 apath = array_path(split, "saliency", array)

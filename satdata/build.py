@@ -9,13 +9,11 @@ that makes a directory a store is written last (see satdata.store).
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import platform
 import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,8 +25,9 @@ from satdata import __version__
 from satdata.errors import SatkitError, SourceError
 from satdata.geometry import FIT_MODES, apply_boxes, apply_image, apply_map, keep_boxes, plan_fit, rasterize_boxes
 from satdata.ranges import label_row
-from satdata.outputs import (commit_path, identity, is_own_plain_dir, make_parents, make_private_dir, output_lock,
-                             partial_path, probe_writable, remove_empty, resolve_out, store_lock)
+from satdata.atomic import (commit_path, identity, make_parents, make_private_dir, output_lock, partial_path,
+                            probe_writable, remove_empty, remove_partial, remove_stale, resolve_out,
+                            sigterm_as_interrupt, store_lock)
 from satdata.sources import BadSamples, Decoded, Record, Source, SourceOptions, make_source
 from satdata.sources._base import check_box, image_hw, set_reduced_decode
 from satdata.store import SPLITS, ArrayWriter, MapInfo, StoreInfo, read_info
@@ -150,41 +149,9 @@ def check_out(out: Path, overwrite: bool) -> None:
     raise SatkitError(f"{out}: exists and is not a satkit store; refusing to replace it")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale(out: Path, kinds: Sequence[str] = ("partial", "old")) -> list[Path]:
-    """Remove leftovers ``.NAME.<kind>-PID`` of builds into ``out`` whose process is gone
-    (killed with SIGKILL).
-
-    Call with the output lock held (no live build of ``out`` can own a leftover then, not
-    even one with this process's id from before a restart), or for kinds that only this
-    process's own code makes. Only plain directories owned by this user are removed: a
-    link or someone else's entry under such a name is left.
-    """
-    removed = []
-    for pattern in (f".{out.name}.{kind}-*" for kind in kinds):
-        for p in out.parent.glob(pattern):
-            try:
-                pid = int(p.name.rsplit("-", 1)[1])
-            except ValueError:
-                continue
-            if (pid == os.getpid() or not _pid_alive(pid)) and is_own_plain_dir(p):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
 def commit(tmp: Path, out: Path, before: Any = None) -> None:
     """Move a finished build onto out, which must still be what it was when the build began
-    (``before``, from satdata.outputs.identity). An existing store is swapped out in one
+    (``before``, from satdata.atomic.identity). An existing store is swapped out in one
     atomic step where the OS allows (so a kill at any moment leaves the old or the new
     store at out), then removed; a store another command is changing is not replaced."""
 
@@ -196,25 +163,6 @@ def commit(tmp: Path, out: Path, before: Any = None) -> None:
             commit_path(tmp, out, before, remove_old=remove_old)
     else:
         commit_path(tmp, out, before, remove_old=remove_old)
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so cleanup runs (main thread only)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    prev = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, prev)
 
 
 # --------------------------------------------------------------------------- build
@@ -352,16 +300,6 @@ def _build_locked(cfg: BuildConfig, out: Path, t0: float) -> BuildResult:
         raise
     return BuildResult(path=str(out), info=info, bad=list(bad.items), seconds=time.time() - t0,
                        notes=dict(info.provenance.get("notes", {})))
-
-
-def remove_partial(tmp: Path) -> None:
-    """Remove a build's directory, its zarr.json first: a task of a distributed build
-    still running checks for it before each write and stops (satdata.ranges)."""
-    try:
-        (tmp / "zarr.json").unlink()
-    except OSError:
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_dask(cfg: BuildConfig, tmp: Path, source: Source, records: dict[str, list[Record]],

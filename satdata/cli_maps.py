@@ -1,6 +1,6 @@
 """`satdata saliency`, `satdata compare`, `satdata export`: click commands (registered on satdata.cli.main).
 
-Each only parses options and calls one library function: satdata.saliency.generate_maps,
+Each only parses options and calls one library function: satdata.saliency.generate.generate_maps,
 satdata.compare.compare_maps, satdata.export.export_h5. Heavy imports (torch) happen
 inside the commands, so `satdata --help` stays fast.
 """
@@ -14,7 +14,7 @@ import click
 
 from satdata.clikit import open_store_arg, run_cli, storage_option
 
-# The names of satdata.saliency.METHODS (kept here so the CLI does not import torch to
+# The names of satdata.saliency.methods.ALGORITHMS (kept here so the CLI does not import torch to
 # build its help; tests/test_saliency.py checks the two agree).
 METHOD_NAMES = ("gradcampp", "gradcam", "gbp", "smoothgrad", "smoothgrad-abs", "guided-gradcampp")
 
@@ -85,7 +85,7 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
     held-out accuracy is printed first (and recorded), with a warning when it is low.
     """
     def go() -> None:
-        from satdata.saliency import SaliencyConfig, generate_maps
+        from satdata.saliency.generate import SaliencyConfig, generate_maps
 
         cfg = SaliencyConfig(store=store, method=method, name=name, teacher=teacher, arch=arch,
                              weights=str(weights) if weights else None, splits=_split_list(splits),

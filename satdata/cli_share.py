@@ -98,7 +98,7 @@ def fetch_cmd(url: str, out: str, overwrite: bool, jobs: int, retries: int, stor
     kept = fetch_partial_zip(Path(out)) if url.lower().rstrip("/").endswith(".zip") else fetch_partial(Path(out))
 
     def go() -> None:
-        from satdata.remote import parse_storage_options
+        from satdata.clikit import parse_storage_options
         from satdata.share import fetch
 
         res = fetch(url, out, storage_options=parse_storage_options(storage_options), overwrite=overwrite,

@@ -18,7 +18,7 @@ import pickle
 import re
 import sys
 import unicodedata
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import click
 
@@ -99,9 +99,44 @@ def storage_option(f: F) -> F:
                         help=STORAGE_OPTION_HELP)(f)
 
 
+# Storage options that are always strings, whatever they look like (an all-digit access key).
+_TEXT_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "profile", "endpoint_url"})
+
+
+def parse_storage_options(items: Sequence[str] | None, option: str = "--storage-option") -> dict[str, Any]:
+    """``KEY=VALUE`` strings as fsspec storage options.
+
+    A value that reads as JSON (``true``, ``3``, ``{"region_name": "eu"}``, ``"007"``) is
+    that JSON value; anything else is the string itself (``endpoint_url=http://...``).
+    Credentials (``key``, ``secret``, ``token``, ``username``, ``password``, ``profile``) are
+    always strings: an all-digit access key stays text. A nested key
+    ``client_kwargs.region_name=eu`` sets one entry of a dict option.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SatkitError(f"{option} {item!r}: expected KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000)")
+        parts = key.split(".")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        if parts[-1] in _TEXT_OPTIONS and not isinstance(value, str):
+            value = raw
+        target = out
+        for p in parts[:-1]:
+            nxt = target.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise SatkitError(f"{option} {item!r}: {p} is already set to a value, not an object")
+            target = nxt
+        target[parts[-1]] = value
+    return out
+
+
 def open_store_arg(path: Any, storage_options: Any = ()) -> Any:
     """Open the store a command was given (directory, .zip or URL) with its ``--storage-option``s."""
-    from satdata.remote import parse_storage_options
     from satdata.store import open_store
 
     return open_store(str(path), storage_options=parse_storage_options(storage_options))
@@ -229,7 +264,8 @@ class SatkitGroup(click.Group):
 
 
 __all__ = ["DEBUG_ENV", "DEBUG_HINT", "STORAGE_OPTION_HELP", "SatkitGroup", "debug_option", "debug_requested",
-           "error_line", "format_error", "one_line", "open_store_arg", "run_cli", "storage_option"]
+           "error_line", "format_error", "one_line", "open_store_arg", "parse_storage_options", "run_cli",
+           "storage_option"]
 
 
 # --------------------------------------------------------------------------- progress

@@ -31,15 +31,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.store import MapInfo, Store
+from satdata.store import MapInfo, Store, decode_map
 
 BLOCK = 4096  # samples scored at a time (bounds float memory)
 
 
 def to_unit(q: np.ndarray, m: MapInfo) -> np.ndarray:
     """A map's stored values as floats in [0, 1] (N, H, W), channels averaged."""
-    scale, offset = m.affine()
-    s = q.astype(np.float32) * np.float32(scale) + np.float32(offset)
+    s = decode_map(q, m)
     if m.encoding != "unit":
         s = (s + 1.0) / 2.0
     if s.ndim == 4:
@@ -49,8 +48,7 @@ def to_unit(q: np.ndarray, m: MapInfo) -> np.ndarray:
 
 def positive_energy(q: np.ndarray, m: MapInfo) -> np.ndarray:
     """sum over channels of max(S, 0): (N, H, W)."""
-    scale, offset = m.affine()
-    s = np.maximum(q.astype(np.float32) * np.float32(scale) + np.float32(offset), 0.0)
+    s = np.maximum(decode_map(q, m), 0.0)
     return s.sum(axis=3) if s.ndim == 4 else s
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.outputs import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
+from satdata.atomic import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
                              probe_writable, remove_empty, resolve_out)
 from satdata.store import Store, iter_chunks
 

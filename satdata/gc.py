@@ -32,8 +32,10 @@ from typing import Callable
 
 from satdata.addmap import local_store_dir, refuse_links
 from satdata.errors import SatkitError
-from satdata.outputs import store_lock
+from satdata.atomic import leftover_temps, store_lock
 from satdata.store import (
+    MAP_GROUPS,
+    MAPS_GROUP,
     TARGETS_GROUP,
     LockBusy,
     StoreInfo,
@@ -45,7 +47,7 @@ from satdata.store import (
 
 # The groups whose every entry belongs to satkit: anything there the attributes do not name
 # is a superseded map version or a leftover of an interrupted change.
-OWNED_GROUPS = ("saliency", TARGETS_GROUP)
+OWNED_GROUPS = MAP_GROUPS
 
 
 @dataclass
@@ -75,7 +77,7 @@ def unreferenced(path: Path, info: StoreInfo) -> list[Path]:
     """What the attributes ``info`` do not name, in a stable order: entries of the owned
     groups, owned groups left empty in a store without maps, ``.zarr.json.tmp-*`` files."""
     named = {
-        "saliency": {m.array_name for m in info.maps.values()},
+        MAPS_GROUP: {m.array_name for m in info.maps.values()},
         TARGETS_GROUP: {m.array_name for m in info.maps.values() if m.targets},
     }
     found: list[Path] = []
@@ -89,7 +91,7 @@ def unreferenced(path: Path, info: StoreInfo) -> list[Path]:
             found += stray
             if not names:
                 found.append(g)  # a store without maps (of targets): the group itself goes too
-    found += sorted(path.glob(".zarr.json.tmp-*"))
+    found += leftover_temps(path / "zarr.json")
     return found
 
 

@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from satdata.errors import SatkitError
 from satdata.geometry import FIT_MODES
-from satdata.store import LABEL_KINDS, SPLIT_ORDER, SPLITS, TARGETS_GROUP, Store, array_path
+from satdata.store import (FIELDS, LABEL_KINDS, MAPS_GROUP, SPLIT_ORDER, SPLITS, TARGETS_GROUP, Store, array_path,
+                           parse_array_path, path_split)
 
 if TYPE_CHECKING:  # pragma: no cover
     from satdata.build import BuildConfig
@@ -69,7 +70,6 @@ MANIFEST_VERSION = 1
 TOP_KEYS = ("manifest_version", "name", "description", "recipe", "expect", "notes")
 RECIPE_KEYS = ("source", "options", "size", "fit", "splits")
 EXPECT_KEYS = ("classes", "num_classes", "label_kind", "image_size", "splits", "total", "maps", "digests")
-DIGEST_FIELDS = ("images", "labels", "ids", "boxes")
 
 # The closed choices of SourceOptions fields (the CLI's click.Choice lists the same).
 OPTION_CHOICES: dict[str, tuple[str, ...]] = {
@@ -372,17 +372,18 @@ def _check_options(c: _Checker, raw: Any, accepted: tuple[str, ...], source: str
 
 
 def _check_digest_key(c: _Checker, key: str, split_counts: Mapping[str, Any], maps: tuple[str, ...]) -> None:
-    parts = key.split("/")
     what = f"expect.digests.{key}"
-    if parts[0] not in split_counts:
-        raise c.fail(what, f"names split {parts[0]!r}, which expect.splits does not list")
-    if len(parts) == 2 and parts[1] in DIGEST_FIELDS:
+    split = path_split(key)
+    if split not in split_counts:
+        raise c.fail(what, f"names split {split!r}, which expect.splits does not list")
+    parsed = parse_array_path(key)
+    if parsed is not None and parsed.map_name is None:
         return
-    if len(parts) == 3 and parts[1] in ("saliency", TARGETS_GROUP):
-        if parts[2] not in maps:
-            raise c.fail(what, f"names map {parts[2]!r}, which expect.maps does not list")
+    if parsed is not None:
+        if parsed.map_name not in maps:
+            raise c.fail(what, f"names map {parsed.map_name!r}, which expect.maps does not list")
         return
-    raise c.fail(what, "not an array path: expected <split>/images|labels|ids|boxes, <split>/saliency/<map> "
+    raise c.fail(what, f"not an array path: expected <split>/{'|'.join(FIELDS)}, <split>/{MAPS_GROUP}/<map> "
                        f"or <split>/{TARGETS_GROUP}/<map>")
 
 
@@ -447,10 +448,10 @@ def _hw(hw: Any) -> str:
 
 def _store_path(info: Any, key: str) -> str | None:
     """A manifest digest key -> the store's array path (maps may live under another name)."""
-    parts = key.split("/")
-    if len(parts) == 3 and parts[1] in ("saliency", TARGETS_GROUP):
-        m = info.maps.get(parts[2])
-        return array_path(parts[0], parts[1], m.array_name) if m is not None else None
+    parsed = parse_array_path(key)
+    if parsed is not None and parsed.map_name is not None:
+        m = info.maps.get(parsed.map_name)
+        return array_path(parsed.split, parsed.field, m.array_name) if m is not None else None
     return key
 
 
@@ -480,11 +481,11 @@ def draft_manifest(store: Store, *, name: str, description: str = "",
         by_array = {m.array_name: m.name for m in info.maps.values()}
         out = {}
         for path, rec in info.digests.items():
-            parts = path.split("/")
-            if len(parts) == 3 and parts[1] in ("saliency", TARGETS_GROUP):
-                path = f"{parts[0]}/{parts[1]}/{by_array.get(parts[2], parts[2])}"
+            parsed = parse_array_path(path)
+            if parsed is not None and parsed.map_name is not None:
+                path = array_path(parsed.split, parsed.field, by_array.get(parsed.map_name, parsed.map_name))
             out[path] = rec["sha256"]
-        expect["digests"] = dict(sorted(out.items(), key=lambda kv: (SPLIT_ORDER.get(kv[0].split("/")[0], 99), kv[0])))
+        expect["digests"] = dict(sorted(out.items(), key=lambda kv: (SPLIT_ORDER.get(path_split(kv[0]), 99), kv[0])))
     d: dict[str, Any] = {"manifest_version": MANIFEST_VERSION, "name": name}
     if description:
         d["description"] = description

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from satdata.errors import SatkitError
-from satdata.store import TARGET_UNKNOWN, MapInfo, Store, open_store
+from satdata.store import TARGET_UNKNOWN, MapInfo, Store, decode_map, open_store
 
 TARGET_TILE_PX = 128  # the default scale brings a tile's longer side near this
 MAX_SCALE = 16
@@ -204,8 +204,7 @@ def make_sheet(store: Store | str | Path, *, split: str | None = None, map_name:
 
 def overlay(tile: np.ndarray, q: np.ndarray, minfo: MapInfo) -> np.ndarray:
     """Blend a map (stored values q, already upscaled like the tile) onto an RGB tile."""
-    scale, offset = minfo.affine()
-    sal = q.astype(np.float32) * scale + offset
+    sal = decode_map(q, minfo)
     if sal.ndim == 3:  # (h, w, C): one value per channel -> their mean
         sal = sal.mean(axis=2)
     base = tile.astype(np.float32)

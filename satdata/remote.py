@@ -6,7 +6,8 @@ S3-compatible object stores (``pip install "satkit[remote]"``). Writing goes to 
 directories only; a URL or a ``.zip`` given where satkit would write is refused up front
 (:func:`refuse_remote_output`), never turned into a local directory named ``s3:``.
 
-Endpoint and credentials come from ``--storage-option KEY=VALUE`` (fsspec's
+Endpoint and credentials come from ``--storage-option KEY=VALUE`` (parsed by
+``satdata.clikit.parse_storage_options`` into fsspec's
 ``storage_options``: for s3:// ``key``, ``secret``, ``endpoint_url``, ``anon``,
 ``client_kwargs``...; for http(s):// ``headers``, ``client_kwargs``...), or from the
 usual environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``,
@@ -19,9 +20,8 @@ credentials, forbidden or not found, and name the URL.
 
 from __future__ import annotations
 
-import json
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from satdata.errors import SatkitError, StoreError
 
@@ -31,7 +31,6 @@ _BACKENDS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "s3a": "s3fs"}
 # The most bytes of a root zarr.json satkit accepts from a server (it lists every chunk's
 # digest; a million-sample store needs a few MB).
 METADATA_LIMIT = 64 * 1024 * 1024
-_TEXT_OPTIONS = frozenset({"key", "secret", "token", "username", "password", "profile", "endpoint_url"})
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -56,38 +55,6 @@ def redact(url: str) -> str:
 
 
 # --------------------------------------------------------------------------- options
-
-
-def parse_storage_options(items: Sequence[str] | None, option: str = "--storage-option") -> dict[str, Any]:
-    """``KEY=VALUE`` strings as fsspec storage options.
-
-    A value that reads as JSON (``true``, ``3``, ``{"region_name": "eu"}``, ``"007"``) is
-    that JSON value; anything else is the string itself (``endpoint_url=http://...``).
-    Credentials (``key``, ``secret``, ``token``, ``username``, ``password``, ``profile``) are
-    always strings: an all-digit access key stays text. A nested key
-    ``client_kwargs.region_name=eu`` sets one entry of a dict option.
-    """
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SatkitError(f"{option} {item!r}: expected KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:9000)")
-        parts = key.split(".")
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        if parts[-1] in _TEXT_OPTIONS and not isinstance(value, str):
-            value = raw
-        target = out
-        for p in parts[:-1]:
-            nxt = target.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise SatkitError(f"{option} {item!r}: {p} is already set to a value, not an object")
-            target = nxt
-        target[parts[-1]] = value
-    return out
 
 
 def refuse_remote_output(path: Any, option: str, *, what: str = "a store") -> None:

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 
 from satdata import ranges
+from satdata.atomic import (atomic_write, identity, make_parents, make_private_dir, output_lock, probe_writable,
+                            remove_stale, sigterm_as_interrupt, write_bytes_atomic)
 from satdata.build import (MAX_BAD_RECORDED, BuildConfig, BuildResult, _progress, check_config, check_out, commit,
-                           config_json, decoded, open_source, provenance, remove_stale, sigterm_as_interrupt,
-                           start_decoding)
+                           config_json, decoded, open_source, provenance, start_decoding)
 from satdata.errors import SatkitError
-from satdata.outputs import identity, make_parents, make_private_dir, output_lock, probe_writable
 from satdata.sources import BadSamples
 from satdata.store import LockBusy, MapInfo, ArrayWriter, describe_holders, flock_dir
 
@@ -87,9 +87,7 @@ def _fingerprint(cfg: BuildConfig, records: dict[str, list[Any]], n: int) -> str
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(obj, indent=1, default=str).encode())
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -205,9 +203,7 @@ def _write_shard(cfg: BuildConfig, out: Path, d: Path, plan: dict[str, Any], rec
             pool.terminate()
     boxes = {f"{r.range.split}-{r.range.start}": r.boxes.astype(np.float64) for r in results if len(r.boxes)}
     box_file = d / DONE / f"{i}-of-{n}.boxes.npz"
-    tmp = box_file.with_name(f".{box_file.name}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **boxes)
-    os.replace(tmp, box_file)
+    atomic_write(box_file, lambda f: np.savez(f, **boxes))
     _write_json(d / DONE / f"{i}-of-{n}.json", {
         "fingerprint": plan["fingerprint"], "shard": i, "shards": n,
         "ranges": [{"split": r.range.split, "start": r.range.start, "stop": r.range.stop,
@@ -250,7 +246,7 @@ def finalize(out_text: str | Path, *, progress: bool = True) -> BuildResult:
     """Commit the sharded build of ``out`` once every shard has reported."""
     from datetime import datetime, timezone
 
-    from satdata.outputs import resolve_out
+    from satdata.atomic import resolve_out
 
     t0 = time.time()
     out = Path(out_text)

@@ -22,7 +22,7 @@
   (a ``.zip`` resumes with a Range request from the bytes already there) and fetches
   only the rest.
 
-Both write their output like every satdata command (satdata/outputs.py): an existing
+Both write their output like every satdata command (satdata/atomic.py): an existing
 output is refused unless ``overwrite``, work happens beside it under a hidden name, and
 one rename moves the finished output into place.
 """
@@ -219,7 +219,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     zip is written beside ``out`` and renamed into place only when complete.
     """
     from satdata import remote
-    from satdata.outputs import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
+    from satdata.atomic import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
                                  probe_writable, remove_empty, resolve_out)
     from satdata.store import open_store, resolve_inside, store_digest
 
@@ -441,7 +441,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
     """
     from satdata import remote
     from satdata.build import check_out
-    from satdata.outputs import check_file_out, make_parents, output_lock, probe_writable, remove_empty, resolve_out
+    from satdata.atomic import check_file_out, make_parents, output_lock, probe_writable, remove_empty, resolve_out
 
     t0 = time.time()
     url = str(url)
@@ -464,8 +464,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
     try:
         probe_writable(out.parent)
         with output_lock(out):
-            from satdata.build import sigterm_as_interrupt
-            from satdata.outputs import identity
+            from satdata.atomic import identity, sigterm_as_interrupt
 
             before = identity(out)
             checker()
@@ -498,7 +497,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
 
 def _commit_zip(url: str, zpart: Path, out: Path, before: Any) -> FetchResult:
     """Verify a downloaded .zip, then rename it onto ``out``; a .zip that fails is removed."""
-    from satdata.outputs import commit_path
+    from satdata.atomic import commit_path
     from satdata.store import open_store
     from satdata.verify import verify_digests
 
@@ -588,7 +587,7 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
                progress: bool) -> FetchResult:
     """Fetch the store directory ``source`` serves into ``fetch_partial(out)``, verify, commit."""
     from satdata import remote
-    from satdata.outputs import is_own_plain_dir, make_private_dir
+    from satdata.atomic import is_own_plain_dir, make_private_dir
     from satdata.store import StoreInfo, ATTR_KEY
 
     shown = remote.redact(url)
@@ -700,20 +699,14 @@ def _run_all(items: Iterable[tuple[str, Any]], fn: Callable[[Any], Any], jobs: i
 
 def _write_file(root: Path, key: str, data: bytes) -> None:
     """Write ``root/key`` whole (beside it, then renamed): a kill leaves the old file or the new one."""
+    from satdata.atomic import write_bytes_atomic
     from satdata.store import resolve_inside
 
     target = root / key
     target.parent.mkdir(parents=True, exist_ok=True)
     resolve_inside(root, key)  # no link inside the partial directory leads out of it
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # not synced file by file (a fetch writes thousands): the commit renames the directory
+    write_bytes_atomic(target, data, sync=False, mode=0o644)
 
 
 def _keep_verified(partial: Path, wanted: Mapping[str, Entry]) -> set[str]:

@@ -41,7 +41,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import zarr
@@ -66,12 +66,34 @@ ENCODINGS: dict[str, tuple[str, float, float]] = {
 
 
 
-def encode_map(S: np.ndarray, encoding: str) -> np.ndarray:
-    """Maps in S units, (N, H, W) or (N, H, W, C), to a store's integers (the inverse of
-    ``MapInfo.affine`` up to rounding): binary uint8 (S > 0); unit uint8 round(255 S), S in
-    [0, 1]; signed int8 round(127 S), S in [-1, 1]. Values outside the range are clipped."""
-    if encoding not in ENCODINGS:
-        raise StoreError(f"unknown map encoding {encoding!r} (one of {', '.join(ENCODINGS)})")
+def _encoding_of(info: Any) -> str:
+    """An encoding name from a name, or from anything with ``.encoding`` (MapInfo, a codec)."""
+    enc = info if isinstance(info, str) else getattr(info, "encoding", None)
+    if enc not in ENCODINGS:
+        raise StoreError(f"unknown map encoding {enc!r} (one of {', '.join(ENCODINGS)})")
+    return enc
+
+
+def _is_numpy(a: Any) -> bool:
+    return isinstance(a, (np.ndarray, np.generic)) or not hasattr(a, "permute")
+
+
+def encode_map(S: Any, encoding: str) -> Any:
+    """Maps in S units to a store's integers (the inverse of ``decode_map`` up to rounding),
+    numpy arrays or torch tensors alike, in the store's layout (N, H, W) or (N, H, W, C):
+
+    binary uint8 (S > 0); unit uint8 round(255 S), S in [0, 1]; signed int8 round(127 S),
+    S in [-1, 1]. Values outside the range are clipped. A numpy array is computed in
+    float32; a torch tensor in its own dtype, on its own device (torch is not imported
+    here: the tensor's methods do the work).
+    """
+    encoding = _encoding_of(encoding)
+    if not _is_numpy(S):  # a torch tensor
+        if encoding == "unit":
+            return (S * 255).round().clamp(0, 255).byte()
+        if encoding == "signed":
+            return (S * 127).round().clamp(-127, 127).char()
+        return (S > 0).byte()
     S = np.asarray(S)
     if S.dtype == bool or encoding == "binary":
         return (S > 0).astype(np.uint8) if S.dtype != bool else S.astype(np.uint8)
@@ -79,6 +101,19 @@ def encode_map(S: np.ndarray, encoding: str) -> np.ndarray:
     if encoding == "unit":
         return np.clip(np.rint(S * 255), 0, 255).astype(np.uint8)
     return np.clip(np.rint(S * 127), -127, 127).astype(np.int8)
+
+
+def decode_map(q: Any, info: Any) -> Any:
+    """Stored map values q to S = scale * q + offset as float32 (``MapInfo.affine``), any layout.
+
+    ``info``: a MapInfo, anything with ``.encoding`` (sattrain's MapCodec), or the encoding's
+    name. q: a numpy array (a new float32 array) or a torch tensor (a new float32 tensor
+    on q's device, computed in place after the conversion; torch is not imported here).
+    """
+    _, scale, offset = ENCODINGS[_encoding_of(info)]
+    if not _is_numpy(q):  # a torch tensor
+        return q.float().mul_(scale).add_(offset)
+    return np.asarray(q).astype(np.float32) * np.float32(scale) + np.float32(offset)
 
 
 # Target bytes of one chunk of images: big enough that a split is a few hundred files at
@@ -343,7 +378,13 @@ def resolve_inside(root: str | Path, relative: str) -> Path:
 # --------------------------------------------------------------------------- names
 
 
+FIELDS = ("images", "labels", "ids", "boxes")  # <split>/<field>: one array per split
+MAPS_GROUP = "saliency"  # <split>/saliency/<map array name>: the map's stored values
 TARGETS_GROUP = "map_targets"  # <split>/map_targets/<map array name>: int64 (N,)
+# The groups whose every entry belongs to satkit: one array per map (version), named by
+# MapInfo.array_name; anything there the attributes do not name is a superseded version
+# or a leftover of an interrupted change (satdata gc).
+MAP_GROUPS = (MAPS_GROUP, TARGETS_GROUP)
 TARGETS_DTYPE = "int64"
 TARGET_UNKNOWN = -1  # the target class of a sample whose map came without one
 
@@ -354,13 +395,41 @@ def array_path(split: str, field_name: str, map_name: str | None = None) -> str:
     ``field_name`` "saliency" and "map_targets" take the map's *array* name
     (``MapInfo.array_name``): 'train/saliency/cam.1a2b3c4d', 'train/map_targets/cam.1a2b3c4d'.
     """
-    if field_name in ("saliency", TARGETS_GROUP):
+    if field_name in MAP_GROUPS:
         if not map_name:
             raise ValueError(f"a {field_name} array needs a map name")
         return f"{split}/{field_name}/{map_name}"
-    if field_name not in ("images", "labels", "ids", "boxes"):
+    if field_name not in FIELDS:
         raise ValueError(f"unknown store field {field_name!r}")
     return f"{split}/{field_name}"
+
+
+class ArrayPath(NamedTuple):
+    """An array path taken apart: ('train', 'images', None), ('val', 'saliency', 'cam.1a2b3c4d')."""
+
+    split: str
+    field: str  # one of FIELDS, or a group of MAP_GROUPS
+    map_name: str | None = None  # the array name under a map group
+
+    def __str__(self) -> str:
+        return array_path(self.split, self.field, self.map_name)
+
+
+def parse_array_path(path: str) -> ArrayPath | None:
+    """The inverse of ``array_path``: 'train/images' -> ArrayPath('train', 'images', None),
+    'val/saliency/cam' -> ArrayPath('val', 'saliency', 'cam'); None for anything that is not
+    an array path (the split is not checked: see ``path_split``)."""
+    parts = str(path).split("/")
+    if len(parts) == 2 and parts[1] in FIELDS:
+        return ArrayPath(parts[0], parts[1])
+    if len(parts) == 3 and parts[1] in MAP_GROUPS:
+        return ArrayPath(parts[0], parts[1], parts[2])
+    return None
+
+
+def path_split(path: str) -> str:
+    """The split an array path (or any path inside a split's group) is under: its first part."""
+    return str(path).split("/", 1)[0]
 
 
 def split_arrays(info: StoreInfo, split: str) -> list[str]:
@@ -439,6 +508,32 @@ def map_dtype(encoding: str) -> np.dtype:
     if encoding not in ENCODINGS:
         raise StoreError(f"unknown map encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
     return np.dtype(ENCODINGS[encoding][0])
+
+
+# --------------------------------------------------------------------------- whole-file reads
+# The reader's fetching machinery lives in satdata.chunkio; these are the store's way to it
+# for readers outside satdata (sattrain's streaming), looked up at each call.
+
+
+def is_local(arr: "zarr.Array") -> bool:
+    """Whether ``arr`` lives in a directory on the local disk (``satdata.chunkio.is_local``)."""
+    from satdata import chunkio
+
+    return chunkio.is_local(arr)
+
+
+def chunk_rows(arr: "zarr.Array", i: int) -> tuple[int, int]:
+    """Sample range ``[a, b)`` of file ``i`` (chunk, or shard) along axis 0."""
+    from satdata import chunkio
+
+    return chunkio.chunk_rows(arr, i)
+
+
+def take_rows(wanted: Any, *, concurrency: int | None = None, missing: Any = None) -> None:
+    """Rows of many files at once, a bounded number in flight (``satdata.chunkio.take_rows``)."""
+    from satdata import chunkio
+
+    chunkio.take_rows(wanted, concurrency=concurrency, missing=missing)
 
 
 # --------------------------------------------------------------------------- digests
@@ -1467,6 +1562,16 @@ class ArrayWriter:
         return info
 
 
+def committed_map_array(path: str | Path, name: str) -> str | None:
+    """The array name that a local store's ``zarr.json`` on disk gives map ``name`` right now
+    (``MapInfo.array``), or None (no such map, or the file cannot be read): how a change
+    interrupted around its commit tells whether the commit happened."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+        return meta["attributes"][ATTR_KEY]["maps"][name]["array"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
 def write_info(path: str | Path, info: StoreInfo) -> None:
     """Replace a local store's 'satkit' attribute atomically (write aside, then rename).
 
@@ -1475,11 +1580,9 @@ def write_info(path: str | Path, info: StoreInfo) -> None:
     one rename switches the store over, so a kill at any moment leaves either the old or
     the new store, both complete and verifiable.
     """
-    import os
+    from satdata.atomic import write_bytes_atomic
 
     meta_path = Path(path) / "zarr.json"
     meta = json.loads(meta_path.read_text())
     meta.setdefault("attributes", {})[ATTR_KEY] = info.to_json()
-    tmp = meta_path.with_name(f".zarr.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, meta_path)
+    write_bytes_atomic(meta_path, json.dumps(meta, indent=2).encode())  # .zarr.json.tmp-*, then renamed

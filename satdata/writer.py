@@ -54,7 +54,7 @@ class StoreWriter:
                  maps: Mapping[str, str | MapInfo] | None = None, hflip: bool = True, overwrite: bool = False,
                  provenance: Mapping[str, Any] | None = None) -> None:
         from satdata.build import check_out
-        from satdata.outputs import identity, make_private_dir, output_lock, partial_path, probe_writable
+        from satdata.atomic import identity, make_private_dir, output_lock, partial_path, probe_writable
 
         if label_kind not in LABEL_KINDS:
             raise SatkitError(f"label_kind: must be one of {', '.join(LABEL_KINDS)}, got {label_kind!r}")
@@ -120,7 +120,7 @@ class StoreWriter:
         self._stack.close()
 
     def _discard(self) -> None:
-        from satdata.build import remove_partial
+        from satdata.atomic import remove_partial
 
         if self._tmp.exists():
             remove_partial(self._tmp)

@@ -35,17 +35,15 @@ tensors: a diverged model is never written as a checkpoint.
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import secrets
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from satdata.atomic import atomic_write
 from satdata.errors import SatkitError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -66,50 +64,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 class NonFiniteState(SatkitError):
     """A state dict to be saved (or loaded) holds NaN or infinite values."""
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
-
-
-def _open_exclusive(path: Path) -> tuple[int, Path]:
-    """A new temporary file beside ``path``, created exclusively: (fd, its path).
-
-    ``O_EXCL`` fails on anything already at the name (a symbolic link included, dangling or
-    not), and the name is random, so the write cannot be redirected outside the directory.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = _temp_name(path)
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "could not create a temporary file", str(path.parent))
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` into an exclusive temporary file, then rename it.
-
-    On any failure (an OSError such as a full disk, KeyboardInterrupt, an error in
-    ``write``) the temporary file is removed and the destination is left as it was.
-    """
-    path = Path(path)
-    fd, tmp = _open_exclusive(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and e.filename is None:
-            e.filename = str(path)  # the one-line error names the file being written
-        raise
 
 
 def non_finite_tensors(obj: Any, prefix: str = "") -> list[str]:
@@ -155,20 +109,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise NonFiniteState(f"{path}: not written: the state holds NaN or infinite values "
                              f"({len(bad)} tensor(s), e.g. {bad[0]})")
     atomic_write(path, lambda f: torch.save({"format": FORMAT, "version": VERSION, **state}, f))
-
-
-def write_json_atomic(path: str | Path, obj: Any, *, allow_nan: bool = True) -> None:
-    """Write a run directory's JSON file aside, then rename it into place (no torn files)."""
-    import json
-
-    data = (json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data))
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file (UTF-8) aside, then rename it into place."""
-    data = text.encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 # A checkpoint names at most this many classes: a crafted count must not allocate a

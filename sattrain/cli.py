@@ -233,7 +233,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
     with a strong-protocol evaluation (AutoAttack and PGD) of the final model.
     """
     def go() -> None:
-        from satdata.remote import parse_storage_options
+        from satdata.clikit import parse_storage_options
         from sattrain.distributed import PeerFailed, world_from_env
         from sattrain.train import train
 

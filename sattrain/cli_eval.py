@@ -131,7 +131,7 @@ def eval_cmd(
     ending in the headline robust accuracy. Robust accuracy counts a sample only if it is
     classified correctly both clean and under attack.
     """
-    from satdata.remote import parse_storage_options
+    from satdata.clikit import parse_storage_options
     from sattrain.config import parse_eps
     from sattrain.evaluation import evaluate, format_table, paper_out
 

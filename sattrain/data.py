@@ -41,9 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from satdata import chunkio
 from satdata.errors import SatkitError
-from satdata.store import Store, StoreChangedError, iter_chunks, read_rows_into, write_unit
+from satdata.store import (Store, StoreChangedError, chunk_rows, decode_map, is_local, iter_chunks, read_rows_into,
+                           take_rows, write_unit)
 
 CROP_PADDING = 4
 # Reads go in slabs of whole chunks of about this many bytes: large enough that zarr reads
@@ -133,10 +133,11 @@ def choose_maps(store: Store, requested: Sequence[str], method: str, needs_map: 
 
 
 def saliency_from_stored(q: torch.Tensor, codec: MapCodec) -> torch.Tensor:
-    """S = scale * q + offset as float32, (B, H, W[, C]) stored layout -> (B, C, H, W)."""
+    """S = scale * q + offset as float32 (``satdata.store.decode_map``), (B, H, W[, C]) stored
+    layout -> (B, C, H, W)."""
     if q.dim() == 3:
         q = q.unsqueeze(-1)
-    return q.permute(0, 3, 1, 2).to(torch.float32).mul_(codec.scale).add_(codec.offset)
+    return decode_map(q.permute(0, 3, 1, 2), codec)
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -597,7 +598,7 @@ class StreamingSplit:
         """A chunk without a file that the digests say was written: the store lost it or changed."""
         want = self.store._chunk_digests(arr) or []
         if i < len(want) and want[i] != "absent":
-            a, b = chunkio.chunk_rows(arr, i)
+            a, b = chunk_rows(arr, i)
             raise StoreChangedError(f"{self.store.path}: array {arr.path} chunk {i} (samples [{a}, {b})) is missing "
                                     "on the server; stopping rather than reading fill values (`satdata verify` "
                                     "lists every damaged chunk)")
@@ -644,7 +645,7 @@ class StreamingSplit:
         outs = [self._block_buffer((n,) + tuple(x.shape[1:]), x.dtype) for x in arrs]
         step = write_unit(self.images_arr)  # samples per file: a chunk, or a shard
         start = 0
-        if not chunkio.is_local(self.images_arr) and all(write_unit(x) == step for x in arrs):
+        if not is_local(self.images_arr) and all(write_unit(x) == step for x in arrs):
             # over a network: every chunk of the block (images and map) requested at once, a
             # bounded number in flight, each copied into place as it arrives (satdata/chunkio.py)
             jobs = []
@@ -652,7 +653,7 @@ class StreamingSplit:
                 a, b, sel, _ = self.chunks[c]
                 jobs += [(x, a // step, sel - a, o[start : start + len(sel)]) for x, o in zip(arrs, outs)]
                 start += len(sel)
-            chunkio.take_rows(jobs, missing=self._missing_chunk)
+            take_rows(jobs, missing=self._missing_chunk)
         else:  # a local disk: one chunk after another is as fast
             for c in block:
                 a, b, sel, _ = self.chunks[c]

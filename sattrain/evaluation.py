@@ -78,10 +78,11 @@ import torch
 import torch.nn as nn
 
 from sattrain import __version__ as SATTRAIN_VERSION
+from satdata.atomic import write_json_atomic
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain.attacks import cw_l2, pgd, pgd_until_fooled
-from sattrain.checkpoint import CHECKPOINT_NAME, load_model, resolve_checkpoint, write_json_atomic
+from sattrain.checkpoint import CHECKPOINT_NAME, load_model, resolve_checkpoint
 from sattrain.config import format_eps
 from sattrain.device import resolve_device
 from sattrain.distortions import DEFAULT_DISTORTIONS, DISTORTIONS, default_levels
@@ -951,7 +952,7 @@ def _format_throughput(r: dict[str, Any]) -> str:
 
 def _check_dest(dest: Path) -> None:
     """Refuse an eval output that cannot be written, before any attack runs."""
-    from satdata.outputs import probe_writable
+    from satdata.atomic import probe_writable
 
     if dest.is_symlink() or (dest.exists() and not dest.is_file()):
         raise SatkitError(f"{dest}: exists and is not a regular file; refusing to write the results there")

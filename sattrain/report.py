@@ -1022,7 +1022,7 @@ def _new_figure(ncols: int, width_per: float = 4.6, height: float = 3.8) -> Any:
 
 def _save_figure(fig: Any, dest: Path) -> None:
     """A PNG written aside and renamed into place (never through a link planted at its name)."""
-    from sattrain.checkpoint import atomic_write
+    from satdata.atomic import atomic_write
 
     atomic_write(dest, lambda f: fig.savefig(f, format="png"))
 
@@ -1705,7 +1705,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: boo
     if skipped:
         lines += ["## Skipped runs", "", "These run directories could not be read and are not in any table or plot:",
                   ""] + [f"- `{_escape(lab)}`: {_escape(why)}" for lab, why in skipped] + [""]
-    from sattrain.checkpoint import write_text_atomic
+    from satdata.atomic import write_text_atomic
 
     dest = out / REPORT_NAME
     write_text_atomic(dest, "\n".join(lines))

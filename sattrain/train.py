@@ -66,7 +66,7 @@ The run directory (--out) is checked before anything is read from or written to 
 symbolic link (which could redirect the run's files) or an existing non-directory is
 refused, and after the resume checks it is created and proven writable with a probe file,
 before any data is loaded or any training starts. Every file of the run is written aside
-and renamed into place (sattrain.checkpoint.atomic_write) and metrics.jsonl is appended to
+and renamed into place (satdata.atomic.atomic_write) and metrics.jsonl is appended to
 with O_NOFOLLOW, so a link planted in the directory cannot send a write elsewhere.
 
 Resuming validates everything it reads before using it (``_restore``): the checkpoint's
@@ -112,7 +112,7 @@ import torch
 import torch.nn as nn
 
 from satdata.errors import SatkitError
-from satdata.outputs import probe_writable
+from satdata.atomic import probe_writable, write_json_atomic, write_text_atomic
 from satdata.store import Store, open_store, store_digest
 from sattrain import __version__, accel
 from sattrain.checkpoint import (
@@ -126,8 +126,6 @@ from sattrain.checkpoint import (
     non_finite_tensors,
     same_value,
     save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
 )
 from sattrain.config import TrainConfig, format_eps, resolve_augment, resume_mismatches
 from sattrain.device import resolve_device

@@ -41,7 +41,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sattrain import checkpoint as ckpt_mod
-from sattrain.checkpoint import NonFiniteState, atomic_write, load_checkpoint, save_checkpoint, write_json_atomic
+from satdata.atomic import atomic_write, write_json_atomic
+from sattrain.checkpoint import NonFiniteState, load_checkpoint, save_checkpoint
 from sattrain.cli import main
 from sattrain.config import parse_eps
 from sattrain.models import create_model

@@ -27,7 +27,7 @@ import satdata.build as build_mod
 from satdata.build import BuildConfig, build
 from satdata.cli import main as satdata_main
 from satdata.errors import SatkitError
-from satdata.outputs import identity, output_lock, store_lock
+from satdata.atomic import identity, output_lock, store_lock
 from satdata.store import open_store
 from satdata.verify import verify_digests
 from sattrain.cli import main as sattrain_main

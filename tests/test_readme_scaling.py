@@ -68,7 +68,7 @@ def test_scaling_section_runs_as_written(tmp_path: Path, digits_store32: Path) -
     assert cfg["processes"]["world_size"] == 2 and cfg["processes"]["batch_size_per_process"] == 32
 
     # the teacher's maps from Dask workers equal one process's
-    from satdata.saliency import SaliencyConfig, generate_maps
+    from satdata.saliency.generate import SaliencyConfig, generate_maps
 
     st = open_store(tmp_path / "digits.zarr")
     assert "gradcampp-dask" in st.info.maps

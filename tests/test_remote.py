@@ -20,7 +20,8 @@ from click.testing import CliRunner
 
 from satdata.cli import main as satdata_main
 from satdata.errors import SatkitError, StoreError
-from satdata.remote import is_url, is_zip, network_problem, parse_storage_options, redact, refuse_remote_output
+from satdata.clikit import parse_storage_options
+from satdata.remote import is_url, is_zip, network_problem, redact, refuse_remote_output
 from satdata.store import open_store, store_digest
 from tests.httpserver import serve
 

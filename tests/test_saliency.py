@@ -15,12 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from satdata import saliency as S
+from satdata.saliency import generate as G
+from satdata.saliency import methods as S
 from satdata.cli_maps import METHOD_NAMES, saliency_cmd
 from satdata.errors import SatkitError
 from satdata.gc import collect
 from satdata.store import MapInfo, ArrayWriter, open_store
-from satdata.teacher import ImageNetNormalized, load_teacher
+from satdata.saliency.teacher import ImageNetNormalized, load_teacher
 from satdata.verify import verify_digests
 from sattrain.checkpoint import save_checkpoint
 from sattrain.models import create_model
@@ -92,22 +93,22 @@ def live_model(ckpt: Path) -> nn.Module:
 
 
 def test_cli_method_names_match_the_registry() -> None:
-    assert METHOD_NAMES == tuple(S.METHODS)
+    assert METHOD_NAMES == tuple(S.ALGORITHMS)
 
 
-@pytest.mark.parametrize("method", list(S.METHODS))
+@pytest.mark.parametrize("method", list(S.ALGORITHMS))
 def test_each_method_gives_its_encoding_shape_and_range_without_side_effects(world: dict, method: str) -> None:
     model = live_model(world["ckpt"])
     model.features[1].eval()  # a mixed state must come back exactly as it was
     flags = [m.training for m in model.modules()]
     x = world["x"]
     target = S.predict(model, x).argmax(1)
-    m = S.get_method(method)
+    m = S.get_algorithm(method)
     out = S.compute(m, model, x, target, generator=torch.Generator().manual_seed(0))
     assert [mm.training for mm in model.modules()] == flags
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert out.device == x.device and out.dtype == torch.float32
-    q = S.to_stored(out, m.encoding)
+    q = G.to_stored(out, m.encoding)
     if m.encoding == "unit":
         shape = (8, 16, 16) if m.channels == 1 else (8, m.channels, 16, 16)
         stored = (8, 16, 16) if m.channels == 1 else (8, 16, 16, m.channels)
@@ -256,16 +257,16 @@ def test_smoothgrad_is_the_sat_authors_map(world: dict) -> None:
 
 
 def test_smoothgrad_registry_and_parameters() -> None:
-    sg, sga = S.get_method("smoothgrad"), S.get_method("smoothgrad-abs")
+    sg, sga = S.get_algorithm("smoothgrad"), S.get_algorithm("smoothgrad-abs")
     assert (sg.encoding, sg.channels, sg.uses_noise, sg.uses_cam_layer) == ("unit", 3, True, False)
     assert (sga.encoding, sga.channels, sga.uses_noise) == ("unit", 1, True)
     assert "not the paper" in sga.summary
-    opts = S.MethodOptions(seed=4)
-    p = S.method_parameters(sg, opts, None)
+    opts = S.AlgorithmOptions(seed=4)
+    p = S.algorithm_parameters(sg, opts, None)
     assert p["n_samples"] == 10 and p["noise_level"] == 0.15 and p["seed"] == 4
     assert p["sign"].startswith("signed") and p["channel_reduce"].startswith("none")
     assert p["scale"] == "min-max per image over all channels jointly"
-    pa = S.method_parameters(sga, opts, None)
+    pa = S.algorithm_parameters(sga, opts, None)
     assert pa["channel_reduce"] == "mean |grad| over channels" and "sign" not in pa
 
 
@@ -317,10 +318,10 @@ def test_torchvision_teacher_from_a_local_weights_file(tmp_path: Path) -> None:
 
 def test_target_rules() -> None:
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
-    assert S.choose_target(logits, None, "predicted").tolist() == [1, 0]
-    assert S.choose_target(logits, torch.tensor([2, 2]), "label").tolist() == [2, 2]
+    assert G.choose_target(logits, None, "predicted").tolist() == [1, 0]
+    assert G.choose_target(logits, torch.tensor([2, 2]), "label").tolist() == [2, 2]
     multi = torch.tensor([[1, 0, 1], [0, 0, 0]], dtype=torch.uint8)
-    assert S.choose_target(logits, multi, "label").tolist() == [2, 0]  # best labelled; none: predicted
+    assert G.choose_target(logits, multi, "label").tolist() == [2, 0]  # best labelled; none: predicted
 
 
 def test_saliency_cli_adds_verifiable_maps_with_provenance(world: dict, tmp_path: Path) -> None:
@@ -349,7 +350,7 @@ def test_saliency_cli_adds_verifiable_maps_with_provenance(world: dict, tmp_path
     # the maps in the store are what the method computes for those images
     model = load_teacher(world["ckpt"]).model
     x = torch.from_numpy(st.load("test", "images")).permute(0, 3, 1, 2).float() / 255
-    expect = S.to_stored(S.gradcampp(model, x, S.predict(model, x).argmax(1)), "unit").numpy()
+    expect = G.to_stored(S.gradcampp(model, x, S.predict(model, x).argmax(1)), "unit").numpy()
     assert np.abs(st.load("test", "saliency", "cam").astype(int) - expect).max() <= 1
     # each map is stored with the class it was computed for: the prediction, or the label
     assert cam.targets and gbp.targets and not st.info.maps["ink"].targets
@@ -427,9 +428,9 @@ def test_smoothgrad_cli_stores_the_papers_three_channel_map_that_training_reads(
     # its split and first sample (one batch per split here)
     model = load_teacher(world["ckpt"]).model
     for split in ("train", "test"):
-        gen = torch.Generator().manual_seed(S.noise_seed(3, split, 0))
+        gen = torch.Generator().manual_seed(G.noise_seed(3, split, 0))
         x = torch.from_numpy(st.load(split, "images")).permute(0, 3, 1, 2).float() / 255
-        want = S.to_stored(S.smoothgrad(model, x, S.predict(model, x).argmax(1), generator=gen), "unit").numpy()
+        want = G.to_stored(S.smoothgrad(model, x, S.predict(model, x).argmax(1), generator=gen), "unit").numpy()
         assert np.abs(st.load(split, "saliency", "sg").astype(int) - want).max() <= 1
     # the trainer's codec reads an (N, H, W, 3) unit map as one S per channel in [0, 1]
     codec = map_codec(st, "sg")
@@ -470,7 +471,7 @@ def test_teacher_accuracy_is_checked_on_the_held_out_split_before_any_map(world:
     # BatchNorm statistics that lag the weights: low in eval mode (which the maps use),
     # high with batch statistics; the warning says so and suggests training longer
     lag = lagging_teacher(world["ckpt"], tmp_path / "lag.pt")
-    check = S.check_teacher_accuracy(load_teacher(lag).model, st)
+    check = G.check_teacher_accuracy(load_teacher(lag).model, st)
     assert check.low and check.accuracy < 0.4 and check.batch_stats_accuracy is not None
     assert check.batch_stats_accuracy >= 0.55
     res = r.invoke(saliency_cmd, [str(store), "--teacher", str(lag), "--method", "gradcam", "--name", "lag", "-q"])
@@ -482,13 +483,13 @@ def test_teacher_accuracy_is_checked_on_the_held_out_split_before_any_map(world:
     assert held["low"] is True and held["batch_stats_accuracy"] == pytest.approx(check.batch_stats_accuracy)
 
     # a seeded subset of at most max_samples, the same for the same seed
-    a = S.check_teacher_accuracy(model, st, max_samples=10, seed=1)
+    a = G.check_teacher_accuracy(model, st, max_samples=10, seed=1)
     assert (a.split, a.n, a.of) == ("test", 10, 40) and "a random 10 of 40 samples, seed 1" in a.summary()
-    assert a == S.check_teacher_accuracy(model, st, max_samples=10, seed=1)
-    assert S.low_accuracy_threshold(10) == 0.55 and S.low_accuracy_threshold(2) == 0.75
+    assert a == G.check_teacher_accuracy(model, st, max_samples=10, seed=1)
+    assert G.low_accuracy_threshold(10) == 0.55 and G.low_accuracy_threshold(2) == 0.75
     # a store without test or val: scored on train
     only_train = small_store(world["src"], tmp_path / "t.zarr", {"train": 12})
-    assert S.check_teacher_accuracy(model, open_store(only_train)).split == "train"
+    assert G.check_teacher_accuracy(model, open_store(only_train)).split == "train"
     # a teacher of other classes is not scored (its class indices do not name the store's)
     five = train_teacher(store, tmp_path / "five.pt", num_classes=5, steps=1)
     res = r.invoke(saliency_cmd, [str(store), "--teacher", str(five), "--method", "gradcam", "--name", "five", "-q"])
@@ -504,7 +505,7 @@ def test_maps_on_dask_workers_equal_one_process(world: dict, tmp_path: Path, met
     file) as one process: the same batches, the noise seeded per batch, one torch thread
     per process on both sides. Several tasks per split (batches of 8)."""
     pytest.importorskip("distributed")
-    from satdata.saliency import SaliencyConfig, generate_maps
+    from satdata.saliency.generate import SaliencyConfig, generate_maps
 
     here = small_store(world["src"], tmp_path / "here.zarr", {"train": 28, "test": 12})
     there = small_store(world["src"], tmp_path / "there.zarr", {"train": 28, "test": 12})

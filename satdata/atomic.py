@@ -1,7 +1,18 @@
-"""Claiming, checking and committing an output path so that nothing is lost (one job).
+"""Writing aside, then renaming into place: nothing is ever half-written or lost (one job).
 
-Every command that writes a new store or file under a name the user gave (``satdata build
---out``, ``satdata export --out``) goes through here:
+Every write in satkit that must not be seen half-done goes through here, in both halves:
+
+* :func:`atomic_write` (and :func:`write_json_atomic`, :func:`write_text_atomic`) -- a
+  file is written into a temporary file created exclusively beside it (``O_CREAT |
+  O_EXCL | O_NOFOLLOW``, a random name), flushed to disk, then renamed onto its name with
+  ``os.replace``: a kill leaves the old file or the new one, a symbolic link planted at
+  the name or at a temporary name cannot redirect the write, and a write that fails
+  (disk full, Ctrl-C) leaves no temporary file behind. Checkpoints, run-directory JSON,
+  a store's ``zarr.json`` (``satdata.store.write_info``), shard bookkeeping, fetched files.
+
+Commands that write a new store or file under a name the user gave (``satdata build
+--out``, ``satdata export --out``, ``satdata pack``, ``satdata fetch``) claim, check and
+commit that output here:
 
 * :func:`resolve_out` -- a symlink given as the output is followed to the store or file
   it names, and that target is what gets replaced (``--overwrite``); a dangling link or
@@ -20,6 +31,10 @@ Every command that writes a new store or file under a name the user gave (``satd
   neither.
 * :func:`store_lock` -- the lock ``satdata saliency``/``add_map`` hold while changing a
   finished store; a build replacing that store takes it too.
+* :func:`remove_stale`, :func:`remove_partial` -- leftovers ``.NAME.partial-PID`` of
+  killed commands, and a command's own partial directory on failure.
+* :func:`sigterm_as_interrupt` -- SIGTERM raised as KeyboardInterrupt, so the cleanup of
+  a ``try``/``finally`` runs when a job scheduler stops the command.
 
 Cleanup only ever removes paths this process created (its partial directory, the old
 store it swapped out), or partial directories of dead builds that are plain directories
@@ -29,13 +44,17 @@ owned by this user: it never follows a symlink.
 from __future__ import annotations
 
 import errno
+import json
 import os
+import secrets
+import shutil
+import signal
 import stat
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from satdata.errors import SatkitError
 
@@ -46,6 +65,81 @@ _RENAME_EXCHANGE = 2
 
 def _one_line_os(e: OSError) -> str:
     return e.strerror or type(e).__name__
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def _open_exclusive(path: Path, mode: int = 0o666) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, created exclusively: (fd, its path).
+
+    ``O_EXCL`` fails on anything already at the name (a symbolic link included, dangling or
+    not), and the name is random, so the write cannot be redirected outside the directory.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = _temp_name(path)
+        try:
+            return os.open(tmp, flags, mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "could not create a temporary file", str(path.parent))
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, sync: bool = True,
+                 mode: int = 0o666) -> None:
+    """Write ``path`` through ``write(file)`` into an exclusive temporary file, then rename it.
+
+    The temporary file is ``.NAME.tmp-PID-<random>`` beside ``path``, created with ``mode``
+    (less the umask) and, with ``sync``, flushed to disk before the rename. On any failure
+    (an OSError such as a full disk, KeyboardInterrupt, an error in ``write``) the
+    temporary file is removed and the destination is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = _open_exclusive(path, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # the one-line error names the file being written
+        raise
+
+
+def leftover_temps(path: str | Path) -> list[Path]:
+    """The temporary files ``atomic_write`` calls left beside ``path`` when they were killed
+    (``.NAME.tmp-*``), sorted; remove them only where no such write can be running."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, **kw: Any) -> None:
+    """Write ``data`` as the whole of ``path``, aside then renamed (see ``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(data), **kw)
+
+
+def write_json_atomic(path: str | Path, obj: Any, *, allow_nan: bool = True) -> None:
+    """Write a run directory's JSON file aside, then rename it into place (no torn files)."""
+    data = (json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) aside, then rename it into place."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
 
 
 # --------------------------------------------------------------------------- naming the output
@@ -346,6 +440,74 @@ def is_own_plain_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and (not hasattr(os, "geteuid") or st.st_uid == os.geteuid())
 
 
-__all__ = ["check_unchanged", "commit_path", "exchange", "identity", "is_own_plain_dir", "make_parents",
-           "make_private_dir", "output_lock", "partial_path", "probe_writable", "remove_empty", "rename_noreplace",
-           "resolve_out", "store_lock"]
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path, kinds: Sequence[str] = ("partial", "old")) -> list[Path]:
+    """Remove leftovers ``.NAME.<kind>-PID`` of builds into ``out`` whose process is gone
+    (killed with SIGKILL).
+
+    Call with the output lock held (no live build of ``out`` can own a leftover then, not
+    even one with this process's id from before a restart), or for kinds that only this
+    process's own code makes. Only plain directories owned by this user are removed: a
+    link or someone else's entry under such a name is left.
+    """
+    removed = []
+    for pattern in (f".{out.name}.{kind}-*" for kind in kinds):
+        for p in out.parent.glob(pattern):
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if (pid == os.getpid() or not _pid_alive(pid)) and is_own_plain_dir(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def remove_partial(tmp: Path) -> None:
+    """Remove a build's directory, its zarr.json first: a task of a distributed build
+    still running checks for it before each write and stops (satdata.ranges)."""
+    try:
+        (tmp / "zarr.json").unlink()
+    except OSError:
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so cleanup runs (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    prev = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+__all__ = ["atomic_write", "check_file_out", "check_unchanged", "commit_path", "exchange", "identity",
+           "is_own_plain_dir", "leftover_temps", "make_parents", "make_private_dir", "output_lock", "partial_path",
+           "probe_writable", "remove_empty", "remove_partial", "remove_stale", "rename_noreplace", "resolve_out",
+           "sigterm_as_interrupt", "store_lock", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]

@@ -2,7 +2,7 @@
 
 Each task computes the maps of one range of a split, a whole number of batches of
 ``--batch-size`` starting at a multiple of it, with the teacher loaded once per worker
-process and the noise of each batch seeded by its position (satdata.saliency.map_batches):
+process and the noise of each batch seeded by its position (satdata.saliency.generate.map_batches):
 the maps equal a one-process run's. Tasks read the images from the store (which every
 worker must see at the same path, like the teacher file) and send their maps back; this
 process writes them in order through ``satdata.addmap.add_map``, whose write-aside-then-
@@ -31,9 +31,10 @@ def _task(store_path: str, split: str, start: int, stop: int, spec: dict[str, An
     """Maps of samples [start, stop) of ``split``: (stored maps, targets, teacher correct)."""
     import torch
 
-    from satdata.saliency import MethodOptions, batch_images, find_cam_layer, get_method, map_batches
+    from satdata.saliency.generate import batch_images, map_batches
+    from satdata.saliency.methods import AlgorithmOptions, find_cam_layer, get_algorithm
+    from satdata.saliency.teacher import load_teacher
     from satdata.store import open_store
-    from satdata.teacher import load_teacher
     from sattrain.device import resolve_device
 
     device = resolve_device(spec["device"])
@@ -47,9 +48,9 @@ def _task(store_path: str, split: str, start: int, stop: int, spec: dict[str, An
     st = open_store(store_path)
     images = np.asarray(st.array(split, "images")[start:stop])
     labels = np.asarray(st.array(split, "labels")[start:stop])
-    method = get_method(spec["method"])
+    method = get_algorithm(spec["method"])
     cam_layer = find_cam_layer(model, batch_images(images[:1], device), spec["cam_layer"]) if spec["cam_layer"] else None
-    options = MethodOptions(layer=spec["layer"], seed=spec["seed"])
+    options = AlgorithmOptions(layer=spec["layer"], seed=spec["seed"])
     maps, targets, right = [], [], 0
     for m, t, r in map_batches(model, method, images, labels, split=split, start=start, batch_size=spec["batch_size"],
                                device=device, cam_layer=cam_layer, options=options, target_rule=spec["target"]):
