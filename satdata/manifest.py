@@ -13,7 +13,9 @@ too)::
       "description": "...",                     optional string
       "recipe": {                               required
         "source": "digits",                     required, a registered source
-        "options": {"unmasked": "skip"},        optional, SourceOptions fields the source takes
+        "options": {"unmasked": "skip"},        optional, SourceOptions fields the source takes;
+                                                a repeatable flag is a list of strings
+                                                ("annotations": ["train=a.json", ...])
         "size": [32, 32],                       optional [H, W]; default: expect.image_size
         "fit": "stretch",                       optional, stretch | crop | pad; default stretch
         "splits": ["train", "test"]             optional; default: the keys of expect.splits
@@ -362,6 +364,8 @@ def _check_options(c: _Checker, raw: Any, accepted: tuple[str, ...], source: str
         if isinstance(d, bool):
             if not isinstance(v, bool):
                 raise c.fail(key, f"expected true or false, got {_type(v)}")
+        elif isinstance(d, tuple):  # a repeatable flag (--annotations SPLIT=FILE ...): a list of strings
+            v = tuple(c.str_list(v, key))
         elif v is not None or d is not None:
             if not isinstance(v, str):
                 raise c.fail(key, f"expected a string, got {_type(v)}")

@@ -293,3 +293,56 @@ def test_map_targets_are_digest_keys_by_map_name(digits_store: Path, tmp_path: P
     bad["expect"]["digests"]["train/map_targets/zzz"] = "a" * 64
     with pytest.raises(SatkitError, match="names map 'zzz', which expect.maps does not list"):
         parse_manifest(bad, "m.json")
+
+
+# --------------------------------------------------------------------------- list options
+
+
+def test_recipe_options_of_repeated_flags_are_lists_of_strings(tmp_path: Path) -> None:
+    """`--annotations SPLIT=FILE` / `--images SPLIT=DIR` (repeatable) are lists in a recipe: a
+    manifest drafted from such a build loads, builds the same store again, and refuses
+    other values and other types, naming the key."""
+    import shutil
+
+    from satdata.build import build
+    from tests.fixtures.coco import make_coco
+
+    coco = make_coco(tmp_path / "coco")
+    root = tmp_path / "export"
+    (root / "labels").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copy(coco.ann_files[split], root / "labels" / f"{split}.json")
+        shutil.copytree(coco.image_dirs[split], root / "pics" / split)
+    opts = SourceOptions(annotations=("train=labels/train.json", "val=labels/val.json"),
+                         images=("train=pics/train", "val=pics/val"))
+    first = build(BuildConfig(source="coco-boxes", root=str(root), out=str(tmp_path / "a.zarr"), size=(16, 16),
+                              options=opts, given_options=("annotations", "images"), progress=False))
+    raw = draft_manifest(open_store(first.path), name="coco-export")
+    assert raw["recipe"]["options"] == {"annotations": list(opts.annotations), "images": list(opts.images)}
+    path = tmp_path / "coco-export.json"
+    path.write_text(json.dumps(raw))
+
+    m = load_manifest(path)
+    assert m.options == {"annotations": opts.annotations, "images": opts.images}
+    assert m.recipe_config()["options"] == {"annotations": opts.annotations, "images": opts.images}
+    m.check_config(BuildConfig(source="coco-boxes", root=str(root), out="x", size=(16, 16), options=opts))
+    with pytest.raises(SatkitError, match=r"--images \[\"train=pics/train\"\] contradicts .*its recipe has images="):
+        m.check_config(BuildConfig(source="coco-boxes", root=str(root), out="x", size=(16, 16),
+                                   options=dataclasses.replace(opts, images=("train=pics/train",))))
+
+    res = CliRunner().invoke(main, ["build", "--manifest", str(path), "--root", str(root),
+                                    "--out", str(tmp_path / "b.zarr"), "-q"])
+    assert res.exit_code == 0, res.output
+    assert open_store(tmp_path / "b.zarr").info.digests == open_store(first.path).info.digests
+
+    for value, message in [("train=labels/train.json", "recipe.options.annotations: expected a list of strings, "
+                                                        "got a string"),
+                           (["train=labels/train.json", 3], "recipe.options.annotations[1]: expected a string, "
+                                                            "got an integer"),
+                           (["train=a.json", "train=a.json"], "recipe.options.annotations: lists 'train=a.json' twice")]:
+        bad = copy.deepcopy(raw)
+        bad["recipe"]["options"]["annotations"] = value
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SatkitError) as e:
+            load_manifest(path)
+        assert str(e.value) == f"{path}: {message}", str(e.value)
