@@ -8,7 +8,7 @@ digits (real, offline):
 2. two teachers with ``sattrain run``: standard and PGD-AT, then ``satdata saliency
    --method gradcampp`` from each (maps ``gcpp_std``, ``gcpp_adv``), and ``satdata
    compare`` of each against the ink mask (how well the generated map finds the digit);
-3. every configuration below, for each seed, with ``sattrain.train.train`` and then
+3. every configuration below, for each seed, with ``sattrain.trainer.train`` and then
    ``sattrain.evaluation.evaluate`` on the whole test split: the strong protocol
    (AutoAttack at 8/255, PGD with 50 steps of eps/4 and 2 random starts at each --eps,
    the gradient-masking sanity checks; eval.json), which the claims are judged on, and the
@@ -146,13 +146,13 @@ class Job:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train one configuration with sattrain.train.train and evaluate it with sattrain.evaluation."""
+    """Train one configuration with sattrain.trainer.train and evaluate it with sattrain.evaluation."""
     import torch
 
     torch.set_num_threads(1)
     from sattrain.config import TrainConfig
     from sattrain.evaluation import EVAL_VERSION, evaluate
-    from sattrain.train import METRICS_JSONL, train
+    from sattrain.trainer import METRICS_JSONL, train
 
     out = Path(job.out)
     done = out / "eval.json"
@@ -501,7 +501,7 @@ def main() -> None:
             "table": table,
             "claims": claims,
             "runs": sorted(rows, key=lambda r: (r["config"], r["seed"])),
-            "commands": commands + ["(per run) sattrain.train.train(TrainConfig(store, method, maps, model='small-cnn', "
+            "commands": commands + ["(per run) sattrain.trainer.train(TrainConfig(store, method, maps, model='small-cnn', "
                                     f"epochs={args.epochs}, batch_size={args.batch_size}, alpha=..., "
                                     f"augment={'auto' if args.augment else 'none'}, device='cpu', seed=..., "
                                     "eval_samples=64, summary_samples=0, threads=1)); "

@@ -12,7 +12,7 @@ cut short still leaves what it measured; ``"complete": true`` once all sections 
     with each batch copied into the graph's static input. The best of them is the
     reference ("best_headroom"). Variants a device cannot run are listed with the reason.
 (b) trainer: satkit's own step through the trainer's loop,
-    ``sattrain.train.train_one_epoch`` (shuffled batches of an in-memory split on the
+    ``sattrain.trainer.train_one_epoch`` (shuffled batches of an in-memory split on the
     device, crop + flip of image and map, S from the stored map, the method, backward,
     SGD), for standard, sat and pgd (k = the trainer's default attack steps), with the
     settings ``sattrain.accel.resolve`` picks for the device (or --precision,
@@ -254,7 +254,7 @@ def run_trainer(res: Results, dev: torch.device, args: argparse.Namespace, work:
     from sattrain.methods import StepContext, get_method
     from sattrain.models import create_model
     from sattrain.perturb import curriculum_p
-    from sattrain.train import train_one_epoch
+    from sattrain.trainer import train_one_epoch
 
     try:
         from sattrain.config import DEFAULT_STEPS
@@ -269,7 +269,7 @@ def run_trainer(res: Results, dev: torch.device, args: argparse.Namespace, work:
     acc = accel.resolve(dev, precision=args.precision, channels_last=args.channels_last, compile=args.compile)
     k = DEFAULT_STEPS
     epoch = 50
-    sec.update({"what": "sattrain.train.train_one_epoch per method: images/s of an epoch of --steps full batches "
+    sec.update({"what": "sattrain.trainer.train_one_epoch per method: images/s of an epoch of --steps full batches "
                         "(median of --repeats epochs after one warm-up epoch)",
                 "accel": acc.describe(), "pgd_steps": k, "optimizer": "SGD(lr 0.01, momentum 0.9, wd 5e-4)",
                 "augment": "crop+flip", "p_t": round(curriculum_p(epoch, 0.6), 4)})

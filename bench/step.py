@@ -1,7 +1,7 @@
 """Training-step cost: seconds per step of each method, same model and batch, as ratios to standard.
 
 Each method of ``sattrain.methods`` is timed through the trainer's own loop,
-``sattrain.train.train_one_epoch`` (the data path of ``sattrain run``: shuffled batches of
+``sattrain.trainer.train_one_epoch`` (the data path of ``sattrain run``: shuffled batches of
 an in-memory split, crop + flip of image and map together, floats and S on the device,
 the method, backward, Adam step), over epochs of --steps full batches: one warm-up epoch,
 then the median of --repeats epochs. Methods with a per-batch coin (pgd+sat, trades+sat)
@@ -100,7 +100,7 @@ def main() -> None:
     from sattrain.models import create_model
     from sattrain.perturb import curriculum_p, sat_perturb
     from sattrain import accel
-    from sattrain.train import resolve_device, train_one_epoch
+    from sattrain.trainer import resolve_device, train_one_epoch
 
     from satdata.errors import SatkitError
 

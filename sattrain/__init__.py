@@ -34,7 +34,7 @@ _PUBLIC = {
     "curriculum_p": "sattrain.perturb",
     "evaluate": "sattrain.evaluation",
     "format_table": "sattrain.evaluation",
-    "train": "sattrain.train",
+    "train": "sattrain.trainer",
     "TrainConfig": "sattrain.config",
     "pgd": "sattrain.attacks",
     "trades_adv": "sattrain.attacks",

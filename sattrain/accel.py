@@ -153,7 +153,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 def autocast_factory(precision: str, device: torch.device | str) -> Callable[[], ContextManager[Any]]:
     """A callable returning a fresh context manager per use: ``torch.autocast`` for
     fp16/bf16 on ``device``'s type, ``contextlib.nullcontext`` for fp32 (which is what
-    ``sattrain.train.train_one_epoch``'s ``autocast`` parameter takes)."""
+    ``sattrain.trainer.train_one_epoch``'s ``autocast`` parameter takes)."""
     dtype = autocast_dtype(precision)
     if dtype is None:
         return nullcontext

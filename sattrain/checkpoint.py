@@ -45,9 +45,8 @@ import torch.nn as nn
 
 from satdata.atomic import atomic_write
 from satdata.errors import SatkitError
+from sattrain.rundir import CHECKPOINT_NAME
 
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
 FORMAT = "satkit-checkpoint"
 VERSION = 1
 

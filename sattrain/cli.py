@@ -1,6 +1,6 @@
 """`sattrain`: train (SAT and baselines), evaluate and report on satkit stores.
 
-Each command only parses options and calls one library function (sattrain.train.train
+Each command only parses options and calls one library function (sattrain.trainer.train
 for `run`); errors a user can fix are printed on one line with exit status 1.
 
 Option values are validated in one place, ``TrainConfig.resolved()`` (sattrain.config):
@@ -10,6 +10,8 @@ The callbacks here only turn epsilons ("8/255") and sizes ("8G") into numbers.
 """
 
 from __future__ import annotations
+
+import json
 
 from typing import Any, Callable
 
@@ -216,6 +218,9 @@ def main() -> None:
                    "what the model and one batch's work take + 64 MiB (docs/store-format.md).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.  [default: torch's]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True,
+              help="At the end, print the run's metrics.json (summary, best and last epochs) to stdout as JSON; "
+                   "the log stays on stderr.")
 @storage_option
 def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int, batch_size: int, recipe: str,
         optimizer: str | None, lr: float | None, momentum: float | None, weight_decay: float | None,
@@ -224,7 +229,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
         precision: str, channels_last: str, compile_mode: str, amp: bool, seed: int,
         out: str | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
         eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool,
-        storage_options: tuple[str, ...]) -> None:
+        as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Train a model on STORE with one of the methods; write a run directory.
 
     Reads the training split once into (device) memory, builds each batch's perturbation
@@ -235,7 +240,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
     def go() -> None:
         from satdata.clikit import parse_storage_options
         from sattrain.distributed import PeerFailed, world_from_env
-        from sattrain.train import train
+        from sattrain.trainer import train
 
         world = world_from_env()  # torchrun's processes (one when not launched by torchrun)
         try:
@@ -247,12 +252,20 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
                 store=store, out=out, method=method, maps=tuple(maps), model=model,
                 epochs=epochs, batch_size=batch_size, recipe=recipe, optimizer=optimizer, lr=lr, momentum=momentum,
                 weight_decay=weight_decay, schedule=schedule, attack_bn=attack_bn, eps0=eps0, alpha=alpha, eps=eps,
-                steps=steps, step_size=step_size, replays=replays, early_stop=early_stop, beta=beta, augment="none" if no_augment else augment, device=device,
-                amp=amp, precision=precision, channels_last=channels_last, compile=compile_mode, seed=seed, resume=resume, train_samples=train_samples, eval_samples=eval_samples,
+                steps=steps, step_size=step_size, replays=replays, early_stop=early_stop, beta=beta,
+                augment="none" if no_augment else augment, device=device, amp=amp, precision=precision,
+                channels_last=channels_last, compile=compile_mode, seed=seed, resume=resume,
+                train_samples=train_samples, eval_samples=eval_samples,
                 eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
                 memory_budget=memory_budget, threads=threads, progress=not quiet,
             )
-            train(cfg, log=lambda msg: click.echo(msg, err=True), storage_options=parse_storage_options(storage_options))
+            run_dir = train(cfg, log=lambda msg: click.echo(msg, err=True),
+                            storage_options=parse_storage_options(storage_options))
+            if as_json and world.main:  # the run's metrics.json (its summary, best and last epochs) on stdout
+                from sattrain.rundir import METRICS_JSON
+
+                click.echo(json.dumps({"run": str(run_dir), **json.loads((run_dir / METRICS_JSON).read_text())},
+                                      indent=1))
         except PeerFailed:  # another process failed and printed why: one line in all, exit status 1
             raise SystemExit(1) from None
         except SatkitError as e:

@@ -286,7 +286,7 @@ class TrainConfig:
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True
-    # Processes training together (torchrun: WORLD_SIZE), not an option: sattrain.train.train
+    # Processes training together (torchrun: WORLD_SIZE), not an option: sattrain.trainer.train
     # sets it from the environment and records it; --batch-size is their global batch.
     world_size: int = 1
 

@@ -7,7 +7,7 @@ one process, the plain path). ``start(world, device)`` joins the process group a
 a ``Comm``; for one process every ``Comm`` operation is local and nothing of
 torch.distributed is touched.
 
-The processes, and what each one does (sattrain.train):
+The processes, and what each one does (sattrain.trainer):
 
 * Process groups: NCCL for the model's gradients on CUDA (every process on
   ``cuda:LOCAL_RANK``), gloo on the CPU. The small exchanges of the trainer (agreement

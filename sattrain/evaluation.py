@@ -62,7 +62,6 @@ per level; sanity: per FGSM eps plus the large-radius PGD).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import platform
@@ -81,8 +80,9 @@ from sattrain import __version__ as SATTRAIN_VERSION
 from satdata.atomic import write_json_atomic
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
-from sattrain.attacks import cw_l2, pgd, pgd_until_fooled
-from sattrain.checkpoint import CHECKPOINT_NAME, load_model, resolve_checkpoint
+from sattrain.attacks import autoattack_reference, autoattack_torchattacks, cw_l2, pgd, pgd_until_fooled
+from sattrain.checkpoint import load_model, resolve_checkpoint
+from sattrain.rundir import CHECKPOINT_NAME, EVAL_JSON, PAPER_EVAL_JSON
 from sattrain.config import format_eps
 from sattrain.device import resolve_device
 from sattrain.distortions import DEFAULT_DISTORTIONS, DISTORTIONS, default_levels
@@ -99,8 +99,6 @@ __all__ = [
     "PROTOCOLS",
     "ATTACKS",
     "DEFAULT_EPS",
-    "EVAL_NAME",
-    "PAPER_EVAL_NAME",
     "paper_out",
     "resolve_config",
     "default_batch_size",
@@ -108,8 +106,6 @@ __all__ = [
     "GradientMaskingWarning",
 ]
 
-EVAL_NAME = "eval.json"
-PAPER_EVAL_NAME = "eval-paper.json"
 EVAL_FORMAT = "satkit-eval"
 EVAL_VERSION = 2
 ATTACKS = ("autoattack", "pgd", "cw", "distortions", "sanity")
@@ -126,12 +122,15 @@ STRONG_STEP_FRACTION = 0.25
 # (almost) nothing; more than this fraction correct suggests masked gradients.
 LARGE_EPS = 64 / 255
 LARGE_EPS_MAX = 0.05
-AUTOATTACK_EXTRA = "pip install 'satkit[autoattack]'  (or: pip install torchattacks)"
 # Batch sizes when none is given (default_batch_size): the CPU keeps 256; a CUDA device with
 # at least CUDA_BATCH_MIN_MEMORY bytes attacks 1024 samples at a time.
 DEFAULT_BATCH_SIZE = 256
 CUDA_BATCH_SIZE = 1024
 CUDA_BATCH_MIN_MEMORY = 40 * 2**30
+
+
+# Batch of the per-epoch held-out monitor (evaluate_heldout).
+MONITOR_BATCH = 256
 
 
 class PartialEvaluationWarning(UserWarning):
@@ -310,7 +309,7 @@ def parse_step_fraction(text: str) -> float:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _default_out(target: str | Path, name: str = EVAL_NAME) -> Path:
+def _default_out(target: str | Path, name: str = EVAL_JSON) -> Path:
     """RUN_DIR/eval.json for a run dir or its checkpoint.pt; NAME.eval.json beside any other checkpoint."""
     p = Path(target)
     if p.is_dir():
@@ -322,104 +321,7 @@ def _default_out(target: str | Path, name: str = EVAL_NAME) -> Path:
 
 def paper_out(target: str | Path) -> Path:
     """Where ``sattrain eval --protocol paper`` writes: RUN_DIR/eval-paper.json (eval.json stays the strong one)."""
-    return _default_out(target, PAPER_EVAL_NAME)
-
-
-# --------------------------------------------------------------------------- AutoAttack
-
-
-Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _autoattack_reference(model: nn.Module, num_classes: int, eps: float, seed: int,
-                          device: torch.device) -> tuple[Attack, dict[str, Any]]:
-    """The standard AutoAttack of Croce & Hein from their own package (``pyautoattack``).
-
-    With fewer than 10 classes the targeted attacks use ``num_classes - 1`` target classes
-    (the package's advice; 9 otherwise); below 4 classes the DLR loss is undefined, so
-    the ensemble is APGD-CE + Square (version "custom"), and the record says so.
-    """
-    try:
-        from pyautoattack import AutoAttack
-        import pyautoattack
-    except ImportError:
-        raise SatkitError("--attacks autoattack: the reference AutoAttack package is missing "
-                          "(pip install pyautoattack)") from None
-    if num_classes >= 4:
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
-        aa.apgd_targeted.n_target_classes = min(9, num_classes - 1)
-        aa.fab.n_target_classes = min(9, num_classes - 1)
-        version, names = "standard", ["apgd-ce", "apgd-t", "fab-t", "square"]
-    else:
-        names = ["apgd-ce", "square"]
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=names, device=device, seed=seed)
-        version = "custom (fewer than 4 classes: no DLR loss)"
-    aa.verbose = False
-
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # The package logs its progress and prints its checks' advice through the
-        # "auto-attack" logger: keep it at WARNING so a table stays a table.
-        logger = logging.getLogger("auto-attack")
-        level = logger.level
-        logger.setLevel(max(level, logging.WARNING))
-        try:
-            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=max(1, x.shape[0]))
-        finally:
-            logger.setLevel(level)
-        return x_adv.detach()
-
-    info = {"engine": "reference", "package": f"pyautoattack {getattr(pyautoattack, '__version__', '?')}",
-            "version": version, "attacks": names}
-    return run, info
-
-
-def _autoattack_torchattacks(model: nn.Module, num_classes: int, eps: float, seed: int) -> tuple[Attack, dict[str, Any]]:
-    """The standard AutoAttack ensemble, built from torchattacks' attacks with the reference settings.
-
-    ``torchattacks.AutoAttack`` runs APGD/APGD-T/FAB for 10 iterations (its defaults;
-    torchattacks issue #196) where the reference implementation (version "standard") uses
-    100, and uses C - 1 target classes where the reference uses 9. So the four attacks are
-    assembled here with the reference's numbers: APGD-CE (100 iterations, 1 restart, rho
-    0.75), APGD-T (DLR, 100 iterations, 9 targets), FAB-T (100 iterations, 9 targets),
-    Square (5000 queries, p_init 0.8, no schedule rescaling). Each attack runs only on the
-    points every earlier one failed on, which equals the per-sample worst case over the
-    four. tests/test_evaluate.py cross-checks it against the reference package.
-    """
-    try:
-        import torchattacks
-    except ImportError:
-        raise SatkitError(f"--autoattack-engine torchattacks needs the torchattacks package: {AUTOATTACK_EXTRA}") from None
-    if num_classes < 4:
-        raise SatkitError(f"--autoattack-engine torchattacks: needs at least 4 classes (the DLR loss), "
-                          f"the model has {num_classes}; use the reference engine")
-    # torchattacks' n_classes is only used as "n_classes - 1 target classes".
-    nc = min(num_classes, 10)
-    attacks = [
-        torchattacks.APGD(model, norm="Linf", eps=eps, steps=100, n_restarts=1, seed=seed, loss="ce", rho=0.75),
-        torchattacks.APGDT(model, norm="Linf", eps=eps, steps=100, n_restarts=1, seed=seed, rho=0.75, n_classes=nc),
-        torchattacks.FAB(model, norm="Linf", eps=eps, steps=100, n_restarts=1, seed=seed, multi_targeted=True, n_classes=nc),
-        torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, p_init=0.8, seed=seed, resc_schedule=False),
-    ]
-
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = x.clone()
-        with torch.no_grad():
-            left = (model(x).argmax(1) == y).nonzero().flatten()
-        for atk in attacks:
-            if left.numel() == 0:
-                break
-            cand = atk(x[left], y[left]).detach()
-            # Project defensively: a result outside the ball would overstate the attack.
-            cand = torch.min(torch.max(cand, x[left] - eps), x[left] + eps).clamp(0, 1)
-            with torch.no_grad():
-                fooled = model(cand).argmax(1) != y[left]
-            x_adv[left[fooled]] = cand[fooled]
-            left = left[~fooled]
-        return x_adv
-
-    info = {"engine": "torchattacks", "package": f"torchattacks {getattr(torchattacks, '__version__', '?')}",
-            "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"]}
-    return run, info
+    return _default_out(target, PAPER_EVAL_JSON)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -457,6 +359,52 @@ class _Scorer:
             v = mean_average_precision(cat.numpy(), labels)
             return None if math.isnan(v) else v
         return int(cat.sum()) / cat.numel()
+
+
+def evaluate_heldout(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps_list: tuple[float, ...],
+    steps: int,
+    step_size: float,
+    multilabel: bool,
+    generator: torch.Generator,
+    batch_size: int = MONITOR_BATCH,
+) -> dict[str, float]:
+    """The per-epoch held-out monitor of ``sattrain run``: clean and PGD scores on a fixed
+    subset (``data``: a sattrain.data.EvalSplit), {"clean": s, "pgd@8/255": s, ...}.
+
+    Scored as every evaluation here is (_Scorer): single-label accuracy, where a sample is
+    robust only if it is classified correctly both clean and under attack; multi-label mAP
+    on the clean and on the attacked images. Runs in eval mode and float32 (no autocast:
+    the numbers should not depend on --precision), and restores the model's mode.
+    """
+    was = model.training
+    model.eval()
+    keys = [f"pgd@{format_eps(e)}" for e in eps_list]
+    clean = _Scorer(multilabel)
+    attacked = {k: _Scorer(multilabel) for k in keys}
+    ys = []
+    try:
+        for x, y in data.batches(batch_size, multilabel):
+            ys.append(y.cpu())
+            with torch.no_grad():
+                logits = model(x).float()
+            ok = None if multilabel else logits.argmax(1) == y
+            clean.add(logits, y, None)
+            for e, k in zip(eps_list, keys):
+                x_adv = pgd(model, x, y, eps=e, step_size=step_size, steps=steps, random_start=True,
+                            loss="bce" if multilabel else "ce", generator=generator)
+                with torch.no_grad():
+                    attacked[k].add(model(x_adv).float(), y, ok)
+    finally:
+        model.train(was)
+    labels = torch.cat(ys).numpy()
+    nan = float("nan")
+    out = {"clean": clean.value(labels)}
+    out.update({k: sc.value(labels) for k, sc in attacked.items()})
+    return {k: (nan if v is None else float(v)) for k, v in out.items()}
 
 
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -677,7 +625,7 @@ def evaluate(
     if own:
         write = write and out is not None
         ckpt_path = None
-        dest = Path(out) if out is not None else Path(EVAL_NAME)
+        dest = Path(out) if out is not None else Path(EVAL_JSON)
     else:
         ckpt_path = resolve_checkpoint(target)
         dest = Path(out) if out is not None else _default_out(target)
@@ -797,9 +745,9 @@ def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev:
         else:
             t0 = time.perf_counter()
             if cfg.autoattack_engine == "reference":
-                run_aa, aa_info = _autoattack_reference(model, num_classes, cfg.autoattack_eps, cfg.seed, dev)
+                run_aa, aa_info = autoattack_reference(model, num_classes, cfg.autoattack_eps, cfg.seed, dev)
             else:
-                run_aa, aa_info = _autoattack_torchattacks(model, num_classes, cfg.autoattack_eps, cfg.seed)
+                run_aa, aa_info = autoattack_torchattacks(model, num_classes, cfg.autoattack_eps, cfg.seed)
             # Both packages reseed the global RNGs; keep the caller's streams intact.
             cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda_ids), warnings.catch_warnings():

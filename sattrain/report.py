@@ -365,7 +365,7 @@ def _read_text(path: Path) -> str | None:
 def read_run_text(path: Path, max_bytes: int = MAX_FILE_BYTES, what: str = "a sattrain run file") -> str:
     """The UTF-8 text of a run directory's file, at most ``max_bytes``; SatkitError naming
     the file for anything else (too large, not UTF-8, unreadable). Also used by
-    ``sattrain.train`` to read metrics.jsonl back on ``--resume``."""
+    ``sattrain.trainer`` to read metrics.jsonl back on ``--resume``."""
     try:
         size = path.stat().st_size
         if size > max_bytes:

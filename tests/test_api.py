@@ -35,9 +35,17 @@ def test_public_names_resolve() -> None:
             assert getattr(pkg, name) is not None, (pkg.__name__, name)
         assert set(pkg.__all__) <= set(dir(pkg))
     import importlib
+    import pkgutil
+    from types import ModuleType
 
-    importlib.import_module("sattrain.evaluation")  # once imported, the module must not shadow the function
-    assert callable(sattrain.evaluate) and not isinstance(sattrain.evaluate, type(sattrain))
+    # importing a submodule binds it on its package: no public name may be a module's name
+    for pkg in (sattrain, satdata):
+        for mod in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            if not mod.name.endswith(("__main__", ".dask")):
+                importlib.import_module(mod.name)
+        for name in pkg.__all__:
+            assert not isinstance(getattr(pkg, name), ModuleType), (pkg.__name__, name)
+    assert callable(sattrain.evaluate) and callable(sattrain.train)
     with pytest.raises(AttributeError):
         sattrain.no_such_name  # noqa: B018
 

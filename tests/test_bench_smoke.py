@@ -136,7 +136,7 @@ def test_evidence_smoke(tmp_path: Path) -> None:
 def test_attack_strength_smoke(tmp_path: Path, digits_store: Path) -> None:
     """bench/attack_strength.py on a 1-epoch run: every budget, monotone in budget, the verdict fields."""
     from sattrain.config import TrainConfig
-    from sattrain.train import train
+    from sattrain.trainer import train
 
     run = train(TrainConfig(store=str(digits_store), out=str(tmp_path / "run"), method="standard", epochs=1,
                             batch_size=64, device="cpu", eval_samples=16, summary_samples=0, progress=False),

@@ -289,7 +289,7 @@ def test_replicas_identical_and_parts_disjoint(runs: dict, digits_store: Path) -
     assert (procs["world_size"], procs["backend"], procs["batch_size_per_process"]) == (2, "gloo", 16)
     idx = select_indices(open_store(digits_store).info.splits["train"], None, 0)
     parts = [partition(idx, 2, r, derive_seed(5, "partition")) for r in (0, 1)]
-    from sattrain.train import _indices_digest
+    from sattrain.trainer import _indices_digest
 
     assert procs["parts"] == [{"samples": len(p), "indices_blake2b": _indices_digest(p)} for p in parts]
     assert not set(parts[0].tolist()) & set(parts[1].tolist()) and len(parts[0]) + len(parts[1]) == len(idx) == 1442

@@ -21,7 +21,7 @@ from sattrain.config import TrainConfig
 from sattrain.data import Batch
 from sattrain.methods import FREE_DELTA, StepContext, get_method
 from sattrain.schedule import make_scheduler
-from sattrain.train import _collapsed, train_one_epoch
+from sattrain.trainer import _collapsed, train_one_epoch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,7 +136,7 @@ def free_reference(model: nn.Module, batches: list[Batch], *, m: int, eps: float
 
 
 def test_free_at_matches_shafahi_et_al_algorithm(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sattrain.train as tr
+    import sattrain.trainer as tr
 
     batches = [_batch(seed=s) for s in range(3)] + [_batch(seed=9, n=5)]  # a short last batch
     ref_model = _net(seed=1)
@@ -215,7 +215,7 @@ def test_collapse_rule_is_a_drop_of_more_than_0_2() -> None:
 
 def test_early_stop_ends_the_run_at_the_collapse(digits_store: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import sattrain.train as tr
+    import sattrain.trainer as tr
 
     real = tr.evaluate_heldout
     scripted = iter([0.4, 0.5, 0.1, 0.6, 0.6])  # epoch 3 collapses: the run must stop there
@@ -261,7 +261,7 @@ def test_fast_methods_learn_digits(method: str, extra: list[str], digits_store: 
 def test_free_resume_continues_the_perturbation_exactly(digits_store: Path, tmp_path: Path) -> None:
     """The persistent perturbation is checkpointed: 2 passes, then --resume to 3, equals 3 passes."""
     from sattrain.checkpoint import load_checkpoint
-    from sattrain.train import train
+    from sattrain.trainer import train
 
     def cfg(out: Path, epochs: int, resume: bool = False) -> TrainConfig:
         return TrainConfig(store=str(digits_store), out=str(out), method="free", replays=2, epochs=epochs,
@@ -283,7 +283,7 @@ def test_free_resume_continues_the_perturbation_exactly(digits_store: Path, tmp_
 def test_fgsm_rs_trains_what_one_step_pgd_trains(digits_store: Path, tmp_path: Path) -> None:
     """docs/method.md: `--method pgd --steps 1 --step-size 10/255` trains the same model as fgsm-rs."""
     from sattrain.checkpoint import load_checkpoint
-    from sattrain.train import train
+    from sattrain.trainer import train
 
     common = dict(store=str(digits_store), epochs=2, batch_size=64, train_samples=128, eval_samples=32, eval_steps=1,
                   summary_samples=0, device="cpu", progress=False, seed=2)

@@ -269,7 +269,7 @@ def test_a_huge_lr_diverges_in_one_line_and_writes_no_checkpoint(box: Sandbox) -
 def _poison(monkeypatch: pytest.MonkeyPatch, *, epoch: int, how: str) -> None:
     """From epoch ``epoch`` (from 0) on, the loss becomes NaN/inf, or the weights become inf
     after the epoch's last step while every loss stays finite."""
-    import sattrain.train as train_mod
+    import sattrain.trainer as train_mod
 
     if how in ("nan", "inf"):
         real_get = train_mod.get_method

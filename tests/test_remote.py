@@ -195,7 +195,7 @@ def history(run: Path) -> list[tuple[float, float, float]]:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory, digits_store: Path) -> Path:
     """Two epochs of standard training on the local digits store: what a remote run must reproduce."""
-    from sattrain.train import TrainConfig, train
+    from sattrain.trainer import TrainConfig, train
 
     out = tmp_path_factory.mktemp("local") / "run"
     return train(TrainConfig(store=str(digits_store), method="standard", model="small-cnn", epochs=2, out=str(out),
@@ -204,7 +204,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory, digits_store: Path) -> P
 
 def test_train_and_eval_from_a_url(served, tmp_path: Path, local_run: Path) -> None:
     from sattrain.evaluation import evaluate
-    from sattrain.train import TrainConfig, train
+    from sattrain.trainer import TrainConfig, train
 
     http, _ = served
     url = http.url + "/d.zarr"

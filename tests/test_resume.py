@@ -18,7 +18,7 @@ from satdata.errors import SatkitError
 from sattrain.checkpoint import load_checkpoint, save_checkpoint
 from sattrain.config import TrainConfig
 from sattrain.schedule import lr_factor
-from sattrain.train import _sync_best, train
+from sattrain.trainer import _sync_best, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Timing fields differ between any two runs; everything else must match exactly.

@@ -17,7 +17,7 @@ from sattrain.checkpoint import load_checkpoint
 from sattrain.cli import main
 from sattrain.config import RECIPES, TrainConfig
 from sattrain.schedule import lr_factor, make_scheduler
-from sattrain.train import train
+from sattrain.trainer import train
 
 # 64 samples in batches of 32: two optimizer steps per epoch; no attack, no summary
 TINY = dict(method="standard", batch_size=32, train_samples=64, eval_samples=8, eval_steps=0, summary_samples=0,

@@ -25,7 +25,7 @@ from sattrain.config import DEFAULT_BETA, TrainConfig, parse_eps
 from sattrain.data import Batch
 from sattrain.methods import StepContext, flip_coin, get_method, method_names
 from sattrain.perturb import curriculum_p, sat_perturb, uniform_delta, uniform_noise
-from sattrain.train import mean_average_precision, train
+from sattrain.trainer import mean_average_precision, train
 
 # --summary-samples 0: AutoAttack on a CPU is slow; the summary has its own tests below.
 QUICK = ["--model", "small-cnn", "--batch-size", "64", "--train-samples", "128", "--eval-samples", "32",

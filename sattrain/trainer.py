@@ -96,9 +96,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 import warnings
@@ -112,12 +110,10 @@ import torch
 import torch.nn as nn
 
 from satdata.errors import SatkitError
-from satdata.atomic import probe_writable, write_json_atomic, write_text_atomic
-from satdata.store import Store, open_store, store_digest
-from sattrain import __version__, accel
+from satdata.atomic import write_json_atomic, write_text_atomic
+from satdata.store import MAPS_GROUP, Store, open_store, parse_array_path, store_digest
+from sattrain import accel
 from sattrain.checkpoint import (
-    BEST_NAME,
-    CHECKPOINT_NAME,
     check_optimizer_state,
     check_scaler_state,
     check_scheduler_state,
@@ -128,9 +124,26 @@ from sattrain.checkpoint import (
     save_checkpoint,
 )
 from sattrain.config import TrainConfig, format_eps, resolve_augment, resume_mismatches
+from sattrain.rundir import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    CONFIG_JSON,
+    METRICS_JSON,
+    METRICS_JSONL,
+    SUMMARY_JSON,
+    append_line,
+    check_run_dir,
+    default_run_dir,
+    environment,
+    git_revision,
+    lock_run_dir,
+    make_run_dir,
+    read_metrics_lines,
+)
 from sattrain.device import resolve_device
 from sattrain.distributed import Comm, PeerFailed, params_digest, rank_device, world_from_env
 from sattrain.distributed import start as start_processes
+from sattrain.evaluation import evaluate_heldout
 from sattrain.metrics import mean_average_precision
 from sattrain.data import (
     EvalSplit,
@@ -155,10 +168,6 @@ from sattrain.models import create_model
 from sattrain.perturb import curriculum_p
 from sattrain.schedule import make_scheduler, step_per_step
 
-CONFIG_JSON = "config.json"
-METRICS_JSONL = "metrics.jsonl"
-METRICS_JSON = "metrics.json"
-SUMMARY_JSON = "summary.json"
 # The end-of-run summary (sattrain.evaluation, strong protocol): AutoAttack (the headline) and
 # the strong PGD at 8/255, its cross-check; the eps sweep, CW, distortions and the sanity
 # checks are `sattrain eval` (a sweep of strong PGD costs minutes on a CPU, and a summary
@@ -166,15 +175,10 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_ATTACKS = ("autoattack", "pgd")
 SUMMARY_EPS = (8 / 255,)
 SUMMARY_SEED = 0
-EVAL_BATCH = 256
 LOG_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
 # Fixed seed of the held-out subset: the same samples for every run, whatever its --seed,
 # so runs with different seeds and methods are compared on the same images.
 EVAL_SUBSET_SEED = 20200607
-
-
-# Largest metrics.jsonl read back on --resume (a few hundred bytes per epoch).
-MAX_METRICS_BYTES = 256 * 1024**2
 
 
 class NonFiniteLoss(SatkitError):
@@ -182,109 +186,6 @@ class NonFiniteLoss(SatkitError):
 
 
 Log = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def git_revision() -> dict[str, Any] | None:
-    """The satkit source's git commit and whether it had uncommitted changes (None outside git)."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions of what computed the run, and the device it ran on."""
-    import zarr
-
-    env: dict[str, Any] = {
-        "satkit": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "platform": platform.platform(),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def default_run_dir(cfg: TrainConfig, dataset: str) -> Path:
-    """runs/<dataset>-<method>-<model>-s<seed>, always one plain directory under runs/.
-
-    The dataset name comes from the store: each part is reduced to letters, digits and
-    ``._-`` (anything else becomes '_', no leading dot, no '..', at most 64 characters),
-    so that no store can send a run's files elsewhere. Plain names are kept as they are.
-    """
-    import re
-
-    def plain(text: str) -> str:
-        t = re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-        t = re.sub(r"\.{2,}", ".", t).lstrip("._-")[:64]
-        return t or "unnamed"
-
-    return Path("runs") / f"{plain(dataset)}-{plain(cfg.method.replace('+', '_'))}-{plain(cfg.model)}-s{int(cfg.seed)}"
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def evaluate_heldout(
-    model: nn.Module,
-    data: EvalSplit,
-    *,
-    eps_list: tuple[float, ...],
-    steps: int,
-    step_size: float,
-    multilabel: bool,
-    generator: torch.Generator,
-) -> dict[str, float]:
-    """Clean and PGD scores on the held-out subset: {"clean": s, "pgd@8/255": s, ...}.
-
-    Single-label: accuracy, where a sample is robust if it is classified correctly both
-    clean and under attack. Multi-label: mAP on the clean and on the attacked images.
-
-    Runs in eval mode and float32 (no autocast: the reported numbers should not depend
-    on --amp), and restores the model's mode.
-    """
-    from sattrain.attacks import pgd
-
-    was = model.training
-    model.eval()
-    keys = ["clean"] + [f"pgd@{format_eps(e)}" for e in eps_list]
-    logits: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    ys = []
-    try:
-        for x, y in data.batches(EVAL_BATCH, multilabel):
-            ys.append(y)
-            with torch.no_grad():
-                logits["clean"].append(model(x).float())
-            for e, k in zip(eps_list, keys[1:]):
-                x_adv = pgd(model, x, y, eps=e, step_size=step_size, steps=steps, random_start=True,
-                            loss="bce" if multilabel else "ce", generator=generator)
-                with torch.no_grad():
-                    logits[k].append(model(x_adv).float())
-    finally:
-        model.train(was)
-    y_all = torch.cat(ys)
-    if multilabel:
-        return {k: mean_average_precision(torch.cat(v), y_all) for k, v in logits.items()}
-    clean_ok = torch.cat(logits["clean"]).argmax(dim=1) == y_all
-    # A sample counts as robust only if it is also classified correctly when clean (the
-    # RobustBench convention, and what `sattrain eval` reports).
-    return {k: float(((torch.cat(v).argmax(dim=1) == y_all) & clean_ok).float().mean()) for k, v in logits.items()}
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -475,93 +376,6 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_metrics_lines(path: Path, keep_below: int) -> list[dict[str, Any]]:
-    """metrics.jsonl lines of epochs < keep_below (a killed run may have written one more).
-
-    Resuming after ``keep_below`` epochs needs exactly the lines of epochs 0 .. keep_below - 1:
-    a line cut by a kill is tolerated only at the end (it belongs to the epoch being redone);
-    anything else (not UTF-8, not JSON, not an epoch record, epochs missing or repeated) is
-    a damaged run directory and raises SatkitError naming the file and line.
-    """
-    if keep_below <= 0:
-        return []
-    if not path.is_file():
-        raise SatkitError(f"{path}: missing, but the run's checkpoint has {keep_below} epoch(s) done; "
-                          "the run directory is damaged (start a new run)")
-    from sattrain.report import read_run_text
-
-    try:
-        text = read_run_text(path, MAX_METRICS_BYTES, "a run's metrics")
-    except SatkitError as e:
-        raise SatkitError(f"{e}; the run directory is damaged") from None
-    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
-    out = []
-    for n, (i, line) in enumerate(lines):
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-            if n == len(lines) - 1:
-                break  # a line cut by a kill: its epoch is redone
-            raise SatkitError(f"{path}:{i}: not a JSON line ({type(e).__name__}); the run directory is damaged") from None
-        epoch = rec.get("epoch") if isinstance(rec, dict) else None
-        if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
-            raise SatkitError(f"{path}:{i}: not an epoch record (expected an object with an integer epoch >= 0)")
-        secs = rec.get("seconds")
-        if not (isinstance(secs, (int, float)) and not isinstance(secs, bool) and math.isfinite(secs) and secs >= 0):
-            raise SatkitError(f"{path}:{i}: seconds is {repr(secs)[:40]}; expected a finite number >= 0")
-        if epoch < keep_below:
-            out.append(rec)
-    got = [r["epoch"] for r in out]
-    if got != list(range(keep_below)):
-        raise SatkitError(f"{path}: holds epochs {_ranges(got)}, but the run's checkpoint has epochs 0-{keep_below - 1} "
-                          "done; the run directory is damaged (start a new run)")
-    return out
-
-
-def _ranges(epochs: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2, 5' (at most a few ranges)."""
-    if not epochs:
-        return "none"
-    parts: list[str] = []
-    start = prev = epochs[0]
-    for e in epochs[1:] + [None]:  # type: ignore[list-item]
-        if e is not None and e == prev + 1:
-            prev = e
-            continue
-        parts.append(f"{start}-{prev}" if prev != start else str(start))
-        if e is not None:
-            start = prev = e
-    return ", ".join(parts[:5]) + (", ..." if len(parts) > 5 else "")
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """Refuse a --out that cannot be a run directory, before anything is read or written there."""
-    if run_dir.is_symlink():
-        raise SatkitError(f"--out: {run_dir} is a symbolic link (to {os.readlink(run_dir)}); give the directory "
-                          "itself, so that the run's files cannot be redirected")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise SatkitError(f"--out: {run_dir} exists and is not a directory")
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    """Create the run directory and prove it is writable (a probe file, created exclusively
-    and removed), so that an unwritable --out fails before any data is read or any training."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        where = f", {e.filename}" if e.filename and str(e.filename) != str(run_dir) else ""
-        raise SatkitError(f"--out: cannot create the run directory {run_dir} "
-                          f"({(e.strerror or str(e)).lower()}{where})") from None
-    probe_writable(run_dir, "--out", kind="the run directory ")
-
-
-def _append_line(path: Path, line: str) -> None:
-    """Append one line to metrics.jsonl (never through a symbolic link planted at its name)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    with os.fdopen(fd, "a") as f:
-        f.write(line)
-
-
 def _pick_eval_split(store: Store, requested: str | None) -> str:
     if requested is not None:
         if requested not in store.info.splits:
@@ -657,7 +471,9 @@ def _check_same_arrays(run_dir: Path, ckpt_path: Path, extra: dict[str, Any], ar
             what = (f"{key} is not among the arrays the run used" if key not in saved else
                     f"{key} is not in the store" if key not in arrays else
                     f"{key} has sha256 {str(now)[:12]}..., the run's {str(was)[:12]}...")
-            why = "the map was replaced" if "/saliency/" in key else "the store was rebuilt or replaced"
+            parsed = parse_array_path(key)
+            why = ("the map was replaced" if parsed is not None and parsed.field == MAPS_GROUP
+                   else "the store was rebuilt or replaced")
             raise SatkitError(f"{run_dir}: --resume with a store whose contents differ from the run's in an array "
                               f"it trains or evaluates from: {what} ({store_path}: {why} since the run started); "
                               "start a new run")
@@ -764,7 +580,7 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
     saved_states = ckpt.get("method_state")
     if saved_states is not None and method_states is not None:
         method_states[:] = _check_method_states(saved_states, cfg, damaged)
-    history = _read_metrics_lines(run_dir / METRICS_JSONL, done)
+    history = read_metrics_lines(run_dir / METRICS_JSONL, done)
     _sync_best(run_dir, ckpt, log)
     return done, best, history
 
@@ -897,7 +713,7 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
     if new_best:  # strictly better: a tie keeps the earlier epoch
         best = {"epoch": epoch, monitor_key: value, "clean_acc": rec["clean_acc"], "checkpoint": BEST_NAME}
     history.append(rec)
-    _append_line(metrics_path, json.dumps(rec) + "\n")
+    append_line(metrics_path, json.dumps(rec) + "\n")
     # metrics line, then checkpoint.pt, then best.pt: a kill before checkpoint.pt redoes
     # this epoch on resume; a kill between the two is repaired on resume (_sync_best).
     ckpt = {
@@ -1016,22 +832,6 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
         comm.close()
 
 
-def _lock_run_dir(run_dir: Path, held: list[int]) -> None:
-    """Hold an exclusive lock on the run directory for the run: a second `sattrain run`
-    (or a --resume while a killed launcher's processes still train) is refused, not mixed in."""
-    from satdata.store import LockBusy, describe_holders, flock_dir
-
-    if held or not run_dir.is_dir():
-        return
-    try:
-        fd = flock_dir(run_dir, exclusive=True)
-    except LockBusy as e:
-        raise SatkitError(f"--out: {run_dir} is in use by another run ({describe_holders(e.holders)}); "
-                          "wait for it to end or stop it, then run again") from None
-    if fd is not None:
-        held.append(fd)
-
-
 def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: Log,
            storage_options: dict[str, Any] | None, held: list[int]) -> Path:
     """train() from the store on, in this process of ``comm`` (for one process, all of it)."""
@@ -1081,22 +881,22 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         per_step = step_per_step(cfg.schedule)
         scaler = acc.grad_scaler()  # fp16 only
 
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg, info.dataset)
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method, cfg.model, cfg.seed, info.dataset)
         start_epoch, best, history = 0, None, []
         # what the method keeps for the run (Free-AT's perturbation), per process: checkpointed
         # with the run so that --resume continues it exactly
         method_states: list[dict[str, Any]] = [{} for _ in range(world.size)]
         if world.main:  # rank 0 alone reads and writes the run directory
-            _check_run_dir(run_dir)
-            _lock_run_dir(run_dir, held)
+            check_run_dir(run_dir)
+            lock_run_dir(run_dir, held)
             start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler,
                                                   scaler, device, log, model_spec=model_spec,
                                                   steps_per_epoch=steps_per_epoch * cfg.replays_per_batch,
                                                   arrays=arrays, method_states=method_states)
             if start_epoch:
                 log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.passes}")
-            _make_run_dir(run_dir)
-            _lock_run_dir(run_dir, held)
+            make_run_dir(run_dir)
+            lock_run_dir(run_dir, held)
     metrics_path = run_dir / METRICS_JSONL
 
     if world.distributed:
