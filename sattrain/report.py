@@ -78,6 +78,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from satdata.errors import SatkitError
+from sattrain.rundir import (
+    CONFIG_JSON,
+    EVAL_JSON,
+    METRICS_JSON,
+    METRICS_JSONL,
+    PAPER_EVAL_JSON,
+    SUMMARY_JSON,
+    parse_json,
+    read_json,
+    read_text,
+    short_repr,
+)
 
 __all__ = [
     "write_report",
@@ -102,9 +114,6 @@ PLOT_EPOCHS = "accuracy_per_epoch.png"
 PLOT_EPS = "robust_vs_eps.png"
 PLOT_DISTORTIONS = "distortions.png"
 PLOT_FRONTIER = "frontier.png"
-EVAL_JSON = "eval.json"
-PAPER_EVAL_JSON = "eval-paper.json"
-SUMMARY_JSON = "summary.json"
 PROTOCOLS = ("strong", "paper")
 PROTOCOL_LABELS = {"strong": "strong protocol", "paper": "paper protocol"}
 # Descriptions for files that do not carry their own (eval.json version 1, old metrics.json).
@@ -120,7 +129,7 @@ NON_SEMANTIC = frozenset({"seed", "out", "resume", "device", "progress", "thread
 _EPS_KEY = re.compile(r"^pgd@(\d+(?:\.\d+)?)/255$")
 _MONITOR_KEY = re.compile(r"^pgd(\d+)_monitor$")
 _SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_]?\d+$")
-_FILE_RANK = {EVAL_JSON: 0, PAPER_EVAL_JSON: 0, SUMMARY_JSON: 1, "metrics.json": 2}
+_FILE_RANK = {EVAL_JSON: 0, PAPER_EVAL_JSON: 0, SUMMARY_JSON: 1, METRICS_JSON: 2}
 
 
 # --------------------------------------------------------------------------- data
@@ -321,99 +330,17 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# Largest run file read (an eval.json is a few kilobytes; metrics.jsonl a few hundred bytes
-# per epoch), and deepest nesting accepted in one: a crafted file must not exhaust memory
-# or the interpreter's recursion limit while it is read or reported.
-MAX_FILE_BYTES = 64 * 1024**2
-MAX_DEPTH = 32
-
-
-def _depth_ok(data: Any) -> bool:
-    """Whether ``data`` nests at most MAX_DEPTH lists and objects (checked without recursion)."""
-    stack = [(data, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            if d > MAX_DEPTH:
-                return False
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return True
-
-
-def _short_repr(v: Any, n: int = 40) -> str:
-    """A bounded repr for error lines (huge integers and containers by size, not by content)."""
-    if isinstance(v, bool) or v is None:
-        return repr(v)
-    if isinstance(v, int) and v.bit_length() > 64:
-        return "a huge integer"
-    if isinstance(v, dict):
-        return f"an object of {len(v)} key(s)"
-    if isinstance(v, list):
-        return f"a list of {len(v)} item(s)"
-    text = repr(v)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _read_text(path: Path) -> str | None:
-    """The UTF-8 text of a run file, None when there is no such (regular) file; SatkitError
-    naming the file for anything unreadable."""
-    if not path.is_file():
-        return None
-    return read_run_text(path)
-
-
-def read_run_text(path: Path, max_bytes: int = MAX_FILE_BYTES, what: str = "a sattrain run file") -> str:
-    """The UTF-8 text of a run directory's file, at most ``max_bytes``; SatkitError naming
-    the file for anything else (too large, not UTF-8, unreadable). Also used by
-    ``sattrain.trainer`` to read metrics.jsonl back on ``--resume``."""
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise SatkitError(f"{path}: {size:,} bytes, too large for {what}")
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SatkitError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()} at position "
-                          f"{e.start})") from None
-    except OSError as e:
-        raise SatkitError(f"{path}: cannot be read ({(e.strerror or str(e)).lower()})") from None
-
-
-def _parse_json(text: str, where: str) -> Any:
-    """json.loads with every failure (syntax, 4300-digit integers, nesting) as SatkitError naming ``where``."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SatkitError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise SatkitError(f"{where}: not readable JSON (nested too deeply)") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise SatkitError(f"{where}: not readable JSON ({str(e)[:100]})") from None
-    if not _depth_ok(data):
-        raise SatkitError(f"{where}: not readable JSON (nested more than {MAX_DEPTH} levels deep)")
-    return data
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    text = _read_text(path)
-    if text is None:
-        return None
-    data = _parse_json(text, str(path))
-    if not isinstance(data, dict):
-        raise SatkitError(f"{path}: expected a JSON object, got {_short_repr(data)}")
-    return data
-
-
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    text = _read_text(path)
+    text = read_text(path)
     if text is None:
         return []
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        rec = _parse_json(line, f"{path}:{i}")
+        rec = parse_json(line, f"{path}:{i}")
         if not isinstance(rec, dict):
-            raise SatkitError(f"{path}:{i}: expected a JSON object per line, got {_short_repr(rec)}")
+            raise SatkitError(f"{path}:{i}: expected a JSON object per line, got {short_repr(rec)}")
         try:
             _check_epoch_record(rec)
         except ValueError as e:
@@ -453,7 +380,7 @@ def _want(d: dict[str, Any], key: str, kind: str, where: str = "") -> None:
         return
     ok, text = _KINDS[kind]
     if not ok(v):
-        raise ValueError(f"{where}{key!r} is {_short_repr(v)}; expected {text} or null")
+        raise ValueError(f"{where}{key!r} is {short_repr(v)}; expected {text} or null")
 
 
 def _want_rows(d: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
@@ -462,7 +389,7 @@ def _want_rows(d: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
     rows = d.get(key) or []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}{key}[{i}] is {_short_repr(row)}; expected an object")
+            raise ValueError(f"{where}{key}[{i}] is {short_repr(row)}; expected an object")
     return rows
 
 
@@ -497,7 +424,7 @@ def _check_config(data: dict[str, Any]) -> None:
         _want(opts, key, "int", "options: ")
     if opts.get("seed") is not None and not (isinstance(opts["seed"], int) and not isinstance(opts["seed"], bool)
                                              and abs(opts["seed"]) < 2**64):
-        raise ValueError(f"options: 'seed' is {_short_repr(opts['seed'])}; expected an integer or null")
+        raise ValueError(f"options: 'seed' is {short_repr(opts['seed'])}; expected an integer or null")
 
 
 def _check_metrics(data: dict[str, Any]) -> None:
@@ -553,7 +480,7 @@ def _check_eval(data: dict[str, Any]) -> None:
         _want(data, "autoattack", "dict")
         a = data.get("autoattack") or {}
         if not isinstance(a.get("eps_label"), str):
-            raise ValueError(f"autoattack: 'eps_label' is {_short_repr(a.get('eps_label'))}; expected a string")
+            raise ValueError(f"autoattack: 'eps_label' is {short_repr(a.get('eps_label'))}; expected a string")
         _want(a, "value", "score", "autoattack: ")
         for key in ("package", "version", "norm"):
             _want(a, key, "str", "autoattack: ")
@@ -679,7 +606,7 @@ def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
         autoattack_settings=aa_settings, distortions=dist, sanity_passed=passed, sanity_failed=failed,
         sanity_details=details,
         note="eval.json version 1 (written before protocols were named; it was the paper protocol)"
-        if version == 1 and "protocol" not in data and file != "metrics.json" else "",
+        if version == 1 and "protocol" not in data and file != METRICS_JSON else "",
     )
 
 
@@ -696,13 +623,13 @@ def _summary_measurement(run_dir: Path, metrics: dict[str, Any]) -> Measurement 
     summary = metrics.get("summary")
     if not isinstance(summary, dict):
         return None
-    full = _read_json(run_dir / SUMMARY_JSON)
+    full = read_json(run_dir / SUMMARY_JSON)
     if full is not None:
         return _parse_eval(run_dir / SUMMARY_JSON, full, SUMMARY_JSON)
     data = {**summary, "version": 2, "protocol": summary.get("protocol") or "strong",
             "split_size": summary.get("split_size")}  # recorded by runs of today on
     data.setdefault("metric", metrics.get("metric"))
-    m = _parse_eval(run_dir / "metrics.json", data, SUMMARY_JSON)
+    m = _parse_eval(run_dir / METRICS_JSON, data, SUMMARY_JSON)
     return replace(m, note="end-of-run summary as metrics.json records it (summary.json is missing: "
                            "attack settings unknown)")
 
@@ -718,7 +645,7 @@ def _old_metrics_measurement(path: Path, metrics: dict[str, Any]) -> Measurement
     data = {"protocol": "paper", "split": metrics.get("eval_split"), "samples": metrics.get("eval_samples"),
             "split_size": None, "complete": False, "metric": metrics.get("metric"), "clean": metrics.get("clean_acc"),
             "robust": robust}
-    m = _parse_eval(path, data, "metrics.json")
+    m = _parse_eval(path, data, METRICS_JSON)
     return replace(m, settings=settings, pgd_settings=settings,
                    note="old metrics.json: end-of-training PGD on a held-out subset (paper protocol)")
 
@@ -734,22 +661,22 @@ def load_run(path: str | Path, label: str | None = None) -> RunSummary:
     p = Path(path)
     if not p.is_dir():
         raise SatkitError(f"{p}: not a run directory")
-    config = _read_json(p / "config.json") or {}
-    _checked(p / "config.json", _check_config, config)
-    epochs = _read_jsonl(p / "metrics.jsonl")
-    metrics = _read_json(p / "metrics.json")
+    config = read_json(p / CONFIG_JSON) or {}
+    _checked(p / CONFIG_JSON, _check_config, config)
+    epochs = _read_jsonl(p / METRICS_JSONL)
+    metrics = read_json(p / METRICS_JSON)
     if metrics is not None:
-        _checked(p / "metrics.json", _check_metrics, metrics)
+        _checked(p / METRICS_JSON, _check_metrics, metrics)
     found: list[Measurement] = []
     for name in (EVAL_JSON, PAPER_EVAL_JSON):
-        data = _read_json(p / name)
+        data = read_json(p / name)
         if data is not None:
             m = _parse_eval(p / name, data, name)
             if name == PAPER_EVAL_JSON and m.protocol != "paper":
                 raise SatkitError(f"{p / name}: protocol is {m.protocol!r}, but this file name is for the paper protocol")
             found.append(m)
     if metrics is not None:
-        for m in (_summary_measurement(p, metrics), _old_metrics_measurement(p / "metrics.json", metrics)):
+        for m in (_summary_measurement(p, metrics), _old_metrics_measurement(p / METRICS_JSON, metrics)):
             if m is not None:
                 found.append(m)
     by_protocol: dict[str, Measurement] = {}

@@ -109,8 +109,6 @@ def read_metrics_lines(path: Path, keep_below: int) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SatkitError(f"{path}: missing, but the run's checkpoint has {keep_below} epoch(s) done; "
                           "the run directory is damaged (start a new run)")
-    from sattrain.report import read_run_text
-
     try:
         text = read_run_text(path, MAX_METRICS_BYTES, "a run's metrics")
     except SatkitError as e:
@@ -197,3 +195,88 @@ def lock_run_dir(run_dir: Path, held: list[int]) -> None:
                           "wait for it to end or stop it, then run again") from None
     if fd is not None:
         held.append(fd)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+# Largest run file read (an eval.json is a few kilobytes; metrics.jsonl a few hundred bytes
+# per epoch), and deepest nesting accepted in one: a crafted file must not exhaust memory
+# or the interpreter's recursion limit while it is read or reported.
+MAX_FILE_BYTES = 64 * 1024**2
+MAX_DEPTH = 32
+
+
+def depth_ok(data: Any) -> bool:
+    """Whether ``data`` nests at most MAX_DEPTH lists and objects (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > MAX_DEPTH:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def short_repr(v: Any, n: int = 40) -> str:
+    """A bounded repr for error lines (huge integers and containers by size, not by content)."""
+    if isinstance(v, bool) or v is None:
+        return repr(v)
+    if isinstance(v, int) and v.bit_length() > 64:
+        return "a huge integer"
+    if isinstance(v, dict):
+        return f"an object of {len(v)} key(s)"
+    if isinstance(v, list):
+        return f"a list of {len(v)} item(s)"
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def read_text(path: Path) -> str | None:
+    """The UTF-8 text of a run file, None when there is no such (regular) file; SatkitError
+    naming the file for anything unreadable."""
+    if not path.is_file():
+        return None
+    return read_run_text(path)
+
+
+def read_run_text(path: Path, max_bytes: int = MAX_FILE_BYTES, what: str = "a sattrain run file") -> str:
+    """The UTF-8 text of a run directory's file, at most ``max_bytes``; SatkitError naming
+    the file for anything else (too large, not UTF-8, unreadable). Used to read
+    metrics.jsonl back on ``--resume`` and by sattrain.report."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise SatkitError(f"{path}: {size:,} bytes, too large for {what}")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SatkitError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()} at position "
+                          f"{e.start})") from None
+    except OSError as e:
+        raise SatkitError(f"{path}: cannot be read ({(e.strerror or str(e)).lower()})") from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """json.loads with every failure (syntax, 4300-digit integers, nesting) as SatkitError naming ``where``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SatkitError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise SatkitError(f"{where}: not readable JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise SatkitError(f"{where}: not readable JSON ({str(e)[:100]})") from None
+    if not depth_ok(data):
+        raise SatkitError(f"{where}: not readable JSON (nested more than {MAX_DEPTH} levels deep)")
+    return data
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    text = read_text(path)
+    if text is None:
+        return None
+    data = parse_json(text, str(path))
+    if not isinstance(data, dict):
+        raise SatkitError(f"{path}: expected a JSON object, got {short_repr(data)}")
+    return data
