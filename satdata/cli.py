@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from satdata import __version__
-from satdata.clikit import SatkitGroup, debug_option, open_store_arg, run_cli, storage_option
+from satdata.clikit import SatkitGroup, debug_option, echo_json, json_option, open_store_arg, run_cli, storage_option
 from satdata.errors import SatkitError
 
 EPILOG_BUILD = """\b
@@ -67,7 +67,7 @@ def main() -> None:
 @click.option("--root", "-r", type=click.Path(path_type=Path), help="The dataset's directory on disk.")
 @click.option("--out", "-o", type=click.Path(), required=True,
               help="Store to write: a new local directory, e.g. voc.zarr (share it with `satdata pack`).")
-@click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
               help="Build the recipe of a manifest (manifests/*.json) and check the result against it.")
 @click.option("--size", default=None, help="Stored image size: N or HxW.  [default: 32, the paper's]")
 @click.option("--fit", type=click.Choice(["stretch", "crop", "pad"]), default=None,
@@ -109,12 +109,13 @@ def main() -> None:
                    "decoded at a reduced DCT scale (still at least twice the resize target): "
                    "same geometry, several times faster, pixels within a few grey levels.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@json_option
 def build(source: str | None, root: Path | None, out: str, manifest: Path | None, size: str | None,
           fit: str | None, splits: str | None, workers: int, dask_address: str | None, shard: str | None,
           overwrite: bool, skip_bad: bool,
           label: str | None, drop_difficult: bool | None, unmasked: str | None, year: str | None,
           classes: str | None, skip_unknown_classes: bool | None, annotations: tuple[str, ...],
-          images: tuple[str, ...], full_decode: bool, quiet: bool) -> None:
+          images: tuple[str, ...], full_decode: bool, quiet: bool, as_json: bool) -> None:
     """Build a store from a dataset on disk.
 
     Images and maps are resized together to --size, written in whole chunks to a hidden
@@ -185,17 +186,22 @@ def build(source: str | None, root: Path | None, out: str, manifest: Path | None
 
             r = build_shard(cfg, parse_shard(shard))
             left = r.shards - len(r.done)
+            if as_json:
+                echo_json({"shard": r.shard, "shards": r.shards, "samples": r.samples, "ranges": r.ranges,
+                           "path": str(r.path), "seconds": round(r.seconds, 3), "shards_left": left,
+                           "skipped": [list(b) for b in r.bad]})
+                return
             click.echo(f"shard {r.shard}/{r.shards}: wrote {r.samples:,} samples ({r.ranges} range{'s' if r.ranges != 1 else ''}) into {r.path} "
                        f"in {r.seconds:.1f} s; " + (f"{left} of {r.shards} shards still to run, then "
                                                    if left else "all shards done: run ") + f"`satdata finalize {out}`")
             _echo_bad(r.bad)
             return
-        _report_build(do_build(cfg), out, manifest, man)
+        _report_build(do_build(cfg), out, manifest, man, as_json)
 
     run_cli(go)
 
 
-def _report_build(res: Any, out: str | Path, manifest: Path | None, man: Any) -> None:
+def _report_build(res: Any, out: str | Path, manifest: Path | None, man: Any, as_json: bool = False) -> None:
     """Check a finished build against its manifest (if any) and print what was written."""
     if man is not None:
         from satdata.manifest import check_store
@@ -205,6 +211,12 @@ def _report_build(res: Any, out: str | Path, manifest: Path | None, man: Any) ->
         if problems:
             raise SatkitError(f"{out}: built, but does not match {manifest}: " + "; ".join(problems))
     info = res.info
+    if as_json:
+        echo_json({"path": str(res.path), "dataset": info.dataset, "splits": info.splits, "classes": info.classes,
+                   "image_size": list(info.image_size), "label_kind": info.label_kind, "maps": list(info.maps),
+                   "notes": res.notes, "skipped": [list(b) for b in res.bad], "seconds": round(res.seconds, 3),
+                   "manifest": None if manifest is None else str(manifest)})
+        return
     counts = ", ".join(f"{s} {n:,}" for s, n in info.splits.items())
     click.echo(f"wrote {res.path}: {counts} ({len(info.classes)} classes, "
                f"{info.image_size[0]}x{info.image_size[1]}, maps: {', '.join(info.maps) or 'none'}) "
@@ -227,9 +239,10 @@ def _echo_bad(bad: list[tuple[str, str]]) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path())
-@click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
               help="Also check the finished store against this manifest.")
-def finalize(out: str, manifest: Path | None) -> None:
+@json_option
+def finalize(out: str, manifest: Path | None, as_json: bool) -> None:
     """Make the store OUT from a build run as shards (`satdata build ... --shard I/N`).
 
     Checks that every shard has finished, closes the gaps of samples skipped with
@@ -249,7 +262,7 @@ def finalize(out: str, manifest: Path | None) -> None:
             from satdata.manifest import load_manifest
 
             man = load_manifest(manifest)
-        _report_build(do_finalize(out), out, manifest, man)
+        _report_build(do_finalize(out), out, manifest, man, as_json)
 
     run_cli(go)
 
@@ -274,7 +287,7 @@ def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("store")
-@click.option("--manifest", "-m", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--manifest", type=click.Path(path_type=Path, dir_okay=False),
               help="Also check counts, classes and digests against this manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_option
@@ -314,12 +327,14 @@ def verify(store: str, manifest: Path | None, as_json: bool, storage_options: tu
               help="PNG file to write.")
 @click.option("--split", default=None, help="Split to show.  [default: the first]")
 @click.option("--map", "map_name", default=None, help="Which map to overlay.  [default: the first]")
-@click.option("-n", "count", type=click.IntRange(1, 400), default=32, show_default=True, help="How many samples.")
+@click.option("--samples", "-n", "count", type=click.IntRange(1, 400), default=32, show_default=True,
+              help="How many samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which samples (a random pick, reproducible).")
 @click.option("--scale", type=click.IntRange(1, 16), default=None, help="Upscale factor per tile.  [default: to ~128 px]")
+@json_option
 @storage_option
 def preview(store: str, out: str, split: str | None, map_name: str | None, count: int, seed: int,
-            scale: int | None, storage_options: tuple[str, ...]) -> None:
+            scale: int | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Write a contact sheet: images, their map overlaid, and class names.
 
     For a teacher map (one that records each sample's target class), each tile also says
@@ -338,16 +353,26 @@ def preview(store: str, out: str, split: str | None, map_name: str | None, count
         shown = sheet.with_teacher
         extra = (f" (the teacher's class differs from the label on {sheet.wrong} of {shown} tiles)"
                  if shown else "")
-        click.echo(f"wrote {path}{extra}")
+        if as_json:
+            echo_json({"path": str(path), "tiles": count, "with_teacher": sheet.with_teacher,
+                       "teacher_differs": sheet.wrong})
+        else:
+            click.echo(f"wrote {path}{extra}")
 
     run_cli(go)
 
 
 @main.command()
-def sources() -> None:
+@json_option
+def sources(as_json: bool) -> None:
     """List the dataset formats `satdata build --source` reads."""
     from satdata.sources import get_source_class, source_names
 
+    if as_json:
+        echo_json({name: {"summary": get_source_class(name).summary,
+                          "options": ["--" + o.replace("_", "-") for o in get_source_class(name).options]}
+                   for name in source_names()})
+        return
     for name in source_names():
         cls = get_source_class(name)
         opts = ", ".join("--" + o.replace("_", "-") for o in cls.options)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from satdata.clikit import open_store_arg, run_cli, storage_option
+from satdata.clikit import echo_json, json_option, open_store_arg, run_cli, storage_option
 
 # The names of satdata.saliency.methods.ALGORITHMS (kept here so the CLI does not import torch to
 # build its help; tests/test_saliency.py checks the two agree).
@@ -56,7 +56,7 @@ Each map is stored with the class it was computed for (`satdata preview` shows i
 @click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
               help="Local weights file for --arch (read with weights_only=True; nothing is downloaded).")
 @click.option("--method", "-m", type=click.Choice(METHOD_NAMES), required=True, help="Saliency method.")
-@click.option("--name", "-n", default=None, help="Name of the new map.  [default: the method's name]")
+@click.option("--name", default=None, help="Name of the new map.  [default: the method's name]")
 @click.option("--splits", default=None,
               help="Comma-separated splits to compute; a subset only when replacing a map (--overwrite), "
                    "whose other splits are kept.  [default: all]")
@@ -74,9 +74,11 @@ Each map is stored with the class it was computed for (`satdata preview` shows i
                    "worker must see the store and the teacher at the same paths. Same maps as one process.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing map of that name (once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
 def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Path | None, method: str,
                  name: str | None, splits: str | None, target: str, batch_size: int, device: str,
-                 layer: str | None, seed: int, dask_address: str | None, overwrite: bool, quiet: bool) -> None:
+                 layer: str | None, seed: int, dask_address: str | None, overwrite: bool, quiet: bool,
+                 as_json: bool) -> None:
     """Add maps from a frozen teacher to a local store.
 
     The maps are computed in batches on the device and written under a fresh name, then
@@ -99,6 +101,15 @@ def saliency_cmd(store: str, teacher: str | None, arch: str | None, weights: Pat
         if res.teacher_check is not None and res.teacher_check.low:
             acc += " (LOW: see the warning above)"
         layer_txt = f", layer {res.cam_layer.name} {res.cam_layer.hw[0]}x{res.cam_layer.hw[1]}" if res.cam_layer else ""
+        if as_json:
+            echo_json({"path": str(res.path), "map": res.name, "method": res.method, "encoding": mi.encoding,
+                       "channels": mi.channels, "splits": {s: res.info.splits[s] for s in computed},
+                       "layer": None if not res.cam_layer else {"name": res.cam_layer.name,
+                                                                 "size": list(res.cam_layer.hw)},
+                       "teacher_accuracy": res.teacher_accuracy,
+                       "teacher_low": bool(res.teacher_check is not None and res.teacher_check.low),
+                       "device": str(res.device), "seconds": round(res.seconds, 3)})
+            return
         click.echo(f"added map {res.name} to {res.path}: {res.method} ({mi.encoding}, {mi.channels} channel"
                    f"{'s' if mi.channels > 1 else ''}{layer_txt}) for {counts} on {res.device} in {res.seconds:.1f} s"
                    + (f"; teacher accuracy {acc}" if acc else ""))
@@ -133,28 +144,39 @@ def compare_cmd(store: str, map_a: str, map_b: str, split: str | None, threshold
 
 @click.command("export")
 @click.argument("store")
-@click.option("--to", "out", type=click.Path(dir_okay=False), required=True,
-              help="HDF5 file to write (satkit's h5 layout; `satdata build --source h5` reads it).")
+@click.option("--out", "-o", "out", type=click.Path(dir_okay=False), default=None,
+              help="HDF5 file to write (satkit's h5 layout; `satdata build --source h5` reads it).  [required]")
+@click.option("--to", "to", type=click.Path(dir_okay=False), default=None, hidden=True)  # the older spelling
 @click.option("--splits", default=None, help="Comma-separated splits.  [default: all]")
 @click.option("--maps", default=None, help="Comma-separated maps.  [default: all]")
-@click.option("--overwrite", is_flag=True, help="Replace --to if it exists (once the new file is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (once the new file is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
 @storage_option
-def export_cmd(store: str, out: str, splits: str | None, maps: str | None, overwrite: bool, quiet: bool,
-               storage_options: tuple[str, ...]) -> None:
+def export_cmd(store: str, out: str | None, to: str | None, splits: str | None, maps: str | None, overwrite: bool,
+               quiet: bool, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Export a store to one HDF5 file: images, labels, ids, boxes and maps, bit for bit."""
     def go() -> None:
         from satdata.export import export_h5
         from satdata.remote import refuse_remote_output
 
-        refuse_remote_output(out, "--to", what="an HDF5 file")
+        if out is not None and to is not None:
+            raise click.UsageError("give the HDF5 file once: --out (--to is its older name)")
+        dest = out if out is not None else to
+        if dest is None:
+            raise click.UsageError("Missing option '--out' / '-o': the HDF5 file to write.")
+        refuse_remote_output(dest, "--out", what="an HDF5 file")
         st = open_store_arg(store, storage_options)
         split_list = _split_list(splits)
         map_list = list(_split_list(maps) or ()) if maps is not None else None
-        path = export_h5(st, out, splits=split_list, maps=map_list, overwrite=overwrite, progress=not quiet)
+        path = export_h5(st, dest, splits=split_list, maps=map_list, overwrite=overwrite, progress=not quiet)
         counts = ", ".join(f"{s} {n:,}" for s, n in st.info.splits.items() if not split_list or s in split_list)
         shown = map_list if map_list is not None else sorted(st.info.maps)
-        click.echo(f"wrote {path}: {counts} (maps: {', '.join(shown) or 'none'})")
+        if as_json:
+            echo_json({"path": str(path), "splits": {s: n for s, n in st.info.splits.items()
+                                                     if not split_list or s in split_list}, "maps": list(shown)})
+        else:
+            click.echo(f"wrote {path}: {counts} (maps: {', '.join(shown) or 'none'})")
 
     run_cli(go)
 
@@ -164,7 +186,8 @@ def export_cmd(store: str, out: str, splits: str | None, maps: str | None, overw
 @click.option("--dry-run", is_flag=True, help="List what would be removed and the bytes freed; remove nothing.")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
               help="Wait up to this long for readers of the store (training runs) to finish, instead of refusing.")
-def gc_cmd(store: str, dry_run: bool, wait: float) -> None:
+@json_option
+def gc_cmd(store: str, dry_run: bool, wait: float, as_json: bool) -> None:
     """Remove the arrays a local store keeps that its attributes no longer name.
 
     A replaced map (`satdata saliency --overwrite`) keeps its old arrays, so that a training
@@ -177,9 +200,12 @@ def gc_cmd(store: str, dry_run: bool, wait: float) -> None:
     def go() -> None:
         from satdata.gc import collect, format_bytes
 
-        res = collect(store, dry_run=dry_run, wait=wait, log=click.echo)
+        res = collect(store, dry_run=dry_run, wait=wait, log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
         n = len(res.removed)
-        if not n:
+        if as_json:
+            echo_json({"store": store, "dry_run": dry_run, "removed": [str(r) for r in res.removed],
+                       "freed_bytes": res.freed})
+        elif not n:
             click.echo(f"{store}: nothing to remove (every array is named by the store's attributes)")
         elif dry_run:
             click.echo(f"{store}: would remove {n} entr{'y' if n == 1 else 'ies'}, freeing {format_bytes(res.freed)} "

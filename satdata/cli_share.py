@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import click
 
-from satdata.clikit import run_cli, storage_option
+from satdata.clikit import echo_json, json_option, run_cli, storage_option
 
 EPILOG_PACK = """\b
 Examples:
-  satdata pack digits.zarr digits.zip
+  satdata pack digits.zarr --out digits.zip
   satdata verify digits.zip                 # a packed store is a store: info, verify,
   sattrain run digits.zip --method sat      # preview and sattrain read it in place
   aws s3 cp digits.zip s3://lab/digits.zip  # share it; others read it where it is:
@@ -52,11 +52,13 @@ rest. Remove that directory to give up on a download.
 
 @click.command("pack", epilog=EPILOG_PACK)
 @click.argument("store")
-@click.argument("out")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing file (once the new zip is complete).")
+@click.argument("out_arg", metavar="[OUT]", required=False)
+@click.option("--out", "-o", "out", default=None, help="The .zip to write (OUT, as the second argument, also works).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is an existing file (once the new zip is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def pack_cmd(store: str, out: str, overwrite: bool, quiet: bool) -> None:
-    """Pack the store directory STORE into one file, OUT (.zip), to share.
+@json_option
+def pack_cmd(store: str, out_arg: str | None, out: str | None, overwrite: bool, quiet: bool, as_json: bool) -> None:
+    """Pack the store directory STORE into one file, --out (.zip), to share.
 
     The same store always packs to the same bytes. OUT is written beside its final name
     and renamed into place when complete: an interrupted pack leaves no zip behind.
@@ -64,7 +66,15 @@ def pack_cmd(store: str, out: str, overwrite: bool, quiet: bool) -> None:
     def go() -> None:
         from satdata.share import pack
 
-        res = pack(store, out, overwrite=overwrite, progress=not quiet)
+        if out is not None and out_arg is not None and out != out_arg:
+            raise click.UsageError(f"two outputs given ({out_arg} and --out {out}); give one")
+        dest = out if out is not None else out_arg
+        if dest is None:
+            raise click.UsageError("Missing option '--out' / '-o': the .zip to write.")
+        res = pack(store, dest, overwrite=overwrite, progress=not quiet)
+        if as_json:
+            echo_json({"path": str(res.path), "files": res.files, "bytes": res.bytes, "store_digest": res.store_digest})
+            return
         click.echo(f"wrote {res.path}: {res.files} files, {res.bytes / 1e6:.1f} MB "
                    f"(store digest {res.store_digest[:16]})")
 
@@ -78,15 +88,16 @@ def pack_cmd(store: str, out: str, overwrite: bool, quiet: bool) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Replace --out if it is an existing store (an existing .zip for a .zip --out), "
                    "only once the new one has verified.")
-@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=16, show_default=True,
-              help="Downloads in flight at once.")
+@click.option("--workers", "--jobs", "-j", "jobs", type=click.IntRange(1, 64), default=16, show_default=True,
+              help="Downloads in flight at once (--jobs: its older name).")
 @click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,
               help="Further attempts per file after a dropped connection, a timeout or a server error "
                    "(not after not found or forbidden).")
 @storage_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
 def fetch_cmd(url: str, out: str, overwrite: bool, jobs: int, retries: int, storage_options: tuple[str, ...],
-              quiet: bool) -> None:
+              quiet: bool, as_json: bool) -> None:
     """Download the store at URL into --out, verifying every file; resumable.
 
     URL: https://..., s3://... or any fsspec URL of a store directory or a packed .zip.
@@ -107,6 +118,10 @@ def fetch_cmd(url: str, out: str, overwrite: bool, jobs: int, retries: int, stor
         if res.reused:
             reused = (f", resumed after {res.reused / 1e6:.1f} MB already downloaded" if url.lower().endswith(".zip")
                       else f", {res.reused} kept from an earlier run")
+        if as_json:
+            echo_json({"path": str(res.path), "downloaded": res.downloaded, "bytes": res.bytes, "reused": res.reused,
+                       "seconds": round(res.seconds, 3)})
+            return
         click.echo(f"wrote {res.path}: {res.downloaded} files downloaded ({res.bytes / 1e6:.1f} MB){reused}, "
                    f"verified in {res.seconds:.1f} s")
 

@@ -363,3 +363,17 @@ def _is_tty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------- --json
+
+JSON_HELP = "Print the result as one JSON object on stdout (progress and warnings stay on stderr)."
+
+
+def json_option(f: F) -> F:
+    """``--json``: the command's result as one JSON object on stdout, instead of its text."""
+    return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(f)  # type: ignore[return-value]
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=1, default=str))

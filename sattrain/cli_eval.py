@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from satdata.clikit import run_cli, storage_option
+from satdata.clikit import echo_json, json_option, run_cli, storage_option
 from satdata.errors import SatkitError
 
 EPILOG_EVAL = """\b
@@ -85,9 +85,10 @@ def parse_step_size(text: str) -> float | str:
 
 @click.command("eval", epilog=EPILOG_EVAL, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
-@click.option("--store", "-s", "store", required=True,
-              help="The store to evaluate on (the one the run trained from, or another with the same classes): "
-                   "a directory, a packed .zip, or a URL (https://..., s3://...).")
+@click.option("--store", "store", default=None,
+              help="The store to evaluate on (another with the same classes, or the one the run trained from): "
+                   "a directory, a packed .zip, or a URL (https://..., s3://...).  [default: the store the run "
+                   "recorded in its config.json]")
 @storage_option
 @click.option("--protocol", "-p", type=click.Choice(["strong", "paper"]), default="strong", show_default=True,
               help="Which evaluation: strong (AutoAttack headline) or paper (the SAT authors' PGD-5); see below.")
@@ -113,16 +114,17 @@ def parse_step_size(text: str) -> float | str:
 @click.option("--samples", "-n", type=click.IntRange(min=1), default=None,
               help="Evaluate a fixed, seeded subset of N samples (warns: numbers become estimates).  [default: all]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subset and of the attacks' random starts.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=None,
+              help="Samples per attacked batch.  [default: 256 on the CPU, 1024 on a GPU of 40 GiB or more]")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda or cuda:N.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Where to write the results.  [default: RUN_DIR/eval.json, or RUN_DIR/eval-paper.json for --protocol paper]")
 @click.option("--json", "as_json", is_flag=True, help="Print eval.json to stdout instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 def eval_cmd(
-    target: Path, store: str, protocol: str, split: str | None, eps: str | None, steps: int | None,
+    target: Path, store: str | None, protocol: str, split: str | None, eps: str | None, steps: int | None,
     step_size: str | None, restarts: int | None, attacks: str | None, autoattack_eps: str, autoattack_engine: str,
-    cw_search_steps: int | None, samples: int | None, seed: int, batch_size: int, device: str,
+    cw_search_steps: int | None, samples: int | None, seed: int, batch_size: int | None, device: str,
     out: Path | None, as_json: bool, quiet: bool, storage_options: tuple[str, ...],
 ) -> None:
     """Measure clean and robust accuracy of a run (RUN_DIR or CHECKPOINT) on a store.
@@ -136,13 +138,15 @@ def eval_cmd(
     from sattrain.evaluation import evaluate, format_table, paper_out
 
     def go() -> None:
+        from sattrain.rundir import recorded_store
+
         progress = None if quiet else (lambda line: click.echo(line, err=True))
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             # Show warnings (a partial evaluation, a failed sanity check) as one line, when they happen.
             warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {message}", err=True)
             result = evaluate(
-                target, store, protocol=protocol, split=split,
+                target, store if store is not None else recorded_store(target), protocol=protocol, split=split,
                 eps=parse_eps_list(eps) if eps is not None else None, steps=steps,
                 step_size=parse_step_size(step_size) if step_size is not None else None, restarts=restarts,
                 attacks=parse_attacks(attacks) if attacks is not None else None, samples=samples, seed=seed,
@@ -201,8 +205,9 @@ The frontier (frontier.png and its table; bench/frontier.py draws the same):
               help="Robust accuracy against training cost (frontier.png and a table): --frontier requires it (an "
                    "error when no run has a strong evaluation with AutoAttack and a measured training speed), "
                    "--no-frontier leaves it out.  [default: drawn when some run has both]")
+@json_option
 def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None, strict: bool,
-               frontier: bool | None) -> None:
+               frontier: bool | None, as_json: bool) -> None:
     """Compare runs: markdown tables per protocol and plots (accuracy per epoch, robustness against eps and cost).
 
     Reads each RUN_DIR's config.json, metrics.jsonl, metrics.json (its end-of-run summary),
@@ -214,4 +219,8 @@ def report_cmd(run_dirs: tuple[Path, ...], out: Path, aggregate: bool | None, st
     from sattrain.report import write_report
 
     path = run_cli(lambda: write_report(list(run_dirs), out, aggregate=aggregate, strict=strict, frontier=frontier))
-    click.echo(f"wrote {path}")
+    if as_json:
+        echo_json({"report": str(path), "plots": sorted(str(p) for p in Path(path).parent.glob("*.png")),
+                   "runs": [str(r) for r in run_dirs]})
+    else:
+        click.echo(f"wrote {path}")

@@ -280,3 +280,21 @@ def read_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise SatkitError(f"{path}: expected a JSON object, got {short_repr(data)}")
     return data
+
+
+def recorded_store(target: str | Path) -> str:
+    """The store a run trained from, as its config.json records it, for ``sattrain eval RUN``
+    without --store. ``target``: a run directory or a checkpoint file in one. SatkitError
+    naming the file and what to pass when nothing usable is recorded."""
+    p = Path(target)
+    run_dir = p if p.is_dir() else p.parent
+    cfg_path = run_dir / CONFIG_JSON
+    cfg = read_json(cfg_path)
+    store = cfg.get("store") if cfg else None
+    path = store.get("path") if isinstance(store, dict) else None
+    if not isinstance(path, str) or not path.strip():
+        raise SatkitError(f"--store: not given, and {cfg_path} records no store; pass --store")
+    if "://" not in path and not Path(path).exists():
+        raise SatkitError(f"--store: not given, and the store {cfg_path} records ({path}) is not there "
+                          "(moved, or recorded relative to another directory); pass --store")
+    return path

@@ -41,7 +41,7 @@ def rich_store(digits_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_export_writes_the_documented_layout(rich_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "rich.h5"
-    res = CliRunner().invoke(export_cmd, [str(rich_store), "--to", str(out), "-q"])
+    res = CliRunner().invoke(export_cmd, [str(rich_store), "--out", str(out), "-q"])
     assert res.exit_code == 0, res.output
     st = open_store(rich_store)
     with h5py.File(out, "r") as f:
@@ -60,7 +60,7 @@ def test_export_writes_the_documented_layout(rich_store: Path, tmp_path: Path) -
         assert gbp.shape == (n, 16, 16, 3) and gbp.dtype == np.int8
         assert (gbp.attrs["encoding"], gbp.attrs["kind"], int(gbp.attrs["channels"])) == ("signed", "gbp", 3)
         assert json.loads(gbp.attrs["provenance"])["teacher"]["sha256"] == "ab"
-    res = CliRunner().invoke(export_cmd, [str(rich_store), "--to", str(out), "-q"])
+    res = CliRunner().invoke(export_cmd, [str(rich_store), "--out", str(out), "-q"])
     assert res.exit_code == 1 and "--overwrite" in res.output
     # a subset of maps and splits
     export_h5(st, out, splits=["test"], maps=["ink"], overwrite=True, progress=False)

@@ -252,7 +252,7 @@ def test_export_refuses_a_planted_partial_and_replaces_through_a_link(digits8: P
     out = tmp_path / "d.h5"
     planted = tmp_path / f".d.h5.partial-{os.getpid()}"
     planted.symlink_to(victim)
-    line = one_error_line(run(satdata_main, ["export", digits8, "--to", out, "-q"]))
+    line = one_error_line(run(satdata_main, ["export", digits8, "--out", out, "-q"]))
     assert "in the way" in line and victim.read_bytes() == b"precious" and not out.exists()
     planted.unlink()
     real = tmp_path / "real.h5"
@@ -260,7 +260,7 @@ def test_export_refuses_a_planted_partial_and_replaces_through_a_link(digits8: P
     link = tmp_path / "link.h5"
     link.symlink_to(real)
     before = real.stat().st_ino
-    res = run(satdata_main, ["export", digits8, "--to", link, "--overwrite", "-q"])
+    res = run(satdata_main, ["export", digits8, "--out", link, "--overwrite", "-q"])
     assert res.exit_code == 0, res.output
     assert link.is_symlink() and real.stat().st_ino != before, "the link's target was not replaced"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.h5", "real.h5", "victim.h5"]

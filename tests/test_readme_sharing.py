@@ -52,7 +52,7 @@ def port_free(port: int) -> bool:
 
 def test_the_section_names_what_the_test_serves() -> None:
     cmds = section_commands()
-    assert cmds[0] == "satdata pack digits.zarr digits.zip"
+    assert cmds[0] == "satdata pack digits.zarr --out digits.zip"
     assert any("fetch" in c for c in cmds) and any(c.startswith("sattrain run http") for c in cmds)
     assert all(f"127.0.0.1:{HTTP_PORT}" in c or f"127.0.0.1:{S3_PORT}" in c for c in cmds if "://" in c)
 

@@ -112,8 +112,8 @@ def test_writing_to_a_url_or_zip_is_refused_up_front(tmp_path: Path, out: str, w
 
 def test_export_preview_and_saliency_refuse_urls(tmp_path: Path, digits_store: Path) -> None:
     os.chdir(tmp_path)
-    code, text = satdata("export", str(digits_store), "--to", "s3://lab/x.h5")
-    assert code == 1 and "--to s3://lab/x.h5" in text and "local" in text, text
+    code, text = satdata("export", str(digits_store), "--out", "s3://lab/x.h5")
+    assert code == 1 and "--out s3://lab/x.h5" in text and "local" in text, text
     code, text = satdata("preview", str(digits_store), "--out", "https://h/p.png")
     assert code == 1 and "--out https://h/p.png" in text, text
     code, text = satdata("saliency", "s3://lab/d.zarr", "--teacher", "x", "--method", "gradcampp")

@@ -74,7 +74,7 @@ def packed(digits_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def test_pack_is_deterministic_and_holds_only_the_store(digits_store: Path, store: Path, tmp_path: Path) -> None:
     a, b, c = tmp_path / "a.zip", tmp_path / "b.zip", tmp_path / "c.zip"
-    code, out = run("pack", str(digits_store), str(a), "-q")
+    code, out = run("pack", str(digits_store), "--out", str(a), "-q")
     assert code == 0 and "wrote" in out, out
     pack(digits_store, b, progress=False)
     # a copy elsewhere, with leftovers a store directory may hold: none of them goes in
