@@ -5,7 +5,7 @@ fgsm-rs, fgsm-rs+sat, free, pgd, trades, pgd+sat and trades+sat (``--methods`` t
 is trained on the same store, with the same model, the same recipe and the same budget
 (--epochs: every method trains the same number of images; ``free`` replays each
 minibatch --replays times over epochs / replays passes, so its gradient steps match),
-for each seed, through ``sattrain.train.train`` (what ``sattrain run`` calls), then
+for each seed, through ``sattrain.trainer.train`` (what ``sattrain run`` calls), then
 evaluated with the strong protocol of ``sattrain eval`` (``sattrain.evaluation.evaluate``:
 AutoAttack at 8/255, the PGD sweep of 50 steps of eps/4 with 2 random starts, the
 gradient-masking sanity checks) into each run's eval.json. The table and the plot are
@@ -18,13 +18,14 @@ Defaults (CPU): scikit-learn's digits at 16x16 (``satdata build --source digits`
 bench/evidence.py), small-cnn, 8 epochs of budget, batch 32, recipe paper (Adam 1e-3),
 no augmentation, seeds 0,1,2, SAT-family methods on the ink mask with the paper's
 100-epoch curriculum compressed into --epochs (bench/evidence.py's alpha_c), AutoAttack and
-the PGD sweep on a seeded subset of --eval-samples test images (AutoAttack costs seconds
-per robust image on a CPU core: the subset is what fits about 25 minutes on 2 cores); two
+the PGD sweep on a seeded subset of --eval-samples test images (AutoAttack takes about 40 s
+plus 2 s per robust image per run on a CPU core: the subset is what fits about 25 minutes on
+2 idle cores; BENCHMARKS.md section 2f took 34 on 2 shared ones); two
 runs at a time, one torch thread each. On a GPU: ``--device cuda --model resnet10`` (or
 preact-resnet18, resnet18, wrn-28-10; ``--store`` for another store, e.g. CIFAR-10 with a
 map from ``satdata saliency``).
 
-    python bench/frontier.py                           # the full CPU table (~25 min, 2 cores)
+    python bench/frontier.py                           # the full CPU table (34 min on 2 shared cores)
     python bench/frontier.py --quick                   # smoke test (seconds per method)
     python bench/frontier.py --device cuda --model resnet10 --size 32 --epochs 16 --eval-samples 1000 --workers 1
 """
@@ -93,12 +94,12 @@ def train_config(job: Job) -> Any:
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train one method and seed with sattrain.train.train, evaluate it with sattrain.evaluation (strong)."""
+    """Train one method and seed with sattrain.trainer.train, evaluate it with sattrain.evaluation (strong)."""
     import torch
 
     torch.set_num_threads(job.threads)
     from sattrain.evaluation import EVAL_VERSION, evaluate
-    from sattrain.train import train
+    from sattrain.trainer import train
 
     out = Path(job.out)
     t = time.perf_counter()
@@ -172,10 +173,15 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     have = available_methods()
     methods = have if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    from satdata.errors import SatkitError
+
     for m in methods:
-        get_method(m)  # SatkitError naming the known methods
+        try:
+            get_method(m)
+        except SatkitError as e:
+            raise SystemExit(f"bench/frontier.py: {str(e).replace('--method', '--methods', 1)}") from None
     missing = [m for m in METHODS if m not in have]
-    if args.epochs % args.replays:
+    if "free" in methods and args.epochs % args.replays:
         raise SystemExit(f"--epochs {args.epochs} is not a multiple of --replays {args.replays}: free would train "
                          f"{-(-args.epochs // args.replays) * args.replays} epochs of budget, not {args.epochs}")
     alpha_c = args.alpha if args.alpha is not None else DEFAULT_ALPHA ** (PAPER_EPOCHS / args.epochs)
@@ -258,7 +264,7 @@ def main() -> None:
             "excluded": fr.excluded,
             "runs": sorted(results, key=lambda r: (methods.index(r["method"]), r["seed"])),
             "commands": commands + [
-                "(per method and seed) sattrain.train.train(TrainConfig(" + ", ".join(
+                "(per method and seed) sattrain.trainer.train(TrainConfig(" + ", ".join(
                     f"{k}={v!r}" for k, v in asdict(job0).items() if k in (
                         "model", "epochs", "batch_size", "recipe", "augment", "device", "train_samples", "threads"))
                 + ", method=..., seed=..., maps=(map,) for the SAT family, alpha=alpha_sat for the SAT family, "
