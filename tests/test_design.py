@@ -39,3 +39,22 @@ def test_run_directory_file_names_are_spelled_in_rundir_only() -> None:
            for i, line in enumerate(p.read_text().splitlines(), 1)
            if names.search(line) and not line.lstrip().startswith("#")]
     assert not bad, bad
+
+
+def test_files_cited_in_code_and_docs_exist() -> None:
+    """Help texts, docstrings and docs cite only files that are in the repository."""
+    cited = re.compile(r"\b((?:docs|bench|tests|manifests|satdata|sattrain|\.ci)/[\w./-]+\.(?:md|py|json)"
+                       r"|(?:README|BENCHMARKS)\.md)\b")
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".md") and ".venv" not in p.parts
+             and ".git" not in p.parts and "results" not in p.parts and p.is_file()]
+    missing = set()
+    for p in files:
+        for m in cited.finditer(p.read_text(errors="replace")):
+            ref = m.group(1).rstrip(".")
+            # patterns, placeholders (manifests/x.json) and outputs a script writes (bench/results/)
+            if "*" in ref or "<" in ref or "NAME" in ref or ref.startswith("bench/results/") \
+                    or re.search(r"/[a-z]\.json$", ref):
+                continue
+            if not (REPO / ref).exists():
+                missing.add(f"{p.relative_to(REPO)}: {ref}")
+    assert not missing, sorted(missing)
