@@ -15,31 +15,10 @@ trainer imports too; nothing else knows array names or attribute keys.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
-_PUBLIC = {
-    "open_store": "satdata.store",
-    "Store": "satdata.store",
-    "StoreInfo": "satdata.store",
-    "MapInfo": "satdata.store",
-    "StoreWriter": "satdata.writer",
-    "SatkitError": "satdata.errors",
-}
+from satdata.errors import SatkitError  # noqa: E402 - after __version__, which the modules read
+from satdata.store import MapInfo, Store, StoreInfo, open_store  # noqa: E402
+from satdata.writer import StoreWriter  # noqa: E402
 
-__all__ = ["__version__", *_PUBLIC]
-
-
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'satdata' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_PUBLIC))
+__all__ = ["__version__", "open_store", "Store", "StoreInfo", "MapInfo", "StoreWriter", "SatkitError"]
