@@ -140,7 +140,7 @@ def headroom_variants(dev: torch.device, quick: bool) -> dict[str, dict[str, Any
 def headroom_step(dev: torch.device, model_name: str, bs: int, size: int, spec: dict[str, Any], *, steps: int,
                   warmup: int, repeats: int) -> dict[str, Any]:
     """Images per second of one way of running the resident-batch training step."""
-    from sattrain.accel import autocast_dtype, make_grad_scaler, to_memory_format
+    from sattrain.accel import autocast_dtype, backward_step, make_grad_scaler, to_memory_format
     from sattrain.models import create_model
 
     sync = _sync(dev)
@@ -170,13 +170,7 @@ def headroom_step(dev: torch.device, model_name: str, bs: int, size: int, spec: 
     def eager_step(i: int) -> None:
         loss = f(xs[i % 2], ys[i % 2])
         opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        backward_step(loss, opt, scaler)
 
     step = eager_step
     if graph:

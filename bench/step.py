@@ -100,6 +100,7 @@ def main() -> None:
     from sattrain.models import create_model
     from sattrain.perturb import curriculum_p, sat_perturb
     from sattrain import accel
+    from sattrain.accel import backward_step
     from sattrain.trainer import resolve_device, train_one_epoch
 
     from satdata.errors import SatkitError
@@ -187,13 +188,7 @@ def main() -> None:
                 with autocast():
                     loss = F.cross_entropy(model(x_t).float(), y)
                 opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
+                backward_step(loss, opt, scaler)
                 steps += 1
             sync()
             return (time.perf_counter() - t) / steps

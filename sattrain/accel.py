@@ -351,3 +351,22 @@ def resolve(device: torch.device | str, *, precision: str = "auto", channels_las
         compile=resolve_compile(compile, dev),
         requested=(("precision", precision), ("channels_last", channels_last), ("compile", compile)),
     )
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None,
+                  between: Callable[[], None] | None = None) -> None:
+    """Backpropagate ``loss`` and take the optimizer step, through the fp16 gradient scaler
+    when there is one (``make_grad_scaler``); ``between`` runs after the backward pass and
+    before the step (Free-AT's perturbation update reads the input's gradient there). The
+    caller zeroes the gradients."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if between is not None:
+            between()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if between is not None:
+            between()
+        optimizer.step()

@@ -335,17 +335,7 @@ def _optimizer_step(model: nn.Module, batch: Any, method: Method, ctx: StepConte
         res = method.fn(model, batch, ctx)
     optimizer.zero_grad(set_to_none=True)
     lr = float(optimizer.param_groups[0]["lr"])  # a Python float: no device sync
-    if scaler is not None:
-        scaler.scale(res.loss).backward()
-        if res.after_backward is not None:
-            res.after_backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        res.loss.backward()
-        if res.after_backward is not None:
-            res.after_backward()
-        optimizer.step()
+    accel.backward_step(res.loss, optimizer, scaler, between=res.after_backward)
     if scheduler is not None:
         if scaler is not None:
             # a step the scaler skipped (inf/nan gradients while it calibrates) still
