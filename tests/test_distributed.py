@@ -386,3 +386,24 @@ def test_a_hung_process_ends_the_other_with_one_line(digits_store: Path, tmp_pat
             if p.poll() is None:
                 p.kill()
             p.wait(timeout=30)
+
+
+def test_free_at_under_torchrun_keeps_each_process_perturbation_across_resume(digits_store: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Free-AT's persistent perturbation is per process: all of them are checkpointed by rank 0
+    and each gets its own back on --resume, so 2 passes + resume to 3 equal 3 passes."""
+    base = ("--method", "free", "--replays", "2", "--batch-size", "32", "--train-samples", "256",
+            "--eval-samples", "32", "--eval-steps", "1", "--summary-samples", "0", "--seed", "7")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    ref = subprocess.Popen(torchrun(digits_store, whole, *base, "--epochs", "6"), env=env(), cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.run(torchrun(digits_store, cut, *base, "--epochs", "4"), env=env(), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    states = load_checkpoint(cut)["method_state"]
+    assert len(states) == 2 and not torch.equal(states[0]["free_delta"], states[1]["free_delta"])
+    again = subprocess.run(torchrun(digits_store, cut, *base, "--epochs", "6", "--resume"), env=env(),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert ref.wait(timeout=600) == 0, ref.stderr.read() if ref.stderr else ""
+    assert lines(cut) == lines(whole) and len(lines(whole)) == 3
