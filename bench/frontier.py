@@ -25,7 +25,7 @@ runs at a time, one torch thread each. On a GPU: ``--device cuda --model resnet1
 preact-resnet18, resnet18, wrn-28-10; ``--store`` for another store, e.g. CIFAR-10 with a
 map from ``satdata saliency``).
 
-    python bench/frontier.py                           # the full CPU table (34 min on 2 shared cores)
+    python bench/frontier.py                           # the full CPU table (19 min on 2 idle cores)
     python bench/frontier.py --quick                   # smoke test (seconds per method)
     python bench/frontier.py --device cuda --model resnet10 --size 32 --epochs 16 --eval-samples 1000 --workers 1
 """

@@ -141,10 +141,13 @@ def main() -> None:
         autocast = acc.autocast
 
         def ctx_for(seed: int, method: str) -> StepContext:
-            from sattrain.config import DEFAULT_BETA
+            from sattrain.config import TrainConfig
 
-            return StepContext(epoch=args.epoch, p=p, eps0=eps, eps=eps, step_size=2 / 255, steps=5,
-                               beta=DEFAULT_BETA.get(method), multilabel=False,
+            # each method's own attack settings, as `sattrain run` resolves them (pgd 5 steps of
+            # 2/255, fgsm-rs one step of 1.25 eps, free steps of eps, TRADES' beta)
+            cfg = TrainConfig(store="bench", method=method, eps0=eps, eps=eps).resolved()
+            return StepContext(epoch=args.epoch, p=p, eps0=eps, eps=eps, step_size=cfg.step_size, steps=cfg.steps,
+                               beta=cfg.beta, multilabel=False,
                                generator=make_generator(dev, 10 + seed), coin=make_generator("cpu", 20 + seed))
 
         results: dict[str, dict[str, Any]] = {}

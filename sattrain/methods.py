@@ -218,11 +218,13 @@ def _require_map(batch: Batch, method: str) -> torch.Tensor:
     return batch.S
 
 
-def _pgd_example(model: nn.Module, batch: Batch, ctx: StepContext) -> torch.Tensor:
+def _pgd_example(model: nn.Module, batch: Batch, ctx: StepContext, steps: int | None = None) -> torch.Tensor:
+    """PGD from a uniform start: ``steps`` (default ctx.steps) steps of ctx.step_size."""
     from sattrain.attacks import pgd
 
     with attack_mode(model, ctx.attack_bn):
-        return pgd(model, batch.x, batch.y, eps=ctx.eps, step_size=ctx.step_size, steps=ctx.steps,
+        return pgd(model, batch.x, batch.y, eps=ctx.eps, step_size=ctx.step_size,
+                   steps=ctx.steps if steps is None else steps,
                    random_start=True, loss="bce" if ctx.multilabel else "ce", generator=ctx.generator)
 
 
@@ -288,11 +290,11 @@ def trades(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
     return StepResult(loss, logits.detach(), True)
 
 
-def _coin_sat(model: nn.Module, batch: Batch, ctx: StepContext, method: str) -> StepResult:
+def _coin_sat(model: nn.Module, batch: Batch, ctx: StepContext, method: str, steps: int | None = None) -> StepResult:
     """pgd+sat and fgsm-rs+sat: the coin picks the attack's example (PGD with ctx.steps, one
     step for fgsm-rs) or SAT from the attack's uniform start."""
     if flip_coin(ctx):
-        return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+        return _on(model, _pgd_example(model, batch, ctx, steps), batch, ctx, True)
     _require_map(batch, method)
     # The SAT branch starts from x + U(-eps, eps) (PGD's random start) and is clamped once, at the end.
     start = batch.x + uniform_delta(batch.x, eps=ctx.eps, generator=ctx.generator)
@@ -332,18 +334,22 @@ def trades_noise(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult
     return StepResult(loss, logits.detach(), attacked)
 
 
+def _one_step(steps: int, share: float) -> float:
+    return 1.0 + share
+
+
 @register_method("fgsm-rs", "FGSM with a random start (Wong et al. 2020): uniform start in the --eps ball, one step "
-                 "of --step-size (1.25 eps), projection", attacks=True)
+                 "of --step-size (1.25 eps), projection", attacks=True, cost=_one_step)
 def fgsm_rs(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
-    # PGD with one step from a uniform start is exactly FGSM-RS (sattrain.config resolves
-    # --steps 1 and --step-size 1.25 eps for this method)
-    return _on(model, _pgd_example(model, batch, ctx), batch, ctx, True)
+    # PGD with one step from a uniform start is exactly FGSM-RS: one step whatever ctx.steps
+    # says (sattrain.config refuses another --steps and resolves --step-size to 1.25 eps)
+    return _on(model, _pgd_example(model, batch, ctx, steps=1), batch, ctx, True)
 
 
 @register_method("fgsm-rs+sat", "a coin per batch: SAT from a uniform-noise start, or an FGSM-RS example",
-                 needs_map=True, attacks=True)
+                 needs_map=True, attacks=True, cost=_one_step)
 def fgsm_rs_sat(model: nn.Module, batch: Batch, ctx: StepContext) -> StepResult:
-    return _coin_sat(model, batch, ctx, "fgsm-rs+sat")
+    return _coin_sat(model, batch, ctx, "fgsm-rs+sat", steps=1)
 
 
 FREE_DELTA = "free_delta"

@@ -61,6 +61,7 @@ def fgsm_rs_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 
 
 def test_fgsm_rs_example_is_wong_et_al_algorithm() -> None:
+    """One step whatever the context's steps (a library caller's StepContext may say 5)."""
     model, b = _net(), _batch()
     captured = {}
 
@@ -70,7 +71,7 @@ def test_fgsm_rs_example_is_wong_et_al_algorithm() -> None:
 
     wrapped = nn.Module()
     wrapped.forward = spy  # type: ignore[method-assign]
-    res = get_method("fgsm-rs").fn(wrapped, b, _ctx(seed=5))
+    res = get_method("fgsm-rs").fn(wrapped, b, _ctx(seed=5, steps=5))
     ref = fgsm_rs_reference(model, b.x, b.y, EPS, 10 / 255, torch.Generator().manual_seed(5))
     assert res.attacked
     torch.testing.assert_close(captured["x"], ref, atol=1e-6, rtol=0)
@@ -166,8 +167,8 @@ def test_free_epochs_are_divided_by_the_replays() -> None:
 
 def test_costs_in_passes_per_example() -> None:
     assert [get_method(m).passes(5) for m in ("standard", "noise", "sat", "free", "pgd", "fgsm-rs")] == \
-        [1.0, 1.0, 1.0, 1.0, 6.0, 6.0]
-    assert get_method("fgsm-rs").passes(1) == 2.0  # the resolved --steps of fgsm-rs
+        [1.0, 1.0, 1.0, 1.0, 6.0, 2.0]  # fgsm-rs takes its one step whatever steps says
+    assert get_method("fgsm-rs+sat").passes(5, 0.5) == 1.5
     assert get_method("pgd+sat").passes(5, 0.5) == 3.5
     assert get_method("trades").passes(5) == 7.0 and get_method("trades+sat").passes(5, 0.5) == 4.5
 
