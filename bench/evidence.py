@@ -41,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, emit, machine, spread  # noqa: E402
@@ -145,37 +145,78 @@ class Job:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def work_dir(given: Path | None, name: str) -> tuple[Path, Path | None]:
+    """The bench's working directory: --work (kept, finished runs reused) or a temporary one
+    (returned second, for the caller to remove)."""
+    tmp = None if given is not None else Path(tempfile.mkdtemp(prefix=f"satkit-bench-{name}-"))
+    work = given if given is not None else tmp
+    assert work is not None
+    work.mkdir(parents=True, exist_ok=True)
+    return work, tmp
+
+
+def run_all(run: Any, jobs: Sequence[Any], workers: int, say: Any) -> list[dict[str, Any]]:
+    """``run(job)`` for every job in ``workers`` spawned processes; ``say(job, result)`` gives
+    the line printed when each finishes (with the seconds since the bench started)."""
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futs = {pool.submit(run, j): j for j in jobs}
+        for fut in as_completed(futs):
+            r = fut.result()
+            rows.append(r)
+            print(f"[{time.perf_counter() - t0:6.0f} s] {say(futs[fut], r)}", file=sys.stderr, flush=True)
+    return rows
+
+
+def train_once(out: Path, make_config: Any) -> bool:
+    """Train ``make_config()`` into ``out`` unless a finished run is there (metrics.json, written
+    last by train()); a half-finished one from an interrupted bench starts again. Returns
+    whether the run was there already."""
+    from sattrain.rundir import METRICS_JSON
+    from sattrain.trainer import train
+
+    if (out / METRICS_JSON).is_file():
+        return True
+    if out.exists():
+        shutil.rmtree(out)
+    train(make_config(), log=lambda _m: None)
+    return False
+
+
+def eval_current(path: Path, trained: bool, eps: Sequence[float], samples: int | None, **want: Any) -> bool:
+    """Whether a finished run's evaluation at ``path`` has this sweep, subset and settings
+    (``want``: further config values it must have), so it need not run again."""
+    from sattrain.evaluation import EVAL_VERSION
+
+    if not trained or not path.is_file():
+        return False
+    prev = json.loads(path.read_text())
+    c = prev.get("config", {})
+    return (prev.get("version") == EVAL_VERSION and sorted(c.get("eps", [])) == sorted(eps)
+            and c.get("samples") == samples and all(c.get(k) == v for k, v in want.items()))
+
+
 def run_job(job: Job) -> dict[str, Any]:
     """Train one configuration with sattrain.trainer.train and evaluate it with sattrain.evaluation."""
     import torch
 
     torch.set_num_threads(1)
     from sattrain.config import TrainConfig
-    from sattrain.evaluation import EVAL_VERSION, evaluate
-    from sattrain.trainer import METRICS_JSONL, train
+    from sattrain.evaluation import evaluate
+    from sattrain.rundir import EVAL_JSON, METRICS_JSONL, PAPER_EVAL_JSON
 
     out = Path(job.out)
-    done = out / "eval.json"
-    paper = out / "eval-paper.json"
-    trained = (out / "metrics.json").is_file()  # written last by train(): the run finished
-    if not trained:
-        if out.exists():  # a half-finished run from an interrupted bench: start it again
-            shutil.rmtree(out)
-        cfg = TrainConfig(store=job.store, out=str(out), method=job.method, maps=job.maps, model="small-cnn",
-                          epochs=job.epochs, batch_size=job.batch_size, alpha=job.alpha,
-                          augment="auto" if job.augment else "none", device="cpu", seed=job.seed,
-                          train_samples=job.train_samples, eval_samples=64, summary_samples=0,
-                          threads=1, progress=False)
-        train(cfg, log=lambda _m: None)
+    done = out / EVAL_JSON
+    paper = out / PAPER_EVAL_JSON
+    trained = train_once(out, lambda: TrainConfig(
+        store=job.store, out=str(out), method=job.method, maps=job.maps, model="small-cnn", epochs=job.epochs,
+        batch_size=job.batch_size, alpha=job.alpha, augment="auto" if job.augment else "none", device="cpu",
+        seed=job.seed, train_samples=job.train_samples, eval_samples=64, summary_samples=0, threads=1,
+        progress=False))
 
     def stale(path: Path) -> bool:
-        """Evaluate again unless a finished run's evaluation has this sweep, subset and protocol."""
-        if not trained or not path.is_file():
-            return True
-        prev = json.loads(path.read_text())
-        c = prev.get("config", {})
-        return (prev.get("version") != EVAL_VERSION or sorted(c.get("eps", [])) != sorted(job.eps)
-                or c.get("samples") != job.eval_samples)
+        return not eval_current(path, trained, job.eps, job.eval_samples)
 
     # The strong protocol (the numbers the claims are judged on) and the paper's, labelled.
     attacks = ("autoattack", "pgd", "sanity") if job.autoattack else ("pgd", "sanity")
@@ -376,12 +417,7 @@ def main() -> None:
     configs = [BY_NAME[n] for n in names]
     alpha_c = args.alpha if args.alpha is not None else DEFAULT_ALPHA ** (PAPER_EPOCHS / args.epochs)
     t_all = time.perf_counter()
-    tmp = None
-    if args.work is None:
-        tmp = Path(tempfile.mkdtemp(prefix="satkit-bench-evidence-"))
-    work = args.work or tmp
-    assert work is not None
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_dir(args.work, "evidence")
     log = work / "commands.log"
     store = work / f"digits{args.size}.zarr"
     commands: list[str] = []
@@ -460,20 +496,14 @@ def main() -> None:
                                 train_samples=args.train_samples, eval_samples=args.eval_samples, eps=eps,
                                 autoattack=not args.no_autoattack))
         # the slowest first, so the two workers finish together
-        cost = {"standard": 1, "noise": 1, "sat": 1, "pgd": 6, "trades": 7, "pgd+sat": 3.5, "pgd+noise": 3.5,
-                "trades+sat": 4.5, "trades+noise": 4.5}
-        jobs.sort(key=lambda j: -cost.get(j.method, 1))
+        from sattrain.methods import get_method
+
+        jobs.sort(key=lambda j: -get_method(j.method).passes(5, 0.5))  # the costliest first
         t = time.perf_counter()
-        rows: list[dict[str, Any]] = []
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(run_job, j): j for j in jobs}
-            for fut in as_completed(futs):
-                j = futs[fut]
-                r = fut.result()
-                rows.append(r)
-                print(f"[{time.perf_counter() - t_all:6.0f} s] {j.config} seed {j.seed}: clean {r['clean']:.3f}, "
-                      + (f"autoattack {r['autoattack']:.3f}, " if r["autoattack"] is not None else "")
-                      + ", ".join(f"pgd@{k} {v:.3f}" for k, v in r["pgd"].items()), file=sys.stderr, flush=True)
+        rows = run_all(run_job, jobs, args.workers, lambda j, r: (
+            f"{j.config} seed {j.seed}: clean {r['clean']:.3f}, "
+            + (f"autoattack {r['autoattack']:.3f}, " if r["autoattack"] is not None else "")
+            + ", ".join(f"pgd@{k} {v:.3f}" for k, v in r["pgd"].items())))
         timings["runs"] = time.perf_counter() - t
 
         # 4. tables

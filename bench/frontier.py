@@ -37,17 +37,15 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, emit, machine  # noqa: E402
-from evidence import DEFAULT_ALPHA, PAPER_EPOCHS, cli, eps_label, sh, shown  # noqa: E402
+from evidence import (DEFAULT_ALPHA, PAPER_EPOCHS, cli, eps_label, eval_current, run_all, sh, shown,  # noqa: E402
+                      train_once, work_dir)
 
 # The methods, in the order of the table; those this sattrain lacks are left out.
 METHODS = ("standard", "noise", "sat", "fgsm-rs", "fgsm-rs+sat", "free", "pgd", "trades", "pgd+sat", "trades+sat")
@@ -98,24 +96,17 @@ def run_job(job: Job) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job.threads)
-    from sattrain.evaluation import EVAL_VERSION, evaluate
-    from sattrain.trainer import train
+    from sattrain.evaluation import evaluate
+    from sattrain.rundir import EVAL_JSON
 
     out = Path(job.out)
     t = time.perf_counter()
-    trained = (out / "metrics.json").is_file()  # written last by train(): the run finished
-    if not trained:
-        if out.exists():  # a half-finished run from an interrupted bench: start it again
-            shutil.rmtree(out)
-        train(train_config(job), log=lambda _m: None)
+    trained = train_once(out, lambda: train_config(job))
     t_train = time.perf_counter() - t
-    done = out / "eval.json"
-    prev = json.loads(done.read_text()) if trained and done.is_file() else {}
-    c = prev.get("config", {})
+    done = out / EVAL_JSON
     t = time.perf_counter()
-    if (prev.get("version") != EVAL_VERSION or sorted(c.get("eps", [])) != sorted(job.eps)
-            or c.get("samples") != job.eval_samples or "autoattack" not in c.get("attacks", [])
-            or c.get("autoattack_eps") != job.autoattack_eps):
+    if not eval_current(done, trained, job.eps, job.eval_samples, autoattack_eps=job.autoattack_eps) or \
+            "autoattack" not in json.loads(done.read_text()).get("config", {}).get("attacks", []):
         evaluate(out, job.store, eps=job.eps, attacks=("autoattack", "pgd", "sanity"), samples=job.eval_samples,
                  autoattack_eps=job.autoattack_eps, device=job.device, out=done)
     return {"method": job.method, "seed": job.seed, "run_dir": str(out), "reused": trained,
@@ -187,12 +178,7 @@ def main() -> None:
     alpha_c = args.alpha if args.alpha is not None else DEFAULT_ALPHA ** (PAPER_EPOCHS / args.epochs)
     workers = args.workers or (1 if args.device.startswith("cuda") else min(2, os.cpu_count() or 1))
     eval_samples = args.eval_samples or None
-    tmp = None
-    if args.work is None:
-        tmp = Path(tempfile.mkdtemp(prefix="satkit-bench-frontier-"))
-    work = args.work or tmp
-    assert work is not None
-    work.mkdir(parents=True, exist_ok=True)
+    work, tmp = work_dir(args.work, "frontier")
     t_all = time.perf_counter()
     commands: list[str] = []
     try:
@@ -227,17 +213,10 @@ def main() -> None:
             print(f"not in this sattrain (left out): {', '.join(missing)}", file=sys.stderr, flush=True)
         # the costliest first, so the workers finish together
         jobs.sort(key=lambda j: -get_method(j.method).passes(5, 0.5))
-        results: list[dict[str, Any]] = []
         t = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futs = {pool.submit(run_job, j): j for j in jobs}
-            for fut in as_completed(futs):
-                j = futs[fut]
-                r = fut.result()
-                results.append(r)
-                print(f"[{time.perf_counter() - t_all:6.0f} s] {j.method} seed {j.seed}: train {r['seconds_train']:.0f} s, "
-                      f"eval {r['seconds_eval']:.0f} s; " + ", ".join(f"{k} {v:.3f}" for k, v in r["eval"].items()),
-                      file=sys.stderr, flush=True)
+        results = run_all(run_job, jobs, workers, lambda j, r: (
+            f"{j.method} seed {j.seed}: train {r['seconds_train']:.0f} s, eval {r['seconds_eval']:.0f} s; "
+            + ", ".join(f"{k} {v:.3f}" for k, v in r["eval"].items())))
         seconds_runs = time.perf_counter() - t
 
         runs = [load_run(Path(j.out), Path(j.out).name) for j in sorted(jobs, key=lambda j: (methods.index(j.method), j.seed))]
