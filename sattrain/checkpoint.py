@@ -23,7 +23,7 @@ states against the run being resumed before loading them (:func:`check_optimizer
 :func:`check_scheduler_state`), so a damaged or crafted checkpoint ends in one line naming
 the file, never in a failure deep inside the first training step.
 
-Writes (:func:`atomic_write`, used by :func:`save_checkpoint` and :func:`write_json_atomic`)
+Writes (``satdata.atomic.atomic_write``, used by :func:`save_checkpoint` and the run files)
 go to a temporary file created exclusively (``O_CREAT | O_EXCL | O_NOFOLLOW``, a random
 name) in the destination's directory, are flushed to disk, then renamed onto the
 destination with ``os.replace``. So a run killed mid-save keeps the previous file, a
