@@ -127,6 +127,22 @@ def drop_page_cache(path: Path) -> bool:
     return True
 
 
+def cached(base: Path, key: str) -> bool:
+    """Whether ``base`` already holds the data of ``key`` (its stamp ``.complete-<key>``); if
+    not, ``base`` is emptied and made, for the caller to fill and then ``done(base, key)``."""
+    if (base / f".complete-{key}").exists():
+        return True
+    if base.exists():
+        shutil.rmtree(base)
+    base.mkdir(parents=True)
+    return False
+
+
+def done(base: Path, key: str) -> None:
+    """Stamp ``base`` as holding the data of ``key`` (see ``cached``)."""
+    (base / f".complete-{key}").touch()
+
+
 def synthetic_store(base: Path, n: int, size: int, *, unit: int | None = None, seed: int = 0,
                     classes: int = 10, map_name: str = "mask") -> Path:
     """A store of ``n`` random ``size`` x ``size`` samples (``classes`` classes) with a binary
@@ -138,12 +154,9 @@ def synthetic_store(base: Path, n: int, size: int, *, unit: int | None = None, s
     import numpy as np
 
     path = base / "store.zarr"
-    stamp = base / f".complete-{n}-{size}-{unit or 'default'}"
-    if stamp.exists():
+    key = f"{n}-{size}-{unit or 'default'}"
+    if cached(base, key):
         return path
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     w = ArrayWriter(path, dataset="synthetic", classes=[str(i) for i in range(classes)], image_size=(size, size),
                     label_kind="single", maps={map_name: MapInfo(name=map_name, encoding="binary", kind="mask")})
@@ -164,5 +177,5 @@ def synthetic_store(base: Path, n: int, size: int, *, unit: int | None = None, s
         w.write("train", a, images, labels, [f"s{i}" for i in range(a, b)], {map_name: maps})
     w.close_split("train", n)
     w.finish({"source": "bench synthetic (bench/_common.py)"})
-    stamp.touch()
+    done(base, key)
     return path

@@ -30,6 +30,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cached, done  # noqa: E402
 
 from satdata.build import BuildConfig, _init_worker, _process, build  # noqa: E402
 from satdata.sources import BadSamples, SourceOptions, make_source  # noqa: E402
@@ -54,11 +57,8 @@ def natural_image(rng: np.random.Generator) -> np.ndarray:
 
 def make_tree(base: Path, n: int, seed: int = 0) -> Path:
     voc = base / "VOCdevkit" / "VOC2012"
-    stamp = voc / f".complete-{n}"
-    if stamp.exists():
+    if cached(voc, str(n)):
         return base / "VOCdevkit"
-    if voc.exists():
-        shutil.rmtree(voc)
     for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (voc / d).mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -72,7 +72,7 @@ def make_tree(base: Path, n: int, seed: int = 0) -> Path:
         write_xml(voc / "Annotations" / f"{iid}.xml", "2012", f"{iid}.jpg", W, H, objs, segmented=False)
         Image.fromarray(natural_image(rng)).save(voc / "JPEGImages" / f"{iid}.jpg", quality=90)
     (voc / "ImageSets" / "Main" / "train.txt").write_text("".join(i + "\n" for i in ids))
-    stamp.touch()
+    done(voc, str(n))
     return base / "VOCdevkit"
 
 

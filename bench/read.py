@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import drop_page_cache, emit, machine, median  # noqa: E402
+from _common import cached, done, drop_page_cache, emit, machine, median  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -72,12 +72,9 @@ def make_data(base: Path, n: int, *, size: int = H, seed: int = 0, h5: bool = Tr
     from satdata.store import MapInfo, ArrayWriter
 
     paths = {"store": base / "store.zarr", "npy": base / "npy", "h5": base / "data.h5"}
-    stamp = base / f".complete-{n}-{size}-{int(h5)}-v{DATA_VERSION}"
-    if stamp.exists():
+    key = f"{n}-{size}-{int(h5)}-v{DATA_VERSION}"
+    if cached(base, key):
         return paths
-    if base.exists():
-        shutil.rmtree(base)
-    base.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, H, W, 3), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, size=n).astype(np.int64)
@@ -111,7 +108,7 @@ def make_data(base: Path, n: int, *, size: int = H, seed: int = 0, h5: bool = Tr
             f.create_dataset("images", data=images, chunks=(min(n, 64), H, W, 3))
             f.create_dataset("maps", data=maps, chunks=(min(n, 64), H, W))
             f.create_dataset("labels", data=labels, chunks=(min(n, 4096),))
-    stamp.touch()
+    done(base, key)
     return paths
 
 

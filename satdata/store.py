@@ -1522,14 +1522,17 @@ class ArrayWriter:
             self.group[array_path(split, "boxes")][...] = boxes
         self.has_boxes.add(split)
 
-    def close_split(self, split: str, n: int) -> None:
-        """Shrink a split's arrays to the n samples actually written."""
-        g = self.group
+    def resize_split(self, split: str, n: int) -> None:
+        """Resize a split's per-sample arrays (images, labels, ids, maps) to n samples."""
         paths = [array_path(split, f) for f in ("images", "labels", "ids")]
         paths += [array_path(split, "saliency", m.array_name) for m in self.maps.values()]
         for p in paths:
-            arr = g[p]
-            arr.resize((n,) + tuple(arr.shape[1:]))
+            arr = self.group[p]
+            arr.resize((n,) + tuple(arr.shape[1:]))  # type: ignore[union-attr]
+
+    def close_split(self, split: str, n: int) -> None:
+        """Shrink a split's arrays to the n samples actually written."""
+        self.resize_split(split, n)
         self.counts[split] = n
 
     def finish(self, provenance: dict[str, Any], progress: Any = None,

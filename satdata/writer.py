@@ -169,8 +169,8 @@ class StoreWriter:
         for name in self.maps:
             buf[f"map:{name}"].append(stored[name])
         if split not in self._capacity:  # one file's worth at first; grown as samples come
-            self._w.create_split(split, self._w.shard or self._w.chunk)
-            self._capacity[split] = int(self._split_arrays(split)[0].shape[0])
+            self._capacity[split] = self._w.shard or self._w.chunk
+            self._w.create_split(split, self._capacity[split])
         if len(buf["images"]) >= self._w.split_chunk[split]:
             self._flush(split)
 
@@ -201,23 +201,13 @@ class StoreWriter:
         start = self._written.get(split, 0)
         need = start + self._w.split_chunk[split]
         if need > self._capacity[split]:
-            grown = max(need, 2 * self._capacity[split])
-            for arr in self._split_arrays(split):
-                arr.resize((grown,) + tuple(arr.shape[1:]))
-            self._capacity[split] = grown
+            self._capacity[split] = max(need, 2 * self._capacity[split])
+            self._w.resize_split(split, self._capacity[split])
         self._w.write(split, start, np.stack(buf["images"]), np.stack(buf["labels"]), buf["ids"],
                       {name: np.stack(buf[f"map:{name}"]) for name in self.maps})
         self._written[split] = start + n
         for v in buf.values():
             v.clear()
-
-    def _split_arrays(self, split: str) -> list[Any]:
-        from satdata.store import array_path
-
-        g = self._w.group
-        paths = [array_path(split, f) for f in ("images", "labels", "ids")]
-        paths += [array_path(split, "saliency", m.array_name) for m in self.maps.values()]
-        return [g[p] for p in paths]
 
     # ------------------------------------------------------------------ the end
 

@@ -416,9 +416,7 @@ class TrainConfig:
     def passes(self) -> int:
         """Passes over the training data: --epochs, or for Free-AT ceil(epochs / replays), so
         that replaying each minibatch m times takes the gradient steps of --epochs epochs."""
-        if self.replays and self.method in REPLAY_METHODS:
-            return -(-self.epochs // self.replays)
-        return self.epochs
+        return -(-self.epochs // self.replays_per_batch)
 
     @property
     def replays_per_batch(self) -> int:

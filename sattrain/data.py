@@ -432,9 +432,10 @@ class InMemorySplit:
         self.labels = torch.from_numpy(host.labels).to(where)
         self.maps = {k: torch.from_numpy(v).to(where) for k, v in host.maps.items()}
 
-    def batches(self, batch_size: int, generator: torch.Generator, map_name: str | None) -> Iterator[RawBatch]:
-        """Shuffled batches for one epoch; ``generator`` is a seeded CPU generator."""
-        perm = torch.randperm(self.part, generator=generator)
+    def batches(self, batch_size: int, generator: torch.Generator | None, map_name: str | None) -> Iterator[RawBatch]:
+        """Shuffled batches for one epoch; ``generator`` is a seeded CPU generator (None: the
+        samples in order)."""
+        perm = torch.randperm(self.part, generator=generator) if generator is not None else torch.arange(self.part)
         if self.n > self.part:  # a short part of a distributed run: repeat the start of this epoch's order
             perm = perm[torch.arange(self.n) % max(1, self.part)]
         perm = perm.to(self.storage)

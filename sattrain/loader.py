@@ -30,7 +30,7 @@ import torch
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store
 from sattrain.config import DEFAULT_MEMORY_BUDGET, resolve_augment
-from sattrain.data import (Batch, InMemorySplit, MapCodec, RawBatch, StreamingSplit, derive_seed, images_to_float,
+from sattrain.data import (Batch, InMemorySplit, MapCodec, StreamingSplit, derive_seed, images_to_float,
                            load_split, make_generator, map_codec, num_batches, open_train_split, prepare_batch,
                            sample_bytes, saliency_from_stored)
 
@@ -183,18 +183,6 @@ class StoreLoader:
         seeded from (seed, epoch), so an epoch is the same however it is reached)."""
         self.epoch = int(epoch)
 
-    def _ordered(self) -> Iterator[RawBatch]:
-        data = self.data
-        assert isinstance(data, InMemorySplit)
-        m = data.maps[self.map_name] if self.map_name is not None else None
-        for start in range(0, data.n, self.batch_size):
-            idx = torch.arange(start, min(data.n, start + self.batch_size), device=data.storage)
-            if idx.shape[0] < 2:
-                break
-            raw = RawBatch(data.images.index_select(0, idx), data.labels.index_select(0, idx),
-                           m.index_select(0, idx) if m is not None else None)
-            yield RawBatch(*(t.to(self.device) if t is not None else None for t in raw))
-
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         self.epoch += 1
@@ -204,7 +192,6 @@ class StoreLoader:
             self.data.set_epoch(epoch)
         codec = self.codecs.get(self.map_name) if self.map_name else None
         aug_gen = make_generator(self.device, derive_seed(self.seed, epoch, "augment"))
-        raws = (self.data.batches(self.batch_size, make_generator("cpu", derive_seed(self.seed, epoch, "shuffle")),
-                                  self.map_name) if self.shuffle else self._ordered())
-        for raw in raws:
+        shuffle = make_generator("cpu", derive_seed(self.seed, epoch, "shuffle")) if self.shuffle else None
+        for raw in self.data.batches(self.batch_size, shuffle, self.map_name):
             yield prepare_batch(raw, codec, multilabel=self.multilabel, augment=self.augment, generator=aug_gen)

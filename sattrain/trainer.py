@@ -103,7 +103,7 @@ import warnings
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ContextManager, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -163,7 +163,7 @@ from sattrain.data import (
     sample_bytes,
     select_indices,
 )
-from sattrain.methods import Method, StepContext, get_method
+from sattrain.methods import Method, StepContext, StepResult, get_method
 from sattrain.models import create_model
 from sattrain.perturb import curriculum_p
 from sattrain.schedule import make_scheduler, step_per_step
@@ -278,10 +278,9 @@ def train_one_epoch(
             if channels_last:
                 batch = batch._replace(x=accel.to_memory_format(batch.x, True))
             for _ in range(replays):
-                res = _optimizer_step(model, batch, method, ctx, optimizer, scaler, scheduler, autocast)
+                res, lr_last = _optimizer_step(model, batch, method, ctx, optimizer, scaler, scheduler, autocast)
                 attacked += int(res.attacked)
                 steps += 1
-            lr_last = res.lr
             b = batch.x.shape[0]
             loss_d = res.loss.detach().float()
             newly_bad = ~torch.isfinite(loss_d) & (first_bad < 0)
@@ -320,17 +319,11 @@ def train_one_epoch(
             "samples": seen, "steps": steps, "lr": lr_first, "lr_last": lr_last}
 
 
-class _Stepped(NamedTuple):
-    loss: torch.Tensor
-    logits: torch.Tensor
-    attacked: bool
-    lr: float  # the learning rate this step was taken with
-
-
 def _optimizer_step(model: nn.Module, batch: Any, method: Method, ctx: StepContext, optimizer: torch.optim.Optimizer,
-                    scaler: Any, scheduler: Any, autocast: Callable[[], ContextManager[Any]]) -> _Stepped:
+                    scaler: Any, scheduler: Any, autocast: Callable[[], ContextManager[Any]]) -> tuple[StepResult, float]:
     """One optimizer step of ``method`` on ``batch``: the loss, backward, the method's own
-    after-backward update (Free-AT's perturbation), the step, the per-step schedule."""
+    after-backward update (Free-AT's perturbation), the step, the per-step schedule. Returns
+    the method's result and the learning rate the step was taken with."""
     with autocast():
         res = method.fn(model, batch, ctx)
     optimizer.zero_grad(set_to_none=True)
@@ -345,7 +338,7 @@ def _optimizer_step(model: nn.Module, batch: Any, method: Method, ctx: StepConte
                 scheduler.step()
         else:
             scheduler.step()
-    return _Stepped(res.loss, res.logits, res.attacked, lr)
+    return res, lr
 
 
 # --------------------------------------------------------------------------- the run

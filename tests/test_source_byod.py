@@ -30,6 +30,7 @@ from satdata.geometry import apply_boxes, apply_map, plan_fit, rasterize_boxes
 from satdata.sources import BadSamples, SourceOptions, make_source
 from satdata.sources._classes import MAX_CLASSES
 from satdata.store import open_store
+from tests.fixtures import build_config
 from tests.fixtures.coco import CocoFixture, make_coco
 from tests.fixtures.voc import EXPORT_LABELS, VocFixture, make_voc, make_voc_export
 
@@ -51,9 +52,7 @@ def coco(tmp_path_factory: pytest.TempPathFactory) -> CocoFixture:
 
 
 def _cfg(source: str, root: Path, out: Path, **kw: Any) -> BuildConfig:
-    opts = kw.pop("options", SourceOptions())
-    return BuildConfig(source=source, root=str(root), out=str(out), size=SIZE, progress=False,
-                       options=opts, given_options=tuple(opts.non_default()), **kw)
+    return build_config(source, root, out, SIZE, **kw)
 
 
 def _cli(*args: str) -> Any:

@@ -21,6 +21,7 @@ from satdata.geometry import apply_boxes, apply_image, apply_map, plan_fit, rast
 from satdata.sources import BadSamples, SourceOptions, make_source
 from satdata.sources._base import read_image
 from satdata.store import open_store
+from tests.fixtures import build_config
 from tests.fixtures.coco import CLASSES, CocoFixture, make_coco
 
 SIZE = (24, 20)  # (H, W)
@@ -36,9 +37,7 @@ def coco(tmp_path_factory: pytest.TempPathFactory) -> CocoFixture:
 
 
 def _cfg(source: str, root: Path, out: Path, **kw: Any) -> BuildConfig:
-    opts = kw.pop("options", SourceOptions())
-    return BuildConfig(source=source, root=str(root), out=str(out), size=SIZE, progress=False,
-                       options=opts, given_options=tuple(opts.non_default()), **kw)
+    return build_config(source, root, out, SIZE, **kw)
 
 
 def _reference(fx: CocoFixture, split: str) -> tuple[Any, list[int]]:
