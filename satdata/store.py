@@ -689,12 +689,21 @@ def read_rows_into(arr: "zarr.Array", start: int, stop: int, out: np.ndarray,
         return
     fmt = _file_format(arr)
     root = _local_dir(arr)
+    shown = str(root) if root is not None else str(getattr(arr.store, "path", arr.store))
     if fmt is None or (root is None and not fmt.sharded):
-        out[...] = arr[start:stop]  # zarr fetches the chunks of a URL or a zip concurrently itself
+        try:
+            out[...] = arr[start:stop]  # zarr fetches the chunks of a URL or a zip concurrently itself
+        except Exception as e:  # a file zarr cannot decode: name it (network failures stay what they are)
+            from satdata.remote import network_problem
+
+            if isinstance(e, (StoreError, MemoryError)) or network_problem(e) is not None:
+                raise
+            raise StoreError(f"{shown}: array {arr.path} samples [{start}, {stop}) cannot be read "
+                             f"({type(e).__name__}: {str(e)[:120]}); the store is damaged (`satdata verify` "
+                             "locates every damaged file)") from None
         return
     u = fmt.rows
     word = chunkio.file_word(arr)
-    shown = str(root) if root is not None else str(getattr(arr.store, "path", arr.store))
 
     def where(i: int) -> str:
         return f"{shown}: array {arr.path} {word} {i} (samples [{i * u}, {min(arr.shape[0], (i + 1) * u)}))"
@@ -826,13 +835,23 @@ class Store:
         return Path(self.path)
 
     def _chunk_digests(self, arr: "zarr.Array") -> list[str] | None:
-        """The recorded digests of ``arr``'s files (chunks, or shards), or None where the record
-        does not describe this array's files (another size or count: `verify` reports that)."""
+        """The recorded digests of ``arr``'s files (chunks, or shards), or None where none are
+        recorded. A record of other files (another size or count: the array's zarr.json was
+        changed after the digests were taken) is a StoreError: the files it lists could not be
+        checked to be present, and zarr reads a missing one as zeros."""
         rec = self.info.digests.get(arr.path, {})
         want = rec.get("chunks")
-        if not want or rec.get("chunk_size") != write_unit(arr):
+        if not want or rec.get("chunk_size") is None:
             return None
-        return want if len(want) == len(list(iter_chunks(arr))) else None
+        unit, n = write_unit(arr), len(list(iter_chunks(arr)))
+        if rec["chunk_size"] != unit or len(want) != n:
+            from satdata.chunkio import file_word
+
+            word = file_word(arr)
+            raise StoreError(f"{self.path}: array {arr.path} has {n:,} {word}s of {unit:,} samples, but its recorded "
+                             f"digests list {len(want):,} of {_short(rec['chunk_size'])} (its zarr.json was changed "
+                             f"after the store was written); the store is damaged (`satdata verify` reports it)")
+        return want
 
     def _check_chunks_present(self, p: str, arr: "zarr.Array") -> None:
         """Refuse an array one of whose files (chunks, or shards) the digests list is gone.

@@ -1,0 +1,126 @@
+"""Hostile input found in review: each case once made a command crash, lie or leave output behind.
+
+Every case runs the real CLI (click's runner, in this process) and asserts what satkit
+promises for a failure a user can cause: a non-zero exit, one line on stderr starting with
+"Error:" that names the file or option and the problem, no traceback, and nothing written
+where the command would have written. The stores are tiny (4x4 images) so the module runs
+in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from satdata.cli import main as satdata_main
+from satdata.store import ArrayWriter, MapInfo
+from sattrain.cli import main as sattrain_main
+
+CLASSES = ["a", "b", "c"]
+SIZE = (4, 4)
+QUICK = ["--epochs", "1", "--batch-size", "8", "--summary-samples", "0", "--device", "cpu", "--eval-steps", "1"]
+
+
+def make_store(path: Path, splits: dict[str, int]) -> Path:
+    """A complete tiny store of 4x4 images, map 'ink' (binary); splits of the sizes given."""
+    rng = np.random.default_rng(0)
+    w = ArrayWriter(path, dataset="tiny", classes=CLASSES, image_size=SIZE, label_kind="single",
+                    maps={"ink": MapInfo(name="ink", encoding="binary", kind="mask")})
+    for split, n in splits.items():
+        w.create_split(split, n)
+        if n:
+            images = rng.integers(1, 255, size=(n, *SIZE, 3), dtype=np.uint8)
+            labels = np.arange(n, dtype=np.int64) % len(CLASSES)
+            w.write(split, 0, images, labels, [f"{split}{i}" for i in range(n)],
+                    {"ink": (images[..., 0] > 127).astype(np.uint8)})
+        w.close_split(split, n)
+    w.finish({"source": "test_hostile_review"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("pristine") / "tiny.zarr", {"train": 16, "test": 8})
+
+
+@pytest.fixture
+def store(tmp_path: Path, pristine: Path) -> Path:
+    """A copy of the pristine store that a test may damage."""
+    return Path(shutil.copytree(pristine, tmp_path / "store.zarr"))
+
+
+def invoke(cli: Any, args: list[Any]) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def expect_error(cli: Any, args: list[Any]) -> str:
+    """Run a failing command; assert one "Error:" line and no traceback; return the line."""
+    res = invoke(cli, args)
+    assert res.exit_code not in (0, None), res.output
+    assert isinstance(res.exception, SystemExit), f"escaped: {res.exception!r}"
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
+    assert "unexpected" not in lines[0], lines[0]
+    return lines[0]
+
+
+def edit_array_meta(store: Path, array: str, change: Any) -> None:
+    path = store / array / "zarr.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def chunk_files(store: Path, array: str) -> list[Path]:
+    return sorted(p for p in (store / array / "c").rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- array metadata
+
+
+def _rechunk_and_lose_the_files(store: Path) -> None:
+    """The images' zarr.json says chunks of 8 (the digests record one of 16) and the files are gone:
+    zarr would read every sample as zeros."""
+    edit_array_meta(store, "train/images", lambda m: m["chunk_grid"]["configuration"]["chunk_shape"].__setitem__(0, 8))
+    for f in chunk_files(store, "train/images"):
+        f.unlink()
+
+
+def test_export_refuses_an_array_whose_chunks_differ_from_its_digests(store: Path, tmp_path: Path) -> None:
+    _rechunk_and_lose_the_files(store)
+    out = tmp_path / "out.h5"
+    line = expect_error(satdata_main, ["export", store, "--out", out])
+    assert f"{store}: array train/images has 2 chunks of 8 samples, but its recorded digests list 1 of 16" in line
+    assert not out.exists()
+
+
+def test_run_refuses_an_array_whose_chunks_differ_from_its_digests(store: Path, tmp_path: Path) -> None:
+    _rechunk_and_lose_the_files(store)
+    out = tmp_path / "run"
+    line = expect_error(sattrain_main, ["run", store, "--out", out, *QUICK])
+    assert "array train/images has 2 chunks of 8 samples" in line and "the store is damaged" in line
+    assert not (out / "config.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def _add_gzip(store: Path) -> None:
+    """A codec added to the images' zarr.json: the raw files no longer decode."""
+    edit_array_meta(store, "train/images", lambda m: m["codecs"].append({"name": "gzip", "configuration": {"level": 1}}))
+
+
+@pytest.mark.parametrize("command", ["export", "run"])
+def test_a_file_zarr_cannot_decode_is_named(store: Path, tmp_path: Path, command: str) -> None:
+    _add_gzip(store)
+    if command == "export":
+        line = expect_error(satdata_main, ["export", store, "--out", tmp_path / "out.h5"])
+        assert not (tmp_path / "out.h5").exists()
+    else:
+        line = expect_error(sattrain_main, ["run", store, "--out", tmp_path / "run", *QUICK])
+    assert f"{store}: array train/images samples [0, 16) cannot be read (BadGzipFile" in line, line
+    assert "the store is damaged" in line
