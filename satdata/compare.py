@@ -179,7 +179,9 @@ def compare_maps(store: Store, map_a: str, map_b: str, *, splits: Sequence[str] 
                               threshold)
             for k, v in per.items():
                 parts.setdefault(k, []).append(v)
-        per_all = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        # an empty split has no blocks: no images, each score over nothing
+        per_all = {k: np.concatenate(parts[k]) if k in parts else np.zeros(0, dtype=bool if k == "has_object" else float)
+                   for k in ("has_object", "pointing", "iou", "energy")}
         everyone = np.ones(n, dtype=bool)
         classes: dict[str, Scores] = {}
         for ci, cname in enumerate(info.classes):

@@ -170,6 +170,9 @@ def make_sheet(store: Store | str | Path, *, split: str | None = None, map_name:
         minfo = info.maps[map_name]
 
     total = info.splits[split]
+    if total == 0:
+        raise SatkitError(f"--split: {store.path} has no samples in split {split!r}; nothing to show "
+                          f"(splits: {', '.join(f'{s} {c:,}' for s, c in info.splits.items())})")
     k = min(n, total)
     idx = np.sort(np.random.default_rng(seed).choice(total, size=k, replace=False))
     images = np.asarray(images_arr.oindex[idx])

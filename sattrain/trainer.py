@@ -360,16 +360,22 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _pick_eval_split(store: Store, requested: str | None) -> str:
+    splits = store.info.splits
     if requested is not None:
-        if requested not in store.info.splits:
+        if requested not in splits:
             raise SatkitError(f"--eval-split: {store.path} has no split {requested!r} "
-                              f"(splits: {', '.join(store.info.splits)})")
-        return requested
-    for s in ("val", "test"):
-        if s in store.info.splits:
-            return s
-    raise SatkitError(f"{store.path}: no val or test split for the held-out evaluation; "
-                      "pass --eval-split train to evaluate on (a subset of) training samples")
+                              f"(splits: {', '.join(splits)})")
+        chosen = requested
+    else:
+        found = [s for s in ("val", "test") if s in splits]
+        if not found:
+            raise SatkitError(f"{store.path}: no val or test split for the held-out evaluation; "
+                              "pass --eval-split train to evaluate on (a subset of) training samples")
+        chosen = found[0]
+    if not splits[chosen]:
+        raise SatkitError(f"--eval-split: {store.path} has no samples in split {chosen!r} to evaluate on "
+                          f"(splits: {', '.join(f'{s} {n:,}' for s, n in splits.items())}); pass another")
+    return chosen
 
 
 def _best_state(ckpt: dict[str, Any], best: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -847,6 +853,9 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         # each process trains on epoch_samples of its part in batches of its share of --batch-size
         local_batch = cfg.batch_size // world.size
         steps_per_epoch = num_batches(epoch_samples(len(train_idx), world.size), local_batch)
+        if len(train_idx) < 2:
+            raise SatkitError(f"{store.path}: the train split has {len(train_idx)} sample(s); training needs at least "
+                              "two (batch norm)")
         if world.distributed and steps_per_epoch == 0:
             raise SatkitError(f"--train-samples: {len(train_idx)} training samples over {world.size} processes leave "
                               "fewer than two per process (batch norm needs two); train on more or in fewer processes")

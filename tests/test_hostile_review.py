@@ -124,3 +124,48 @@ def test_a_file_zarr_cannot_decode_is_named(store: Path, tmp_path: Path, command
         line = expect_error(sattrain_main, ["run", store, "--out", tmp_path / "run", *QUICK])
     assert f"{store}: array train/images samples [0, 16) cannot be read (BadGzipFile" in line, line
     assert "the store is damaged" in line
+
+
+# --------------------------------------------------------------------------- empty and one-sample splits
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stores a converter can write (ArrayWriter takes a split of any size): an empty test
+    split, an empty train split, a train split of one sample."""
+    root = tmp_path_factory.mktemp("uneven")
+    return {name: make_store(root / f"{name}.zarr", splits) for name, splits in {
+        "test empty": {"train": 16, "test": 0},
+        "train empty": {"train": 0, "test": 8},
+        "train of one": {"train": 1, "test": 8},
+    }.items()}
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("test empty", "--eval-split: {store} has no samples in split 'test' to evaluate on (splits: train 16, test 0)"),
+    ("train empty", "{store}: the train split has 0 sample(s); training needs at least two"),
+    ("train of one", "{store}: the train split has 1 sample(s); training needs at least two"),
+])
+def test_run_refuses_a_split_too_small_before_writing_anything(uneven: dict[str, Path], tmp_path: Path, case: str,
+                                                               fragment: str) -> None:
+    out = tmp_path / "run"
+    line = expect_error(sattrain_main, ["run", uneven[case], "--out", out, *QUICK])
+    assert fragment.format(store=uneven[case]) in line, line
+    assert not out.exists()  # neither a config.json nor a metrics.jsonl of a run that never trained
+
+
+def test_compare_scores_an_empty_split_as_no_images(uneven: dict[str, Path]) -> None:
+    res = invoke(satdata_main, ["compare", uneven["test empty"], "--map", "ink", "--against", "ink", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)["splits"]
+    assert got["test"]["n_images"] == 0 and got["test"]["overall"]["n"] == 0
+    assert got["train"]["n_images"] == 16
+
+
+def test_preview_of_an_empty_split_is_one_line(uneven: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "p.png"
+    line = expect_error(satdata_main, ["preview", uneven["train empty"], "--out", out])
+    assert f"--split: {uneven['train empty']} has no samples in split 'train'" in line, line
+    assert not out.exists()
+    assert invoke(satdata_main, ["preview", uneven["train empty"], "--split", "test", "--out", out]).exit_code == 0
+
