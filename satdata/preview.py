@@ -156,6 +156,8 @@ def make_sheet(store: Store | str | Path, *, split: str | None = None, map_name:
         store = open_store(store)
     if n < 1:
         raise SatkitError(f"-n: must be at least 1, got {n}")
+    if seed < 0:  # numpy's generator takes no negative seed
+        raise SatkitError(f"--seed: must be >= 0, got {seed}")
     if scale is not None and not 1 <= scale <= MAX_SCALE:
         raise SatkitError(f"--scale: must be between 1 and {MAX_SCALE}, got {scale}")
     info = store.info

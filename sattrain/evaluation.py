@@ -235,6 +235,8 @@ class EvalConfig:
             raise SatkitError(f"--samples: must be >= 1, got {self.samples}")
         if self.batch_size < 1:
             raise SatkitError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed < 2 ** 64:  # what numpy's and torch's generators take
+            raise SatkitError(f"--seed: must be in [0, 2**64), got {self.seed}")
         if self.cw_steps < 1:
             raise SatkitError(f"cw steps: must be >= 1, got {self.cw_steps}")
         if self.cw_search_steps < 1:

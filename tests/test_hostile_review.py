@@ -169,3 +169,60 @@ def test_preview_of_an_empty_split_is_one_line(uneven: dict[str, Path], tmp_path
     assert not out.exists()
     assert invoke(satdata_main, ["preview", uneven["train empty"], "--split", "test", "--out", out]).exit_code == 0
 
+
+# --------------------------------------------------------------------------- option values
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid (untrained) small-cnn checkpoint for the tiny stores: a teacher and an eval target."""
+    import torch
+
+    from sattrain.checkpoint import save_checkpoint
+    from sattrain.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    save_checkpoint(path, {
+        "model": create_model("small-cnn", len(CLASSES)).state_dict(), "optimizer": None, "epoch": 1,
+        "config": {}, "model_spec": {"name": "small-cnn", "num_classes": len(CLASSES), "label_kind": "single",
+                                     "image_size": list(SIZE), "classes": CLASSES},
+    })
+    return path
+
+
+def _eval(ckpt: Path, store: Path, out: Path, *extra: Any) -> list[Any]:
+    return ["eval", ckpt, "--store", store, "--attacks", "pgd", "--eps", "8/255", "--steps", "1", "-q", "--out", out,
+            *extra]
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_a_device_torch_knows_but_satkit_cannot_use_is_one_line(store: Path, ckpt: Path, tmp_path: Path,
+                                                                 device: str) -> None:
+    out = tmp_path / "e.json"
+    line = expect_error(sattrain_main, _eval(ckpt, store, out, "--device", device))
+    assert f"--device: '{device}' is not a device satkit runs on" in line, line
+    assert not out.exists()
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    line = expect_error(satdata_main, ["saliency", store, "--teacher", ckpt, "--method", "gradcam", "--name", "g",
+                                       "--device", device])
+    assert f"--device: '{device}' is not a device satkit runs on" in line, line
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+@pytest.mark.parametrize("seed, fragment", [("-1", "got -1"), (str(2 ** 64), f"got {2 ** 64}")])
+def test_eval_refuses_a_seed_its_generators_cannot_take(store: Path, ckpt: Path, tmp_path: Path, seed: str,
+                                                        fragment: str) -> None:
+    out = tmp_path / "e.json"
+    line = expect_error(sattrain_main, _eval(ckpt, store, out, "--device", "cpu", "--seed", seed))
+    assert line.startswith("Error: --seed: must be in [0, 2**64)") and fragment in line, line
+    assert not out.exists()
+    res = invoke(sattrain_main, _eval(ckpt, store, out, "--device", "cpu", "--seed", str(2 ** 64 - 1)))
+    assert res.exit_code == 0 and out.exists(), res.output  # the largest seed the generators take
+
+
+def test_preview_refuses_a_negative_seed(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.png"
+    assert expect_error(satdata_main, ["preview", store, "--seed", "-1", "--out", out]) == \
+        "Error: --seed: must be >= 0, got -1"
+    assert not out.exists()
