@@ -904,9 +904,34 @@ def _check_dest(dest: Path) -> None:
 
     if dest.is_symlink() or (dest.exists() and not dest.is_file()):
         raise SatkitError(f"{dest}: exists and is not a regular file; refusing to write the results there")
+    if dest.is_file() and not _is_eval_result(dest):
+        raise SatkitError(f"--out: {dest} exists and is not the result of an evaluation; refusing to replace it "
+                          "(remove it, or choose another --out)")
     if not dest.parent.is_dir():
         raise SatkitError(f"--out: the directory {dest.parent} does not exist")
     probe_writable(dest.parent)
+
+
+def _is_eval_result(path: Path) -> bool:
+    """Whether ``path`` holds what an evaluation writes (a JSON object with a clean score, of
+    any eval.json version), or nothing: an earlier result or an empty file is replaced, a
+    store's zarr.json, a checkpoint or any other file never is."""
+    import json
+
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return True
+        if size > EVAL_RESULT_MAX_BYTES:
+            return False
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and "clean" in data
+
+
+# An eval.json is a few KiB; a larger file at --out is something else.
+EVAL_RESULT_MAX_BYTES = 16 * 1024 * 1024
 
 
 def _write_result(dest: Path, full: dict[str, Any]) -> None:

@@ -226,3 +226,31 @@ def test_preview_refuses_a_negative_seed(store: Path, tmp_path: Path) -> None:
     assert expect_error(satdata_main, ["preview", store, "--seed", "-1", "--out", out]) == \
         "Error: --seed: must be >= 0, got -1"
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- eval --out
+
+
+@pytest.mark.parametrize("victim", ["store's zarr.json", "checkpoint", "text"])
+def test_eval_never_replaces_a_file_that_is_not_an_evaluation(store: Path, ckpt: Path, tmp_path: Path,
+                                                              victim: str) -> None:
+    """`--out` at a store's zarr.json or at the checkpoint being evaluated once replaced it with
+    the results: the store no longer opened, the run lost its weights."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    shutil.copy(ckpt, kept / "checkpoint.pt")
+    (kept / "notes.txt").write_text("my notes\n")
+    out = {"store's zarr.json": store / "zarr.json", "checkpoint": kept / "checkpoint.pt",
+           "text": kept / "notes.txt"}[victim]
+    before = out.read_bytes()
+    line = expect_error(sattrain_main, _eval(kept / "checkpoint.pt", store, out, "--device", "cpu"))
+    assert f"--out: {out} exists and is not the result of an evaluation; refusing to replace it" in line, line
+    assert out.read_bytes() == before
+    assert invoke(satdata_main, ["verify", store]).exit_code == 0
+    # what it does replace: an empty file (mktemp) and its own earlier result
+    out = tmp_path / "e.json"
+    out.write_text("")
+    for _ in range(2):
+        res = invoke(sattrain_main, _eval(kept / "checkpoint.pt", store, out, "--device", "cpu"))
+        assert res.exit_code == 0, res.output
+        assert json.loads(out.read_text())["samples"] == 8
