@@ -342,14 +342,13 @@ def preview(store: str, out: str, split: str | None, map_name: str | None, count
     and the count is printed.
     """
     def go() -> None:
-        from satdata.preview import make_sheet
+        from satdata.preview import check_sheet_out, make_sheet, save_sheet
         from satdata.remote import refuse_remote_output
 
         refuse_remote_output(out, "--out", what="a contact sheet")
+        check_sheet_out(out)
         sheet = make_sheet(open_store_arg(store, storage_options), split=split, map_name=map_name, n=count, seed=seed, scale=scale)
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sheet.image.save(path, format="PNG")
+        path = save_sheet(sheet, out)
         shown = sheet.with_teacher
         extra = (f" (the teacher's class differs from the label on {sheet.wrong} of {shown} tiles)"
                  if shown else "")

@@ -36,6 +36,12 @@ def export_h5(store: Store, out: str | Path, *, splits: Sequence[str] | None = N
 
     refuse_remote_output(out, "--to", what="an HDF5 file")
     out = resolve_out(Path(out), overwrite=overwrite)  # --overwrite through a link: its target
+    try:
+        inside = out.resolve().is_relative_to(Path(store.path).resolve())
+    except OSError:
+        inside = False
+    if inside:  # it would replace or add to a file of the store it reads (its zarr.json, a chunk)
+        raise SatkitError(f"--out: {out} is inside the store {store.path}; write the file elsewhere")
     info = store.info
     check_file_out(out, overwrite)
     order = store.select_splits(splits)

@@ -104,10 +104,36 @@ def contact_sheet(store: Store | str | Path, out: str | Path, *, split: str | No
     >>> contact_sheet(open_store("digits.zarr"), "sheet.png", map_name="ink")  # doctest: +SKIP
     PosixPath('sheet.png')
     """
+    check_sheet_out(out)
     sheet = make_sheet(store, split=split, map_name=map_name, n=n, seed=seed, scale=scale)
+    return save_sheet(sheet, out)
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_sheet_out(out: str | Path) -> None:
+    """Refuse an ``out`` a sheet must not replace: a link (it would redirect the write), a
+    directory or special file, or a file that is neither empty nor a PNG (an earlier sheet)."""
     out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise SatkitError(f"--out: {out} exists and is not a regular file; refusing to write the sheet there")
+    if out.is_file() and out.stat().st_size:
+        with out.open("rb") as f:
+            if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
+                raise SatkitError(f"--out: {out} exists and is not a PNG image; refusing to replace it (remove it, "
+                                  "or choose another --out)")
+
+
+def save_sheet(sheet: Sheet, out: str | Path) -> Path:
+    """Write ``sheet`` as the PNG ``out`` (checked by ``check_sheet_out``): aside, then renamed
+    into place, so a killed preview leaves no torn file."""
+    from satdata.atomic import atomic_write
+
+    out = Path(out)
+    check_sheet_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.image.save(out, format="PNG")
+    atomic_write(out, lambda f: sheet.image.save(f, format="PNG"))
     return out
 
 

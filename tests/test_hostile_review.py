@@ -254,3 +254,41 @@ def test_eval_never_replaces_a_file_that_is_not_an_evaluation(store: Path, ckpt:
         res = invoke(sattrain_main, _eval(kept / "checkpoint.pt", store, out, "--device", "cpu"))
         assert res.exit_code == 0, res.output
         assert json.loads(out.read_text())["samples"] == 8
+
+
+# --------------------------------------------------------------------------- preview and export --out
+
+
+def test_preview_never_writes_through_a_link_planted_at_out(store: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("must survive\n")
+    link = tmp_path / "sheet.png"
+    link.symlink_to(victim)
+    line = expect_error(satdata_main, ["preview", store, "--out", link])
+    assert f"--out: {link} exists and is not a regular file" in line, line
+    assert victim.read_text() == "must survive\n" and link.is_symlink()
+
+
+@pytest.mark.parametrize("victim", ["store's zarr.json", "checkpoint"])
+def test_preview_never_replaces_a_file_that_is_not_a_png(store: Path, ckpt: Path, tmp_path: Path, victim: str) -> None:
+    kept = Path(shutil.copy(ckpt, tmp_path / "checkpoint.pt"))
+    out = {"store's zarr.json": store / "zarr.json", "checkpoint": kept}[victim]
+    before = out.read_bytes()
+    line = expect_error(satdata_main, ["preview", store, "--out", out])
+    assert f"--out: {out} exists and is not a PNG image; refusing to replace it" in line, line
+    assert out.read_bytes() == before
+    assert invoke(satdata_main, ["verify", store]).exit_code == 0
+    # an earlier sheet is replaced, aside and renamed: no temporary file is left
+    sheet = tmp_path / "sheets" / "p.png"
+    for _ in range(2):
+        assert invoke(satdata_main, ["preview", store, "--out", sheet]).exit_code == 0
+    assert sorted(p.name for p in sheet.parent.iterdir()) == ["p.png"]
+
+
+@pytest.mark.parametrize("where", ["zarr.json", "inside.h5"])
+def test_export_refuses_an_out_inside_the_store_it_reads(store: Path, where: str) -> None:
+    out = store / where
+    before = sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file())
+    line = expect_error(satdata_main, ["export", store, "--out", out, "--overwrite"])
+    assert f"--out: {out} is inside the store {store}; write the file elsewhere" in line, line
+    assert sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file()) == before
