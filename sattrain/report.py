@@ -1533,6 +1533,13 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, aggregate: boo
         raise SatkitError("report: give at least one run directory")
     warn = warn or _warn_stderr
     paths = [Path(p) for p in run_dirs]
+    seen: dict[Path, Path] = {}
+    for p in paths:  # one run counted twice would be two seeds of its configuration
+        key = p.resolve()
+        if key in seen:
+            raise SatkitError(f"RUN_DIRS: {p} is given twice" + (f" (also as {seen[key]})" if seen[key] != p else "")
+                              + "; give each run directory once")
+        seen[key] = p
     labels = _labels(paths)
     out = Path(out)
     if out.exists() and not out.is_dir():

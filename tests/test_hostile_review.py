@@ -292,3 +292,33 @@ def test_export_refuses_an_out_inside_the_store_it_reads(store: Path, where: str
     line = expect_error(satdata_main, ["export", store, "--out", out, "--overwrite"])
     assert f"--out: {out} is inside the store {store}; write the file elsewhere" in line, line
     assert sorted((p.relative_to(store), p.read_bytes()) for p in store.rglob("*") if p.is_file()) == before
+
+
+# --------------------------------------------------------------------------- sattrain report
+
+
+def _minimal_run(d: Path, seed: int) -> Path:
+    """A finished run directory without epochs or evaluation (fast to report)."""
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"options": {"method": "sat", "model": "small-cnn", "maps": ["ink"],
+                                                           "seed": seed}, "store": {"digest": "abc"}}))
+    (d / "metrics.json").write_text(json.dumps({"metric": "accuracy", "summary": None, "best": {"epoch": 0},
+                                                "epochs": 1, "method": "sat", "model": "small-cnn", "maps": ["ink"]}))
+    return d
+
+
+@pytest.mark.parametrize("how", ["the same path", "another spelling", "a link to it"])
+def test_report_refuses_a_run_given_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A run listed twice (an overlapping glob) was reported as two seeds of its configuration,
+    its numbers averaged with themselves (n = 2, std 0)."""
+    monkeypatch.chdir(tmp_path)
+    run = _minimal_run(tmp_path / "runs" / "sat-s0", 0)
+    other = _minimal_run(tmp_path / "runs" / "sat-s1", 1)
+    again = {"the same path": run, "another spelling": Path("runs/../runs/sat-s0"),
+             "a link to it": tmp_path / "link"}[how]
+    if how == "a link to it":
+        again.symlink_to(run)
+    out = tmp_path / "report"
+    line = expect_error(sattrain_main, ["report", run, other, again, "--out", out])
+    assert f"RUN_DIRS: {again} is given twice" in line, line
+    assert not out.exists()
