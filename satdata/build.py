@@ -218,6 +218,8 @@ def open_source(cfg: BuildConfig, bad: BadSamples) -> tuple[Source, list[str], d
     for s in splits:
         if s not in SPLITS:
             raise SatkitError(f"--splits: unknown split {s!r} (one of {', '.join(SPLITS)})")
+        if splits.count(s) > 1:
+            raise SatkitError(f"--splits: split {s!r} is given {splits.count(s)} times; give each split once")
         if s not in available:
             raise SatkitError(
                 f"--splits: {cfg.source} under {cfg.root} has no split {s!r} (it has: {', '.join(available)})"

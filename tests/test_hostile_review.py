@@ -322,3 +322,16 @@ def test_report_refuses_a_run_given_twice(tmp_path: Path, monkeypatch: pytest.Mo
     line = expect_error(sattrain_main, ["report", run, other, again, "--out", out])
     assert f"RUN_DIRS: {again} is given twice" in line, line
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- satdata build
+
+
+def test_build_refuses_a_split_given_twice(tmp_path: Path) -> None:
+    """`--splits train,test,train` once failed mid-build with 'stored data cannot be decoded
+    (ContainsArrayError ...); the store is damaged', blaming a store that was never there."""
+    out = tmp_path / "d.zarr"
+    line = expect_error(satdata_main, ["build", "--source", "digits", "--size", "8", "-q", "--splits",
+                                       "train,test,train", "--out", out])
+    assert line == "Error: --splits: split 'train' is given 2 times; give each split once", line
+    assert sorted(tmp_path.iterdir()) == []
