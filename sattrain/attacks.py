@@ -463,8 +463,13 @@ Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def autoattack_reference(model: nn.Module, num_classes: int, eps: float, seed: int,
-                          device: torch.device) -> tuple[Attack, dict[str, Any]]:
+                          device: torch.device, batch_size: int = 256) -> tuple[Attack, dict[str, Any]]:
     """The standard AutoAttack of Croce & Hein from their own package (``pyautoattack``).
+
+    The returned attack takes any number of samples and, as the package does, runs each
+    of the four attacks on the points still robust, in batches of ``batch_size``: given
+    many samples at once, the few points that survive the first attacks fill whole
+    batches instead of one short batch per ``batch_size`` samples.
 
     With fewer than 10 classes the targeted attacks use ``num_classes - 1`` target classes
     (the package's advice; 9 otherwise); below 4 classes the DLR loss is undefined, so
@@ -494,7 +499,7 @@ def autoattack_reference(model: nn.Module, num_classes: int, eps: float, seed: i
         level = logger.level
         logger.setLevel(max(level, logging.WARNING))
         try:
-            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=max(1, x.shape[0]))
+            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
         finally:
             logger.setLevel(level)
         return x_adv.detach()
@@ -504,7 +509,8 @@ def autoattack_reference(model: nn.Module, num_classes: int, eps: float, seed: i
     return run, info
 
 
-def autoattack_torchattacks(model: nn.Module, num_classes: int, eps: float, seed: int) -> tuple[Attack, dict[str, Any]]:
+def autoattack_torchattacks(model: nn.Module, num_classes: int, eps: float, seed: int,
+                            batch_size: int = 256) -> tuple[Attack, dict[str, Any]]:
     """The standard AutoAttack ensemble, built from torchattacks' attacks with the reference settings.
 
     ``torchattacks.AutoAttack`` runs APGD/APGD-T/FAB for 10 iterations (its defaults;
@@ -513,8 +519,9 @@ def autoattack_torchattacks(model: nn.Module, num_classes: int, eps: float, seed
     assembled here with the reference's numbers: APGD-CE (100 iterations, 1 restart, rho
     0.75), APGD-T (DLR, 100 iterations, 9 targets), FAB-T (100 iterations, 9 targets),
     Square (5000 queries, p_init 0.8, no schedule rescaling). Each attack runs only on the
-    points every earlier one failed on, which equals the per-sample worst case over the
-    four. tests/test_evaluate.py cross-checks it against the reference package.
+    points every earlier one failed on, in batches of ``batch_size`` (as the reference
+    does), which equals the per-sample worst case over the four. tests/test_evaluate.py
+    cross-checks it against the reference package.
     """
     try:
         import torchattacks
@@ -535,17 +542,22 @@ def autoattack_torchattacks(model: nn.Module, num_classes: int, eps: float, seed
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.clone()
         with torch.no_grad():
-            left = (model(x).argmax(1) == y).nonzero().flatten()
+            left = torch.cat([(model(xb).argmax(1) == yb) for xb, yb in
+                              zip(x.split(batch_size), y.split(batch_size))]).nonzero().flatten()
         for atk in attacks:
             if left.numel() == 0:
                 break
-            cand = atk(x[left], y[left]).detach()
-            # Project defensively: a result outside the ball would overstate the attack.
-            cand = torch.min(torch.max(cand, x[left] - eps), x[left] + eps).clamp(0, 1)
-            with torch.no_grad():
-                fooled = model(cand).argmax(1) != y[left]
-            x_adv[left[fooled]] = cand[fooled]
-            left = left[~fooled]
+            # each attack on the points still robust, in batches of batch_size (as the reference does)
+            still = []
+            for idx in left.split(batch_size):
+                cand = atk(x[idx], y[idx]).detach()
+                # Project defensively: a result outside the ball would overstate the attack.
+                cand = torch.min(torch.max(cand, x[idx] - eps), x[idx] + eps).clamp(0, 1)
+                with torch.no_grad():
+                    fooled = model(cand).argmax(1) != y[idx]
+                x_adv[idx[fooled]] = cand[fooled]
+                still.append(idx[~fooled])
+            left = torch.cat(still)
         return x_adv
 
     info = {"engine": "torchattacks", "package": f"torchattacks {getattr(torchattacks, '__version__', '?')}",

@@ -277,6 +277,49 @@ def test_autoattack_reference_runs_the_standard_ensemble(run_dir: Path, digits_s
     assert r["headline"]["name"] == "autoattack@64/255" and r["headline"]["protocol"] == "strong"
 
 
+@pytest.mark.parametrize("engine", ["reference", "torchattacks"])
+@pytest.mark.parametrize("pool_batches", [1, 2, 100])
+def test_autoattack_sees_many_batches_at_once_and_attacks_in_batches(
+        run_dir: Path, digits_store: Path, monkeypatch, engine: str, pool_batches: int) -> None:
+    """AutoAttack gets whole batches pooled up to POOL_BYTES (the survivors of many batches then
+    share full batches), runs its attacks in batches of batch_size, and each result is scored
+    against its own batch's clean predictions."""
+    import sattrain.evaluation as ev
+
+    if engine == "torchattacks":
+        pytest.importorskip("torchattacks")
+    calls: list[int] = []
+    attacked: list[int] = []
+    real = {"reference": ev.autoattack_reference, "torchattacks": ev.autoattack_torchattacks}[engine]
+
+    def recording(model, num_classes, eps, seed, *args):  # type: ignore[no-untyped-def]
+        model_calls = model.forward
+
+        def counting(x):  # type: ignore[no-untyped-def]
+            attacked.append(x.shape[0])
+            return model_calls(x)
+
+        model.forward = counting
+        run, info = real(model, num_classes, eps, seed, *args)
+
+        def run_recorded(x, y):  # type: ignore[no-untyped-def]
+            calls.append(x.shape[0])
+            try:
+                return run(x, y)
+            finally:
+                model.forward = model_calls
+        return run_recorded, info
+
+    monkeypatch.setattr(ev, f"autoattack_{engine}", recording)
+    monkeypatch.setattr(ev, "POOL_BYTES", pool_batches * 8 * 4 * 3 * 16 * 16)  # pool_batches batches of 8
+    r = evaluate(run_dir, digits_store, attacks=("autoattack",), autoattack_eps=64 / 255, samples=20,
+                 batch_size=8, autoattack_engine=engine, device="cpu", write=False)
+    want = {1: [8, 8, 4], 2: [16, 4], 100: [20]}[pool_batches]
+    assert calls == want
+    assert attacked and max(attacked) <= 8  # every forward pass of the attack: at most one batch
+    assert r["robust"]["autoattack@64/255"] == 0.0 and r["samples"] == 20
+
+
 def test_autoattack_engines_agree_and_beat_pgd(run_dir: Path, digits_store: Path) -> None:
     """satkit's torchattacks assembly against the reference package, and both against PGD."""
     pytest.importorskip("torchattacks")
