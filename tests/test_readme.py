@@ -1,8 +1,11 @@
 """The README is true: every satdata/sattrain command in it runs, exactly as written.
 
-The dataset commands run on small generated datasets in each format's real on-disk layout,
-created where the README's --root options point. Commands run in order in one directory,
-as a user following the README would (later ones use earlier ones' stores and runs).
+Commands run in order in one directory, as a user following the README would (later ones
+use earlier ones' stores and runs). The README is run in four parts that share nothing but
+the first command's store, so that the suite's two processes share the work: this file
+runs the main job and "Training and evaluation"; each section of OWN_TESTS has its own
+test file (the dataset commands on small generated datasets in each format's real on-disk
+layout, the servers' sections against servers they start).
 """
 
 from __future__ import annotations
@@ -11,64 +14,58 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-from tests.fixtures.cifar import make_cifar10
-from tests.fixtures.coco import make_coco
-from tests.fixtures.flowers17 import make_flowers17
-from tests.fixtures.tiny_imagenet import make_tiny_imagenet
-from tests.fixtures.voc import make_voc
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-# Sections whose commands need servers: their own tests start them and run the section.
-OWN_TESTS = {"## Sharing a store": "tests/test_readme_sharing.py", "## Scaling out": "tests/test_readme_scaling.py"}
+# Sections run by their own test files; every other section's commands run here.
+OWN_TESTS = {
+    "## Building stores": "tests/test_readme_stores.py",
+    "## Looking at a store": "tests/test_readme_stores.py",
+    "## Maps from a teacher": "tests/test_readme_stores.py",
+    "## HDF5 in and out": "tests/test_readme_stores.py",
+    "## Sharing a store": "tests/test_readme_sharing.py",
+    "## Scaling out": "tests/test_readme_scaling.py",
+}
 
 
-def readme_commands() -> list[str]:
-    """satdata/sattrain commands from the README's bash blocks, in order (but the OWN_TESTS sections)."""
-    text = (REPO / "README.md").read_text()
-    for title in OWN_TESTS:
-        start = text.index(title + "\n")
-        end = text.find("\n## ", start + len(title))
-        text = text[:start] + (text[end:] if end >= 0 else "")
-    cmds: list[str] = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            for part in line.split("&&"):
-                part = part.strip()
-                if part.startswith(("satdata ", "sattrain ")):
-                    cmds.append(part)
-    return cmds
+def _sections() -> list[tuple[str, str]]:
+    """(title, text) of each "## " section of the README, in order; the text before the first has title ""."""
+    parts = re.split(r"^(## .*)$", (REPO / "README.md").read_text(), flags=re.M)
+    return [("", parts[0]), *zip(parts[1::2], parts[2::2])]
 
 
-def test_readme_has_the_main_job_first() -> None:
-    cmds = readme_commands()
-    assert cmds[0] == "satdata build --source digits --out digits.zarr"
-    assert cmds[1].startswith("sattrain run digits.zarr")
-    assert len(cmds) >= 20
+def commands(titles: list[str] | None = None, programs: tuple[str, ...] = ("satdata", "sattrain")) -> list[str]:
+    """The commands of ``programs`` in the bash blocks of the sections ``titles`` (None: every
+    section not in OWN_TESTS), in README order; a line's ``&&``-joined commands each count."""
+    known = [t for t, _ in _sections()]
+    for t in titles or ():
+        assert t in known, f"README has no section {t!r}"
+    return [part.strip() for t, body in _sections() if (t in titles if titles is not None else t not in OWN_TESTS)
+            for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+            for line in block.splitlines() for part in line.split("&&")
+            if part.strip().startswith(tuple(p + " " for p in programs))]
 
 
-def test_every_readme_command_runs(tmp_path: Path) -> None:
-    make_voc(tmp_path)
-    make_coco(tmp_path / "coco")
-    make_tiny_imagenet(tmp_path)
-    make_flowers17(tmp_path / "17flowers")
-    make_cifar10(tmp_path)
-    shutil.copytree(REPO / "manifests", tmp_path / "manifests")
+def run_commands(cmds: list[str], cwd: Path) -> dict[str, str]:
+    """Run each command in ``cwd`` as a user would; each must succeed. Returns what each said."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     said: dict[str, str] = {}
-    for cmd in readme_commands():
+    for cmd in cmds:
         argv = shlex.split(cmd)
         argv[0] = str(BIN / argv[0])
-        res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+        res = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
         assert res.returncode == 0, f"README command failed: {cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         said[cmd] = res.stdout + res.stderr
+    return said
+
+
+def test_the_main_job_and_training_and_evaluation_run(tmp_path: Path) -> None:
+    said = run_commands(commands(), tmp_path)
 
     # What the README says these commands leave behind, and that each result is sensible.
     def metrics(run: str) -> dict:
@@ -81,7 +78,7 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     assert s["headline"]["name"] == "autoattack@8/255" and 0.0 <= s["headline"]["value"] < s["clean"]
     assert s["headline"]["value"] <= s["robust"]["pgd@8/255"] + 1 / 355
     assert (tmp_path / "runs" / "digits-sat" / "best.pt").is_file()
-    for run, floor in (("sat-box", 0.6), ("pgd-sat", 0.5), ("teacher", 0.8), ("sat-gcpp", 0.6)):
+    for run, floor in (("sat-box", 0.6), ("pgd-sat", 0.5)):
         m = metrics(run)
         assert m["last"]["clean_acc"] > floor, (run, m["last"])
         assert m["summary"] is None and "summary_skipped" in m, run
@@ -102,18 +99,26 @@ def test_every_readme_command_runs(tmp_path: Path) -> None:
     assert paper["protocol_label"] == "paper protocol" and paper["headline"]["name"] == "pgd@8/255"
     assert paper["headline"]["value"] > ev["headline"]["value"]
 
+    assert ev["samples"] == paper["samples"] == 100 and ev["split_size"] == 355
     pgd50x3 = evaluate(tmp_path / "runs" / "digits-sat", tmp_path / "digits.zarr", attacks=("pgd",), eps=(8 / 255,),
-                       steps=50, restarts=3, step_size="eps/4", device="cpu", write=False)["robust"]["pgd@8/255"]
+                       steps=50, restarts=3, step_size="eps/4", samples=100, device="cpu",
+                       write=False)["robust"]["pgd@8/255"]  # the same seeded subset
     assert ev["headline"]["value"] <= pgd50x3 + 0.03, (ev["headline"], pgd50x3)
     report = (tmp_path / "report" / "report.md").read_text()
     assert "strong protocol" in report.lower() and "paper protocol" in report.lower()
-    assert (tmp_path / "voc-seg.png").stat().st_size > 1000
-    assert (tmp_path / "gcpp.png").stat().st_size > 1000
-    # the teacher is scored before its maps are made, and it is good enough not to be warned about
-    gc = said["satdata gc digits.zarr"]  # the gbp map's first version, replaced just before
-    assert "removed train/saliency/gbp." in gc and "freed" in gc, gc
-    sal = said["satdata saliency digits.zarr --teacher runs/teacher --method gradcampp --name gcpp"]
-    assert "teacher accuracy on test" in sal and "warning" not in sal.lower(), sal
-    assert "headline (strong protocol): autoattack@8/255" in said["sattrain eval runs/digits-sat --store digits.zarr"]
-    assert "headline (paper protocol): pgd@8/255" in said["sattrain eval runs/digits-sat --store digits.zarr --protocol paper"]
-    assert (tmp_path / "digits.h5").is_file()
+    assert "headline (strong protocol): autoattack@8/255" in said[
+        "sattrain eval runs/digits-sat --store digits.zarr --samples 100"]
+    assert "headline (paper protocol): pgd@8/255" in said[
+        "sattrain eval runs/digits-sat --store digits.zarr --samples 100 --protocol paper"]
+
+
+# Last in the module: a quick test (see LONG_RUNNING in tests/conftest.py).
+def test_the_main_job_comes_first_and_every_section_runs_somewhere() -> None:
+    here = commands()
+    assert here[0] == "satdata build --source digits --out digits.zarr"
+    assert here[1].startswith("sattrain run digits.zarr")
+    assert "sattrain report runs/digits-sat runs/sat-box runs/pgd-sat --out report" in here
+    assert set(OWN_TESTS) <= {t for t, _ in _sections()}
+    for path in set(OWN_TESTS.values()):
+        assert (REPO / path).is_file(), path
+    assert len(commands([t for t, _ in _sections()])) >= 40 and len(here) >= 7

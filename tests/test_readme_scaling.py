@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from satdata.store import open_store
-from tests.test_readme_sharing import section_commands
+from tests.test_readme import commands
 
 pytest.importorskip("distributed")
 
@@ -39,7 +39,7 @@ def test_scaling_section_runs_as_written(tmp_path: Path, digits_store32: Path) -
     shutil.copytree(REPO / "manifests", tmp_path / "manifests")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmds = section_commands(TITLE, ("torchrun", "satdata", "sattrain"))
+    cmds = commands([TITLE], ("torchrun", "satdata", "sattrain"))
     assert cmds[0].startswith("torchrun --standalone --nproc-per-node 2 -m sattrain run digits.zarr")
     assert sum("--shard" in c for c in cmds) == 3 and any("--dask" in c for c in cmds)
     said = {}

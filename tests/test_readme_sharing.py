@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -24,21 +23,12 @@ import pytest
 from satdata.store import open_store, store_digest
 from tests.httpserver import serve
 from tests.s3server import SeaweedS3
+from tests.test_readme import commands
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TITLE = "## Sharing a store"
 HTTP_PORT, S3_PORT = 8000, 8333
-
-
-def section_commands(title: str = TITLE, programs: tuple[str, ...] = ("satdata", "sattrain")) -> list[str]:
-    """The commands of ``programs`` from the bash blocks of one README section, in order."""
-    text = (REPO / "README.md").read_text()
-    start = text.index(title + "\n")
-    end = text.find("\n## ", start + len(title))
-    body = text[start:end if end >= 0 else None]
-    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
-            for line in block.splitlines() if line.strip().startswith(tuple(p + " " for p in programs))]
 
 
 def port_free(port: int) -> bool:
@@ -51,7 +41,7 @@ def port_free(port: int) -> bool:
 
 
 def test_the_section_names_what_the_test_serves() -> None:
-    cmds = section_commands()
+    cmds = commands([TITLE])
     assert cmds[0] == "satdata pack digits.zarr --out digits.zip"
     assert any("fetch" in c for c in cmds) and any(c.startswith("sattrain run http") for c in cmds)
     assert all(f"127.0.0.1:{HTTP_PORT}" in c or f"127.0.0.1:{S3_PORT}" in c for c in cmds if "://" in c)
@@ -68,7 +58,7 @@ def test_sharing_section_runs_as_written(tmp_path: Path, digits_store32: Path) -
         del env[k]
     www = tmp_path / "www"
     www.mkdir()
-    cmds = section_commands()
+    cmds = commands([TITLE])
     with serve(www, port=HTTP_PORT) as http, SeaweedS3(s3_port=S3_PORT) as s3:
         s3.make_bucket("lab")
         said: dict[str, str] = {}
