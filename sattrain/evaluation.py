@@ -932,6 +932,10 @@ def _check_dest(dest: Path) -> None:
     probe_writable(dest.parent)
 
 
+# An eval.json is a few KiB; a larger file at --out is something else.
+EVAL_RESULT_MAX_BYTES = 16 * 1024 * 1024
+
+
 def _is_eval_result(path: Path) -> bool:
     """Whether ``path`` holds what an evaluation writes (a JSON object with a clean score, of
     any eval.json version), or nothing: an earlier result or an empty file is replaced, a
@@ -949,9 +953,6 @@ def _is_eval_result(path: Path) -> bool:
         return False
     return isinstance(data, dict) and "clean" in data
 
-
-# An eval.json is a few KiB; a larger file at --out is something else.
-EVAL_RESULT_MAX_BYTES = 16 * 1024 * 1024
 
 
 def _write_result(dest: Path, full: dict[str, Any]) -> None:

@@ -41,9 +41,9 @@ from hypothesis import strategies as st
 from satdata.cli import main as satdata_main
 from satdata.clikit import DEBUG_HINT, error_line, format_error, one_line
 from satdata.store import MapInfo, ArrayWriter, is_plain_name, open_store, resolve_inside
-from sattrain.checkpoint import save_checkpoint
 from sattrain.cli import main as sattrain_main
 from sattrain.models import create_model
+from tests.fixtures import untrained_checkpoint
 
 CLASSES = ["a", "b", "c"]
 SPLITS = {"train": 16, "test": 8}
@@ -76,14 +76,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid (untrained) small-cnn checkpoint for the tiny store: the base of crafted ones."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    save_checkpoint(path, {
-        "model": create_model("small-cnn", len(CLASSES)).state_dict(), "optimizer": None, "epoch": 1,
-        "config": {}, "model_spec": {"name": "small-cnn", "num_classes": len(CLASSES), "label_kind": "single",
-                                     "image_size": list(SIZE), "classes": CLASSES},
-    })
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", CLASSES, SIZE)
 
 
 def tree_snapshot(root: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 from satdata.cli import main as satdata_main
 from satdata.store import ArrayWriter, MapInfo
 from sattrain.cli import main as sattrain_main
+from tests.fixtures import minimal_run, untrained_checkpoint
 
 CLASSES = ["a", "b", "c"]
 SIZE = (4, 4)
@@ -176,19 +177,7 @@ def test_preview_of_an_empty_split_is_one_line(uneven: dict[str, Path], tmp_path
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid (untrained) small-cnn checkpoint for the tiny stores: a teacher and an eval target."""
-    import torch
-
-    from sattrain.checkpoint import save_checkpoint
-    from sattrain.models import create_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    save_checkpoint(path, {
-        "model": create_model("small-cnn", len(CLASSES)).state_dict(), "optimizer": None, "epoch": 1,
-        "config": {}, "model_spec": {"name": "small-cnn", "num_classes": len(CLASSES), "label_kind": "single",
-                                     "image_size": list(SIZE), "classes": CLASSES},
-    })
-    return path
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", CLASSES, SIZE)
 
 
 def _eval(ckpt: Path, store: Path, out: Path, *extra: Any) -> list[Any]:
@@ -297,23 +286,13 @@ def test_export_refuses_an_out_inside_the_store_it_reads(store: Path, where: str
 # --------------------------------------------------------------------------- sattrain report
 
 
-def _minimal_run(d: Path, seed: int) -> Path:
-    """A finished run directory without epochs or evaluation (fast to report)."""
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"options": {"method": "sat", "model": "small-cnn", "maps": ["ink"],
-                                                           "seed": seed}, "store": {"digest": "abc"}}))
-    (d / "metrics.json").write_text(json.dumps({"metric": "accuracy", "summary": None, "best": {"epoch": 0},
-                                                "epochs": 1, "method": "sat", "model": "small-cnn", "maps": ["ink"]}))
-    return d
-
-
 @pytest.mark.parametrize("how", ["the same path", "another spelling", "a link to it"])
 def test_report_refuses_a_run_given_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """A run listed twice (an overlapping glob) was reported as two seeds of its configuration,
     its numbers averaged with themselves (n = 2, std 0)."""
     monkeypatch.chdir(tmp_path)
-    run = _minimal_run(tmp_path / "runs" / "sat-s0", 0)
-    other = _minimal_run(tmp_path / "runs" / "sat-s1", 1)
+    run = minimal_run(tmp_path / "runs" / "sat-s0", 0)
+    other = minimal_run(tmp_path / "runs" / "sat-s1", 1)
     again = {"the same path": run, "another spelling": Path("runs/../runs/sat-s0"),
              "a link to it": tmp_path / "link"}[how]
     if how == "a link to it":

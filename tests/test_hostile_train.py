@@ -46,6 +46,7 @@ from sattrain.checkpoint import NonFiniteState, load_checkpoint, save_checkpoint
 from sattrain.cli import main
 from sattrain.config import parse_eps
 from sattrain.models import create_model
+from tests.fixtures import minimal_run
 from test_hostile import make_store, tree_snapshot  # the same tiny store and sandbox snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -667,13 +668,7 @@ def test_out_in_a_read_only_directory(box: Sandbox) -> None:
 
 def _good_run(root: Path, name: str, seed: int) -> Path:
     """A minimal finished run directory (no epochs, no evaluation: no plots to draw, fast)."""
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"options": {"method": "sat", "model": "small-cnn", "maps": ["ink"],
-                                                           "seed": seed}, "store": {"digest": "abc"}}))
-    (d / "metrics.json").write_text(json.dumps({"metric": "accuracy", "summary": None, "best": {"epoch": 0},
-                                                "epochs": 1, "method": "sat", "model": "small-cnn", "maps": ["ink"]}))
-    return d
+    return minimal_run(root / name, seed)
 
 
 def _summary(**over: Any) -> str:

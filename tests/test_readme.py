@@ -42,23 +42,25 @@ def _sections() -> list[tuple[str, str]]:
 def commands(titles: list[str] | None = None, programs: tuple[str, ...] = ("satdata", "sattrain")) -> list[str]:
     """The commands of ``programs`` in the bash blocks of the sections ``titles`` (None: every
     section not in OWN_TESTS), in README order; a line's ``&&``-joined commands each count."""
-    known = [t for t, _ in _sections()]
+    sections = _sections()
     for t in titles or ():
-        assert t in known, f"README has no section {t!r}"
-    return [part.strip() for t, body in _sections() if (t in titles if titles is not None else t not in OWN_TESTS)
+        assert t in dict(sections), f"README has no section {t!r}"
+    return [part.strip() for t, body in sections if (t in titles if titles is not None else t not in OWN_TESTS)
             for block in re.findall(r"```bash\n(.*?)```", body, flags=re.S)
             for line in block.splitlines() for part in line.split("&&")
             if part.strip().startswith(tuple(p + " " for p in programs))]
 
 
-def run_commands(cmds: list[str], cwd: Path) -> dict[str, str]:
-    """Run each command in ``cwd`` as a user would; each must succeed. Returns what each said."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_commands(cmds: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 timeout: float = 1800) -> dict[str, str]:
+    """Run each command in ``cwd`` as a user would (``env``: the environment, by default this
+    one with the checkout importable); each must succeed. Returns what each said."""
+    env = env if env is not None else {**os.environ, "PYTHONPATH": str(REPO)}
     said: dict[str, str] = {}
     for cmd in cmds:
         argv = shlex.split(cmd)
         argv[0] = str(BIN / argv[0])
-        res = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+        res = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         assert res.returncode == 0, f"README command failed: {cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         said[cmd] = res.stdout + res.stderr
     return said

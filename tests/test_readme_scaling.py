@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from satdata.store import open_store
-from tests.test_readme import commands
+from tests.test_readme import commands, run_commands
 
 pytest.importorskip("distributed")
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TITLE = "## Scaling out"
 
 
@@ -42,13 +38,7 @@ def test_scaling_section_runs_as_written(tmp_path: Path, digits_store32: Path) -
     cmds = commands([TITLE], ("torchrun", "satdata", "sattrain"))
     assert cmds[0].startswith("torchrun --standalone --nproc-per-node 2 -m sattrain run digits.zarr")
     assert sum("--shard" in c for c in cmds) == 3 and any("--dask" in c for c in cmds)
-    said = {}
-    for cmd in cmds:
-        argv = shlex.split(cmd)
-        argv[0] = str(BIN / argv[0])
-        res = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, f"README command failed: {cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-        said[cmd] = res.stdout + res.stderr
+    said = run_commands(cmds, tmp_path, env, timeout=900)
 
     # the stores: byte for byte what one process wrote (digests cover every chunk file)
     want = open_store(digits_store32).info.digests
