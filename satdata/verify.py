@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from satdata.chunkio import file_word, iter_chunk_files
-from satdata.store import Store, _canonical_bytes, chunk_file_digest, iter_chunks, write_unit
+from satdata.store import Store, _canonical_bytes, all_arrays, chunk_file_digest, iter_chunks, write_unit
 
 
 @dataclass
@@ -65,6 +65,13 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None, 
     if not info.digests:
         rep.problems.append(Problem("(store)", "records no digests"))
         return rep
+    # an array the store holds but records no digest of would go unchecked: its data could be
+    # anything, so the store is not "OK" (pack and fetch refuse it too)
+    for path in all_arrays(info):
+        if path not in info.digests:
+            rep.checked.append(path)
+            rep.problems.append(Problem(path, "records no digest, so its data cannot be checked (the store's "
+                                              "attributes were edited, or an older satkit wrote it: rebuild it)"))
     plan: list[tuple[str, dict[str, Any], Any]] = []
     for path, rec in sorted(info.digests.items()):
         try:
