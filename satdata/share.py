@@ -19,8 +19,9 @@
   beside ``--out`` named after it (``.NAME.fetch-partial``; a ``.zip`` downloads to
   ``.NAME.fetch-partial.zip``), which a failed or killed run leaves behind on purpose:
   the same command run again keeps every file there that matches its recorded digest
-  (a ``.zip`` resumes with a Range request from the bytes already there) and fetches
-  only the rest.
+  (a ``.zip`` resumes with a Range request from the bytes already there, then compares
+  its end -- the root ``zarr.json`` and the central directory -- with the server's, and
+  starts over when they differ: the file changed since) and fetches only the rest.
 
 Both write their output like every satdata command (satdata/atomic.py): an existing
 output is refused unless ``overwrite``, work happens beside it under a hidden name, and
@@ -473,25 +474,39 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
                     res = _fetch_dir(source, url, out, before, jobs=jobs, retries=retries, progress=progress)
                 else:
                     zpart = fetch_partial_zip(out)
-                    reused, got = _download_zip(url, zpart, storage_options, retries=retries,
-                                                progress=progress, piece=zip_piece)
-                    if keep_zip:
-                        res = _commit_zip(url, zpart, out, before)
-                    else:
+                    for attempt in (1, 2):
+                        reused, got = _download_zip(url, zpart, storage_options, retries=retries,
+                                                    progress=progress, piece=zip_piece)
                         try:
-                            zsrc = _ZipSource(zpart, url)
-                            try:
-                                res = _fetch_dir(zsrc, url, out, before, jobs=1, retries=0, progress=progress)
-                            finally:
-                                zsrc.close()
-                        except StoreError as e:  # the zip's content is damaged: download it afresh next time
-                            zpart.unlink(missing_ok=True)
-                            raise StoreError(f"{e}; removed the download") from None
-                        zpart.unlink(missing_ok=True)
+                            res = _unpack_zip(url, zpart, out, before, keep_zip=keep_zip, progress=progress)
+                            break
+                        except StoreError:
+                            # bytes kept from an earlier run may belong to an older version of the
+                            # file (or another URL): the download was removed, so fetch it afresh once
+                            if not reused or attempt == 2:
+                                raise
                     res.downloaded, res.bytes, res.reused = (1 if got else 0), got, reused
     finally:
         remove_empty(made)
     res.seconds = time.time() - t0
+    return res
+
+
+def _unpack_zip(url: str, zpart: Path, out: Path, before: Any, *, keep_zip: bool, progress: bool) -> FetchResult:
+    """Verify the downloaded ``zpart`` and commit it to ``out``, kept as a .zip or unpacked into a
+    directory; a zip whose content is damaged is removed (StoreError)."""
+    if keep_zip:
+        return _commit_zip(url, zpart, out, before)
+    try:
+        zsrc = _ZipSource(zpart, url)
+        try:
+            res = _fetch_dir(zsrc, url, out, before, jobs=1, retries=0, progress=progress)
+        finally:
+            zsrc.close()
+    except StoreError as e:  # the zip's content is damaged: download it afresh next time
+        zpart.unlink(missing_ok=True)
+        raise StoreError(f"{e}; removed the download") from None
+    zpart.unlink(missing_ok=True)
     return res
 
 
@@ -580,7 +595,30 @@ def _download_zip(url: str, zpart: Path, storage_options: Mapping[str, Any] | No
             have += n
             bar.update(n)
         os.fsync(f.fileno())
+    if reused and not _same_tail(zpart, size, lambda a, b: call(lambda: fs.cat_file(path, start=a, end=b))):
+        # the bytes kept from an earlier run are not the start of this file: the file on the
+        # server changed since (or they came from another URL); start over
+        os.truncate(zpart, 0)
+        return _download_zip(url, zpart, storage_options, retries=retries, progress=progress, piece=piece)
     return reused, size - reused
+
+
+def _same_tail(zpart: Path, size: int, get: Callable[[int, int], bytes]) -> bool:
+    """Whether the end of the downloaded zip is the server's: from the root ``zarr.json`` entry
+    (the digest of every file) to the end of the file (the central directory: every entry's
+    offset, size and CRC). When it is, verifying the zip checks it against the server's
+    current version; an older download of the same size would otherwise verify against itself."""
+    try:
+        with zipfile.ZipFile(zpart) as zf:
+            start = zf.getinfo(ROOT_KEY).header_offset
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError):
+        return False
+    if not 0 <= start < size or size - start > 2 * METADATA_LIMIT:
+        return False
+    with open(zpart, "rb") as f:
+        f.seek(start)
+        mine = f.read(size - start)
+    return bytes(get(start, size)) == mine
 
 
 def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retries: int,
