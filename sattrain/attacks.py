@@ -171,7 +171,8 @@ def pgd_until_fooled(
     restarts: int = 1,
     generator: torch.Generator | None = None,
     clamp_start: bool = True,
-) -> torch.Tensor:
+    return_fooled: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """PGD for measuring robust accuracy (single-label): keep the first iterate that fools the model.
 
     The same iteration as :func:`pgd` with random starts (cross-entropy loss), but a sample
@@ -183,6 +184,14 @@ def pgd_until_fooled(
     cheaper at large eps, where most samples fall within a few steps; AutoAttack's APGD
     keeps its best iterate the same way. ``clamp_start`` as in :func:`pgd` (an unclamped
     start is never returned: only projected iterates count as fooling).
+
+    ``return_fooled=True`` returns ``(x_adv, fooled)``: ``fooled[i]`` is True when the
+    attack's own forward pass misclassified the iterate it returns for sample ``i``. A
+    scorer should count those samples as fooled whatever a later forward pass of the same
+    input says: the first fooling iterate lies just across the decision boundary, and the
+    model evaluated in another batch (another batch size, other kernels: cuDNN's per-shape
+    algorithms, TF32) can put it back by a rounding error, which would overstate robust
+    accuracy (sattrain.evaluation does so).
     """
     _check_linf(x, eps, step_size, steps)
     if restarts < 1:
@@ -191,6 +200,7 @@ def pgd_until_fooled(
         raise SatkitError("pgd_until_fooled: needs int class labels (single-label model)")
     x = x.detach()
     out = x.clone()
+    fooled_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with torch.no_grad():
         active = (model(x).argmax(dim=1) == y).nonzero().flatten()
     for _ in range(restarts):
@@ -211,6 +221,7 @@ def pgd_until_fooled(
                 fooled = torch.zeros_like(fooled)  # the raw start may leave [0, 1]: not an input
             if bool(fooled.any()):
                 out[active[left[fooled]]] = cur.detach()[fooled]
+                fooled_out[active[left[fooled]]] = True
             keep = ~fooled
             left = left[keep]
             if i == steps or left.numel() == 0:
@@ -221,7 +232,7 @@ def pgd_until_fooled(
         # Not fooled by this start: its last iterate stands (a later start may still win).
         out[active[left]] = cur
         active = active[left]
-    return out.detach()
+    return (out.detach(), fooled_out) if return_fooled else out.detach()
 
 
 # --------------------------------------------------------------------------- TRADES

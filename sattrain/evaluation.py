@@ -345,11 +345,16 @@ class _Scorer:
         self.parts: list[torch.Tensor] = []
         self.plain: list[torch.Tensor] = []  # correct on the attacked image, clean or not
 
-    def add(self, logits: torch.Tensor, y: torch.Tensor, clean_ok: torch.Tensor | None) -> None:
+    def add(self, logits: torch.Tensor, y: torch.Tensor, clean_ok: torch.Tensor | None,
+            fooled: torch.Tensor | None = None) -> None:
+        """``fooled``: the attack's own verdict per sample (its forward pass misclassified the
+        image it returned); such a sample counts as misclassified whatever ``logits`` say."""
         if self.multi:
             self.parts.append(torch.sigmoid(logits.float()).cpu())
         else:
             ok = logits.argmax(1) == y
+            if fooled is not None:
+                ok = ok & ~fooled
             self.plain.append(ok.cpu())
             if clean_ok is not None:
                 ok = ok & clean_ok
@@ -447,11 +452,16 @@ class _Data:
         """Accuracy (or mAP) of ``model`` on ``make(x, y)`` over all batches; robust: also clean-correct."""
         return self.scorer(model, make, robust, pooled).value(self.labels)
 
-    def scorer(self, model: nn.Module, make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    def scorer(self, model: nn.Module, make: Callable[[torch.Tensor, torch.Tensor], Any],
                robust: bool = True, pooled: bool = False) -> _Scorer:
         """``pooled``: ``make`` sees as many whole batches at once as POOL_BYTES of images
         allow (an attack that batches the points still robust itself, AutoAttack, then fills
-        its batches across ours); otherwise one batch at a time."""
+        its batches across ours); otherwise one batch at a time.
+
+        ``make`` returns the images to score, or ``(images, fooled)`` with the attack's own
+        verdict per sample (:meth:`_Scorer.add`): a sample an attack's forward pass found
+        misclassified stays fooled even when the scoring pass, in another batch, rounds it
+        back across the boundary (the per-sample worst case)."""
         per_call = 1
         if pooled:
             sample_bytes = 4 * int(np.prod(self.images.shape[1:]))
@@ -460,10 +470,13 @@ class _Data:
         for first in range(0, len(self.spans), per_call):
             group = range(first, min(first + per_call, len(self.spans)))
             xs, ys = zip(*(self.batch(i) for i in group))
-            x_in = make(torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else make(xs[0], ys[0])
+            made = make(torch.cat(xs), torch.cat(ys)) if len(xs) > 1 else make(xs[0], ys[0])
+            x_in, fooled = made if isinstance(made, tuple) else (made, None)
+            sizes = [len(x) for x in xs]
+            fooled_b = fooled.split(sizes) if fooled is not None else [None] * len(sizes)
             with torch.no_grad():
-                for i, x_b, y in zip(group, x_in.split([len(x) for x in xs]), ys):
-                    sc.add(model(x_b), y, self.clean_ok[i] if robust else None)
+                for i, x_b, y, f_b in zip(group, x_in.split(sizes), ys, fooled_b):
+                    sc.add(model(x_b), y, self.clean_ok[i] if robust else None, f_b)
         return sc
 
 
@@ -479,7 +492,18 @@ def _pgd_fn(model: nn.Module, eps: float, step: float, steps: int, restarts: int
         return lambda x, y: pgd(model, x, y, eps=eps, step_size=step, steps=steps, random_start=True,
                                 loss="bce", generator=gen, restarts=restarts)
     return lambda x, y: pgd_until_fooled(model, x, y, eps=eps, step_size=step, steps=steps, restarts=restarts,
-                                         generator=gen)
+                                         generator=gen, return_fooled=True)
+
+
+def _changed_is_fooled(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                       ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """An AutoAttack engine's result with its verdict: both engines return a changed image
+    only for a sample one of their attacks' forward passes misclassified (the others come
+    back equal to x), so a changed image marks a fooled sample (:meth:`_Data.scorer`)."""
+    def make(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_adv = run(x, y)
+        return x_adv, (x_adv != x).flatten(1).any(dim=1)
+    return make
 
 
 def _fgsm_fn(model: nn.Module, eps: float, multi: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -774,7 +798,7 @@ def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev:
             cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda_ids), warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the package's own advice, reported by our checks
-                v = data.score(model, run_aa, pooled=True)
+                v = data.score(model, _changed_is_fooled(run_aa), pooled=True)
             label = format_eps(cfg.autoattack_eps)
             aa_record = {"eps": cfg.autoattack_eps, "eps_label": label, "norm": "Linf", **aa_info, "value": v}
             result["autoattack"] = aa_record
