@@ -21,7 +21,7 @@ credentials, forbidden or not found, and name the URL.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from satdata.errors import SatkitError, StoreError
 
@@ -189,6 +189,69 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None, *, as
     return fs, path.rstrip("/")
 
 
+class RangeIgnored(StoreError):
+    """The server answered a request for a range not starting at byte 0 with the whole file."""
+
+
+_BLOCK = 1 << 20  # the most bytes of an HTTP answer read at once
+
+
+def is_http(fs: Any) -> bool:
+    try:
+        from fsspec.implementations.http import HTTPFileSystem
+    except ImportError:  # pragma: no cover - no aiohttp: not an HTTP file system
+        return False
+    return isinstance(fs, HTTPFileSystem)
+
+
+def http_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], *, cap: int,
+             whole_cap: int | None) -> bool:
+    """GET bytes [start, end) of ``path`` from the HTTP file system ``fs``, its body passed to
+    ``write`` block by block; returns whether the server answered with the range (206).
+
+    fsspec reads a whole answer into memory before cutting it to the range asked for, so a
+    server that ignores Range (``python -m http.server``) or sends more than it declared
+    could make a reader hold gigabytes. Here at most ``cap`` bytes of a ranged answer are
+    read, and of an answer with the whole file (200) at most ``whole_cap`` -- or none, with
+    RangeIgnored, where ``whole_cap`` is None: the bytes would not be the ones asked for.
+    """
+    from fsspec.asyn import sync
+
+    async def go() -> bool:
+        kw = dict(fs.kwargs)
+        headers = dict(kw.pop("headers", None) or {})
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        session = await fs.set_session()
+        async with session.get(fs.encode_url(path), headers=headers, **kw) as r:
+            fs._raise_not_found_for_status(r, path)
+            ranged = r.status == 206
+            limit = cap if ranged else whole_cap
+            if limit is None:
+                raise RangeIgnored(f"{redact(path)}: asked for bytes {start:,} to {end - 1:,}, the server sent the "
+                                   "whole file: it does not answer HTTP Range requests")
+            n = 0
+            while n < limit:
+                block = await r.content.read(min(_BLOCK, limit - n))
+                if not block:
+                    break
+                n += len(block)
+                write(block)
+            return ranged
+
+    return sync(fs.loop, go)
+
+
+def cat_range(fs: Any, path: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of ``path``, and at most one byte more where the server sends more
+    than asked (the caller's sign of a file larger than it may be), whatever the server
+    sends: over HTTP(S) the answer is read only that far (:func:`http_get`)."""
+    if not is_http(fs):
+        return bytes(fs.cat_file(path, start=start, end=end))
+    buf = bytearray()
+    http_get(fs, path, start, end, buf.extend, cap=end - start + 1, whole_cap=end + 1 if start == 0 else None)
+    return bytes(buf)
+
+
 def probe(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
     """The bytes of ``url``'s root ``zarr.json`` (or, for a .zip URL, its first bytes), or a classified StoreError.
 
@@ -201,7 +264,7 @@ def probe(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
         if is_zip(url):
             with fs.open(key, "rb") as f:
                 return f.read(4)
-        head = fs.cat_file(key, start=0, end=METADATA_LIMIT + 1)  # bounded: a server cannot flood memory
+        head = cat_range(fs, key, 0, METADATA_LIMIT + 1)  # bounded: a server cannot flood memory
     except FileNotFoundError:
         if is_zip(url):
             raise StoreError(f"{redact(url)}: not found on the server") from None

@@ -7,9 +7,13 @@ file or URL. Servers are tests/httpserver.py, or a small hostile one below.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -20,6 +24,67 @@ from satdata.cli import main
 def run(*args: str) -> tuple[int, str]:
     res = CliRunner().invoke(main, list(args))
     return res.exit_code, res.output
+
+
+class Hostile:
+    """A hostile HTTP/1.1 server on 127.0.0.1 serving one directory: it ignores Range (answers
+    every GET with the whole file, as ``python -m http.server`` does), and answers a path
+    ending in a ``flood`` suffix with that many zero bytes (a declared Content-Length).
+    ``sent`` counts the body bytes it managed to send, by path."""
+
+    def __init__(self, root: Path, flood: dict[str, int] | None = None) -> None:
+        self.root, self.flood, self.sent = root.resolve(), dict(flood or {}), {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.answer(body=False)
+
+            def do_GET(self) -> None:
+                self.answer(body=True)
+
+            def answer(self, body: bool) -> None:
+                n = next((v for k, v in owner.flood.items() if self.path.endswith(k)), None)
+                p = (owner.root / self.path.lstrip("/")).resolve()
+                if n is None and not (p.is_file() and p.is_relative_to(owner.root)):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = bytes(1 << 20) if n is not None else p.read_bytes()
+                n = len(data) if n is None else n
+                self.send_response(200)
+                self.send_header("Content-Length", str(n))
+                self.end_headers()
+                left = n if body else 0
+                with contextlib.suppress(OSError):
+                    while left > 0:
+                        k = min(left, len(data))
+                        self.wfile.write(data[:k])
+                        left -= k
+                        owner.sent[self.path] = owner.sent.get(self.path, 0) + k
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+@contextlib.contextmanager
+def hostile(root: Path, flood: dict[str, int] | None = None) -> Iterator[Hostile]:
+    h = Hostile(root, flood)
+    t = threading.Thread(target=h.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield h
+    finally:
+        h.httpd.shutdown()
+        h.httpd.server_close()
+        t.join(timeout=10)
 
 
 @pytest.fixture
@@ -106,3 +171,54 @@ def test_a_resumed_zip_download_is_checked_against_the_current_file(two_versions
     assert store_digest(open_store(str(out)).info) == store_digest(open_store(str(new)).info)
     assert res.bytes == len(data)  # downloaded afresh
     assert not fetch_partial_zip(out).exists()
+
+
+
+# --------------------------------------------------------------------------- servers that send more
+
+
+FLOOD = 256 << 20  # what the hostile server sends for one file
+
+
+def test_fetch_reads_no_more_than_a_file_can_hold_from_a_server_that_ignores_range(store: Path) -> None:
+    """fetch asks for at most what a chunk can hold (a Range request) and checks the length;
+    fsspec read the whole answer first, so a server ignoring Range held the whole flood in
+    memory (1.5 GB per chunk file: 5.9 GB of memory for two) before the refusal."""
+    key = "train/saliency/ink/c/0/0/0"
+    with hostile(store.parent, {key: FLOOD}) as srv:
+        code, text = run("fetch", f"{srv.url}/digits.zarr", "--out", str(store.parent.parent / "got.zarr"), "-q")
+    assert code == 1 and "more than" in text and key in text, text
+    assert sum(srv.sent.values()) < FLOOD // 4, srv.sent  # the client hung up early
+    assert not (store.parent.parent / "got.zarr").exists()
+
+
+def test_opening_a_url_reads_no_more_than_metadata_can_hold(store: Path) -> None:
+    """The root zarr.json read to open a store at a URL: bounded the same way."""
+    from satdata.remote import METADATA_LIMIT
+
+    with hostile(store.parent, {"digits.zarr/zarr.json": 2 * FLOOD}) as srv:
+        code, text = run("info", f"{srv.url}/digits.zarr")
+    assert code == 1 and "larger than" in text and f"{srv.url}/digits.zarr" in text, text
+    assert sum(srv.sent.values()) < METADATA_LIMIT + FLOOD // 4, srv.sent
+
+
+@pytest.mark.parametrize("kept", [0.0, 0.5])
+def test_a_zip_from_a_server_that_ignores_range_is_streamed_and_resumed_afresh(store: Path, tmp_path: Path,
+                                                                             kept: float) -> None:
+    """A server without Range requests sends the whole .zip: it is written as it arrives
+    (the whole file was held in memory), and a download an earlier run left half done
+    starts over (it used to end in 'remove ... and run again')."""
+    from satdata.share import fetch, fetch_partial_zip, pack
+    from satdata.store import open_store, store_digest
+
+    www = tmp_path / "www"
+    www.mkdir()
+    pack(store, www / "lab.zip", progress=False)
+    out = tmp_path / "got.zarr"
+    data = (www / "lab.zip").read_bytes()
+    if kept:
+        fetch_partial_zip(out).write_bytes(data[: int(len(data) * kept)])
+    with hostile(www) as srv:
+        res = fetch(f"{srv.url}/lab.zip", out, progress=False, zip_piece=1 << 16)
+    assert res.bytes == len(data) and res.reused == 0
+    assert store_digest(open_store(str(out)).info) == store_digest(open_store(str(store)).info)
