@@ -71,10 +71,11 @@ import os
 import platform
 import time
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -376,6 +377,23 @@ class _Scorer:
         return int(cat.sum()) / cat.numel()
 
 
+@contextmanager
+def _float32_with_grad() -> Iterator[None]:
+    """What every measurement here runs under, whatever its caller's context: autocast off
+    (a caller's ``torch.autocast`` would otherwise run the attacks' forward and backward
+    passes in bfloat16/float16, whose coarser gradients and logits weaken the attacks and
+    move the scores), and gradients on (a caller's ``torch.no_grad()`` or
+    ``torch.inference_mode()`` would otherwise break the gradient attacks)."""
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+@_float32_with_grad()
 def evaluate_heldout(
     model: nn.Module,
     data: Any,
@@ -392,8 +410,9 @@ def evaluate_heldout(
 
     Scored as every evaluation here is (_Scorer): single-label accuracy, where a sample is
     robust only if it is classified correctly both clean and under attack; multi-label mAP
-    on the clean and on the attacked images. Runs in eval mode and float32 (no autocast:
-    the numbers should not depend on --precision), and restores the model's mode.
+    on the clean and on the attacked images. Runs in eval mode and float32 (autocast is
+    switched off here, whatever the caller's context: the numbers should not depend on
+    --precision), and restores the model's mode.
     """
     was = model.training
     model.eval()
@@ -697,6 +716,7 @@ def evaluate(
     return _evaluate(cfg, proto, say, dev, ckpt_path, model, spec, st, dest if write else None)
 
 
+@_float32_with_grad()
 def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev: torch.device,
               ckpt_path: Path | None, model: nn.Module, spec: dict[str, Any], st: Store,
               dest: Path | None) -> dict[str, Any]:

@@ -111,3 +111,69 @@ def test_an_autoattack_result_counts_a_changed_image_as_fooled() -> None:
     assert bool((clean & changed & still_ok).any())  # rescoring alone would call them robust
     value = data.score(model, _changed_is_fooled(run), pooled=True)
     assert round(value * len(y)) == int((clean & ~changed & still_ok).sum())
+
+
+class DtypeSpy(nn.Module):
+    """small-cnn, recording the dtype of every forward pass's logits (bfloat16 under CPU
+    autocast) and whether gradients were on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from sattrain.models import create_model
+
+        torch.manual_seed(0)
+        self.net = create_model("small-cnn", 10)
+        self.seen: set[tuple[torch.dtype, bool]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        self.seen.add((out.dtype, torch.is_grad_enabled()))
+        return out
+
+
+class _Split:
+    """The part of sattrain.data.EvalSplit that evaluate_heldout reads."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.n = x, y, len(y)
+
+    def batches(self, batch_size: int, multilabel: bool):  # type: ignore[no-untyped-def]
+        for a in range(0, self.n, batch_size):
+            yield self.x[a:a + batch_size], self.y[a:a + batch_size]
+
+
+def test_the_heldout_monitor_runs_in_float32_inside_a_callers_autocast() -> None:
+    """Evaluation is float32: a caller's autocast must not run the attack in bfloat16."""
+    from sattrain.evaluation import evaluate_heldout
+
+    spy = DtypeSpy()
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    kw = dict(eps_list=(8 / 255,), steps=2, step_size=2 / 255, multilabel=False)
+    plain = evaluate_heldout(spy, _Split(x, y), generator=torch.Generator().manual_seed(1), **kw)
+    spy.seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = evaluate_heldout(spy, _Split(x, y), generator=torch.Generator().manual_seed(1), **kw)
+    assert {dtype for dtype, _ in spy.seen} == {torch.float32}
+    assert inside == plain
+
+
+def test_evaluate_runs_in_float32_with_gradients_inside_autocast_and_no_grad(digits_store) -> None:
+    """evaluate() on a module, called from inside torch.autocast and torch.no_grad: every
+    forward pass in float32, and the gradient attacks (FGSM in the sanity checks too) run."""
+    import warnings
+
+    from sattrain.evaluation import evaluate
+
+    spy = DtypeSpy()
+    kw = dict(attacks=("pgd", "sanity"), eps=(8 / 255,), steps=2, samples=16, device="cpu", write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = evaluate(spy, digits_store, **kw)
+        spy.seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            inside = evaluate(spy, digits_store, **kw)
+    assert {dtype for dtype, _ in spy.seen} == {torch.float32}
+    assert any(grad for _, grad in spy.seen)
+    assert inside["robust"] == plain["robust"] and inside["clean"] == plain["clean"]
+    assert inside["sanity"]["fgsm"] == plain["sanity"]["fgsm"]
