@@ -186,7 +186,8 @@ def pgd_until_fooled(
     start is never returned: only projected iterates count as fooling).
 
     ``return_fooled=True`` returns ``(x_adv, fooled)``: ``fooled[i]`` is True when the
-    attack's own forward pass misclassified the iterate it returns for sample ``i``. A
+    attack's own forward pass misclassified the image it returns for sample ``i`` (the
+    fooling iterate, or ``x`` itself for a sample misclassified clean). A
     scorer should count those samples as fooled whatever a later forward pass of the same
     input says: the first fooling iterate lies just across the decision boundary, and the
     model evaluated in another batch (another batch size, other kernels: cuDNN's per-shape
@@ -200,9 +201,9 @@ def pgd_until_fooled(
         raise SatkitError("pgd_until_fooled: needs int class labels (single-label model)")
     x = x.detach()
     out = x.clone()
-    fooled_out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with torch.no_grad():
-        active = (model(x).argmax(dim=1) == y).nonzero().flatten()
+        fooled_out = model(x).argmax(dim=1) != y  # x itself is misclassified: returned as is
+    active = (~fooled_out).nonzero().flatten()
     for _ in range(restarts):
         if active.numel() == 0 or eps == 0:
             break

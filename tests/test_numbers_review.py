@@ -76,14 +76,17 @@ def test_a_sample_pgd_fooled_stays_fooled_when_rescoring_rounds_it_back() -> Non
 def test_pgd_until_fooled_verdict_marks_exactly_the_fooled_iterates() -> None:
     model, _data, x, y = _jittery_data()
     model.d = 0.0  # deterministic: the verdict and a rescoring agree
+    y = y.clone()
+    y[:5] = (y[:5] + 1) % 3  # five samples misclassified clean
     x_adv, fooled = pgd_until_fooled(model, x, y, eps=0.1, step_size=0.025, steps=50,
                                      generator=torch.Generator().manual_seed(3), return_fooled=True)
     with torch.no_grad():
         clean = model(x).argmax(1) == y
         ok = model(x_adv).argmax(1) == y
     assert fooled.dtype == torch.bool and fooled.shape == y.shape
-    assert torch.equal(fooled, clean & ~ok)
-    assert int(fooled.sum()) > 0
+    assert torch.equal(fooled, ~ok)  # a sample misclassified clean comes back as x, fooled
+    assert bool(fooled[:5].all()) and torch.equal(x_adv[:5], x[:5]) and not bool(clean[:5].any())
+    assert int((clean & fooled).sum()) > 0
     plain = pgd_until_fooled(model, x, y, eps=0.1, step_size=0.025, steps=50, generator=torch.Generator().manual_seed(3))
     assert torch.equal(plain, x_adv)
 
