@@ -221,7 +221,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     """
     from satdata import remote
     from satdata.atomic import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
-                                 probe_writable, remove_empty, resolve_out)
+                                 probe_writable, remove_empty, resolve_out, sigterm_as_interrupt)
     from satdata.store import open_store, resolve_inside, store_digest
 
     text = str(store)
@@ -275,7 +275,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     made = make_parents(out.parent, "OUT")
     try:
         probe_writable(out.parent, "OUT")
-        with output_lock(out):
+        with output_lock(out), sigterm_as_interrupt():  # a job scheduler's SIGTERM removes the partial zip too
             before = identity(out)
             check_file_out(out, overwrite)
             tmp = partial_path(out)
@@ -287,7 +287,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
                 with os.fdopen(fd, "wb") as f, _bar(sum(sizes), "pack", progress) as bar:
                     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                         for e in entries:
-                            data = root_bytes if e.key == ROOT_KEY else _read_local(root, e.key, where)
+                            data = root_bytes if e.key == ROOT_KEY else _read_local(root, e.key, where, e.limit)
                             if e.digest is not None and _digest(data) != e.digest:
                                 raise StoreError(f"{where}: {_mismatch(e, _digest(data))}; the store is damaged, "
                                                  "not packed (`satdata verify` lists every damaged chunk)")
@@ -313,14 +313,31 @@ def _info_of(root_bytes: bytes, where: str) -> Any:
         return None
 
 
-def _read_local(root: Path, key: str, where: str) -> bytes:
+def _read_local(root: Path, key: str, where: str, limit: int = 0) -> bytes:
+    """The bytes of the store's file ``key``: a regular file (a FIFO would block the read
+    forever, a directory fail it) of at most ``limit`` bytes (0: METADATA_LIMIT)."""
     from satdata.store import resolve_inside
 
+    limit = limit or METADATA_LIMIT
     try:
-        with open(resolve_inside(root, key), "rb") as f:
-            return f.read()
+        fd = os.open(resolve_inside(root, key), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise StoreError(f"{where}: {key} is missing; the store is damaged") from None
+    except OSError as e:
+        raise StoreError(f"{where}: {key} cannot be read ({e.strerror}); the store is damaged") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{where}: {key} is not a regular file (a directory, FIFO or device); the store is "
+                             "damaged, not packed")
+        if st.st_size > limit:
+            raise StoreError(f"{where}: {key} holds {st.st_size:,} bytes, more than this file can ({limit:,}); "
+                             "the store is damaged, not packed (`satdata verify` names the samples)")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit + 1)
 
 
 # --------------------------------------------------------------------------- fetch: sources

@@ -222,3 +222,61 @@ def test_a_zip_from_a_server_that_ignores_range_is_streamed_and_resumed_afresh(s
         res = fetch(f"{srv.url}/lab.zip", out, progress=False, zip_piece=1 << 16)
     assert res.bytes == len(data) and res.reused == 0
     assert store_digest(open_store(str(out)).info) == store_digest(open_store(str(store)).info)
+
+
+# --------------------------------------------------------------------------- pack
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "huge"])
+def test_pack_refuses_a_chunk_that_is_not_a_small_regular_file(store: Path, tmp_path: Path, kind: str) -> None:
+    """A FIFO where a chunk file belongs blocked pack forever (it opened and read it), a
+    directory ended in 'is a directory (EISDIR)' naming no store, and a sparse 300 MB file was
+    read whole into memory before its digest was compared; now each is one line naming the
+    store and the file, before it is read, and no zip is left."""
+    import os
+    import subprocess
+    import sys
+
+    victim = store / "train" / "ids" / "c" / "0"
+    victim.unlink()
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "directory":
+        victim.mkdir()
+    else:
+        with open(victim, "wb") as f:
+            f.truncate(300 << 20)  # sparse: more than a chunk of ids can hold
+    out = tmp_path / "out" / "d.zip"
+    proc = subprocess.run([sys.executable, "-m", "satdata", "pack", str(store), "--out", str(out), "-q"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"Error: {store}: train/ids/c/0 ") and "damaged" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_pack_stopped_by_sigterm_leaves_no_partial_zip(store: Path, tmp_path: Path) -> None:
+    """SIGTERM (a job scheduler, `timeout`) ended pack without its cleanup: the hidden
+    .OUT.zip.partial-PID stayed behind for good; now it is removed, as on Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out" / "d.zip"
+    out.parent.mkdir()
+    slow = ("import sys, time, satdata.share as s; d = s._digest; "
+            "s._digest = lambda b: (time.sleep(0.2), d(b))[1]; "
+            "from satdata.cli import main; main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "pack", str(store), "--out", str(out), "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not list(out.parent.glob(".d.zip.partial-*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert list(out.parent.glob(".d.zip.partial-*")), "pack never started writing"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "interrupted" in err, err
+    assert not list(out.parent.iterdir())
