@@ -238,6 +238,8 @@ def load_manifest(path: str | Path) -> Manifest:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SatkitError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise SatkitError(f"{where}: not a manifest (its JSON is nested too deeply to read)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SatkitError(f"{where}: cannot read the manifest ({e})") from None
     return parse_manifest(raw, where)

@@ -688,8 +688,9 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
         attrs = root_meta.get("attributes", {}) if isinstance(root_meta, dict) else None
         if root_meta.get("node_type") != "group" or not isinstance(attrs, dict):
             raise ValueError("not a Zarr v3 group")
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{shown}: not a satkit store (its zarr.json is not a Zarr group's metadata: {e})") from None
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:160]
+        raise StoreError(f"{shown}: not a satkit store (its zarr.json is not a Zarr group's metadata: {why})") from None
     if ATTR_KEY not in attrs:
         raise StoreError(f"{shown}: not a satkit store (no '{ATTR_KEY}' attribute in zarr.json; a Zarr group from "
                          "another tool, or an unfinished upload)")

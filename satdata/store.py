@@ -1229,6 +1229,8 @@ def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None 
             raise StoreError(f"{path}: not a readable zip file ({e})") from None
         except (FileNotFoundError, KeyError):
             raise StoreError(f"{path}: not a satkit store (no zarr.json in the zip)") from None
+        except Exception as e:  # a crafted zarr.json in the zip: zarr raises many types
+            raise StoreError(f"{path}: not a satkit store ({type(e).__name__}: {str(e)[:160]})") from None
     if not p.exists():
         raise StoreError(f"{path}: no such store")
     if not (p / "zarr.json").is_file():

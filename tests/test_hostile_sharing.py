@@ -280,3 +280,42 @@ def test_pack_stopped_by_sigterm_leaves_no_partial_zip(store: Path, tmp_path: Pa
         proc.kill()
     assert proc.returncode != 0 and "interrupted" in err, err
     assert not list(out.parent.iterdir())
+
+
+# --------------------------------------------------------------------------- crafted metadata
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000  # valid JSON, deeper than Python's parser goes
+
+
+def test_a_manifest_nested_too_deeply_is_named(store: Path, tmp_path: Path) -> None:
+    """It ended in 'data nested too deeply to read (RecursionError)', naming no file."""
+    manifest = tmp_path / "deep.json"
+    manifest.write_bytes(NESTED)
+    code, text = run("verify", str(store), "--manifest", str(manifest))
+    assert code == 1 and f"{manifest}: not a manifest" in text and "nested too deeply" in text, text
+
+
+def test_a_served_root_zarr_json_nested_too_deeply_is_named(store: Path) -> None:
+    """fetch of a store whose root zarr.json is nested too deeply: it named no URL."""
+    (store / "zarr.json").write_bytes(NESTED)
+    from tests.httpserver import serve
+
+    with serve(store.parent) as http:
+        code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(store.parent / "got.zarr"), "-q")
+    assert code == 1 and f"{http.url}/digits.zarr: not a satkit store" in text and "nested too deeply" in text, text
+
+
+@pytest.mark.parametrize("root", [NESTED, b"[1, 2]", b"\xff\xfe not json", b'{"zarr_format": 3, "node_type": "array"}'])
+def test_a_zip_with_a_crafted_root_zarr_json_is_one_line_naming_it(tmp_path: Path, root: bytes) -> None:
+    """`satdata verify crafted.zip` ended in 'data nested too deeply to read', 'unexpected
+    TypeError: pop expected at most 1 argument', 'text is not valid utf-16-le', or 'stored data
+    cannot be decoded', none naming the zip (satdata/store.py opened a .zip catching only
+    zip errors; a directory store's metadata was already caught)."""
+    import zipfile
+
+    z = tmp_path / "crafted.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("zarr.json", root)
+    code, text = run("verify", str(z))
+    assert code == 1 and text.startswith(f"Error: {z}: not a satkit store") and "unexpected" not in text, text
