@@ -702,7 +702,7 @@ def _fetch_dir(source: Any, url: str, out: Path, before: Any, *, jobs: int, retr
             raise SatkitError(f"{partial}: is in the way (not a directory satdata made); remove it")
         for name in os.listdir(partial):  # never a root zarr.json before everything verified
             if name == ROOT_KEY or name.startswith(".zarr.json"):
-                os.unlink(partial / name)
+                _remove(partial / name)
     else:
         make_private_dir(partial)
 
@@ -799,6 +799,14 @@ def _write_file(root: Path, key: str, data: bytes) -> None:
     write_bytes_atomic(target, data, sync=False, mode=0o644)
 
 
+def _remove(p: Path) -> None:
+    """Remove ``p`` from the partial directory: a file or link itself, a directory with what it holds."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def _keep_verified(partial: Path, wanted: Mapping[str, Entry]) -> set[str]:
     """Tidy an earlier run's partial directory: keep the chunk files that match their digest.
 
@@ -809,8 +817,8 @@ def _keep_verified(partial: Path, wanted: Mapping[str, Entry]) -> set[str]:
     for dirpath, dirnames, filenames in os.walk(partial, followlinks=False):
         base = Path(dirpath)
         for d in list(dirnames):
-            if (base / d).is_symlink():
-                (base / d).unlink()
+            if (base / d).is_symlink() or (base / d).relative_to(partial).as_posix() in wanted:
+                _remove(base / d)  # a link, or a directory where a file belongs
                 dirnames.remove(d)
         for name in filenames:
             p = base / name

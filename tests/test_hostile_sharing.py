@@ -319,3 +319,24 @@ def test_a_zip_with_a_crafted_root_zarr_json_is_one_line_naming_it(tmp_path: Pat
         zf.writestr("zarr.json", root)
     code, text = run("verify", str(z))
     assert code == 1 and text.startswith(f"Error: {z}: not a satkit store") and "unexpected" not in text, text
+
+
+# --------------------------------------------------------------------------- fetch: resuming a directory
+
+
+@pytest.mark.parametrize("where", ["zarr.json", ".zarr.json.tmp-1-ab", "train/zarr.json", "train/images/c/0/0/0/0"])
+def test_a_directory_where_a_file_belongs_in_the_partial_download_is_cleared(store: Path, tmp_path: Path,
+                                                                             where: str) -> None:
+    """A directory in the hidden partial download where the store has a file (a damaged
+    disk, a copy gone wrong) stopped every later fetch with 'is a directory (EISDIR)': the
+    resume tidied files and links only. Now it is removed like any other leftover."""
+    from satdata.share import fetch_partial
+    from tests.httpserver import serve
+
+    out = tmp_path / "got.zarr"
+    (fetch_partial(out) / where / "inside").mkdir(parents=True)
+    with serve(store.parent) as http:
+        code, text = run("fetch", f"{http.url}/digits.zarr", "--out", str(out), "-q")
+    assert code == 0, text
+    assert not fetch_partial(out).exists()
+    assert (out / where).is_file() if not where.startswith(".") else not (out / where).exists()
