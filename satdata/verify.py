@@ -7,13 +7,16 @@ fed to the array's sha256 (docs/store-format.md, "Digests")."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from satdata.chunkio import file_word, iter_chunk_files
-from satdata.store import Store, _canonical_bytes, all_arrays, chunk_file_digest, iter_chunks, write_unit
+from satdata.errors import StoreError
+from satdata.store import Store, _canonical_bytes, all_arrays, chunk_file_digest, chunk_key, iter_chunks, write_unit
 
 
 @dataclass
@@ -79,8 +82,8 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None, 
         except KeyError:
             plan.append((path, rec, None))
     spans = {path: list(iter_chunks(arr)) for path, _, arr in plan if arr is not None}
-    fetched = iter_chunk_files(((arr, i) for path, _, arr in plan if arr is not None
-                                for i in range(len(spans[path]))), concurrency=concurrency)
+    wanted = [(arr, i) for path, _, arr in plan if arr is not None for i in range(len(spans[path]))]
+    fetched = _skip_special(store, wanted, concurrency)
     try:
         for path, rec, arr in plan:
             rep.checked.append(path)
@@ -93,6 +96,29 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None, 
     finally:
         fetched.close()
     return rep
+
+
+def _skip_special(store: Store, wanted: list[tuple[Any, int]], concurrency: int | None) -> Iterator[Any]:
+    """``iter_chunk_files(wanted)``, where a local store's file that is not a regular file (a
+    FIFO would block the read forever; a directory, a device) is reported, never opened."""
+    root = store._local_root
+    odd: dict[tuple[int, int], str] = {}
+    if root is not None:
+        for arr, i in wanted:
+            try:
+                mode = os.stat(root / chunk_key(arr, i)).st_mode
+            except OSError:
+                continue  # missing (zarr reads it as absent), or a dangling link: reported as missing
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+                odd[(id(arr), i)] = f"{chunk_key(arr, i)} is {kind}, not a file"
+    fetched = iter_chunk_files(((arr, i) for arr, i in wanted if (id(arr), i) not in odd), concurrency=concurrency)
+    try:
+        for arr, i in wanted:
+            why = odd.get((id(arr), i))
+            yield (arr, i, None, StoreError(why)) if why else next(fetched)
+    finally:
+        fetched.close()
 
 
 def _check_array(rep: VerifyReport, path: str, rec: dict[str, Any], arr: Any,

@@ -340,3 +340,19 @@ def test_a_directory_where_a_file_belongs_in_the_partial_download_is_cleared(sto
     assert code == 0, text
     assert not fetch_partial(out).exists()
     assert (out / where).is_file() if not where.startswith(".") else not (out / where).exists()
+
+
+def test_verify_reports_a_fifo_where_a_chunk_file_belongs(store: Path) -> None:
+    """verify opened a FIFO planted at a chunk's path and blocked forever (zarr's local store
+    reads the file); now it is reported as that chunk's problem, never opened."""
+    import os
+    import subprocess
+    import sys
+
+    victim = store / "train" / "ids" / "c" / "0"
+    victim.unlink()
+    os.mkfifo(victim)
+    proc = subprocess.run([sys.executable, "-m", "satdata", "verify", str(store)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "train/ids samples [0, 1442): chunk 0 cannot be read" in proc.stderr and "is a FIFO" in proc.stderr, proc.stderr
