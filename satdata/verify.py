@@ -99,11 +99,15 @@ def verify_digests(store: Store, progress: Callable[[str], None] | None = None, 
 
 
 def _skip_special(store: Store, wanted: list[tuple[Any, int]], concurrency: int | None) -> Iterator[Any]:
-    """``iter_chunk_files(wanted)``, where a local store's file that is not a regular file (a
-    FIFO would block the read forever; a directory, a device) is reported, never opened."""
+    """``iter_chunk_files(wanted)``, where a file that cannot be read safely is reported, never
+    opened: in a local directory a file that is not a regular file (a FIFO would block the
+    read forever; a directory, a device), in a local .zip an entry that inflates to more
+    than its chunk can hold (a zip bomb: 2.5 MB of zip made verify hold 1.3 GB)."""
     root = store._local_root
     odd: dict[tuple[int, int], str] = {}
-    if root is not None:
+    if store.path.lower().endswith(".zip") and "://" not in store.path:
+        odd = _zip_bombs(store.path, wanted)
+    elif root is not None:
         for arr, i in wanted:
             try:
                 mode = os.stat(root / chunk_key(arr, i)).st_mode
@@ -119,6 +123,30 @@ def _skip_special(store: Store, wanted: list[tuple[Any, int]], concurrency: int 
             yield (arr, i, None, StoreError(why)) if why else next(fetched)
     finally:
         fetched.close()
+
+
+def _zip_bombs(path: str, wanted: list[tuple[Any, int]]) -> dict[tuple[int, int], str]:
+    """The entries of the zip ``path`` among ``wanted`` whose declared size is more than their
+    file can hold (read from the zip's directory, before anything is inflated)."""
+    import zipfile
+
+    from satdata.chunkio import chunk_limit
+
+    odd: dict[tuple[int, int], str] = {}
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return odd  # the store opened: zarr reports it
+    with zf:
+        for arr, i in wanted:
+            try:
+                size, limit = zf.getinfo(chunk_key(arr, i)).file_size, chunk_limit(arr.metadata)
+            except KeyError:
+                continue
+            if size > limit:
+                odd[(id(arr), i)] = (f"{chunk_key(arr, i)} inflates to {size:,} bytes, more than this "
+                                     f"{file_word(arr)} can hold ({limit:,}); not inflated (a zip bomb?)")
+    return odd
 
 
 def _check_array(rep: VerifyReport, path: str, rec: dict[str, Any], arr: Any,

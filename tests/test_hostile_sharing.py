@@ -356,3 +356,34 @@ def test_verify_reports_a_fifo_where_a_chunk_file_belongs(store: Path) -> None:
                           timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "train/ids samples [0, 1442): chunk 0 cannot be read" in proc.stderr and "is a FIFO" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("how", ["verify", "fetch-keep-zip"])
+def test_a_zip_bomb_entry_is_refused_before_it_is_inflated(store: Path, tmp_path: Path, how: str) -> None:
+    """A packed store whose chunk entry inflates far beyond what the chunk can hold: verify
+    (and fetch --out NAME.zip, which verifies the kept zip) inflated it whole (2.5 MB of zip
+    held 1.3 GB); now the entry's declared size is compared with the chunk's before."""
+    import zipfile
+
+    from satdata.share import pack
+    from tests.httpserver import serve
+
+    key = "train/saliency/ink/c/0/0/0"
+    good = tmp_path / "good.zip"
+    pack(store, good, progress=False)
+    www = tmp_path / "www"
+    www.mkdir()
+    bomb = www / "bomb.zip"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            if info.filename == key:
+                dst.writestr(key, bytes(64 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(info, src.read(info.filename))
+    if how == "verify":
+        code, text = run("verify", str(bomb))
+    else:
+        with serve(www) as http:
+            code, text = run("fetch", f"{http.url}/bomb.zip", "--out", str(tmp_path / "got.zip"), "-q")
+        assert not (tmp_path / "got.zip").exists()
+    assert code == 1 and f"{key} inflates to {64 << 20:,} bytes" in text, text
