@@ -1224,7 +1224,17 @@ def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None 
         from zarr.storage import ZipStore
 
         try:
+            from satdata.remote import METADATA_LIMIT
+
+            with zipfile.ZipFile(path) as zf:  # zarr reads metadata whole: no zarr.json bomb
+                big = next((i for i in zf.infolist() if i.filename.rsplit("/", 1)[-1] == "zarr.json"
+                            and i.file_size > METADATA_LIMIT), None)
+            if big is not None:
+                raise StoreError(f"{path}: {big.filename} inflates to {big.file_size:,} bytes, far more than "
+                                 "a store's metadata; not a satkit store (a zip bomb?)")
             return zarr.open_group(ZipStore(path, mode="r"), mode="r")
+        except StoreError:
+            raise
         except zipfile.BadZipFile as e:
             raise StoreError(f"{path}: not a readable zip file ({e})") from None
         except (FileNotFoundError, KeyError):

@@ -387,3 +387,26 @@ def test_a_zip_bomb_entry_is_refused_before_it_is_inflated(store: Path, tmp_path
             code, text = run("fetch", f"{http.url}/bomb.zip", "--out", str(tmp_path / "got.zip"), "-q")
         assert not (tmp_path / "got.zip").exists()
     assert code == 1 and f"{key} inflates to {64 << 20:,} bytes" in text, text
+
+
+def test_a_zip_whose_metadata_inflates_beyond_any_store_is_refused(store: Path, tmp_path: Path) -> None:
+    """An array's zarr.json padded with blanks (valid JSON) and deflated: zarr read it whole
+    and verify said OK (2.3 MB of zip held 1 GB for 300 MB of blanks); now a zarr.json
+    entry larger than any store's metadata is refused when the zip is opened."""
+    import zipfile
+
+    from satdata.remote import METADATA_LIMIT
+    from satdata.share import pack
+
+    good = tmp_path / "good.zip"
+    pack(store, good, progress=False)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "train/images/zarr.json":
+                dst.writestr(info.filename, data + b" " * (METADATA_LIMIT + 1), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                dst.writestr(info, data)
+    code, text = run("verify", str(bomb))
+    assert code == 1 and f"{bomb}: train/images/zarr.json inflates to" in text, text
