@@ -294,6 +294,11 @@ def open_group(url: str, storage_options: Mapping[str, Any] | None = None) -> An
 
             fs, path = filesystem(url, storage_options)
             zfs = fsspec.filesystem("zip", fo=fs.open(path, "rb", block_size=1 << 20))
+            big = next((i for i in zfs.zip.infolist() if i.filename.rsplit("/", 1)[-1] == "zarr.json"
+                        and i.file_size > METADATA_LIMIT), None)
+            if big is not None:  # zarr reads metadata whole: no zarr.json bomb
+                raise StoreError(f"{redact(url)}: {big.filename} inflates to {big.file_size:,} bytes, far more "
+                                 "than a store's metadata; not a satkit store (a zip bomb?)")
             store = FsspecStore(fs=_make_async(zfs), path="", read_only=True)
         else:
             store = FsspecStore.from_url(url, storage_options=backend_options(url, storage_options), read_only=True)

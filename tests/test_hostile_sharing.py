@@ -389,10 +389,12 @@ def test_a_zip_bomb_entry_is_refused_before_it_is_inflated(store: Path, tmp_path
     assert code == 1 and f"{key} inflates to {64 << 20:,} bytes" in text, text
 
 
-def test_a_zip_whose_metadata_inflates_beyond_any_store_is_refused(store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", "url"])
+def test_a_zip_whose_metadata_inflates_beyond_any_store_is_refused(store: Path, tmp_path: Path, where: str) -> None:
     """An array's zarr.json padded with blanks (valid JSON) and deflated: zarr read it whole
-    and verify said OK (2.3 MB of zip held 1 GB for 300 MB of blanks); now a zarr.json
-    entry larger than any store's metadata is refused when the zip is opened."""
+    and verify said OK (2.3 MB of zip held 1 GB for 300 MB of blanks), from a local .zip or
+    one on a server; now a zarr.json entry larger than any store's metadata is refused when
+    the zip is opened."""
     import zipfile
 
     from satdata.remote import METADATA_LIMIT
@@ -408,5 +410,13 @@ def test_a_zip_whose_metadata_inflates_beyond_any_store_is_refused(store: Path, 
                 dst.writestr(info.filename, data + b" " * (METADATA_LIMIT + 1), compress_type=zipfile.ZIP_DEFLATED)
             else:
                 dst.writestr(info, data)
-    code, text = run("verify", str(bomb))
-    assert code == 1 and f"{bomb}: train/images/zarr.json inflates to" in text, text
+    if where == "local":
+        code, text = run("verify", str(bomb))
+        shown = str(bomb)
+    else:
+        from tests.httpserver import serve
+
+        with serve(tmp_path) as http:
+            shown = f"{http.url}/bomb.zip"
+            code, text = run("verify", shown)
+    assert code == 1 and f"{shown}: train/images/zarr.json inflates to" in text, text
