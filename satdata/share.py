@@ -833,6 +833,9 @@ def _keep_verified(partial: Path, wanted: Mapping[str, Entry]) -> set[str]:
                 continue
             if e.digest is None:
                 continue  # metadata: rewritten below
+            if st.st_size > e.limit:  # more than the file can hold: never read whole
+                p.unlink()
+                continue
             with open(p, "rb") as f:
                 data = f.read()
             if _digest(data) == e.digest:

@@ -420,3 +420,28 @@ def test_a_zip_whose_metadata_inflates_beyond_any_store_is_refused(store: Path, 
             shown = f"{http.url}/bomb.zip"
             code, text = run("verify", shown)
     assert code == 1 and f"{shown}: train/images/zarr.json inflates to" in text, text
+
+
+def test_a_huge_file_in_the_partial_download_is_not_read_whole(store: Path, tmp_path: Path) -> None:
+    """Resuming, fetch read every file of the partial download whole to check its digest: a
+    sparse 800 MB file at a chunk's key (a damaged disk) was read into memory; now a file
+    larger than its chunk can hold is removed unread, and fetched again."""
+    import subprocess
+    import sys
+
+    from satdata.share import fetch_partial
+    from tests.httpserver import serve
+
+    out = tmp_path / "got.zarr"
+    victim = fetch_partial(out) / "train" / "images" / "c" / "0" / "0" / "0" / "0"
+    victim.parent.mkdir(parents=True)
+    with open(victim, "wb") as f:
+        f.truncate(800 << 20)
+    peak = ("import resource, sys; from satdata.share import fetch; fetch(sys.argv[1], sys.argv[2], progress=False); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    with serve(store.parent) as http:
+        proc = subprocess.run([sys.executable, "-c", peak, f"{http.url}/digits.zarr", str(out)], capture_output=True,
+                              text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.split()[-1]) < 500 * 1024, proc.stdout  # KiB
+    assert (out / "train" / "images" / "c" / "0" / "0" / "0" / "0").stat().st_size < (1 << 20)
