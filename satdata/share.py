@@ -278,6 +278,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
         with output_lock(out), sigterm_as_interrupt():  # a job scheduler's SIGTERM removes the partial zip too
             before = identity(out)
             check_file_out(out, overwrite)
+            _remove_stale_zips(out)
             tmp = partial_path(out)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
@@ -302,6 +303,25 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     finally:
         remove_empty(made)
     return PackResult(out, len(entries), out.stat().st_size, store_digest(info))
+
+
+def _remove_stale_zips(out: Path) -> None:
+    """Remove the partial zips ``.OUT.zip.partial-PID`` of packs into ``out`` that were killed
+    (SIGKILL: no cleanup ran), whose process is gone. Called with the output lock held: no
+    live pack into ``out`` owns one then. Only regular files of this user are removed."""
+    import glob
+
+    from satdata.atomic import _pid_alive
+
+    for p in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            st = os.lstat(p)
+        except (ValueError, OSError):
+            continue
+        mine = not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+        if stat.S_ISREG(st.st_mode) and mine and (pid == os.getpid() or not _pid_alive(pid)):
+            p.unlink(missing_ok=True)
 
 
 def _info_of(root_bytes: bytes, where: str) -> Any:

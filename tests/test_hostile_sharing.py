@@ -445,3 +445,26 @@ def test_a_huge_file_in_the_partial_download_is_not_read_whole(store: Path, tmp_
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[-1]) < 500 * 1024, proc.stdout  # KiB
     assert (out / "train" / "images" / "c" / "0" / "0" / "0" / "0").stat().st_size < (1 << 20)
+
+
+def test_pack_removes_the_partial_zip_of_a_killed_pack(store: Path, tmp_path: Path) -> None:
+    """A pack killed with SIGKILL leaves .OUT.zip.partial-PID (no cleanup can run); it stayed
+    for good. The next pack into the same OUT removes it (its process is gone); a partial
+    zip of a live process, and one that is a link, are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from satdata.share import pack
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "d.zip"
+    stale = tmp_path / f".d.zip.partial-{dead.pid}"
+    stale.write_bytes(b"PK half a zip")
+    live = tmp_path / f".d.zip.partial-{os.getppid()}"
+    live.write_bytes(b"PK someone else's")
+    link = tmp_path / f".d.zip.partial-{dead.pid + 100000}"
+    link.symlink_to(live)
+    pack(store, out, progress=False)
+    assert not stale.exists() and live.exists() and link.is_symlink()
