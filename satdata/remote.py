@@ -217,28 +217,56 @@ def http_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], 
     """
     from fsspec.asyn import sync
 
-    async def go() -> bool:
-        kw = dict(fs.kwargs)
-        headers = dict(kw.pop("headers", None) or {})
-        headers["Range"] = f"bytes={start}-{end - 1}"
-        session = await fs.set_session()
-        async with session.get(fs.encode_url(path), headers=headers, **kw) as r:
-            fs._raise_not_found_for_status(r, path)
-            ranged = r.status == 206
-            limit = cap if ranged else whole_cap
-            if limit is None:
-                raise RangeIgnored(f"{redact(path)}: asked for bytes {start:,} to {end - 1:,}, the server sent the "
-                                   "whole file: it does not answer HTTP Range requests")
-            n = 0
-            while n < limit:
-                block = await r.content.read(min(_BLOCK, limit - n))
-                if not block:
-                    break
-                n += len(block)
-                write(block)
-            return ranged
+    return sync(fs.loop, _http_get, fs, path, start, end, write, cap, whole_cap)
 
-    return sync(fs.loop, go)
+
+async def _http_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], cap: int,
+                    whole_cap: int | None) -> bool:
+    """:func:`http_get` in ``fs``'s event loop."""
+    kw = dict(fs.kwargs)
+    headers = dict(kw.pop("headers", None) or {})
+    headers["Range"] = f"bytes={start}-{end - 1}"
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(path), headers=headers, **kw) as r:
+        fs._raise_not_found_for_status(r, path)
+        ranged = r.status == 206
+        limit = cap if ranged else whole_cap
+        if limit is None:
+            raise RangeIgnored(f"{redact(path)}: asked for bytes {start:,} to {end - 1:,}, the server sent the "
+                               "whole file: it does not answer HTTP Range requests")
+        n = 0
+        while n < limit:
+            block = await r.content.read(min(_BLOCK, limit - n))
+            if not block:
+                break
+            n += len(block)
+            write(block)
+        return ranged
+
+
+def bound_metadata_reads(fs: Any) -> None:
+    """Make zarr's reads of a ``zarr.json`` through the async HTTP file system ``fs`` bounded.
+
+    zarr reads metadata whole (``fs._cat_file(path)``, no range), and fsspec takes the whole
+    answer into memory: a server that floods an array's zarr.json made opening the store hold
+    gigabytes. Here such a read takes at most METADATA_LIMIT + 1 bytes, and more is refused.
+    """
+    if not is_http(fs) or getattr(fs, "_satkit_bounded", False):
+        return
+    plain = fs._cat_file
+
+    async def cat_file(path: str, start: int | None = None, end: int | None = None, **kw: Any) -> bytes:
+        if start is not None or end is not None or not str(path).rstrip("/").endswith("zarr.json"):
+            return await plain(path, start=start, end=end, **kw)
+        buf = bytearray()
+        await _http_get(fs, path, 0, METADATA_LIMIT + 1, buf.extend, METADATA_LIMIT + 1, METADATA_LIMIT + 1)
+        if len(buf) > METADATA_LIMIT:
+            raise StoreError(f"{redact(str(path))}: larger than {METADATA_LIMIT:,} bytes, far more than a store's "
+                             "metadata; refusing it (a damaged or hostile server)")
+        return bytes(buf)
+
+    fs._cat_file = cat_file
+    fs._satkit_bounded = True
 
 
 def cat_range(fs: Any, path: str, start: int, end: int) -> bytes:
@@ -302,6 +330,7 @@ def open_group(url: str, storage_options: Mapping[str, Any] | None = None) -> An
             store = FsspecStore(fs=_make_async(zfs), path="", read_only=True)
         else:
             store = FsspecStore.from_url(url, storage_options=backend_options(url, storage_options), read_only=True)
+            bound_metadata_reads(store.fs)
         return zarr.open_group(store, mode="r")
     except StoreError:
         raise

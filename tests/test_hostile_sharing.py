@@ -437,8 +437,11 @@ def test_a_huge_file_in_the_partial_download_is_not_read_whole(store: Path, tmp_
     victim.parent.mkdir(parents=True)
     with open(victim, "wb") as f:
         f.truncate(800 << 20)
-    peak = ("import resource, sys; from satdata.share import fetch; fetch(sys.argv[1], sys.argv[2], progress=False); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    # the peak memory of the fetch alone (a child's high-water mark starts at its parent's):
+    # reset it (Linux: 5 > /proc/self/clear_refs), then read VmHWM
+    peak = ("import re, sys; from pathlib import Path; from satdata.share import fetch; "
+            "Path('/proc/self/clear_refs').write_text('5'); fetch(sys.argv[1], sys.argv[2], progress=False); "
+            "print(re.search(r'VmHWM:\\s*(\\d+)', Path('/proc/self/status').read_text()).group(1))")
     with serve(store.parent) as http:
         proc = subprocess.run([sys.executable, "-c", peak, f"{http.url}/digits.zarr", str(out)], capture_output=True,
                               text=True, timeout=300)
@@ -468,3 +471,15 @@ def test_pack_removes_the_partial_zip_of_a_killed_pack(store: Path, tmp_path: Pa
     link.symlink_to(live)
     pack(store, out, progress=False)
     assert not stale.exists() and live.exists() and link.is_symlink()
+
+
+def test_opening_a_url_reads_no_more_of_an_array_zarr_json_than_metadata_can_hold(store: Path) -> None:
+    """zarr reads an array's zarr.json whole through fsspec, which took the whole answer into
+    memory: a server flooding train/images/zarr.json (1 GB) made `satdata info URL` hold
+    2.3 GB. Now that read stops after METADATA_LIMIT + 1 bytes, with one line naming it."""
+    from satdata.remote import METADATA_LIMIT
+
+    with hostile(store.parent, {"digits.zarr/train/images/zarr.json": 2 * FLOOD}) as srv:
+        code, text = run("info", f"{srv.url}/digits.zarr")
+    assert code == 1 and "train/images" in text and "larger than" in text, text
+    assert sum(srv.sent.values()) < METADATA_LIMIT + FLOOD // 4, srv.sent
