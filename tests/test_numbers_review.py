@@ -13,12 +13,7 @@ from sattrain.attacks import pgd_until_fooled
 from sattrain.evaluation import _changed_is_fooled, _Data, _pgd_fn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class Jittery(nn.Module):
