@@ -27,8 +27,9 @@ Examples:
 \b
 Protocols (--protocol):
   strong  AutoAttack (standard, Linf 8/255: APGD-CE, APGD-T, FAB-T, Square; the authors'
-          package) is the headline; PGD at 1,2,4,8/255 with 50 steps of eps/4 and 2 random
-          starts; the SAT authors' distortions; sanity checks. Doubling PGD's steps and
+          package); PGD at 1,2,4,8/255 with 50 steps of eps/4 and 2 random starts; the
+          headline autoattack+pgd@8/255 counts a sample robust only if neither AutoAttack
+          nor PGD at 8/255 fools it; the SAT authors' distortions; sanity checks. Doubling PGD's steps and
           starts moves its numbers by at most 2 of 355 samples on the README's model, and
           AutoAttack stays below both (docs/evaluation.md). Add cw to --attacks for
           CW-L2 (a 9-step binary search on c).
@@ -91,7 +92,8 @@ def parse_step_size(text: str) -> float | str:
                    "recorded in its config.json]")
 @storage_option
 @click.option("--protocol", "-p", type=click.Choice(["strong", "paper"]), default="strong", show_default=True,
-              help="Which evaluation: strong (AutoAttack headline) or paper (the SAT authors' PGD-5); see below.")
+              help="Which evaluation: strong (AutoAttack and PGD, headline their per-sample worst case) or paper "
+                   "(the SAT authors' PGD-5); see below.")
 @click.option("--split", default=None, help="Split to evaluate.  [default: test, else val]")
 @click.option("--eps", default=None,
               help="PGD radii (Linf, images in [0, 1]), comma-separated; 8/255 or 0.0314.  "
@@ -172,7 +174,7 @@ Examples:
 
 \b
 Layout of report.md:
-  one table per protocol (strong: AutoAttack headline; paper: the SAT authors' PGD-5),
+  one table per protocol (strong: AutoAttack + PGD headline; paper: the SAT authors' PGD-5),
   every row labelled with its protocol and source (split, samples/split size, file);
   runs that differ only in --seed are one configuration (mean +- std over seeds, n),
   never averaged across different sources; a sanity column (ok / FAILED (checks));

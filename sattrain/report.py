@@ -24,7 +24,7 @@ and writes into ``out``:
                               ``frontier=True`` asks for it, ``False`` leaves it out)
 
 The frontier (``cost_frontier(runs)``, also drawn by bench/frontier.py): per configuration, the
-AutoAttack headline and the strong PGD sweep against two costs: forward-backward passes per
+strong headline (AutoAttack, with PGD per sample) and the strong PGD sweep against two costs: forward-backward passes per
 training example per epoch of budget (``sattrain.methods.Method.passes`` with the run's own
 attack share from metrics.jsonl) and the measured training images per second (metrics.jsonl
 ``samples`` x ``replays`` / ``images_per_s``, summed over epochs), clean accuracy beside,
@@ -32,8 +32,8 @@ mean ± std over seeds, and which points are Pareto-optimal on each cost axis.
 
 Why it is laid out this way (the issue "Robustness numbers a reviewer would trust"):
 
-- Every robustness number carries its protocol (``strong``: AutoAttack headline and a
-  strong PGD; ``paper``: the SAT authors' PGD-5, which overstates robustness) and its
+- Every robustness number carries its protocol (``strong``: AutoAttack and a
+  strong PGD, headline their per-sample worst case; ``paper``: the SAT authors' PGD-5, which overstates robustness) and its
   source (split and samples: ``test 355/355`` vs ``test subset 256/355``). Numbers of two
   protocols are never in the same table or plot panel.
 - Runs that differ only in their seed (config.json options minus :data:`NON_SEMANTIC`) are
@@ -127,6 +127,12 @@ _PAPER_DESCRIPTION = ("the SAT authors' evaluation: PGD 5 steps of 2/255, 1 rand
 NON_SEMANTIC = frozenset({"seed", "out", "resume", "device", "progress", "threads", "memory_budget",
                           "summary_samples", "store", "world_size"})
 _EPS_KEY = re.compile(r"^pgd@(\d+(?:\.\d+)?)/255$")
+
+
+def _is_autoattack_headline(name: str | None) -> bool:
+    """A strong headline that includes AutoAttack: ``autoattack@E`` (AutoAttack alone, eval.json
+    before the worst case) or ``autoattack+pgd@E`` (per sample the worst of AutoAttack and PGD)."""
+    return (name or "").split("@")[0] in ("autoattack", "autoattack+pgd")
 _MONITOR_KEY = re.compile(r"^pgd(\d+)_monitor$")
 _SEED_SUFFIX = re.compile(r"[-_.]?(?:seed|s)[-_]?\d+$")
 _FILE_RANK = {EVAL_JSON: 0, PAPER_EVAL_JSON: 0, SUMMARY_JSON: 1, METRICS_JSON: 2}
@@ -855,7 +861,8 @@ def _sanity_cell(row: Row) -> str:
 def _headline_name(name: str | None) -> str:
     if not name:
         return "-"
-    return name.replace("autoattack@", "AutoAttack ").replace("pgd@", "PGD ")
+    return (name.replace("autoattack+pgd@", "AutoAttack+PGD ").replace("autoattack@", "AutoAttack ")
+            .replace("pgd@", "PGD "))
 
 
 def _table(rows: list[Row], per_run: bool) -> list[str]:
@@ -1055,7 +1062,7 @@ def _plot_eps(configs: list[Configuration], protocols: list[str], dest: Path) ->
     colors = _colors(configs)
     for ax, (proto, rows) in zip(axes, panels):
         metric = _metric_name(r for row in rows for r in row.runs)
-        drew_aa = False
+        drew_aa: set[str] = set()  # the kinds of headline drawn as stars
         for i, row in enumerate(rows):
             ms = row.measurements
             points: dict[float, list[float | None]] = {0.0: [m.clean for m in ms]}
@@ -1066,18 +1073,19 @@ def _plot_eps(configs: list[Configuration], protocols: list[str], dest: Path) ->
             style = {"ls": "--"} if len(same) > 1 and same.index(row) > 0 else {}
             _curve(ax, points, colors[row.name], f"{row.name} ({n}{row.first.source})", **style)
             name = row.first.headline_name or ""
-            if name.startswith("autoattack@"):
-                m = _EPS_KEY.match(name.replace("autoattack@", "pgd@"))
+            if _is_autoattack_headline(name):
+                m = _EPS_KEY.match("pgd@" + name.partition("@")[2])
                 st = mean_std([m_.headline for m_ in ms])
                 if m and st is not None:
                     ax.errorbar([float(m.group(1))], [100 * st[0]], yerr=[100 * (st[1] or 0.0)], color=colors[row.name],
                                 marker="*", ms=11, ls="none", capsize=3)
-                    drew_aa = True
+                    drew_aa.add(name.partition("@")[0])
         _style(ax, f"PGD robust {metric} ({PROTOCOL_LABELS[proto]})", "eps (Linf, x/255; 0 = clean)", f"{metric} (%)")
         handles, labels = ax.get_legend_handles_labels()
         if drew_aa:
             handles.append(Line2D([], [], color="0.3", marker="*", ms=10, ls="none"))
-            labels.append("AutoAttack (headline)")
+            labels.append(" / ".join({"autoattack": "AutoAttack", "autoattack+pgd": "AutoAttack+PGD worst case"}[k]
+                                     for k in sorted(drew_aa)) + " (headline)")
         ax.legend(handles, labels, fontsize=7, loc="upper right")
     fig.suptitle("Robust accuracy against eps: one panel per protocol, mean ± std over seeds", fontsize=11)
     _save_figure(fig, dest)
@@ -1371,7 +1379,7 @@ def cost_frontier(runs: Sequence[RunSummary], aggregate: bool = True) -> Frontie
         cost = run_cost(r)
         if m is None:
             excluded.append((r.label, "no strong-protocol evaluation: run `sattrain eval`"))
-        elif not (m.headline_name or "").startswith("autoattack@") or m.headline is None:
+        elif not _is_autoattack_headline(m.headline_name) or m.headline is None:
             excluded.append((r.label, f"its strong evaluation ({m.file}) has no AutoAttack"))
         elif cost.images_per_s is None:
             excluded.append((r.label, "no training speed (images_per_s, samples) in metrics.jsonl"))
@@ -1379,9 +1387,10 @@ def cost_frontier(runs: Sequence[RunSummary], aggregate: bool = True) -> Frontie
             ok.append(r)
             costs[id(r)] = cost
     heads = [r.measurements["strong"].headline_name for r in ok]
-    if len(set(heads)) > 1:  # one radius per frontier: the most common one
+    if len(set(heads)) > 1:  # one headline (radius, and AutoAttack alone or with PGD) per frontier: the most common
         keep = max(set(heads), key=heads.count)
-        excluded += [(r.label, f"AutoAttack at another radius ({_headline_name(h)})") for r, h in zip(ok, heads) if h != keep]
+        excluded += [(r.label, f"another headline ({_headline_name(h)}, not {_headline_name(keep)}): "
+                      "evaluate it again with `sattrain eval`") for r, h in zip(ok, heads) if h != keep]
         ok = [r for r, h in zip(ok, heads) if h == keep]
     rows: list[FrontierRow] = []
     for row in _rows(group_runs(ok, aggregate=aggregate), "strong", []):

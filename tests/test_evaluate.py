@@ -277,6 +277,47 @@ def test_autoattack_reference_runs_the_standard_ensemble(run_dir: Path, digits_s
     assert r["headline"]["name"] == "autoattack@64/255" and r["headline"]["protocol"] == "strong"
 
 
+@pytest.mark.parametrize("fools", ["nothing", "odd"])
+def test_headline_is_the_per_sample_worst_case_of_autoattack_and_pgd(
+        run_dir: Path, digits_store: Path, monkeypatch, fools: str) -> None:
+    """A sample either AutoAttack or PGD fools counts as fooled in the headline. An AutoAttack
+    engine stand-in that fools nothing (or exactly the odd samples) makes the two disagree."""
+    import sattrain.evaluation as ev
+
+    def fake(model, num_classes, eps, seed, *args):  # type: ignore[no-untyped-def]
+        def run(x, y):  # type: ignore[no-untyped-def]
+            x_adv = x.clone()
+            if fools == "odd":
+                x_adv[1::2, :, 0, 0] = 1.0 - x_adv[1::2, :, 0, 0]  # changed: the engine's verdict "fooled"
+            return x_adv
+        return run, {"engine": "reference", "package": "stand-in", "version": "standard", "norm": "Linf",
+                     "attacks": ["apgd-ce"]}
+
+    monkeypatch.setattr(ev, "autoattack_reference", fake)
+    n = 32
+    r = evaluate(run_dir, digits_store, attacks=("autoattack", "pgd"), eps=(4 / 255, 8 / 255), samples=n,
+                 device="cpu", write=False)
+    aa, pgd8, w = r["autoattack"]["value"], r["robust"]["pgd@8/255"], r["worst_case"]
+    assert r["headline"]["name"] == "autoattack+pgd@8/255" and r["headline"]["value"] == w["value"]
+    assert r["robust"]["autoattack+pgd@8/255"] == w["value"] and w["attacks"] == ["autoattack", "pgd@8/255"]
+    assert round(w["value"] * n) == round(aa * n) - w["fooled_by_pgd_only"] == round(pgd8 * n) - w[
+        "fooled_by_autoattack_only"]
+    assert w["value"] <= min(aa, pgd8)
+    if fools == "nothing":
+        # AutoAttack alone would report clean accuracy; PGD fools some: the headline is PGD's
+        assert aa == r["clean"] and w["value"] == pgd8 < aa and w["fooled_by_autoattack_only"] == 0
+        assert w["fooled_by_pgd_only"] == round((r["clean"] - pgd8) * n) > 0
+    else:
+        assert w["value"] < min(aa, pgd8) and w["fooled_by_autoattack_only"] > 0 and w["fooled_by_pgd_only"] > 0
+    table = format_table(r)
+    assert "worst case of autoattack and pgd@8/255 (per sample)" in table
+    assert f"headline (strong protocol): autoattack+pgd@8/255 = {w['value']:.4f}" in table
+    # PGD not at AutoAttack's radius: no worst case, the headline is AutoAttack alone
+    r4 = evaluate(run_dir, digits_store, attacks=("autoattack", "pgd"), eps=(4 / 255,), samples=n, device="cpu",
+                  write=False)
+    assert "worst_case" not in r4 and r4["headline"]["name"] == "autoattack@8/255"
+
+
 @pytest.mark.parametrize("engine", ["reference", "torchattacks"])
 @pytest.mark.parametrize("pool_batches", [1, 2, 100])
 def test_autoattack_sees_many_batches_at_once_and_attacks_in_batches(

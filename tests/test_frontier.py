@@ -71,7 +71,7 @@ def test_quick_frontier_has_every_method_with_sensible_numbers(quick: dict[str, 
     # chance is 10%: two epochs on 256 digits must do much better, and robust <= clean
     assert std["clean"]["mean"] >= 0.5
     for m, r in rows.items():
-        assert r["headline"] == "autoattack@32/255" and r["n"] == 1
+        assert r["headline"] == "autoattack+pgd@32/255" and r["n"] == 1
         assert 0 <= r["autoattack"]["mean"] <= r["clean"]["mean"] <= 1
         assert r["images_per_s"]["mean"] > 0 and r["train_seconds"]["mean"] > 0
         run = r["runs"][0]

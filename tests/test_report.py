@@ -556,7 +556,8 @@ def test_frontier_only_when_asked_or_measured(study: dict[str, Any], costed: dic
     far = _costed(_make_run(tmp_path, "aa4", method="noise", seed=5, evals={"eval.json": other}), 500.0)
     md = write_report([*runs, bare, far], out, frontier=True).read_text()
     assert "`noaa` (no strong-protocol evaluation: run `sattrain eval`)" in md
-    assert "`aa4` (AutoAttack at another radius (AutoAttack 4/255))" in md
+    assert ("`aa4` (another headline (AutoAttack 4/255, not AutoAttack 8/255): evaluate it again with "
+            "`sattrain eval`)") in md
     res = CliRunner().invoke(report_cmd, [*map(str, study["all"]), "--out", str(out), "--frontier"])
     assert res.exit_code == 1 and "--frontier: no run has both" in res.output
 
@@ -571,3 +572,25 @@ def test_frontier_speed_fields_are_checked(costed: dict[str, list[Path]], tmp_pa
     md = write_report([*costed["standard"], *costed["pgd"]], tmp_path / "out", warn=warned.append).read_text()
     assert len(warned) == 1 and "metrics.jsonl:1" in warned[0] and "'images_per_s' is -3.0" in warned[0]
     assert _row(_tables(md)["Robust accuracy against training cost (the frontier)"], "pgd-s0")["n"] == "1"
+
+
+def test_worst_case_headline_is_named_and_on_the_frontier_with_its_kind(tmp_path: Path) -> None:
+    """An eval.json with the per-sample worst case of AutoAttack and PGD as headline: the table
+    names it, the frontier takes it, and a run whose headline is AutoAttack alone (an eval.json
+    from before) is listed apart instead of being compared with it."""
+    runs = []
+    for seed in (0, 1):
+        ev = _eval("strong", clean=0.8, slope=0.01, aa=0.4)
+        ev["robust"]["autoattack+pgd@8/255"] = 0.35
+        ev["headline"]["name"], ev["headline"]["value"] = "autoattack+pgd@8/255", 0.35
+        runs.append(_costed(_make_run(tmp_path, f"new{seed}", method="pgd", seed=seed, evals={"eval.json": ev}), 400.0))
+    old = _costed(_make_run(tmp_path, "old", method="pgd", seed=7, evals={"eval.json": _eval("strong", clean=0.8,
+                                                                                                slope=0.01, aa=0.4)}),
+                  400.0)
+    out = tmp_path / "out"
+    md = write_report([*runs, old], out, frontier=True).read_text()
+    # the two kinds of headline are never averaged together
+    heads = sorted((r["n"], r["headline"]) for r in _tables(md)["Strong protocol"])
+    assert heads == [("1", "40.00 (AutoAttack 8/255)"), ("2", "35.00 ± 0.00 (AutoAttack+PGD 8/255)")]
+    assert ("`old` (another headline (AutoAttack 8/255, not AutoAttack+PGD 8/255): evaluate it again with "
+            "`sattrain eval`)") in md
