@@ -24,11 +24,12 @@ and writes into ``out``:
                               ``frontier=True`` asks for it, ``False`` leaves it out)
 
 The frontier (``cost_frontier(runs)``, also drawn by bench/frontier.py): per configuration, the
-strong headline (AutoAttack, with PGD per sample) and the strong PGD sweep against two costs: forward-backward passes per
-training example per epoch of budget (``sattrain.methods.Method.passes`` with the run's own
-attack share from metrics.jsonl) and the measured training images per second (metrics.jsonl
-``samples`` x ``replays`` / ``images_per_s``, summed over epochs), clean accuracy beside,
-mean ± std over seeds, and which points are Pareto-optimal on each cost axis.
+strong headline (AutoAttack, with PGD per sample) and the strong PGD sweep against two
+costs: forward-backward passes per training example per epoch of budget
+(``sattrain.methods.Method.passes`` with the run's own attack share from metrics.jsonl) and
+the measured training images per second (metrics.jsonl ``samples`` x ``replays`` /
+``images_per_s``, summed over epochs), clean accuracy beside, mean ± std over seeds, and
+which points are Pareto-optimal on each cost axis.
 
 Why it is laid out this way (the issue "Robustness numbers a reviewer would trust"):
 
