@@ -79,7 +79,7 @@ The run directory (--out) gets config.json (every option as resolved), metrics.j
 (one line per epoch: loss, lr, held-out clean_acc and pgd5_monitor), checkpoint.pt
 (the last epoch, after every epoch; --resume continues it), best.pt (the epoch with the
 highest pgd5_monitor; ties keep the earlier epoch), summary.json and metrics.json.
-pgd5_monitor is cheap monitoring (PGD, 5 steps of 2/255, --eval-samples held-out
+pgd5_monitor is cheap monitoring (PGD, 5 steps of --eps/4, --eval-samples held-out
 samples), never the model's robustness: that is the end-of-run summary, AutoAttack and
 PGD (50 x eps/4, 2 starts) at 8/255 on --summary-samples held-out samples of checkpoint.pt (the
 console's last line states its headline), or `sattrain eval RUN_DIR` (or RUN_DIR/best.pt).
@@ -162,7 +162,9 @@ def main() -> None:
               help="PGD / TRADES steps in training.  [default: 5; fgsm-rs takes exactly 1]")
 @click.option("--step-size", default=None, callback=_eps("--step-size"),
               help="Step size of the training attack (and of the per-epoch monitor for the PGD / TRADES methods).  "
-                   "[default: 2/255; 1.25 x --eps for fgsm-rs (Wong et al.), --eps for free (Shafahi et al.)]")
+                   "A given step with --steps x --step-size < --eps draws a warning (the attack cannot reach the "
+                   "edge of the ball).  [default: --eps/4 (2/255 at 8/255, the SAT authors'); 1.25 x --eps for "
+                   "fgsm-rs (Wong et al.), --eps for free (Shafahi et al.)]")
 @click.option("--replays", type=click.IntRange(min=1), default=None,
               help="free: optimizer steps on each minibatch (Shafahi et al.'s m). The run makes ceil(--epochs / m) "
                    "passes over the data, so it takes the gradient steps of --epochs epochs.  [default: 8]")
@@ -206,7 +208,7 @@ def main() -> None:
 @click.option("--eval-split", default=None,
               help="Held-out split of the monitor and the summary.  [default: val if present, else test]")
 @click.option("--eval-steps", type=click.IntRange(min=0), default=5, show_default=True,
-              help="PGD steps of the per-epoch monitor (random start, --step-size, at --eps): cheap monitoring "
+              help="PGD steps of the per-epoch monitor (random start, steps of --step-size or --eps/4, at --eps): cheap monitoring "
                    "that picks best.pt, recorded as pgd<N>_monitor, not a robustness number.")
 @click.option("--summary-samples", type=click.IntRange(min=0), default=500, show_default=True,
               help="Held-out samples of the end-of-run summary with the strong protocol (AutoAttack and PGD at "

@@ -107,12 +107,18 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_BETA = {"trades": 6.0, "trades+sat": 1.0, "trades+noise": 1.0}
 
 # Attack steps and step size of training-time attacks when --steps / --step-size are not
-# given: PGD-AT and TRADES 5 steps of 2/255 (at --eps 8/255); FGSM with random start one
-# step of 1.25 eps (Wong et al.); Free-AT steps of eps (Shafahi et al.).
+# given: PGD-AT and TRADES 5 steps of eps/4 (2/255 at --eps 8/255, the SAT authors'
+# setting; 5 x eps/4 reaches the edge of the ball at any --eps, where a fixed 2/255 would
+# not beyond 10/255); FGSM with random start one step of 1.25 eps (Wong et al.); Free-AT
+# steps of eps (Shafahi et al.).
 DEFAULT_STEPS = 5
 SINGLE_STEP_METHODS = frozenset({"fgsm-rs", "fgsm-rs+sat"})
 FGSM_RS_STEP = Fraction(5, 4)  # x eps
-DEFAULT_STEP_SIZE = 2 / 255
+PGD_STEP = Fraction(1, 4)  # x eps: the multi-step methods' default step
+# The multi-step methods' default step before it became eps/4: a fixed 2/255 at any --eps.
+# A run that recorded it is resumed with it (sattrain.trainer: a resume that does not
+# give --step-size continues with the step the run started with).
+LEGACY_STEP_SIZE = 2 / 255
 # Free-AT: minibatch replays (Shafahi et al.: m = 8 at eps 8/255).
 REPLAY_METHODS = frozenset({"free"})
 DEFAULT_REPLAYS = 8
@@ -120,16 +126,48 @@ MAX_REPLAYS = 1024
 
 
 def default_step_size(method: str, eps: float) -> float:
-    """--step-size when not given: 1.25 eps for FGSM-RS, eps for Free-AT, 2/255 otherwise.
+    """--step-size when not given: 1.25 eps for FGSM-RS, eps for Free-AT, eps/4 otherwise
+    (exactly 2/255 at the default eps 8/255: a division by 4 is exact in floating point).
 
     >>> round(default_step_size("fgsm-rs", 8 / 255) * 255, 9), round(default_step_size("free", 4 / 255) * 255, 9)
     (10.0, 4.0)
+    >>> default_step_size("pgd", 8 / 255) == 2 / 255, round(default_step_size("trades", 16 / 255) * 255, 9)
+    (True, 4.0)
     """
     if method in SINGLE_STEP_METHODS:
         return float(FGSM_RS_STEP * Fraction(eps))
     if method in REPLAY_METHODS:
         return float(eps)
-    return DEFAULT_STEP_SIZE
+    return float(PGD_STEP * Fraction(eps))
+
+
+def short_attack_warning(cfg: "TrainConfig") -> str | None:
+    """A warning when an explicit --step-size (or --steps) leaves the training attack unable
+    to reach the edge of the --eps ball (steps x step size < eps), else None.
+
+    Only for the multi-step attack methods (PGD, TRADES and their mixes; steps >= 1), and
+    only when the user gave --step-size or --steps: the defaults reach it (5 x eps/4). FGSM-RS
+    and Free-AT take steps of 1.25 eps and eps. ``cfg`` is the user's config (before
+    ``resolved()``), so that what was given can be told from what was defaulted.
+
+    >>> short_attack_warning(TrainConfig(store="s", method="pgd", eps=16 / 255, step_size=2 / 255)) is not None
+    True
+    >>> short_attack_warning(TrainConfig(store="s", method="pgd", eps=16 / 255)) is None
+    True
+    """
+    if cfg.step_size is None and cfg.steps is None:
+        return None
+    if not ("pgd" in cfg.method or "trades" in cfg.method) or cfg.method in SINGLE_STEP_METHODS:
+        return None
+    r = cfg.resolved()
+    assert r.steps is not None and r.step_size is not None
+    eps = parse_eps(r.eps, "--eps")
+    if r.steps < 1 or Fraction(r.steps) * Fraction(r.step_size) >= Fraction(eps) * (1 - Fraction(1, 10**9)):
+        return None
+    return (f"warning: --steps {r.steps} x --step-size {format_eps(r.step_size)} = {format_eps(r.steps * r.step_size)} "
+            f"is less than --eps {format_eps(eps)}: the training attack cannot reach the edge of the eps-ball, so "
+            f"--method {cfg.method} trains against a weaker attack than its name says (the default step is "
+            f"--eps/4, 5 steps reach it)")
 
 # Default host-memory budget for a split held in memory (bytes). Larger splits are
 # streamed from the store in shuffled blocks of whole chunks.
@@ -260,7 +298,7 @@ class TrainConfig:
     alpha: float = 0.6  # SAT curriculum: p_t = 1 - alpha ** (epoch / 10)
     eps: float = 8 / 255  # PGD / TRADES ball (and the PGD evaluation during training)
     steps: int | None = None  # None: 1 for fgsm-rs(+sat), DEFAULT_STEPS otherwise
-    step_size: float | None = None  # None: default_step_size(method, eps)
+    step_size: float | None = None  # None: default_step_size(method, eps): eps/4, 1.25 eps for fgsm-rs, eps for free
     replays: int | None = None  # Free-AT's minibatch replays m; None: DEFAULT_REPLAYS for free
     early_stop: bool = False  # stop when the held-out monitor collapses (Wong et al.'s remedy)
     beta: float | None = None  # None: DEFAULT_BETA[method] for TRADES methods
@@ -425,8 +463,8 @@ class TrainConfig:
     @property
     def monitor_step_size(self) -> float:
         """Step of the per-epoch held-out PGD monitor: --step-size for the multi-step attack
-        methods (and the methods without an attack, whose --step-size is the PGD default),
-        eps/4 for FGSM-RS and Free-AT, whose step is an FGSM step of about eps."""
+        methods (and the methods without an attack, whose --step-size is the PGD default,
+        eps/4), eps/4 for FGSM-RS and Free-AT, whose step is an FGSM step of about eps."""
         if self.method in SINGLE_STEP_METHODS or self.method in REPLAY_METHODS:
             return parse_eps(self.eps, "--eps") / 4
         assert self.step_size is not None, "resolved() first"

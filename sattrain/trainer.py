@@ -23,8 +23,8 @@ A run directory holds::
                     "monitor" (what the monitor measures), run facts
 
 The monitor. After every epoch the model is scored on a fixed held-out subset
-(--eval-samples, 256) clean and under a cheap PGD (--eval-steps 5 steps of --step-size
-2/255 at --eps, one random start). That is for watching a run and choosing best.pt, and
+(--eval-samples, 256) clean and under a cheap PGD (--eval-steps 5 steps of eps/4, the
+--step-size of the PGD / TRADES methods, at --eps, one random start). That is for watching a run and choosing best.pt, and
 its key says so: ``pgd5_monitor`` (``pgd<N>_monitor`` with --eval-steps N). A few weak
 PGD steps overestimate robustness, so it is never reported as the model's robustness:
 that is the summary's job (or ``sattrain eval``).
@@ -123,7 +123,16 @@ from sattrain.checkpoint import (
     same_value,
     save_checkpoint,
 )
-from sattrain.config import TrainConfig, format_eps, resolve_augment, resume_mismatches
+from sattrain.config import (
+    LEGACY_STEP_SIZE,
+    REPLAY_METHODS,
+    SINGLE_STEP_METHODS,
+    TrainConfig,
+    format_eps,
+    resolve_augment,
+    resume_mismatches,
+    short_attack_warning,
+)
 from sattrain.rundir import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -472,10 +481,17 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
              device: torch.device, log: Log, *, model_spec: dict[str, Any] | None = None,
              steps_per_epoch: int = 1, method_states: list[dict[str, Any]] | None = None,
-             arrays: dict[str, str | None] | None = None) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]]]:
+             arrays: dict[str, str | None] | None = None, step_size_given: bool = True,
+             ) -> tuple[int, dict[str, Any] | None, list[dict[str, Any]], TrainConfig]:
     """(epochs already done in run_dir, best record so far, metrics.jsonl records of those
-    epochs): (0, None, []) for a new run; otherwise the model, optimizer, scheduler and
-    scaler are restored and best.pt checked (and repaired: _sync_best) once all is valid.
+    epochs, the run's config): (0, None, [], cfg) for a new run; otherwise the model,
+    optimizer, scheduler and scaler are restored and best.pt checked (and repaired:
+    _sync_best) once all is valid.
+
+    The config returned is ``cfg`` but for one case: a run started when the multi-step
+    methods' default --step-size was a fixed 2/255 (LEGACY_STEP_SIZE), resumed without
+    --step-size (``step_size_given`` False) at an --eps where the default is now another
+    (eps/4), continues with the step it started with (``_resumed_step``).
 
     A directory that holds a run needs --resume; resuming checks that the options (except
     those in RESUMABLE_CHANGES) and the contents of the arrays the run trains and evaluates
@@ -494,10 +510,10 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
     if (ckpt_path.is_file() or (run_dir / CONFIG_JSON).is_file()) and not cfg.resume:
         raise SatkitError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
     if not cfg.resume:
-        return 0, None, []
+        return 0, None, [], cfg
     if not ckpt_path.is_file():
         log(f"note: {run_dir} has no checkpoint yet; starting from scratch")
-        return 0, None, []
+        return 0, None, [], cfg
     ckpt = load_checkpoint(ckpt_path, map_location=device)
 
     def damaged(what: str) -> SatkitError:
@@ -515,6 +531,8 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
         raise SatkitError(f"{run_dir}: --resume in {cfg.world_size} process(es), but the run was trained in {saved_world}: "
                           f"each process trains on its own part of the samples with its own noise, so another number "
                           f"would not continue the same run; resume it in {how}")
+    if not step_size_given:
+        cfg = _resumed_step(cfg, saved_cfg, run_dir, log)
     diffs = resume_mismatches({"world_size": 1, **saved}, cfg.to_json())
     if diffs:
         raise SatkitError(f"{run_dir}: --resume with options other than the run's: " + "; ".join(diffs))
@@ -571,7 +589,22 @@ def _restore(run_dir: Path, cfg: TrainConfig, digest: str, store_path: str, mode
         method_states[:] = _check_method_states(saved_states, cfg, damaged)
     history = read_metrics_lines(run_dir / METRICS_JSONL, done)
     _sync_best(run_dir, ckpt, log)
-    return done, best, history
+    return done, best, history, cfg
+
+
+def _resumed_step(cfg: TrainConfig, saved: TrainConfig, run_dir: Path, log: Log) -> TrainConfig:
+    """``cfg`` with the step size of the run being resumed (``saved``) when the run recorded
+    the old default (a fixed 2/255, LEGACY_STEP_SIZE) and this invocation's default (eps/4)
+    differs: the same command line continues the run with the step it started with. Called
+    only when --step-size was not given; anything else is left to the options' comparison."""
+    if (cfg.method in SINGLE_STEP_METHODS or cfg.method in REPLAY_METHODS or saved.step_size != LEGACY_STEP_SIZE
+            or cfg.step_size == saved.step_size):
+        return cfg
+    assert cfg.step_size is not None
+    log(f"note: {run_dir} was started when the default --step-size was 2/255 at any --eps; it continues with "
+        f"2/255 (the default is now --eps/4, {format_eps(cfg.step_size)} at --eps {format_eps(cfg.eps)}: a new run "
+        f"gets it)")
+    return replace(cfg, step_size=saved.step_size)
 
 
 def _check_method_states(states: Any, cfg: TrainConfig, damaged: Callable[[str], SatkitError]) -> list[dict[str, Any]]:
@@ -787,6 +820,7 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     world = world_from_env()
     if not world.main:
         log = _silent
+    given = cfg  # the options as the user gave them (None where defaulted)
     if cfg.world_size not in (1, world.size):
         raise SatkitError(f"world size {cfg.world_size}: this process is one of {world.size} (torchrun's WORLD_SIZE); "
                           "train() records the launch's own")
@@ -798,6 +832,9 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
         # every process has the same options: rank 0 alone says what is wrong with them
         raise PeerFailed(f"{world.who()}: {e}") from None
     method = get_method(cfg.method)
+    short = short_attack_warning(given)
+    if short:
+        log(short)
     if cfg.beta is not None and not method.uses_beta and cfg.beta != 0:
         log(f"note: --beta is not used by --method {cfg.method}")
     if cfg.threads:
@@ -814,7 +851,7 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
     comm = start_processes(world, device)
     held: list[int] = []  # the run directory's lock (rank 0), released when the run ends
     try:
-        return _train(cfg, method, acc, comm, log, storage_options, held)
+        return _train(cfg, method, acc, comm, log, storage_options, held, step_size_given=given.step_size is not None)
     finally:
         for fd in held:
             os.close(fd)
@@ -822,8 +859,10 @@ def train(cfg: TrainConfig, log: Log | None = None, *, storage_options: dict[str
 
 
 def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: Log,
-           storage_options: dict[str, Any] | None, held: list[int]) -> Path:
-    """train() from the store on, in this process of ``comm`` (for one process, all of it)."""
+           storage_options: dict[str, Any] | None, held: list[int], *, step_size_given: bool = True) -> Path:
+    """train() from the store on, in this process of ``comm`` (for one process, all of it).
+    ``step_size_given``: whether the user gave --step-size (else a resume may keep the run's
+    old default step, ``_resumed_step``)."""
     device = acc.device
     world = comm.world
     show = cfg.progress and world.main  # progress bars: rank 0's alone
@@ -881,10 +920,10 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         if world.main:  # rank 0 alone reads and writes the run directory
             check_run_dir(run_dir)
             lock_run_dir(run_dir, held)
-            start_epoch, best, history = _restore(run_dir, cfg, digest, store.path, model, optimizer, scheduler,
-                                                  scaler, device, log, model_spec=model_spec,
-                                                  steps_per_epoch=steps_per_epoch * cfg.replays_per_batch,
-                                                  arrays=arrays, method_states=method_states)
+            start_epoch, best, history, cfg = _restore(
+                run_dir, cfg, digest, store.path, model, optimizer, scheduler, scaler, device, log,
+                model_spec=model_spec, steps_per_epoch=steps_per_epoch * cfg.replays_per_batch, arrays=arrays,
+                method_states=method_states, step_size_given=step_size_given)
             if start_epoch:
                 log(f"resuming {run_dir} after epoch {start_epoch} of {cfg.passes}")
             make_run_dir(run_dir)
@@ -892,6 +931,8 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
     metrics_path = run_dir / METRICS_JSONL
 
     if world.distributed:
+        # a resumed run's step size is rank 0's (_resumed_step: it may keep the run's old default)
+        cfg = replace(cfg, step_size=comm.broadcast(cfg.step_size, "sharing the run's step size"))
         # the processes must train the same run from the same data (on several machines, each
         # opened its own copy of the store: its contents must match)
         comm.same({"options": {k: v for k, v in cfg.to_json().items()
