@@ -83,6 +83,8 @@ pgd5_monitor is cheap monitoring (PGD, 5 steps of --eps/4, --eval-samples held-o
 samples), never the model's robustness: that is the end-of-run summary, AutoAttack and
 PGD (50 x eps/4, 2 starts) at 8/255 on --summary-samples held-out samples of checkpoint.pt (the
 console's last line states its headline), or `sattrain eval RUN_DIR` (or RUN_DIR/best.pt).
+Without a val split the monitor (and so best.pt) runs on test, the split the summary
+evaluates: --holdout N chooses best.pt on N samples held out of training instead.
 Multi-label stores train with BCE and report mAP.
 \b
 Examples:
@@ -202,11 +204,18 @@ def main() -> None:
               help="Continue the run in --out from its last checkpoint.pt, schedule included (same options; --epochs may "
                    "grow under --schedule constant only: the others are scaled to the epochs).")
 @click.option("--train-samples", type=click.IntRange(min=2), default=None,
-              help="Train on a random subset of this many samples (seeded), for quick runs.")
+              help="Train on a random subset of this many samples (seeded), for quick runs (with --holdout: of "
+                   "the samples left after it).")
+@click.option("--holdout", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Take N seeded samples out of the train split (the same samples for every run of the store with "
+                   "that N) and run the per-epoch monitor on them (--eval-samples of them), so that best.pt is not "
+                   "chosen on the test split; --train-samples draws from the rest, the summary still evaluates "
+                   "--eval-split; --resume needs the same N.  [default: none: the monitor runs on --eval-split]")
 @click.option("--eval-samples", type=click.IntRange(min=0), default=256, show_default=True,
               help="Size of the fixed held-out subset of the per-epoch monitor (0: the whole split).")
 @click.option("--eval-split", default=None,
-              help="Held-out split of the monitor and the summary.  [default: val if present, else test]")
+              help="Held-out split of the summary, and of the monitor unless --holdout.  [default: val if present, "
+                   "else test]")
 @click.option("--eval-steps", type=click.IntRange(min=0), default=5, show_default=True,
               help="PGD steps of the per-epoch monitor (random start, steps of --step-size or --eps/4, at --eps): cheap monitoring "
                    "that picks best.pt, recorded as pgd<N>_monitor, not a robustness number.")
@@ -229,7 +238,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
         schedule: str | None, attack_bn: str | None, eps0: float, alpha: float, eps: float, steps: int | None,
         step_size: float | None, replays: int | None, early_stop: bool, beta: float | None, augment: str, no_augment: bool, device: str,
         precision: str, channels_last: str, compile_mode: str, amp: bool, seed: int,
-        out: str | None, resume: bool, train_samples: int | None, eval_samples: int, eval_split: str | None,
+        out: str | None, resume: bool, train_samples: int | None, holdout: int | None, eval_samples: int, eval_split: str | None,
         eval_steps: int, summary_samples: int, memory_budget: int, threads: int | None, quiet: bool,
         as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Train a model on STORE with one of the methods; write a run directory.
@@ -257,7 +266,7 @@ def run(store: str, method: str, maps: tuple[str, ...], model: str, epochs: int,
                 steps=steps, step_size=step_size, replays=replays, early_stop=early_stop, beta=beta,
                 augment="none" if no_augment else augment, device=device, amp=amp, precision=precision,
                 channels_last=channels_last, compile=compile_mode, seed=seed, resume=resume,
-                train_samples=train_samples, eval_samples=eval_samples,
+                train_samples=train_samples, holdout=holdout, eval_samples=eval_samples,
                 eval_split=eval_split, eval_steps=eval_steps, summary_samples=summary_samples,
                 memory_budget=memory_budget, threads=threads, progress=not quiet,
             )

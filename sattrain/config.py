@@ -185,7 +185,7 @@ _FIELD_KINDS = {
     "batch_size": "int", "recipe": "str", "optimizer": "str?", "lr": "real?", "momentum": "real?",
     "weight_decay": "real?", "schedule": "str?", "attack_bn": "str?", "eps0": "eps", "alpha": "real", "eps": "eps",
     "steps": "int?", "step_size": "eps?", "replays": "int?", "beta": "real?", "augment": "augment", "device": "str", "amp": "bool",
-    "seed": "int", "resume": "bool", "train_samples": "int?", "eval_samples": "int", "eval_split": "str?",
+    "seed": "int", "resume": "bool", "train_samples": "int?", "holdout": "int?", "eval_samples": "int", "eval_split": "str?",
     "eval_steps": "int", "summary_samples": "int", "memory_budget": "int", "threads": "int?", "progress": "bool",
     "world_size": "int", "early_stop": "bool", "precision": "str", "channels_last": "str", "compile": "str",
 }
@@ -316,7 +316,12 @@ class TrainConfig:
     compile: str = "none"
     seed: int = 0
     resume: bool = False
-    train_samples: int | None = None  # None: the whole train split
+    train_samples: int | None = None  # None: the whole train split (less --holdout's samples)
+    # samples taken out of the train split (seeded, sattrain.trainer.HOLDOUT_SEED) as the
+    # per-epoch monitor's split, so that best.pt is chosen without looking at val or test;
+    # None: the monitor runs on --eval-split. --train-samples draws from the rest; the
+    # end-of-run summary still evaluates --eval-split.
+    holdout: int | None = None
     eval_samples: int = 256  # 0: the whole held-out split
     eval_split: str | None = None  # None: val if the store has it, else test
     eval_steps: int = 5  # PGD steps of the per-epoch held-out monitor (cheap, not the robustness)
@@ -382,6 +387,7 @@ class TrainConfig:
             ("--eval-samples", self.eval_samples, 0, None, " (0: the whole split)"),
             ("--summary-samples", self.summary_samples, 0, None, " (0: no end-of-run summary)"),
             ("--train-samples", self.train_samples, 2, None, ""),
+            ("--holdout", self.holdout, 1, None, " (samples of the train split held out for the monitor)"),
             ("--memory-budget", self.memory_budget, 1, None, ""),
             ("--threads", self.threads, 1, MAX_THREADS, ""),
             ("world size", self.world_size, 1, MAX_WORLD_SIZE, " (processes: torchrun --nproc-per-node x --nnodes)"),

@@ -208,6 +208,31 @@ def select_indices(n: int, count: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
 
 
+def split_holdout(n: int, holdout: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the training pool, the held-out samples): ``holdout`` seeded samples of a split of
+    ``n`` taken out of training (--holdout), both sorted and disjoint, together all ``n``.
+    ``holdout`` None (or 0): the whole split is the pool and nothing is held out. The same on
+    every process for the same arguments (a seeded permutation).
+
+    Raises SatkitError naming --holdout when fewer than two samples would be left to train on
+    (batch norm needs two).
+
+    >>> pool, held = split_holdout(10, 3, seed=0)
+    >>> len(pool), len(held), sorted(np.concatenate([pool, held]).tolist()) == list(range(10))
+    (7, 3, True)
+    >>> split_holdout(4, None, seed=0)[0].tolist(), split_holdout(4, None, seed=0)[1].tolist()
+    ([0, 1, 2, 3], [])
+    """
+    if not holdout:
+        return np.arange(n, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if n - holdout < 2:
+        raise SatkitError(f"--holdout {holdout}: the train split has {n:,} samples, and holding {holdout:,} of them "
+                          f"out leaves {max(0, n - holdout)} to train on (at least 2 are needed); give a smaller "
+                          f"--holdout (the monitor's samples are taken out of training)")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[holdout:]).astype(np.int64), np.sort(order[:holdout]).astype(np.int64)
+
+
 def partition(indices: np.ndarray, world_size: int, rank: int, seed: int) -> np.ndarray:
     """Process ``rank``'s part of ``indices`` among ``world_size`` processes (torchrun), sorted.
 

@@ -35,6 +35,14 @@ An epoch replaces the best only with a strictly higher monitor score, so a tie k
 the earlier epoch (the one that got there with less training). Multi-label runs compare
 the monitor's mAP under attack. A NaN score never becomes the best.
 
+What best.pt is chosen on: the monitor's subset is of --eval-split (val, else test), or,
+with ``--holdout N``, of N samples taken out of the train split (sattrain.data.split_holdout,
+HOLDOUT_SEED: the same in every process and every run of the store; --train-samples draws
+from the rest). Without --holdout on the test split the log says once that best.pt is
+chosen on test, and metrics.json's "monitor" has "split" and a "selection" note (after
+--early-stop, "summary" and "stopped_early" say that the summary evaluated best.pt on the
+split that chose it). config.json records "holdout" under "options" and "data".
+
 For multi-label stores every "acc" above is the mean average precision over classes
 (``"metric": "mAP"`` says so), and PGD maximises the BCE loss.
 
@@ -171,6 +179,7 @@ from sattrain.data import (
     prepare_batch,
     sample_bytes,
     select_indices,
+    split_holdout,
 )
 from sattrain.methods import Method, StepContext, StepResult, get_method
 from sattrain.models import create_model
@@ -188,6 +197,11 @@ LOG_EVERY = 20  # steps between host reads of the running loss (progress bar, Na
 # Fixed seed of the held-out subset: the same samples for every run, whatever its --seed,
 # so runs with different seeds and methods are compared on the same images.
 EVAL_SUBSET_SEED = 20200607
+# Seed of --holdout's samples (sattrain.data.split_holdout): fixed like EVAL_SUBSET_SEED, so
+# every run with --holdout N of a store trains on the same samples and is monitored on the
+# same held-out ones, whatever its --seed and method (--train-samples then draws its subset
+# from the rest with the run's seed).
+HOLDOUT_SEED = 20200608
 
 
 class NonFiniteLoss(SatkitError):
@@ -764,6 +778,35 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
     return best
 
 
+def _holdout_record(cfg: TrainConfig, holdout_idx: np.ndarray) -> dict[str, Any] | None:
+    """config.json's record of --holdout (None without it): how many, the seed, which samples."""
+    if not cfg.holdout:
+        return None
+    return {"split": "train", "samples": int(len(holdout_idx)), "seed": HOLDOUT_SEED,
+            "indices_blake2b": _indices_digest(holdout_idx),
+            "note": "taken out of training; the per-epoch monitor (and so best.pt) uses them, the summary --eval-split"}
+
+
+def _selection_note(cfg: TrainConfig, eval_split: str) -> str:
+    """metrics.json's monitor "selection": on what best.pt (and the "best" numbers) were chosen."""
+    if cfg.holdout:
+        return (f"best.pt and \"best\" were chosen on {cfg.holdout} samples held out of the train split (--holdout), "
+                f"not on the {eval_split} split the summary evaluates")
+    if eval_split == "test":
+        return ("best.pt and \"best\" were chosen on the test split: their numbers on test are selection-biased "
+                "(optimistic); rerun with --holdout N to choose on samples held out of training")
+    if eval_split == "train":
+        return ("best.pt and \"best\" were chosen on samples of the train split (--eval-split train), which may be "
+                "trained on; --holdout N holds samples out of training for the monitor")
+    return f"best.pt and \"best\" were chosen on the {eval_split} split; evaluate best.pt on test for a number not used to choose it"
+
+
+def _same_split_note(split: str) -> str:
+    """The summary's note after --early-stop without --holdout: it evaluates best.pt on the split it was chosen on."""
+    return (f"the summary evaluates best.pt, which the monitor chose on this same {split} split: the number is "
+            "selection-biased (optimistic); --holdout N chooses it on samples held out of training")
+
+
 def _silent(msg: str) -> None:
     """The log of a process other than rank 0: rank 0 alone logs."""
 
@@ -888,7 +931,11 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         num_classes = len(info.classes)
         model_spec = {"name": cfg.model, "num_classes": num_classes, "label_kind": info.label_kind,
                       "image_size": list(info.image_size), "classes": list(info.classes)}
-        train_idx = select_indices(info.splits["train"], cfg.train_samples, derive_seed(cfg.seed, "train-subset"))
+        # --holdout: samples of the train split taken out for the monitor (HOLDOUT_SEED: the same in
+        # every process and every run); --train-samples draws from the rest (without --holdout the
+        # pool is the whole split, pool[i] == i, and the subset is what it always was)
+        pool, holdout_idx = split_holdout(info.splits["train"], cfg.holdout, HOLDOUT_SEED)
+        train_idx = pool[select_indices(len(pool), cfg.train_samples, derive_seed(cfg.seed, "train-subset"))]
         # each process trains on epoch_samples of its part in batches of its share of --batch-size
         local_batch = cfg.batch_size // world.size
         steps_per_epoch = num_batches(epoch_samples(len(train_idx), world.size), local_batch)
@@ -937,7 +984,8 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         # opened its own copy of the store: its contents must match)
         comm.same({"options": {k: v for k, v in cfg.to_json().items()
                                if k not in ("store", "out", "progress", "threads", "memory_budget", "device")},
-                   "arrays": arrays, "train_samples": len(train_idx)}, "the run's options and store")
+                   "arrays": arrays, "train_samples": len(train_idx), "train_indices": _indices_digest(train_idx)},
+                  "the run's options and store")
         # --resume: rank 0 restored the checkpoint; the others take its state (the model's
         # weights are also broadcast by DistributedDataParallel when it wraps the model). RNG
         # states need no sharing: every stream is seeded from (seed, epoch, stream, rank).
@@ -960,19 +1008,23 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
                     scaler.load_state_dict(st["scaler"])
 
     # Data: the training split (or a seeded subset of it; this process's part of it) and, on
-    # rank 0, a fixed held-out subset.
+    # rank 0, the monitor's fixed held-out subset: of --holdout's samples of the train split,
+    # else of the evaluation split.
     partition_seed = derive_seed(cfg.seed, "partition")
+    monitor_split = "train" if cfg.holdout else eval_split  # the split the monitor's samples are read from
     with comm.stage("loading the data"):
         if world.main:
-            n_eval = info.splits[eval_split]
-            eval_idx = select_indices(n_eval, cfg.eval_samples or None, EVAL_SUBSET_SEED)
-            if len(eval_idx) * sample_bytes(store, eval_split, ()) > cfg.memory_budget:
+            if cfg.holdout:
+                eval_idx = holdout_idx[select_indices(len(holdout_idx), cfg.eval_samples or None, EVAL_SUBSET_SEED)]
+            else:
+                eval_idx = select_indices(info.splits[eval_split], cfg.eval_samples or None, EVAL_SUBSET_SEED)
+            if len(eval_idx) * sample_bytes(store, monitor_split, ()) > cfg.memory_budget:
                 raise SatkitError(f"--eval-samples: {len(eval_idx):,} held-out samples exceed --memory-budget; "
                                   "ask for fewer")
         train_data = open_train_split(store, "train", maps, train_idx, device, cfg.memory_budget, progress=show,
                                       rank=world.rank, world_size=world.size, seed=partition_seed)
         if world.main:
-            eval_data = EvalSplit(load_split(store, eval_split, (), eval_idx, progress=show), device)
+            eval_data = EvalSplit(load_split(store, monitor_split, (), eval_idx, progress=show), device)
     processes: dict[str, Any] = comm.describe()
     if world.distributed:
         mine = ({"placement": "stream"} if isinstance(train_data, StreamingSplit) else
@@ -995,11 +1047,18 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         if world.main:
             per = (f" in {world.size} processes ({train_data.n:,} samples and batches of {local_batch} each)"
                    if world.distributed else "")
+            held_out = (f"monitor on {eval_data.n:,} of {cfg.holdout:,} held out of train (--holdout), summary on "
+                        f"{eval_split}" if cfg.holdout else f"held-out {eval_split} {eval_data.n:,}")
             log(f"{store.path}: train {len(train_idx):,} samples ({train_data.placement}){per}, "
-                f"held-out {eval_split} {eval_data.n:,}; {cfg.method} on {cfg.model}, {device}"
+                f"{held_out}; {cfg.method} on {cfg.model}, {device}"
                 + (f", maps {', '.join(maps)}" if maps else "")
                 + f"; recipe {cfg.recipe}: {cfg.optimizer} lr {cfg.lr:g}, {cfg.schedule} schedule, "
                   f"attacks in BN {cfg.attack_bn} mode, augment {cfg.augment}")
+            if monitor_split == "test":
+                why = "--eval-split test" if cfg.eval_split == "test" else "the store has no val split"
+                log(f"note: best.pt is chosen on the test split ({why}), the split the summary evaluates: best.pt's "
+                    "numbers on test (and metrics.json's \"best\") are selection-biased, optimistic; pass --holdout N "
+                    "to choose it on N samples held out of training")
             write_json_atomic(run_dir / CONFIG_JSON, {
                 "options": cfg.to_json(),
                 "resumed_after_epoch": start_epoch if start_epoch else None,
@@ -1009,7 +1068,9 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
                           "hflip": bool(getattr(info, "hflip", True)),
                           "maps": {m: {"kind": c.kind, "encoding": c.encoding} for m, c in codecs.items()}},
                 "data": {"train_split": "train", "train_samples": len(train_idx), "placement": train_data.placement,
-                         "eval_split": eval_split, "eval_samples": eval_data.n, "steps_per_epoch": steps_per_epoch},
+                         "eval_split": eval_split, "eval_samples": eval_data.n, "steps_per_epoch": steps_per_epoch,
+                         "monitor_split": "holdout" if cfg.holdout else eval_split,
+                         "holdout": _holdout_record(cfg, holdout_idx)},
                 "processes": processes,
                 "method": {"name": method.name, "summary": method.summary, "needs_map": method.needs_map},
                 "model_spec": model_spec,
@@ -1030,8 +1091,10 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
                     (run_dir / name).unlink(missing_ok=True)
             monitor = {"key": monitor_key, "attack": "pgd", "eps": format_eps(cfg.eps), "steps": cfg.eval_steps,
                        "step_size": format_eps(cfg.monitor_step_size), "random_start": True, "restarts": 1,
-                       "loss": "bce" if multilabel else "ce", "split": eval_split, "samples": eval_data.n,
-                       "subset_seed": EVAL_SUBSET_SEED}
+                       "loss": "bce" if multilabel else "ce", "split": "holdout" if cfg.holdout else eval_split,
+                       "samples": eval_data.n, "subset_seed": EVAL_SUBSET_SEED,
+                       **({"holdout": {"of": "train", "samples": cfg.holdout, "seed": HOLDOUT_SEED}}
+                          if cfg.holdout else {})}
     autocast: Callable[[], ContextManager[Any]] = acc.autocast
     net = comm.wrap(model)  # DistributedDataParallel under torchrun; the model itself in one process
     # torch.compile (when asked) around DDP, as torch recommends; the training steps only
@@ -1093,10 +1156,12 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
                 stopped = comm.broadcast(stopped, "deciding whether to stop early") if world.distributed else stopped
                 if stopped is not None:
                     if world.main:
+                        same = "" if cfg.holdout else (f" (best.pt was chosen on the {eval_split} split, the one the "
+                                                       f"summary evaluates it on: an optimistic number)")
                         log(f"early stop after epoch {epoch + 1}: the monitor {monitor_label} fell from "
                             f"{stopped['from']:.4f} to {stopped['to']:.4f} in one epoch (catastrophic overfitting, "
                             f"Wong et al.); best.pt keeps epoch {best['epoch'] + 1 if best else '?'}, and the summary "
-                            f"evaluates it")
+                            f"evaluates it{same}")
                     break
     except NonFiniteLoss as e:
         if not world.main:  # every process stops at the same step; rank 0 says so
@@ -1119,7 +1184,8 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         "last": {"epoch": last.get("epoch"), monitor_key: last.get(monitor_key), "clean_acc": last.get("clean_acc"),
                  "checkpoint": CHECKPOINT_NAME},
         "monitor": {**monitor, "note": "cheap per-epoch monitoring for watching the run and choosing best.pt, "
-                                       "not the model's robustness (that is the summary, or sattrain eval)"},
+                                       "not the model's robustness (that is the summary, or sattrain eval)",
+                    "selection": _selection_note(cfg, eval_split)},
         "epochs": cfg.epochs,
         "method": cfg.method,
         "model": cfg.model,
@@ -1131,7 +1197,9 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
         "attack_bn": cfg.attack_bn,
         "augment": cfg.augment,
         "final_loss": last.get("loss"),
-        **({"stopped_early": {**stopped, "summary_of": BEST_NAME}} if stopped else {}),
+        **({"stopped_early": {**stopped, "summary_of": BEST_NAME,
+                              **({} if cfg.holdout else {"selection": _same_split_note(eval_split)})}}
+           if stopped else {}),
         "train_seconds": round(sum(r["seconds"] for r in history), 3),
     }
     if best is not None:
@@ -1148,7 +1216,7 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
     # its training record, and --resume (nothing left to train) redoes only the summary.
     final["summary_pending"] = True
     write_json_atomic(run_dir / METRICS_JSON, final)
-    log(f"summary: evaluating {run_dir / CHECKPOINT_NAME} with the strong protocol on "
+    log(f"summary: evaluating {run_dir / (BEST_NAME if stopped else CHECKPOINT_NAME)} with the strong protocol on "
         f"{cfg.summary_samples} {eval_split} samples ({', '.join(('pgd',) if multilabel else SUMMARY_ATTACKS)})")
     try:
         # evaluate() checks the split it loads is the version this run opened, before any attack
@@ -1163,6 +1231,8 @@ def _train(cfg: TrainConfig, method: Method, acc: accel.Accel, comm: Comm, log: 
                           "(checkpoint.pt, best.pt, metrics.json): redo only the summary with --resume, or "
                           "pass --resume --summary-samples 0 and evaluate with `sattrain eval`") from None
     del final["summary_pending"]
+    if stopped and not cfg.holdout:  # best.pt, chosen on the split it was just evaluated on
+        summary = {**summary, "selection": _same_split_note(eval_split)}
     final["summary"] = summary
     write_json_atomic(run_dir / METRICS_JSON, final)
     head = summary.get("headline") or {}
