@@ -82,7 +82,7 @@ highest pgd5_monitor; ties keep the earlier epoch), summary.json and metrics.jso
 pgd5_monitor is cheap monitoring (PGD, 5 steps of --eps/4, --eval-samples held-out
 samples), never the model's robustness: that is the end-of-run summary, AutoAttack and
 PGD (50 x eps/4, 2 starts) at 8/255 on --summary-samples held-out samples of checkpoint.pt (the
-console's last line states its headline), or `sattrain eval RUN_DIR` (or RUN_DIR/best.pt).
+console's last line states its headline, per sample the worst case of the two), or `sattrain eval RUN_DIR` (or RUN_DIR/best.pt).
 Without a val split the monitor (and so best.pt) runs on test, the split the summary
 evaluates: --holdout N chooses best.pt on N samples held out of training instead.
 Multi-label stores train with BCE and report mAP.

@@ -18,7 +18,8 @@ A run directory holds::
                     AutoAttack and PGD at 8/255 on --summary-samples held-out
                     samples) of checkpoint.pt; absent with --summary-samples 0
     metrics.json    at the end: "summary" (that evaluation's protocol, samples, split,
-                    clean, robust {"autoattack@8/255", "pgd@1/255", ...} and headline),
+                    clean, robust {"autoattack@8/255", "pgd@8/255", "autoattack+pgd@8/255"}
+                    and headline: per sample the worst case of the two attacks),
                     "best" and "last" (monitor numbers of the best and the last epoch),
                     "monitor" (what the monitor measures), run facts
 
@@ -186,8 +187,8 @@ from sattrain.models import create_model
 from sattrain.perturb import curriculum_p
 from sattrain.schedule import make_scheduler, step_per_step
 
-# The end-of-run summary (sattrain.evaluation, strong protocol): AutoAttack (the headline) and
-# the strong PGD at 8/255, its cross-check; the eps sweep, CW, distortions and the sanity
+# The end-of-run summary (sattrain.evaluation, strong protocol): AutoAttack and the strong PGD
+# at 8/255, the headline their per-sample worst case; the eps sweep, CW, distortions and the sanity
 # checks are `sattrain eval` (a sweep of strong PGD costs minutes on a CPU, and a summary
 # runs after every training run).
 SUMMARY_ATTACKS = ("autoattack", "pgd")
