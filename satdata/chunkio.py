@@ -661,8 +661,10 @@ def read_local_rows_into(fmt: FileFormat, path: str | os.PathLike, r0: int, r1: 
     """Rows [r0, r1) of the local file ``path`` into ``out``, as :func:`decode_rows_into`,
     reading only what they need: a shard's index, then its chunks, raw values straight
     into ``out`` (``pread``). FileNotFoundError where there is no file."""
+    from satdata.store import open_regular
+
     flat = _flat(out)
-    with open(path, "rb", buffering=0) as f:
+    with os.fdopen(open_regular(path), "rb", buffering=0) as f:
         _rows_into(fmt, _File(f.fileno(), os.fstat(f.fileno()).st_size), r0, r1, flat)
 
 

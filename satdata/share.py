@@ -335,21 +335,18 @@ def _info_of(root_bytes: bytes, where: str) -> Any:
 
 def _read_local(root: Path, key: str, where: str, limit: int = 0) -> bytes:
     """The bytes of the store's file ``key``: a regular file (a FIFO would block the read
-    forever, a directory fail it) of at most ``limit`` bytes (0: METADATA_LIMIT)."""
-    from satdata.store import resolve_inside
+    forever, a directory fail it: ``store.open_regular``) of at most ``limit`` bytes (0: METADATA_LIMIT)."""
+    from satdata.store import open_regular, resolve_inside
 
     limit = limit or METADATA_LIMIT
     try:
-        fd = os.open(resolve_inside(root, key), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = open_regular(resolve_inside(root, key), f"{where}: {key}")
     except FileNotFoundError:
         raise StoreError(f"{where}: {key} is missing; the store is damaged") from None
     except OSError as e:
         raise StoreError(f"{where}: {key} cannot be read ({e.strerror}); the store is damaged") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"{where}: {key} is not a regular file (a directory, FIFO or device); the store is "
-                             "damaged, not packed")
         if st.st_size > limit:
             raise StoreError(f"{where}: {key} holds {st.st_size:,} bytes, more than this file can ({limit:,}); "
                              "the store is damaged, not packed (`satdata verify` names the samples)")

@@ -39,12 +39,14 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
 from satdata.errors import StoreError
 
@@ -373,6 +375,84 @@ def resolve_inside(root: str | Path, relative: str) -> Path:
     if target == base or not target.is_relative_to(base):
         raise StoreError(f"{root}: {relative} leads outside the store (to {target})")
     return target
+
+
+# --------------------------------------------------------------------------- files that are not files
+
+
+def special_kind(mode: int) -> str | None:
+    """None for a regular file, else what the st_mode ``mode`` is ('a FIFO (named pipe)', ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def not_regular(shown: str, kind: str) -> StoreError:
+    """The one error for a store's file that is not a regular file (``shown`` names it)."""
+    return StoreError(f"{shown} is not a regular file ({kind}); the store is damaged (`satdata verify` lists "
+                      "every damaged file)")
+
+
+def check_regular(path: str | os.PathLike, shown: str | None = None) -> None:
+    """Refuse (StoreError naming ``shown``, default ``path``) a store file that exists and is
+    not a regular file: a FIFO would block its reader forever, a device stream without end.
+    A missing file (or a dangling link) passes: the caller tells absent from damaged."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    kind = special_kind(mode)
+    if kind is not None:
+        raise not_regular(shown or str(path), kind)
+
+
+def open_regular(path: str | os.PathLike, shown: str | None = None) -> int:
+    """A descriptor of the store file ``path`` opened for reading, refused (StoreError naming
+    ``shown``, default ``path``) unless it is a regular file: checked before the open (a device
+    is never opened) and after it, on the descriptor (the open is non-blocking: a FIFO put
+    there meanwhile cannot block it). OSError (FileNotFoundError...) where it cannot be opened."""
+    check_regular(path, shown)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        kind = special_kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise not_regular(shown or str(path), kind)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(path: str | os.PathLike, shown: str | None = None, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`), at most ``limit`` + 1 of them."""
+    with os.fdopen(open_regular(path, shown), "rb") as f:
+        return f.read() if limit is None else f.read(limit + 1)
+
+
+class RegularLocalStore(LocalStore):
+    """zarr's LocalStore, reading only regular files (:func:`check_regular`): zarr's own opens
+    a FIFO at a chunk's or a zarr.json's path and blocks forever, reads a device without end."""
+
+    async def get(self, key: str, prototype: Any = None, byte_range: Any = None) -> Any:
+        check_regular(self.root / key, f"{self.root}: {key}")
+        return await super().get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+        key_ranges = list(key_ranges)
+        for key, _ in key_ranges:
+            check_regular(self.root / key, f"{self.root}: {key}")
+        return await super().get_partial_values(prototype, key_ranges)
+
+
+def open_local_group(path: str | Path, mode: str = "r") -> "zarr.Group":
+    """``zarr.open_group`` of the local directory ``path``, whose files are read only where
+    they are regular files (a FIFO, a device, a directory at a file's key: a StoreError)."""
+    return zarr.open_group(RegularLocalStore(path, read_only=mode == "r"), mode=mode)
 
 
 # --------------------------------------------------------------------------- names
@@ -884,9 +964,14 @@ class Store:
                 size = None
             else:
                 try:
-                    size = os.stat(f"{root}/{chunk_key(arr, i)}").st_size
+                    st = os.stat(f"{root}/{chunk_key(arr, i)}")
                 except FileNotFoundError:
-                    size = None
+                    st = None
+                kind = special_kind(st.st_mode) if st is not None else None
+                if kind is not None:
+                    raise not_regular(f"{self.path}: array {p} {word} {i} (samples [{a}, {b})): "
+                                      f"{chunk_key(arr, i)}", kind)
+                size = st.st_size if st is not None else None
                 if size is not None and (fmt is None or fmt.size_ok(size)):
                     continue
             if size is None:
@@ -1083,7 +1168,7 @@ class Store:
                 sig: Any = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 if cached is not None and cached[0] == sig:
                     return cached[1]
-                raw = (root / "zarr.json").read_bytes()
+                raw = read_regular(root / "zarr.json", f"{self.path}: zarr.json")
             else:
                 from zarr.core.buffer import default_buffer_prototype
                 from zarr.core.sync import sync
@@ -1243,10 +1328,12 @@ def _open_group(path: str, mode: str, storage_options: Mapping[str, Any] | None 
             raise StoreError(f"{path}: not a satkit store ({type(e).__name__}: {str(e)[:160]})") from None
     if not p.exists():
         raise StoreError(f"{path}: no such store")
-    if not (p / "zarr.json").is_file():
+    if not (p / "zarr.json").exists():
         raise StoreError(f"{path}: not a satkit store (no zarr.json: not a Zarr v3 group)")
     try:
-        return zarr.open_group(path, mode=mode)
+        return open_local_group(path, mode=mode)
+    except StoreError:
+        raise
     except Exception as e:  # zarr raises several types for foreign or damaged metadata
         raise StoreError(f"{path}: not a satkit store ({type(e).__name__}: {e})") from None
 
@@ -1292,6 +1379,8 @@ def validate(group: "zarr.Group", info: StoreInfo, where: str) -> dict[str, "zar
         arr = found[p]
         if isinstance(arr, KeyError):
             raise StoreError(f"{where}: lacks array {p}")
+        if isinstance(arr, StoreError):  # a file there that cannot be read safely (a FIFO...)
+            raise arr
         if isinstance(arr, Exception):  # a damaged or crafted zarr.json of the array
             raise StoreError(f"{where}: array {p} has unreadable metadata ({type(arr).__name__}: "
                              f"{str(arr)[:120]})")

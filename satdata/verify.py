@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -16,7 +15,8 @@ import numpy as np
 
 from satdata.chunkio import file_word, iter_chunk_files
 from satdata.errors import StoreError
-from satdata.store import Store, _canonical_bytes, all_arrays, chunk_file_digest, chunk_key, iter_chunks, write_unit
+from satdata.store import (Store, _canonical_bytes, all_arrays, chunk_file_digest, chunk_key, iter_chunks, special_kind,
+                           write_unit)
 
 
 @dataclass
@@ -110,11 +110,10 @@ def _skip_special(store: Store, wanted: list[tuple[Any, int]], concurrency: int 
     elif root is not None:
         for arr, i in wanted:
             try:
-                mode = os.stat(root / chunk_key(arr, i)).st_mode
+                kind = special_kind(os.stat(root / chunk_key(arr, i)).st_mode)
             except OSError:
                 continue  # missing (zarr reads it as absent), or a dangling link: reported as missing
-            if not stat.S_ISREG(mode):
-                kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+            if kind is not None:
                 odd[(id(arr), i)] = f"{chunk_key(arr, i)} is {kind}, not a file"
     fetched = iter_chunk_files(((arr, i) for arr, i in wanted if (id(arr), i) not in odd), concurrency=concurrency)
     try:

@@ -1,0 +1,134 @@
+"""Hostile input, second round: a FIFO inside a local store, ``--overwrite`` onto a file that
+is not satkit's, and S3 servers that send more than was asked for.
+
+Cases where a bug would hang (a FIFO opened for reading) run the real command in its own
+process with a timeout, so that a regression fails instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def store(digits_store: Path, tmp_path: Path) -> Path:
+    """A private copy of the digits store (16x16)."""
+    dst = tmp_path / "digits.zarr"
+    shutil.copytree(digits_store, dst)
+    return dst
+
+
+def command(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m *args`` in its own process: a read that blocks fails the test by its timeout."""
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """The command failed with exit code 1 and one line (no traceback) holding every fragment."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def plant_fifo(store: Path, key: str) -> None:
+    victim = store / key
+    victim.unlink()
+    os.mkfifo(victim)
+
+
+# --------------------------------------------------------------------------- 1. a FIFO in a local store
+
+
+def test_info_refuses_a_fifo_where_an_arrays_zarr_json_belongs(store: Path) -> None:
+    """zarr's local store opened a FIFO at train/images/zarr.json and blocked forever in
+    `satdata info` (open_store reads every array's metadata); now one line names the file."""
+    plant_fifo(store, "train/images/zarr.json")
+    one_line_error(command("satdata", "info", store), f"{store}: train/images/zarr.json is not a regular file (a FIFO)")
+
+
+def test_export_refuses_a_fifo_and_writes_nothing(store: Path, tmp_path: Path) -> None:
+    """`satdata export` of a store with a FIFO at train/labels/zarr.json blocked forever; now
+    it stops with one line naming the file, and no .h5 (nor a partial one) is left."""
+    plant_fifo(store, "train/labels/zarr.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    one_line_error(command("satdata", "export", store, "--out", out / "d.h5", "-q"),
+                   f"{store}: train/labels/zarr.json is not a regular file (a FIFO)")
+    assert list(out.iterdir()) == []
+
+
+def test_reading_a_chunk_that_is_a_fifo_is_refused_on_every_local_path(store: Path) -> None:
+    """A FIFO at a chunk's path: Store.load said 'has 0 bytes' (its size), while zarr's own
+    read of the array (store.group[...]) and satkit's reader of local files
+    (chunkio.read_local_rows_into) opened it and blocked forever. Now each names the file
+    and says what it is, in its own process so that a regression times out."""
+    key = "train/images/c/0/0/0/0"
+    plant_fifo(store, key)
+    expect = f"{key} is not a regular file (a FIFO)"
+    prelude = ("import sys, numpy as np\n"
+               "from satdata.errors import StoreError\n"
+               "from satdata.store import open_store, _file_format\n"
+               "from satdata import chunkio\n"
+               f"s = open_store({str(store)!r})\n"
+               "try:\n"
+               "    {}\n"
+               "except StoreError as e:\n"
+               "    print(e)\n"
+               "    sys.exit(3)\n")
+    reads = {
+        "load": "s.load('train', 'images')",
+        "zarr": "s.group['train/images'][0:10]",
+        "rows": (f"chunkio.read_local_rows_into(_file_format(s.group['train/images']), {str(store / key)!r}, 0, 10, "
+                 "np.empty((10, 16, 16, 3), np.uint8))"),
+    }
+    for name, read in reads.items():
+        proc = subprocess.run([sys.executable, "-c", prelude.replace("{}", read)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 3, (name, proc.stdout, proc.stderr)
+        assert expect in proc.stdout and str(store) in proc.stdout, (name, proc.stdout)
+
+
+def test_a_directory_at_a_chunk_path_is_not_read_as_fill_values(store: Path) -> None:
+    """zarr's local store reads a directory at a chunk's key as 'no chunk' (zeros); a read
+    through zarr of such a store now refuses it, naming the file."""
+    from satdata.errors import StoreError
+    from satdata.store import open_store
+
+    victim = store / "train" / "labels" / "c" / "0"
+    victim.unlink()
+    victim.mkdir()
+    s = open_store(store)
+    with pytest.raises(StoreError, match=r"train/labels/c/0 is not a regular file \(a directory\)"):
+        s.group["train/labels"][0:5]
+
+
+def test_sattrain_run_refuses_a_fifo_in_its_store(store: Path, tmp_path: Path) -> None:
+    """`sattrain run` on a store with a FIFO at an array's zarr.json blocked forever; now one
+    line names the file, and the run directory holds nothing."""
+    plant_fifo(store, "train/labels/zarr.json")
+    out = tmp_path / "run"
+    proc = command("sattrain", "run", store, "--out", out, "--epochs", "1", "--batch-size", "8", "--eval-samples", "8",
+                   "--eval-steps", "1", "--steps", "1", "--summary-samples", "0", "--device", "cpu", "--threads", "1",
+                   "-q", timeout=300)
+    one_line_error(proc, f"{store}: train/labels/zarr.json is not a regular file (a FIFO)")
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_verify_and_pack_still_name_a_fifo_chunk(store: Path, tmp_path: Path) -> None:
+    """verify and pack use the same check (satdata.store.special_kind / open_regular)."""
+    plant_fifo(store, "train/ids/c/0")
+    proc = command("satdata", "verify", store)
+    assert proc.returncode == 1 and "train/ids/c/0 is a FIFO, not a file" in proc.stderr, proc.stderr
+    one_line_error(command("satdata", "pack", store, "--out", tmp_path / "d.zip", "-q"),
+                   f"{store}: train/ids/c/0 is not a regular file (a FIFO)")
+    assert not (tmp_path / "d.zip").exists()
