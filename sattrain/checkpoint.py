@@ -225,10 +225,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     Weights that do not fit the network the checkpoint names (another architecture,
     missing or extra tensors, other shapes) end in a SatkitError naming the file.
     """
+    p = resolve_checkpoint(path)
+    return model_from_checkpoint(load_checkpoint(p, map_location="cpu"), p, device)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], p: Path, device: str | torch.device = "cpu"
+                          ) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_model` of a checkpoint dict already loaded from ``p`` (errors name ``p``)."""
     from sattrain.models import create_model
 
-    p = resolve_checkpoint(path)
-    ckpt = load_checkpoint(p, map_location="cpu")
     spec = dict(ckpt["model_spec"])
     try:
         model = create_model(spec["name"], int(spec["num_classes"]))

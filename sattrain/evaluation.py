@@ -90,7 +90,7 @@ from satdata.atomic import write_json_atomic
 from satdata.errors import SatkitError
 from satdata.store import Store, open_store, store_digest
 from sattrain.attacks import autoattack_reference, autoattack_torchattacks, cw_l2, pgd, pgd_until_fooled
-from sattrain.checkpoint import load_model, resolve_checkpoint
+from sattrain.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from sattrain.rundir import CHECKPOINT_NAME, EVAL_JSON, PAPER_EVAL_JSON
 from sattrain.config import format_eps
 from sattrain.device import resolve_device
@@ -113,6 +113,7 @@ __all__ = [
     "default_batch_size",
     "PartialEvaluationWarning",
     "GradientMaskingWarning",
+    "SelectionBiasWarning",
 ]
 
 EVAL_FORMAT = "satkit-eval"
@@ -151,6 +152,11 @@ MONITOR_BATCH = 256
 
 class PartialEvaluationWarning(UserWarning):
     """Fewer samples were evaluated than the split holds: the numbers are estimates."""
+
+
+class SelectionBiasWarning(UserWarning):
+    """The evaluated samples are those the checkpoint was chosen on (a best.pt selected on
+    test): the numbers are optimistic."""
 
 
 class GradientMaskingWarning(UserWarning):
@@ -724,17 +730,49 @@ def evaluate(
             target.train(was_training)
             for p, g in grads:
                 p.requires_grad_(g)
-    model, spec = load_model(ckpt_path, dev)
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    model, spec = model_from_checkpoint(ckpt, ckpt_path, dev)
     if normalize is not None:
         raise SatkitError("normalize: a satkit checkpoint's model already takes [0, 1] images")
-    return _evaluate(cfg, proto, say, dev, ckpt_path, model, spec, st, dest if write else None)
+    chosen_on = _chosen_on(ckpt)
+    del ckpt
+    return _evaluate(cfg, proto, say, dev, ckpt_path, model, spec, st, dest if write else None, chosen_on)
+
+
+def _chosen_on(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """For a best.pt (an epoch chosen by the per-epoch monitor of ``sattrain run``) trained
+    without --holdout: the run, the split the monitor scored and that split's images digest,
+    to tell whether an evaluation scores the very samples the epoch was chosen on."""
+    extra = ckpt.get("extra")
+    config = ckpt.get("config")
+    if not isinstance(extra, dict) or not extra.get("best_of") or not isinstance(ckpt.get("best"), dict):
+        return None
+    if isinstance(config, dict) and config.get("holdout"):
+        return None  # chosen on samples held out of training: no test sample was looked at
+    split, arrays = extra.get("eval_split"), extra.get("arrays")
+    if not isinstance(split, str) or not isinstance(arrays, dict):
+        return None
+    return {"run": str(extra["best_of"]), "split": split, "images": arrays.get(f"{split}/images")}
+
+
+def _selection_note(chosen_on: dict[str, Any] | None, st: Store, split: str, ckpt_path: Path | None) -> str | None:
+    """The eval.json "selection" note when the evaluated samples are those best.pt was chosen on."""
+    if chosen_on is None or chosen_on["split"] != split or chosen_on["images"] is None:
+        return None
+    now = (st.info.digests.get(st.array_key(split, "images")) or {}).get("sha256")
+    if now != chosen_on["images"]:
+        return None  # another store, or other images under that split's name
+    return (f"{ckpt_path} is the epoch of {chosen_on['run']} that the per-epoch monitor chose on split {split!r}, the "
+            "split evaluated here: these numbers are selection-biased (optimistic). Evaluate checkpoint.pt (the last "
+            "epoch), or train with --holdout N so that best.pt is chosen on samples held out of training")
 
 
 @_float32_with_grad()
 def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev: torch.device,
               ckpt_path: Path | None, model: nn.Module, spec: dict[str, Any], st: Store,
-              dest: Path | None) -> dict[str, Any]:
-    """evaluate() once the model and the store are open (``dest`` None: nothing written)."""
+              dest: Path | None, chosen_on: dict[str, Any] | None = None) -> dict[str, Any]:
+    """evaluate() once the model and the store are open (``dest`` None: nothing written;
+    ``chosen_on``: :func:`_chosen_on` of a best.pt)."""
     info = st.info
     what = ckpt_path if ckpt_path is not None else f"model {spec['name']}"
 
@@ -765,6 +803,10 @@ def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev:
             f"model was trained at {tuple(spec['image_size'])} but store {st.path} is {tuple(info.image_size)}",
             stacklevel=3,
         )
+
+    selection = _selection_note(chosen_on, st, split_name, ckpt_path)
+    if selection is not None:
+        warnings.warn(selection, SelectionBiasWarning, stacklevel=3)
 
     images_np = st.load(split_name, "images")
     labels_np = st.load(split_name, "labels")
@@ -962,6 +1004,7 @@ def _evaluate(cfg: EvalConfig, proto: Protocol, say: Callable[[str], None], dev:
         "split_size": total,
         "complete": n == total,
         "metric": "mAP" if multi else "accuracy",
+        **({"selection": selection} if selection is not None else {}),
         "clean": clean_value,
         "robust": robust,
         "headline": None,
@@ -1162,6 +1205,8 @@ def format_table(r: dict[str, Any]) -> str:
     if h:
         lines += ["", f"headline ({label}): {h['name']} = {h['value']:.4f} on {h['samples']} samples"
                   + ("" if h["complete"] else " (seeded subset)")]
+    if r.get("selection"):
+        lines.append(f"note: {r['selection']}")
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in r.get("seconds", {}).items())
     lines += ["", f"time: {secs}"]
     if r.get("samples_per_s"):

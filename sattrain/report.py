@@ -612,8 +612,10 @@ def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
         headline_name=h_name, headline=h_value, cw=cw, cw_median_l2=cw_med, cw_settings=cw_settings,
         autoattack_settings=aa_settings, distortions=dist, sanity_passed=passed, sanity_failed=failed,
         sanity_details=details,
-        note="eval.json version 1 (written before protocols were named; it was the paper protocol)"
-        if version == 1 and "protocol" not in data and file != METRICS_JSON else "",
+        note="; ".join(n for n in (
+            "eval.json version 1 (written before protocols were named; it was the paper protocol)"
+            if version == 1 and "protocol" not in data and file != METRICS_JSON else "",
+            "selection-biased: best.pt, chosen on the split evaluated" if data.get("selection") else "") if n),
     )
 
 

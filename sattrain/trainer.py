@@ -686,11 +686,11 @@ def run_summary(run_dir: Path, store: Store, *, split: str, samples: int, device
     from sattrain import evaluation as ev_mod
 
     attacks = ("pgd",) if multilabel else SUMMARY_ATTACKS
-    partial = getattr(ev_mod, "PartialEvaluationWarning", None)
     with warnings.catch_warnings():
-        # a subset is the point here, and the summary line states its size
-        if partial is not None:
-            warnings.simplefilter("ignore", partial)
+        # a subset is the point here, and the summary line states its size; a best.pt chosen on
+        # this split (after --early-stop) gets the run's own "selection" note below
+        warnings.simplefilter("ignore", ev_mod.PartialEvaluationWarning)
+        warnings.simplefilter("ignore", ev_mod.SelectionBiasWarning)
         result = ev_mod.evaluate(run_dir / checkpoint, store, protocol="strong", split=split, samples=samples, seed=SUMMARY_SEED, device=str(device),
                                  attacks=attacks, eps=SUMMARY_EPS, out=run_dir / SUMMARY_JSON,
                                  progress=lambda line: log(f"summary: {line}"))

@@ -5,6 +5,7 @@ split)."""
 from __future__ import annotations
 
 import json
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -160,6 +161,20 @@ def test_without_holdout_on_test_the_log_and_metrics_say_so(digits_store: Path, 
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["options"]["holdout"] is None and cfg["data"]["holdout"] is None
     assert cfg["data"]["monitor_split"] == "test"
+    # `sattrain eval` of that best.pt on test scores the samples it was chosen on: it says so
+    # (a warning, eval.json "selection", the table, the report); checkpoint.pt was not chosen
+    from sattrain.evaluation import SelectionBiasWarning, evaluate, format_table
+    from sattrain.report import load_run
+
+    kw = dict(attacks=("pgd",), eps=(8 / 255,), samples=8, device="cpu")
+    with pytest.warns(SelectionBiasWarning, match=r"best\.pt is the epoch of .* chose on split 'test'"):
+        r = evaluate(out / "best.pt", digits_store, out=out / "eval.json", **kw)
+    assert "selection-biased" in r["selection"] and "--holdout N" in r["selection"]
+    assert f"note: {r['selection']}" in format_table(r)
+    assert "selection-biased" in load_run(out).measurements["strong"].note
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionBiasWarning)
+        assert "selection" not in evaluate(out, digits_store, write=False, **kw)
 
 
 def test_holdout_monitors_on_training_samples_held_out(digits_store: Path, tmp_path: Path,
@@ -198,6 +213,13 @@ def test_holdout_monitors_on_training_samples_held_out(digits_store: Path, tmp_p
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["options"]["holdout"] == 48 and cfg["data"]["holdout"]["samples"] == 48
     assert cfg["data"]["monitor_split"] == "holdout" and cfg["data"]["eval_split"] == "test"
+    # its best.pt was chosen without looking at test: evaluating it there is not selection-biased
+    from sattrain.evaluation import SelectionBiasWarning, evaluate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SelectionBiasWarning)
+        assert "selection" not in evaluate(out / "best.pt", digits_store, attacks=("pgd",), eps=(8 / 255,), samples=8,
+                                           device="cpu", write=False)
 
     # --resume: the same samples again; without --holdout it is another run
     first = dict(seen)
