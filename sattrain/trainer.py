@@ -25,8 +25,8 @@ A run directory holds::
 
 The monitor. After every epoch the model is scored on a fixed held-out subset
 (--eval-samples, 256) clean and under a cheap PGD (--eval-steps 5 steps of eps/4, the
---step-size of the PGD / TRADES methods, at --eps, one random start). That is for watching a run and choosing best.pt, and
-its key says so: ``pgd5_monitor`` (``pgd<N>_monitor`` with --eval-steps N). A few weak
+--step-size of the PGD / TRADES methods, at --eps, one random start). That is for
+watching a run and choosing best.pt, and its key says so: ``pgd5_monitor`` (``pgd<N>_monitor`` with --eval-steps N). A few weak
 PGD steps overestimate robustness, so it is never reported as the model's robustness:
 that is the summary's job (or ``sattrain eval``).
 
