@@ -54,7 +54,8 @@ rest. Remove that directory to give up on a download.
 @click.argument("store")
 @click.argument("out_arg", metavar="[OUT]", required=False)
 @click.option("--out", "-o", "out", default=None, help="The .zip to write (OUT, as the second argument, also works).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it is an existing file (once the new zip is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is an existing packed satkit store or an empty file (once the new zip "
+                   "is complete); any other file is refused.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def pack_cmd(store: str, out_arg: str | None, out: str | None, overwrite: bool, quiet: bool, as_json: bool) -> None:
@@ -86,8 +87,8 @@ def pack_cmd(store: str, out_arg: str | None, out: str | None, overwrite: bool, 
 @click.option("--out", "-o", required=True,
               help="Where to put the store: a new local directory (or, for a .zip URL, NAME.zip to keep the archive).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace --out if it is an existing store (an existing .zip for a .zip --out), "
-                   "only once the new one has verified.")
+              help="Replace --out if it is an existing store or an empty directory (for a .zip --out: a packed "
+                   "store or an empty file), only once the new one has verified; anything else is refused.")
 @click.option("--workers", "--jobs", "-j", "jobs", type=click.IntRange(1, 64), default=16, show_default=True,
               help="Downloads in flight at once (--jobs: its older name).")
 @click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True,

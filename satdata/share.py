@@ -220,8 +220,8 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
     zip is written beside ``out`` and renamed into place only when complete.
     """
     from satdata import remote
-    from satdata.atomic import (check_file_out, commit_path, identity, make_parents, output_lock, partial_path,
-                                 probe_writable, remove_empty, resolve_out, sigterm_as_interrupt)
+    from satdata.atomic import (commit_path, identity, make_parents, output_lock, partial_path, probe_writable,
+                                 remove_empty, resolve_out, sigterm_as_interrupt)
     from satdata.store import open_store, resolve_inside, store_digest
 
     text = str(store)
@@ -249,7 +249,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
         inside = False
     if inside:
         raise SatkitError(f"OUT {out}: is inside the store {root}; write the .zip elsewhere")
-    check_file_out(out, overwrite)
+    check_zip_out(out, overwrite)
 
     # what goes in, in order: every metadata file and recorded chunk, sorted; the root last
     entries: list[Entry] = [Entry(k) for k in metadata_keys(info, where)]
@@ -277,7 +277,7 @@ def pack(store: str | Path, out: str | Path, *, overwrite: bool = False, progres
         probe_writable(out.parent, "OUT")
         with output_lock(out), sigterm_as_interrupt():  # a job scheduler's SIGTERM removes the partial zip too
             before = identity(out)
-            check_file_out(out, overwrite)
+            check_zip_out(out, overwrite)
             _remove_stale_zips(out)
             tmp = partial_path(out)
             try:
@@ -331,6 +331,55 @@ def _info_of(root_bytes: bytes, where: str) -> Any:
         return StoreInfo.from_json(json.loads(root_bytes)["attributes"][ATTR_KEY], where)
     except (ValueError, KeyError, TypeError, StoreError):
         return None
+
+
+def packed_store_problem(path: Path) -> str | None:
+    """Why the existing file ``path`` is not a packed satkit store (None where it is one): a
+    zip holding a root zarr.json (of at most METADATA_LIMIT bytes) with satkit's attributes."""
+    from satdata.store import open_regular
+
+    try:
+        with os.fdopen(open_regular(path), "rb") as f, zipfile.ZipFile(f) as zf:
+            try:
+                entry = zf.getinfo(ROOT_KEY)
+            except KeyError:
+                return f"a zip without a store's {ROOT_KEY}"
+            if entry.file_size > METADATA_LIMIT:
+                return f"its {ROOT_KEY} declares {entry.file_size:,} bytes, more than a store's metadata"
+            with zf.open(entry) as member:
+                root_bytes = member.read(METADATA_LIMIT + 1)
+    except StoreError as e:  # not a regular file
+        return str(e).split("; ")[0].removeprefix(f"{path} ")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError):
+        return "not a zip file"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except Exception as e:  # noqa: BLE001 - an encrypted entry, an unknown method, a crafted deflate stream
+        return f"a zip that cannot be read ({type(e).__name__})"
+    if _info_of(root_bytes, str(path)) is None:
+        return f"its {ROOT_KEY} has no satkit attributes"
+    return None
+
+
+def check_zip_out(out: Path, overwrite: bool) -> None:
+    """Refuse an existing output .zip unless ``overwrite``, and even then unless it is a packed
+    satkit store or an empty file: a mistyped --out never costs an unrelated file."""
+    from satdata.atomic import check_file_out
+
+    check_file_out(out, overwrite)
+    if not overwrite:
+        return
+    try:
+        if os.stat(out).st_size == 0:
+            return
+    except FileNotFoundError:
+        return  # nothing there (or gone meanwhile): nothing to replace
+    except OSError as e:
+        raise SatkitError(f"{out}: cannot be checked ({e.strerror}); refusing to replace it") from None
+    why = packed_store_problem(out)
+    if why is not None:
+        raise SatkitError(f"{out}: exists and is not a packed satkit store ({why}); --overwrite replaces only "
+                          "a packed store or an empty file: remove it yourself, or choose another name")
 
 
 def _read_local(root: Path, key: str, where: str, limit: int = 0) -> bytes:
@@ -476,7 +525,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
     """
     from satdata import remote
     from satdata.build import check_out
-    from satdata.atomic import check_file_out, make_parents, output_lock, probe_writable, remove_empty, resolve_out
+    from satdata.atomic import make_parents, output_lock, probe_writable, remove_empty, resolve_out
 
     t0 = time.time()
     url = str(url)
@@ -492,7 +541,7 @@ def fetch(url: str, out: str | Path, *, storage_options: Mapping[str, Any] | Non
     if jobs < 1:
         raise SatkitError(f"--jobs: must be at least 1, got {jobs}")
     out = resolve_out(Path(out), overwrite=overwrite)
-    checker = (lambda: check_file_out(out, overwrite)) if keep_zip else (lambda: check_out(out, overwrite))
+    checker = (lambda: check_zip_out(out, overwrite)) if keep_zip else (lambda: check_out(out, overwrite))
     checker()
     source = None if zip_in else _FsSource(url, storage_options)
     made = make_parents(out.parent)

@@ -132,3 +132,91 @@ def test_verify_and_pack_still_name_a_fifo_chunk(store: Path, tmp_path: Path) ->
     one_line_error(command("satdata", "pack", store, "--out", tmp_path / "d.zip", "-q"),
                    f"{store}: train/ids/c/0 is not a regular file (a FIFO)")
     assert not (tmp_path / "d.zip").exists()
+
+
+# --------------------------------------------------------------------------- 2. --overwrite onto someone else's file
+
+
+def _foreign_zip(p: Path, root_json: bytes | None) -> None:
+    """A zip that is not satkit's: a thesis, or a Zarr group without satkit's attributes."""
+    import zipfile
+
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("thesis.tex", "\\documentclass{article} precious")
+        if root_json is not None:
+            zf.writestr("zarr.json", root_json)
+
+
+FOREIGN = {
+    "a text file": (lambda p: p.write_text("precious thesis"), "not a zip file"),
+    "a zip of other files": (lambda p: _foreign_zip(p, None), "a zip without a store's zarr.json"),
+    "a Zarr group's zip": (lambda p: _foreign_zip(p, b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'),
+                           "its zarr.json has no satkit attributes"),
+    "a zip whose zarr.json is not JSON": (lambda p: _foreign_zip(p, b"\xff{"), "its zarr.json has no satkit attributes"),
+    "a truncated zip": (lambda p: (_foreign_zip(p, None), p.write_bytes(p.read_bytes()[:40])), "not a zip file"),
+}
+
+
+def _refused_untouched(out: Path, proc: subprocess.CompletedProcess[str], why: str, before: bytes) -> None:
+    one_line_error(proc, f"{out}: exists and is not a packed satkit store ({why})", "--overwrite replaces only")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name], "the refused command left files beside OUT"
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN))
+def test_pack_overwrite_refuses_a_file_that_is_not_a_packed_store(digits_store: Path, tmp_path: Path,
+                                                                  case: str) -> None:
+    """`satdata pack STORE --out thesis.zip --overwrite` replaced any file there: a typo cost an
+    unrelated file. Now --overwrite replaces only a packed satkit store (or an empty file);
+    anything else is refused in one line naming it and why, and left as it was."""
+    make, why = FOREIGN[case]
+    out = tmp_path / "out" / "thesis.zip"
+    out.parent.mkdir()
+    make(out)
+    before = out.read_bytes()
+    _refused_untouched(out, command("satdata", "pack", digits_store, "--out", out, "--overwrite", "-q"), why, before)
+
+
+def test_pack_overwrite_still_replaces_a_packed_store_or_an_empty_file(digits_store: Path, tmp_path: Path) -> None:
+    """What --overwrite is for: an empty file, or an older pack (a packed satkit store)."""
+    from satdata.errors import SatkitError
+    from satdata.share import pack
+    from satdata.store import open_store
+
+    out = tmp_path / "d.zip"
+    out.touch()
+    empty = out.stat().st_ino
+    pack(digits_store, out, overwrite=True, progress=False)
+    packed = out.stat().st_ino
+    assert packed != empty and open_store(out).info.digests == open_store(digits_store).info.digests
+    with pytest.raises(SatkitError, match="already exists"):
+        pack(digits_store, out, progress=False)
+    pack(digits_store, out, overwrite=True, progress=False)
+    assert out.stat().st_ino != packed  # replaced (by a rename), not refused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.zip"]
+
+
+def test_fetch_keep_zip_overwrite_refuses_a_file_that_is_not_a_packed_store(digits_store: Path,
+                                                                             tmp_path: Path) -> None:
+    """`satdata fetch URL.zip --out NAME.zip --overwrite` replaced any file at NAME.zip once
+    the download verified; now only a packed store or an empty file, as for pack."""
+    from satdata.share import pack
+    from tests.httpserver import serve
+
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    pack(digits_store, srv / "digits.zip", progress=False)
+    out = tmp_path / "out" / "mine.zip"
+    out.parent.mkdir()
+    _foreign_zip(out, None)
+    before = out.read_bytes()
+    with serve(srv) as http:
+        url = f"{http.url}/digits.zip"
+        _refused_untouched(out, command("satdata", "fetch", url, "--out", out, "--overwrite", "-q"),
+                           "a zip without a store's zarr.json", before)
+        out.write_bytes(b"")
+        proc = command("satdata", "fetch", url, "--out", out, "--overwrite", "-q")
+        assert proc.returncode == 0, proc.stderr
+        assert out.read_bytes() == (srv / "digits.zip").read_bytes()
+        proc = command("satdata", "fetch", url, "--out", out, "--overwrite", "-q")  # a packed store: replaced
+        assert proc.returncode == 0, proc.stderr

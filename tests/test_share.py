@@ -134,9 +134,19 @@ def test_pack_output_rules(digits_store: Path, tmp_path: Path) -> None:
     code, text = run("pack", str(digits_store), str(out), "-q")
     assert code == 1 and "already exists" in error_line(text)
     assert out.read_bytes() == b"old"
+    # --overwrite replaces only a packed store or an empty file: a mistyped --out costs nothing
+    code, text = run("pack", str(digits_store), str(out), "-q", "--overwrite")
+    assert code == 1 and f"{out}: exists and is not a packed satkit store (not a zip file)" in error_line(text), text
+    assert out.read_bytes() == b"old"
+    out.write_bytes(b"")
     code, text = run("pack", str(digits_store), str(out), "-q", "--overwrite")
     assert code == 0, text
     same_store(digits_store, out)
+    os.utime(out, (1, 1))
+    code, text = run("pack", str(digits_store), str(out), "-q", "--overwrite")  # a packed store: replaced
+    assert code == 0, text
+    same_store(digits_store, out)
+    assert out.stat().st_mtime > 1
     for bad, what in [("s3://bucket/x.zip", "not to a URL"), (str(tmp_path / "x.tar"), "must end in .zip"),
                       (str(digits_store / "x.zip"), "inside the store")]:
         code, text = run("pack", str(digits_store), bad, "-q")
