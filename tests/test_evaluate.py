@@ -210,7 +210,7 @@ def test_masked_gradients_fail_the_sanity_checks(digits_store: Path, tmp_path: P
     run = _save_run(tmp_path / "masked", model, st, "single")
     import sattrain.evaluation as ev
 
-    real_load = ev.load_model
+    real_load = ev.model_from_checkpoint
 
     class Quantised(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -220,17 +220,17 @@ def test_masked_gradients_fail_the_sanity_checks(digits_store: Path, tmp_path: P
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner(torch.round(x * 3) / 3)  # round() has a zero gradient
 
-    def load(path, dev):  # type: ignore[no-untyped-def]
-        m, spec = real_load(path, dev)
+    def load(ckpt, path, dev):  # type: ignore[no-untyped-def]
+        m, spec = real_load(ckpt, path, dev)
         return Quantised(m).eval(), spec
 
-    ev.load_model = load
+    ev.model_from_checkpoint = load
     try:
         with pytest.warns(GradientMaskingWarning):
             r = evaluate(run, digits_store, eps=(2 / 255, 8 / 255), attacks=("pgd", "sanity"), samples=64,
                          device="cpu", write=False)
     finally:
-        ev.load_model = real_load
+        ev.model_from_checkpoint = real_load
     failed = {c["name"] for c in r["sanity"]["checks"] if not c["passed"]}
     assert "large-eps-near-zero" in failed, r["sanity"]
 
