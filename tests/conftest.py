@@ -77,18 +77,29 @@ def digits_store32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tests' runs are tiny, and on a shared CPU more threads only spin.
-
-    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
-    """
+def _one_torch_thread() -> Iterator[None]:
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: the tests' runs are tiny, and on a shared CPU more threads only spin.
+
+    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """:func:`one_thread` for a whole module, its module-scoped fixtures (a model trained once)
+    included: ``pytestmark = pytest.mark.usefixtures("one_thread_module")``."""
+    yield from _one_torch_thread()
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,7 @@ EPS = 8 / 255
 STEP = 2 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and extra threads only contend for the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tiny tensors: more threads only contend
 
 
 def _load(store_path: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,16 +30,8 @@ from sattrain.evaluation import (
 from sattrain.models import create_model
 
 # Subset evaluations warn by design; the tests that check the warning capture it explicitly.
-pytestmark = pytest.mark.filterwarnings("ignore::sattrain.evaluation.PartialEvaluationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and extra threads only contend for the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore::sattrain.evaluation.PartialEvaluationWarning"),
+              pytest.mark.usefixtures("one_thread_module")]  # tiny tensors: more threads only contend
 
 
 def _images(store, split: str) -> torch.Tensor:
