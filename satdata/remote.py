@@ -204,6 +204,27 @@ def is_http(fs: Any) -> bool:
     return isinstance(fs, HTTPFileSystem)
 
 
+def is_s3(fs: Any) -> bool:
+    """Whether ``fs`` is s3fs's file system (S3 and S3-compatible servers)."""
+    protocol = getattr(fs, "protocol", ())
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
+    return "s3" in protocols and hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
+
+
+def is_bounded(fs: Any) -> bool:
+    """Whether reads through ``fs`` can be stopped where satkit wants (:func:`bounded_get`): HTTP(S) and S3."""
+    return is_http(fs) or is_s3(fs)
+
+
+def bounded_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], *, cap: int,
+                whole_cap: int | None) -> bool:
+    """:func:`http_get` over HTTP(S) or S3 (s3fs), whichever ``fs`` is (:func:`is_bounded`)."""
+    from fsspec.asyn import sync
+
+    get = _http_get if is_http(fs) else _s3_get
+    return sync(fs.loop, get, fs, path, start, end, write, cap, whole_cap)
+
+
 def http_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], *, cap: int,
              whole_cap: int | None) -> bool:
     """GET bytes [start, end) of ``path`` from the HTTP file system ``fs``, its body passed to
@@ -244,24 +265,81 @@ async def _http_get(fs: Any, path: str, start: int, end: int, write: Callable[[b
         return ranged
 
 
+def _url_of(fs: Any, path: str) -> str:
+    """The URL of ``path`` in ``fs`` (s3fs's paths lack their ``s3://``; HTTP's are URLs already)."""
+    try:
+        return path if is_url(path) else str(fs.unstrip_protocol(path))
+    except Exception:  # noqa: BLE001 - a file system without it
+        return path
+
+
+async def _s3_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], cap: int,
+                  whole_cap: int | None) -> bool:
+    """:func:`http_get` for s3fs's file system ``fs``, in its event loop.
+
+    s3fs reads a whole answer into memory (``await Body.read()``), so an S3 server that
+    ignores Range or sends more than an object it declared made a reader hold all it sent.
+    Here the answer's body is read block by block, at most ``cap`` bytes of a ranged (206)
+    answer, ``whole_cap`` of a whole-object (200) one, and the connection is dropped there.
+    """
+    bucket, key, version = fs.split_path(path)
+    resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                             **({"VersionId": version} if version else {}))
+    body = resp["Body"]
+    try:
+        ranged = resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 206 or "ContentRange" in resp
+        limit = cap if ranged else whole_cap
+        if limit is None:
+            raise RangeIgnored(f"{redact(_url_of(fs, path))}: asked for bytes {start:,} to {end - 1:,}, the server "
+                               "sent the whole object: it does not answer Range requests")
+        n = 0
+        while n < limit:
+            block = await body.read(min(_BLOCK, limit - n))
+            if not block:
+                break
+            n += len(block)
+            write(block)
+        return ranged
+    finally:
+        body.close()  # unread bytes are never read: the connection is closed, not reused
+
+
 def bound_metadata_reads(fs: Any) -> None:
-    """Make zarr's reads of a ``zarr.json`` through the async HTTP file system ``fs`` bounded.
+    """Make zarr's reads through the async HTTP or S3 file system ``fs`` bounded.
 
     zarr reads metadata whole (``fs._cat_file(path)``, no range), and fsspec takes the whole
     answer into memory: a server that floods an array's zarr.json made opening the store hold
     gigabytes. Here such a read takes at most METADATA_LIMIT + 1 bytes, and more is refused.
+    Over S3, a ranged read (a chunk or shard, ``chunkio``'s ``Range: bytes=0-L``) takes at
+    most the bytes asked for too: s3fs would hold a whole object a server sent instead.
     """
-    if not is_http(fs) or getattr(fs, "_satkit_bounded", False):
+    if not is_bounded(fs) or getattr(fs, "_satkit_bounded", False):
         return
     plain = fs._cat_file
+    get = _http_get if is_http(fs) else _s3_get
 
-    async def cat_file(path: str, start: int | None = None, end: int | None = None, **kw: Any) -> bytes:
-        if start is not None or end is not None or not str(path).rstrip("/").endswith("zarr.json"):
-            return await plain(path, start=start, end=end, **kw)
+    async def cat_file(path: str, *args: Any, start: int | None = None, end: int | None = None, **kw: Any) -> bytes:
+        if (not args and not kw and is_s3(fs) and start is not None and end is not None
+                and 0 <= start < end):
+            buf = bytearray()  # a whole object from byte 0 holds the bytes asked for first
+            await _s3_get(fs, path, start, end, buf.extend, end - start, end if start == 0 else None)
+            return bytes(buf)
+        if args or kw or start is not None or end is not None:
+            return await plain(path, *args, start=start, end=end, **kw)
+        if not str(path).rstrip("/").endswith("zarr.json"):
+            limit = _file_limit(fs, str(path))
+            if limit is None:
+                return await plain(path)
+            buf = bytearray()
+            await get(fs, path, 0, limit + 1, buf.extend, limit + 1, limit + 1)
+            if len(buf) > limit:
+                raise StoreError(f"{redact(_url_of(fs, str(path)))}: more than {limit:,} bytes on the server, more "
+                                 "than a file of its array can hold; refusing it (a damaged or hostile server)")
+            return bytes(buf)
         buf = bytearray()
-        await _http_get(fs, path, 0, METADATA_LIMIT + 1, buf.extend, METADATA_LIMIT + 1, METADATA_LIMIT + 1)
+        await get(fs, path, 0, METADATA_LIMIT + 1, buf.extend, METADATA_LIMIT + 1, METADATA_LIMIT + 1)
         if len(buf) > METADATA_LIMIT:
-            raise StoreError(f"{redact(str(path))}: larger than {METADATA_LIMIT:,} bytes, far more than a store's "
+            raise StoreError(f"{redact(_url_of(fs, str(path)))}: larger than {METADATA_LIMIT:,} bytes, far more than a store's "
                              "metadata; refusing it (a damaged or hostile server)")
         return bytes(buf)
 
@@ -269,14 +347,30 @@ def bound_metadata_reads(fs: Any) -> None:
     fs._satkit_bounded = True
 
 
+def bound_file_reads(fs: Any, limits: Mapping[str, int]) -> None:
+    """Bound zarr's whole-file reads of the arrays' files through ``fs`` too (once
+    :func:`bound_metadata_reads` is in place): ``limits`` maps an array's path in ``fs`` to
+    the most bytes one of its files (chunks, or shards) can hold (``chunkio.chunk_limit``);
+    a read of ``<array>/c/...`` takes at most that + 1 bytes, and more is refused."""
+    if getattr(fs, "_satkit_bounded", False):
+        known = getattr(fs, "_satkit_file_limits", {})
+        fs._satkit_file_limits = {**known, **{k.rstrip("/"): int(v) for k, v in limits.items()}}
+
+
+def _file_limit(fs: Any, path: str) -> int | None:
+    """The most bytes the file ``path`` of an array with a recorded limit can hold (:func:`bound_file_reads`)."""
+    array, sep, _ = path.rpartition("/c/")
+    return getattr(fs, "_satkit_file_limits", {}).get(array) if sep else None
+
+
 def cat_range(fs: Any, path: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of ``path``, and at most one byte more where the server sends more
     than asked (the caller's sign of a file larger than it may be), whatever the server
-    sends: over HTTP(S) the answer is read only that far (:func:`http_get`)."""
-    if not is_http(fs):
+    sends: over HTTP(S) and S3 the answer is read only that far (:func:`bounded_get`)."""
+    if not is_bounded(fs):
         return bytes(fs.cat_file(path, start=start, end=end))
     buf = bytearray()
-    http_get(fs, path, start, end, buf.extend, cap=end - start + 1, whole_cap=end + 1 if start == 0 else None)
+    bounded_get(fs, path, start, end, buf.extend, cap=end - start + 1, whole_cap=end + 1 if start == 0 else None)
     return bytes(buf)
 
 

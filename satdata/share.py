@@ -662,15 +662,15 @@ def _download_zip(url: str, zpart: Path, storage_options: Mapping[str, Any] | No
         fd = os.open(zpart, flags, 0o644)
     except OSError as e:
         raise SatkitError(f"{zpart}: cannot write it ({e.strerror})") from None
-    http = remote.is_http(fs)
+    bounded = remote.is_bounded(fs)
 
     def piece_into(f: Any, start: int, end: int) -> tuple[int, bool]:
         """Append bytes [start, end) to ``f`` (from a server that answers with the whole file: all
         of it, at most ``size`` + 1 bytes); (bytes appended, whether the answer was the range)."""
         try:
-            if http:  # read only as far as asked: never a whole answer in memory
-                ranged = remote.http_get(fs, path, start, end, f.write, cap=end - start + 1,
-                                         whole_cap=size + 1 if start == 0 else None)
+            if bounded:  # HTTP(S) or S3: read only as far as asked, never a whole answer in memory
+                ranged = remote.bounded_get(fs, path, start, end, f.write, cap=end - start + 1,
+                                            whole_cap=size + 1 if start == 0 else None)
             else:
                 data = fs.cat_file(path, start=start, end=end)
                 ranged = len(data) <= end - start

@@ -1431,6 +1431,12 @@ def open_store(path: str | Path, *, mode: str = "r", storage_options: Mapping[st
     try:
         info = read_info(group, shown)
         arrays = validate(group, info, shown)
+        if remote.is_url(where):  # zarr's whole-file reads of a chunk: at most what the chunk can hold
+            from satdata.chunkio import chunk_limit
+
+            root = str(getattr(group.store, "path", "")).rstrip("/")
+            remote.bound_file_reads(getattr(group.store, "fs", None),
+                                    {f"{root}/{p}" if root else p: chunk_limit(a.metadata) for p, a in arrays.items()})
     except StoreError:
         raise
     except Exception as e:  # a network failure while reading the metadata of the arrays

@@ -220,3 +220,132 @@ def test_fetch_keep_zip_overwrite_refuses_a_file_that_is_not_a_packed_store(digi
         assert out.read_bytes() == (srv / "digits.zip").read_bytes()
         proc = command("satdata", "fetch", url, "--out", out, "--overwrite", "-q")  # a packed store: replaced
         assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------- 3. S3 servers that send too much
+
+
+class FakeS3:
+    """A minimal S3-compatible server on 127.0.0.1 serving one directory as bucket ``lab``,
+    path-style, any credentials, and hostile: it ignores Range (answers every GET with the
+    whole object, ``200``), refuses listings (403: satkit falls back to one HEAD per key), and
+    answers a key ending in a ``flood`` suffix with that many zero bytes (a declared
+    Content-Length). ``sent`` counts the body bytes it managed to send, by key."""
+
+    def __init__(self, root: Path, flood: dict[str, int] | None = None) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.root, self.flood, self.sent = root.resolve(), dict(flood or {}), {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self.answer(body=False)
+
+            def do_GET(self) -> None:
+                self.answer(body=True)
+
+            def refuse(self, status: int, code: str) -> None:
+                body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body) if self.command == "GET" else 0))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def answer(self, body: bool) -> None:
+                path, _, query = self.path.partition("?")
+                if query or not path.startswith("/lab/"):
+                    return self.refuse(403, "AccessDenied")  # listings, bucket calls
+                key = path[len("/lab/"):]
+                n = next((v for k, v in owner.flood.items() if key.endswith(k)), None)
+                p = (owner.root / key).resolve()
+                if n is None and not (p.is_file() and p.is_relative_to(owner.root)):
+                    return self.refuse(404, "NoSuchKey")
+                data = bytes(1 << 20) if n is not None else p.read_bytes()
+                n = len(data) if n is None else n
+                self.send_response(200)
+                self.send_header("Content-Length", str(n))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("ETag", '"0"')
+                self.end_headers()
+                if not body:
+                    return
+                left = n
+                try:
+                    while left > 0:
+                        piece = data[:min(left, len(data))]
+                        self.wfile.write(piece)
+                        owner.sent[key] = owner.sent.get(key, 0) + len(piece)
+                        left -= len(piece)
+                except OSError:  # the client hung up: what satkit should do
+                    self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "FakeS3":
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def options(self) -> list[str]:
+        return ["-S", f"endpoint_url={self.url}", "-S", "key=k", "-S", "secret=s"]
+
+
+def test_s3_flooded_array_zarr_json_is_refused_after_the_metadata_limit(store: Path, tmp_path: Path) -> None:
+    """zarr read an array's zarr.json from S3 whole (s3fs holds the whole answer): a server
+    flooding train/images/zarr.json with 200 MB made `satdata info` take all of it. Now such a
+    read stops after METADATA_LIMIT + 1 bytes with one line naming the file's URL."""
+    from satdata.remote import METADATA_LIMIT
+
+    with FakeS3(store.parent, flood={"digits.zarr/train/images/zarr.json": 200 << 20}) as s3:
+        proc = command("satdata", "info", "s3://lab/digits.zarr", *s3.options(), timeout=300)
+        one_line_error(proc, "s3://lab/digits.zarr/train/images/zarr.json", f"larger than {METADATA_LIMIT:,} bytes")
+        assert s3.sent["digits.zarr/train/images/zarr.json"] < METADATA_LIMIT + (32 << 20), s3.sent
+
+
+def test_s3_chunk_reads_take_no_more_than_the_chunk_can_hold(store: Path, tmp_path: Path) -> None:
+    """A server that ignores Range and sends 300 MB for a chunk of 16x16 images (at most
+    about 1.8 MB): s3fs took all of it (zarr's whole-file read in export, satkit's ranged one
+    in verify) before any size check; now each read stops at what the chunk can hold and the
+    command ends in one line naming the chunk."""
+    key = "digits.zarr/train/images/c/0/0/0/0"
+    with FakeS3(store.parent, flood={key: 300 << 20}) as s3:
+        proc = command("satdata", "export", "s3://lab/digits.zarr", "--out", tmp_path / "d.h5", "-q", *s3.options(),
+                       timeout=300)
+        one_line_error(proc, f"s3://lab/{key}: more than 1,850,736 bytes on the server")
+        assert s3.sent[key] < 32 << 20, s3.sent
+        assert not (tmp_path / "d.h5").exists()
+        s3.sent.clear()
+        proc = command("satdata", "verify", "s3://lab/digits.zarr", *s3.options(), timeout=300)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "train/images samples [0, 1024)" in proc.stderr and "more than 1,850,736 bytes" in proc.stderr, \
+            proc.stderr
+        assert s3.sent[key] < 32 << 20, s3.sent
+
+
+def test_s3_store_that_ignores_range_still_opens_and_reads(store: Path) -> None:
+    """Answers without Range from byte 0 hold the bytes asked for first: a store on such an
+    S3 server reads correctly (only the bytes asked for are taken of each answer)."""
+    import numpy as np
+
+    from satdata.store import open_store
+
+    with FakeS3(store.parent) as s3:
+        remote = open_store("s3://lab/digits.zarr", storage_options={"endpoint_url": s3.url, "key": "k",
+                                                                      "secret": "s"})
+        assert np.array_equal(remote.load("train", "images"), open_store(store).load("train", "images"))
+        assert np.array_equal(remote.load("test", "labels"), open_store(store).load("test", "labels"))
