@@ -780,7 +780,7 @@ def _finish_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
 
 
 def _holdout_record(cfg: TrainConfig, holdout_idx: np.ndarray) -> dict[str, Any] | None:
-    """config.json's record of --holdout (None without it): how many, the seed, which samples."""
+    """The record of --holdout in config.json (None without it): how many, the seed, which samples."""
     if not cfg.holdout:
         return None
     return {"split": "train", "samples": int(len(holdout_idx)), "seed": HOLDOUT_SEED,
@@ -789,7 +789,7 @@ def _holdout_record(cfg: TrainConfig, holdout_idx: np.ndarray) -> dict[str, Any]
 
 
 def _selection_note(cfg: TrainConfig, eval_split: str) -> str:
-    """metrics.json's monitor "selection": on what best.pt (and the "best" numbers) were chosen."""
+    """The "selection" of the monitor in metrics.json: on what best.pt (and the "best" numbers) were chosen."""
     if cfg.holdout:
         return (f"best.pt and \"best\" were chosen on {cfg.holdout} samples held out of the train split (--holdout), "
                 f"not on the {eval_split} split the summary evaluates")
