@@ -255,14 +255,20 @@ async def _http_get(fs: Any, path: str, start: int, end: int, write: Callable[[b
         if limit is None:
             raise RangeIgnored(f"{redact(path)}: asked for bytes {start:,} to {end - 1:,}, the server sent the "
                                "whole file: it does not answer HTTP Range requests")
-        n = 0
-        while n < limit:
-            block = await r.content.read(min(_BLOCK, limit - n))
-            if not block:
-                break
-            n += len(block)
-            write(block)
+        await _copy_at_most(r.content.read, write, limit)
         return ranged
+
+
+async def _copy_at_most(read: Callable[[int], Any], write: Callable[[bytes], Any], limit: int) -> None:
+    """Pass at most ``limit`` bytes of an answer's body (``await read(n)``) to ``write``, a
+    block of at most _BLOCK bytes at a time; the rest is never read."""
+    n = 0
+    while n < limit:
+        block = await read(min(_BLOCK, limit - n))
+        if not block:
+            break
+        n += len(block)
+        write(block)
 
 
 def _url_of(fs: Any, path: str) -> str:
@@ -292,13 +298,7 @@ async def _s3_get(fs: Any, path: str, start: int, end: int, write: Callable[[byt
         if limit is None:
             raise RangeIgnored(f"{redact(_url_of(fs, path))}: asked for bytes {start:,} to {end - 1:,}, the server "
                                "sent the whole object: it does not answer Range requests")
-        n = 0
-        while n < limit:
-            block = await body.read(min(_BLOCK, limit - n))
-            if not block:
-                break
-            n += len(block)
-            write(block)
+        await _copy_at_most(body.read, write, limit)
         return ranged
     finally:
         body.close()  # unread bytes are never read: the connection is closed, not reused

@@ -289,3 +289,85 @@ def serve(root: str | os.PathLike[str], port: int = 0) -> Iterator[HttpServer]:
         yield server
     finally:
         server.stop()
+
+
+class FloodServer:
+    """A hostile server on 127.0.0.1 serving one directory, for the tests that check satkit
+    reads bounded amounts: it ignores Range (answers every GET with the whole file, ``200``,
+    as ``python -m http.server`` does), and answers a key ending in a ``flood`` suffix with
+    that many zero bytes (a declared Content-Length). ``sent`` counts the body bytes it
+    managed to send, by key. A context manager: serving inside the block.
+
+    Plain HTTP here: the key is the path. A subclass speaks another protocol over HTTP by
+    overriding :meth:`key` (None: refuse), :meth:`refuse` and :attr:`headers`.
+    """
+
+    headers: dict[str, str] = {}
+
+    def __init__(self, root: str | os.PathLike[str], flood: dict[str, int] | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.flood, self.sent = dict(flood or {}), {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                owner._answer(self, body=False)
+
+            def do_GET(self) -> None:
+                owner._answer(self, body=True)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread: threading.Thread | None = None
+
+    def key(self, handler: BaseHTTPRequestHandler) -> str | None:
+        """The served file's key (a path under the directory) of a request; None refuses it."""
+        return handler.path.lstrip("/")
+
+    def refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
+        """Answer ``status`` (403 refused, 404 no such file) with an empty body."""
+        handler.send_response(status)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    def _answer(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
+        key = self.key(handler)
+        if key is None:
+            return self.refuse(handler, 403)
+        n = next((v for k, v in self.flood.items() if key.endswith(k)), None)
+        p = (self.root / key).resolve()
+        if n is None and not (p.is_file() and p.is_relative_to(self.root)):
+            return self.refuse(handler, 404)
+        data = bytes(1 << 20) if n is not None else p.read_bytes()
+        n = len(data) if n is None else n
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(n))
+        for name, value in self.headers.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        left = n if body else 0
+        try:
+            while left > 0:
+                k = min(left, len(data))
+                handler.wfile.write(data[:k])
+                left -= k
+                self.sent[key] = self.sent.get(key, 0) + k
+        except OSError:  # the client hung up: what satkit should do
+            handler.close_connection = True
+
+    def __enter__(self) -> "FloodServer":
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -11,9 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+
+from tests.httpserver import FloodServer
 
 
 @pytest.fixture
@@ -225,81 +228,31 @@ def test_fetch_keep_zip_overwrite_refuses_a_file_that_is_not_a_packed_store(digi
 # --------------------------------------------------------------------------- 3. S3 servers that send too much
 
 
-class FakeS3:
+class FakeS3(FloodServer):
     """A minimal S3-compatible server on 127.0.0.1 serving one directory as bucket ``lab``,
-    path-style, any credentials, and hostile: it ignores Range (answers every GET with the
-    whole object, ``200``), refuses listings (403: satkit falls back to one HEAD per key), and
-    answers a key ending in a ``flood`` suffix with that many zero bytes (a declared
-    Content-Length). ``sent`` counts the body bytes it managed to send, by key."""
+    path-style, any credentials, and hostile (tests/httpserver.py's FloodServer): it ignores
+    Range (answers every GET with the whole object, ``200``), refuses listings (403: satkit
+    falls back to one HEAD per key), and answers a key ending in a ``flood`` suffix with that
+    many zero bytes (a declared Content-Length). ``sent`` counts the body bytes it managed to
+    send, by key."""
 
-    def __init__(self, root: Path, flood: dict[str, int] | None = None) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    headers = {"Content-Type": "application/octet-stream", "ETag": '"0"'}
 
-        self.root, self.flood, self.sent = root.resolve(), dict(flood or {}), {}
-        owner = self
+    def key(self, handler: BaseHTTPRequestHandler) -> str | None:
+        path, _, query = handler.path.partition("?")
+        if query or not path.startswith("/lab/"):
+            return None  # listings, bucket calls
+        return path[len("/lab/"):]
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.answer(body=False)
-
-            def do_GET(self) -> None:
-                self.answer(body=True)
-
-            def refuse(self, status: int, code: str) -> None:
-                body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body) if self.command == "GET" else 0))
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
-
-            def answer(self, body: bool) -> None:
-                path, _, query = self.path.partition("?")
-                if query or not path.startswith("/lab/"):
-                    return self.refuse(403, "AccessDenied")  # listings, bucket calls
-                key = path[len("/lab/"):]
-                n = next((v for k, v in owner.flood.items() if key.endswith(k)), None)
-                p = (owner.root / key).resolve()
-                if n is None and not (p.is_file() and p.is_relative_to(owner.root)):
-                    return self.refuse(404, "NoSuchKey")
-                data = bytes(1 << 20) if n is not None else p.read_bytes()
-                n = len(data) if n is None else n
-                self.send_response(200)
-                self.send_header("Content-Length", str(n))
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("ETag", '"0"')
-                self.end_headers()
-                if not body:
-                    return
-                left = n
-                try:
-                    while left > 0:
-                        piece = data[:min(left, len(data))]
-                        self.wfile.write(piece)
-                        owner.sent[key] = owner.sent.get(key, 0) + len(piece)
-                        left -= len(piece)
-                except OSError:  # the client hung up: what satkit should do
-                    self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> "FakeS3":
-        import threading
-
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def refuse(self, handler: BaseHTTPRequestHandler, status: int) -> None:
+        code = {403: "AccessDenied", 404: "NoSuchKey"}[status]
+        body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(body) if handler.command == "GET" else 0))
+        handler.end_headers()
+        if handler.command == "GET":
+            handler.wfile.write(body)
 
     def options(self) -> list[str]:
         return ["-S", f"endpoint_url={self.url}", "-S", "key=k", "-S", "secret=s"]

@@ -2,23 +2,20 @@
 
 Each test is a way found to make satkit lie (report success on data that is not what it
 claims), hang, hold unbounded memory or end in something other than one line naming the
-file or URL. Servers are tests/httpserver.py, or a small hostile one below.
+file or URL. Servers are tests/httpserver.py's (its FloodServer is the hostile one).
 """
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
 
 from satdata.cli import main
+from tests.httpserver import FloodServer
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -26,65 +23,8 @@ def run(*args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
-class Hostile:
-    """A hostile HTTP/1.1 server on 127.0.0.1 serving one directory: it ignores Range (answers
-    every GET with the whole file, as ``python -m http.server`` does), and answers a path
-    ending in a ``flood`` suffix with that many zero bytes (a declared Content-Length).
-    ``sent`` counts the body bytes it managed to send, by path."""
-
-    def __init__(self, root: Path, flood: dict[str, int] | None = None) -> None:
-        self.root, self.flood, self.sent = root.resolve(), dict(flood or {}), {}
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self.answer(body=False)
-
-            def do_GET(self) -> None:
-                self.answer(body=True)
-
-            def answer(self, body: bool) -> None:
-                n = next((v for k, v in owner.flood.items() if self.path.endswith(k)), None)
-                p = (owner.root / self.path.lstrip("/")).resolve()
-                if n is None and not (p.is_file() and p.is_relative_to(owner.root)):
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                data = bytes(1 << 20) if n is not None else p.read_bytes()
-                n = len(data) if n is None else n
-                self.send_response(200)
-                self.send_header("Content-Length", str(n))
-                self.end_headers()
-                left = n if body else 0
-                with contextlib.suppress(OSError):
-                    while left > 0:
-                        k = min(left, len(data))
-                        self.wfile.write(data[:k])
-                        left -= k
-                        owner.sent[self.path] = owner.sent.get(self.path, 0) + k
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-
-@contextlib.contextmanager
-def hostile(root: Path, flood: dict[str, int] | None = None) -> Iterator[Hostile]:
-    h = Hostile(root, flood)
-    t = threading.Thread(target=h.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
-        yield h
-    finally:
-        h.httpd.shutdown()
-        h.httpd.server_close()
-        t.join(timeout=10)
+# A server that ignores Range and floods chosen files (tests/httpserver.py)
+hostile = FloodServer
 
 
 @pytest.fixture
