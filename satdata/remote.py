@@ -326,21 +326,17 @@ def bound_metadata_reads(fs: Any) -> None:
             return bytes(buf)
         if args or kw or start is not None or end is not None:
             return await plain(path, *args, start=start, end=end, **kw)
-        if not str(path).rstrip("/").endswith("zarr.json"):
-            limit = _file_limit(fs, str(path))
-            if limit is None:
+        if str(path).rstrip("/").endswith("zarr.json"):
+            limit, too_much = METADATA_LIMIT, f"larger than {METADATA_LIMIT:,} bytes, far more than a store's metadata"
+        else:
+            found = _file_limit(fs, str(path))
+            if found is None:
                 return await plain(path)
-            buf = bytearray()
-            await get(fs, path, 0, limit + 1, buf.extend, limit + 1, limit + 1)
-            if len(buf) > limit:
-                raise StoreError(f"{redact(_url_of(fs, str(path)))}: more than {limit:,} bytes on the server, more "
-                                 "than a file of its array can hold; refusing it (a damaged or hostile server)")
-            return bytes(buf)
+            limit, too_much = found, f"more than {found:,} bytes on the server, more than a file of its array can hold"
         buf = bytearray()
-        await get(fs, path, 0, METADATA_LIMIT + 1, buf.extend, METADATA_LIMIT + 1, METADATA_LIMIT + 1)
-        if len(buf) > METADATA_LIMIT:
-            raise StoreError(f"{redact(_url_of(fs, str(path)))}: larger than {METADATA_LIMIT:,} bytes, far more than a store's "
-                             "metadata; refusing it (a damaged or hostile server)")
+        await get(fs, path, 0, limit + 1, buf.extend, limit + 1, limit + 1)
+        if len(buf) > limit:
+            raise StoreError(f"{redact(_url_of(fs, str(path)))}: {too_much}; refusing it (a damaged or hostile server)")
         return bytes(buf)
 
     fs._cat_file = cat_file
