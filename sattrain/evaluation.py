@@ -117,7 +117,10 @@ __all__ = [
 ]
 
 EVAL_FORMAT = "satkit-eval"
-EVAL_VERSION = 2
+# eval.json versions: 1 before protocols; 2 protocols and a headline; 3 the strong headline is
+# the per-sample worst case of AutoAttack and PGD ("worst_case"), where version 2 had
+# AutoAttack alone (a reader of version 2 reads it as it was: sattrain.report does)
+EVAL_VERSION = 3
 ATTACKS = ("autoattack", "pgd", "cw", "distortions", "sanity")
 AUTOATTACK_ENGINES = ("reference", "torchattacks")
 DEFAULT_EPS: tuple[float, ...] = tuple(k / 255 for k in range(1, 9))  # the paper's sweep

@@ -542,7 +542,7 @@ def _pgd_settings(p: dict[str, Any]) -> str:
 
 
 def _measurement_from_eval(data: dict[str, Any], file: str) -> Measurement:
-    """An eval.json / eval-paper.json / summary.json dict (version 1 or 2) as a Measurement."""
+    """An eval.json / eval-paper.json / summary.json dict (version 1, 2 or 3) as a Measurement."""
     _check_eval(data)
     version = data.get("version", 1)
     protocol = str(data.get("protocol") or "paper")  # version 1 predates protocols: it was the paper's
