@@ -130,10 +130,10 @@ STRONG_EPS: tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 # sample in 355 relative to this.
 STRONG_STEPS = 50
 STRONG_RESTARTS = 2
+STRONG_STEP_FRACTION = 0.25
 # The strong headline's name: a sample is robust only if AutoAttack and the strong PGD at
 # AutoAttack's radius both fail on it (the per-sample worst case), "autoattack+pgd@8/255".
 WORST_CASE = "autoattack+pgd"
-STRONG_STEP_FRACTION = 0.25
 # The large-radius check: PGD at 64/255 (step eps/4, at least 20 steps) should leave
 # (almost) nothing; more than this fraction correct suggests masked gradients.
 LARGE_EPS = 64 / 255
