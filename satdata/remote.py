@@ -218,32 +218,29 @@ def is_bounded(fs: Any) -> bool:
 
 def bounded_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], *, cap: int,
                 whole_cap: int | None) -> bool:
-    """:func:`http_get` over HTTP(S) or S3 (s3fs), whichever ``fs`` is (:func:`is_bounded`)."""
-    from fsspec.asyn import sync
+    """GET bytes [start, end) of ``path`` from the HTTP(S) or S3 file system ``fs``
+    (:func:`is_bounded`), its body passed to ``write`` block by block; returns whether the
+    server answered with the range (206).
 
-    get = _http_get if is_http(fs) else _s3_get
-    return sync(fs.loop, get, fs, path, start, end, write, cap, whole_cap)
-
-
-def http_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], *, cap: int,
-             whole_cap: int | None) -> bool:
-    """GET bytes [start, end) of ``path`` from the HTTP file system ``fs``, its body passed to
-    ``write`` block by block; returns whether the server answered with the range (206).
-
-    fsspec reads a whole answer into memory before cutting it to the range asked for, so a
-    server that ignores Range (``python -m http.server``) or sends more than it declared
+    fsspec and s3fs read a whole answer into memory before cutting it to the range asked for,
+    so a server that ignores Range (``python -m http.server``) or sends more than it declared
     could make a reader hold gigabytes. Here at most ``cap`` bytes of a ranged answer are
     read, and of an answer with the whole file (200) at most ``whole_cap`` -- or none, with
     RangeIgnored, where ``whole_cap`` is None: the bytes would not be the ones asked for.
     """
     from fsspec.asyn import sync
 
-    return sync(fs.loop, _http_get, fs, path, start, end, write, cap, whole_cap)
+    return sync(fs.loop, _getter(fs), fs, path, start, end, write, cap, whole_cap)
+
+
+def _getter(fs: Any) -> Callable[..., Any]:
+    """The coroutine of :func:`bounded_get` for ``fs``: _http_get or _s3_get."""
+    return _http_get if is_http(fs) else _s3_get
 
 
 async def _http_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], cap: int,
                     whole_cap: int | None) -> bool:
-    """:func:`http_get` in ``fs``'s event loop."""
+    """:func:`bounded_get` over HTTP(S), in ``fs``'s event loop."""
     kw = dict(fs.kwargs)
     headers = dict(kw.pop("headers", None) or {})
     headers["Range"] = f"bytes={start}-{end - 1}"
@@ -281,7 +278,7 @@ def _url_of(fs: Any, path: str) -> str:
 
 async def _s3_get(fs: Any, path: str, start: int, end: int, write: Callable[[bytes], Any], cap: int,
                   whole_cap: int | None) -> bool:
-    """:func:`http_get` for s3fs's file system ``fs``, in its event loop.
+    """:func:`bounded_get` for s3fs's file system ``fs``, in its event loop.
 
     s3fs reads a whole answer into memory (``await Body.read()``), so an S3 server that
     ignores Range or sends more than an object it declared made a reader hold all it sent.
@@ -316,10 +313,11 @@ def bound_metadata_reads(fs: Any) -> None:
     if not is_bounded(fs) or getattr(fs, "_satkit_bounded", False):
         return
     plain = fs._cat_file
-    get = _http_get if is_http(fs) else _s3_get
+    get = _getter(fs)
+    s3 = get is _s3_get
 
     async def cat_file(path: str, *args: Any, start: int | None = None, end: int | None = None, **kw: Any) -> bytes:
-        if (not args and not kw and is_s3(fs) and start is not None and end is not None
+        if (not args and not kw and s3 and start is not None and end is not None
                 and 0 <= start < end):
             buf = bytearray()  # a whole object from byte 0 holds the bytes asked for first
             await _s3_get(fs, path, start, end, buf.extend, end - start, end if start == 0 else None)

@@ -381,7 +381,7 @@ def resolve_inside(root: str | Path, relative: str) -> Path:
 
 
 def special_kind(mode: int) -> str | None:
-    """None for a regular file, else what the st_mode ``mode`` is ('a FIFO (named pipe)', ...)."""
+    """None for a regular file, else what the st_mode ``mode`` is ('a FIFO', 'a directory', ...)."""
     if stat.S_ISREG(mode):
         return None
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
